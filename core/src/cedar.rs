@@ -1,0 +1,1 @@
+//! The embedded Cedar PDP (filled in next).

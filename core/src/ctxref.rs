@@ -1,0 +1,616 @@
+//! The context reference: a signed, message-bound, non-credential pointer to
+//! the target identity's context (header `ztauth-ctx-ref`, `typ: ctx-ref+jwt`).
+//!
+//! Minting binds the reference to one destination and one payload (`dig`);
+//! verification runs parse → signature → claims → binding → chain, and every
+//! rejection is a distinct [`RefError`] that maps to a [`Reason`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::jws::{self, JwsError};
+use crate::keys::{KeySet, SigningKey, sha256_b64url, sha256_hex};
+use crate::scope::Scope;
+use crate::verdict::Reason;
+
+/// The header that carries the context reference on every broker.
+pub const CTX_REF_HEADER: &str = "ztauth-ctx-ref";
+/// The JOSE `typ` of a context reference.
+pub const CTX_REF_TYP: &str = "ctx-ref+jwt";
+
+/// Whether the target identity is a person or a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectKind {
+    /// A human user.
+    Human,
+    /// A workload acting for itself.
+    Workload,
+}
+
+impl SubjectKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectKind::Human => "human",
+            SubjectKind::Workload => "workload",
+        }
+    }
+}
+
+/// One prior hop of a delegation chain (RFC 8693 `act`, most recent outermost).
+///
+/// `sub` is the workload that signed the previous reference and `scope` the
+/// scope that reference carried; the current hop is the reference's `iss`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// Workload id of the prior hop's signer.
+    pub sub: String,
+    /// Scope the prior hop held.
+    pub scope: String,
+    /// The hop before that, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The chain from most recent prior hop to the origin producer.
+    pub fn iter(&self) -> impl Iterator<Item = &Actor> {
+        let mut next = Some(self);
+        std::iter::from_fn(move || {
+            let cur = next?;
+            next = cur.act.as_deref();
+            Some(cur)
+        })
+    }
+}
+
+/// Claims of a context reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextRefClaims {
+    /// Workload id of the signer (producer, or the hop that derived it).
+    pub iss: String,
+    /// Target identity.
+    pub sub: String,
+    /// Whether `sub` is a human or a workload.
+    pub sub_kind: SubjectKind,
+    /// Intended consumer audiences.
+    #[serde(deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
+    /// Space-delimited ceiling on what the async work may do.
+    pub scope: String,
+    /// Origin transaction id.
+    pub txn: String,
+    /// Unique id of this reference.
+    pub jti: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+    /// Expiry: the async horizon (seconds since the epoch).
+    pub exp: i64,
+    /// Destination (topic, exchange/routing key, subject) the message was published to.
+    pub dst: String,
+    /// base64url SHA-256 of the payload.
+    pub dig: String,
+    /// Prior hops, for multi-hop work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// Number of prior hops (length of `act`).
+    #[serde(default)]
+    pub depth: u32,
+    /// Maximum number of hops the origin allows.
+    pub max_depth: u32,
+}
+
+impl ContextRefClaims {
+    /// Workload ids of the chain, origin first, current signer last.
+    pub fn chain(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .act
+            .iter()
+            .flat_map(|a| a.iter())
+            .map(|a| a.sub.clone())
+            .collect();
+        v.reverse();
+        v.push(self.iss.clone());
+        v
+    }
+
+    /// The scope as a set.
+    pub fn scope_set(&self) -> Scope {
+        Scope::parse(&self.scope)
+    }
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Why a reference could not be minted or derived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MintError {
+    /// A derived reference asked for scope its parent did not have.
+    #[error("scope {requested:?} is not within the parent scope {parent:?}")]
+    ScopeWidened {
+        /// Scope asked for.
+        requested: String,
+        /// Scope of the parent.
+        parent: String,
+    },
+    /// Deriving would exceed `max_depth`.
+    #[error("depth {depth} would exceed max_depth {max}")]
+    DepthExceeded {
+        /// The depth the new reference would have.
+        depth: u32,
+        /// The allowed maximum.
+        max: u32,
+    },
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+/// What a producer binds a new reference to.
+#[derive(Debug, Clone)]
+pub struct MintRequest<'a> {
+    /// Target identity.
+    pub subject: &'a str,
+    /// Human or workload.
+    pub sub_kind: SubjectKind,
+    /// Consumer audiences.
+    pub audience: &'a [String],
+    /// Ceiling scope.
+    pub scope: &'a Scope,
+    /// Origin transaction id (from the producer's Txn-Token).
+    pub txn: &'a str,
+    /// Destination the message is published to.
+    pub destination: &'a str,
+    /// The payload as it will be sent (after stripping).
+    pub payload: &'a [u8],
+}
+
+/// A freshly signed reference and its claims.
+#[derive(Debug, Clone)]
+pub struct MintedRef {
+    /// The compact JWS for the `ztauth-ctx-ref` header.
+    pub token: String,
+    /// The claims it carries.
+    pub claims: ContextRefClaims,
+}
+
+/// Signs context references for one producer workload.
+#[derive(Debug, Clone)]
+pub struct ContextRefMinter {
+    key: SigningKey,
+    issuer: String,
+    ttl: Duration,
+    max_depth: u32,
+}
+
+impl ContextRefMinter {
+    /// A minter for workload `issuer`, signing with `key`; `ttl` is the async horizon.
+    pub fn new(issuer: impl Into<String>, key: SigningKey, ttl: Duration) -> Self {
+        ContextRefMinter {
+            key,
+            issuer: issuer.into(),
+            ttl,
+            max_depth: 3,
+        }
+    }
+
+    /// Sets the `max_depth` placed on origin references (default 3 hops).
+    pub fn with_max_depth(mut self, max_depth: u32) -> Self {
+        self.max_depth = max_depth;
+        self
+    }
+
+    /// The workload id this minter signs as.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The async horizon placed on references.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Mints an origin (depth 0) reference bound to destination and payload.
+    pub fn mint(&self, req: &MintRequest<'_>) -> Result<MintedRef, MintError> {
+        let now = unix_now();
+        let claims = ContextRefClaims {
+            iss: self.issuer.clone(),
+            sub: req.subject.to_string(),
+            sub_kind: req.sub_kind,
+            aud: req.audience.to_vec(),
+            scope: req.scope.to_string(),
+            txn: req.txn.to_string(),
+            jti: uuid::Uuid::now_v7().to_string(),
+            iat: now,
+            exp: now + self.ttl.as_secs() as i64,
+            dst: req.destination.to_string(),
+            dig: sha256_b64url(req.payload),
+            act: None,
+            depth: 0,
+            max_depth: self.max_depth,
+        };
+        self.sign(claims)
+    }
+
+    /// Derives the next hop's reference from a verified parent: appends the
+    /// parent's signer to `act`, keeps `sub`/`txn`/`max_depth`, may only narrow scope.
+    /// The new reference never outlives its parent.
+    pub fn derive(
+        &self,
+        parent: &ContextRefClaims,
+        scope: Option<&Scope>,
+        audience: &[String],
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<MintedRef, MintError> {
+        let parent_scope = parent.scope_set();
+        let scope = match scope {
+            Some(s) if !s.is_subset(&parent_scope) => {
+                return Err(MintError::ScopeWidened {
+                    requested: s.to_string(),
+                    parent: parent.scope.clone(),
+                });
+            }
+            Some(s) => s.clone(),
+            None => parent_scope,
+        };
+        let depth = parent.depth + 1;
+        if depth > parent.max_depth {
+            return Err(MintError::DepthExceeded {
+                depth,
+                max: parent.max_depth,
+            });
+        }
+        let now = unix_now();
+        let claims = ContextRefClaims {
+            iss: self.issuer.clone(),
+            sub: parent.sub.clone(),
+            sub_kind: parent.sub_kind,
+            aud: audience.to_vec(),
+            scope: scope.to_string(),
+            txn: parent.txn.clone(),
+            jti: uuid::Uuid::now_v7().to_string(),
+            iat: now,
+            exp: (now + self.ttl.as_secs() as i64).min(parent.exp.max(now)),
+            dst: destination.to_string(),
+            dig: sha256_b64url(payload),
+            act: Some(Actor {
+                sub: parent.iss.clone(),
+                scope: parent.scope.clone(),
+                act: parent.act.clone().map(Box::new),
+            }),
+            depth,
+            max_depth: parent.max_depth,
+        };
+        self.sign(claims)
+    }
+
+    /// Signs claims as they are (tests use it to build invalid references).
+    pub fn sign(&self, claims: ContextRefClaims) -> Result<MintedRef, MintError> {
+        let token = jws::sign(&self.key, CTX_REF_TYP, &claims)
+            .map_err(|e| MintError::Signing(e.to_string()))?;
+        Ok(MintedRef { token, claims })
+    }
+}
+
+/// Why a context reference was rejected. Each maps to one [`Reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefError {
+    /// The JWS layer rejected it (format, algorithm, key, signature, `typ`).
+    #[error(transparent)]
+    Jws(#[from] JwsError),
+    /// `iss` is not the workload that owns the signing key.
+    #[error("issuer {iss:?} does not own key {kid:?}")]
+    IssuerMismatch {
+        /// Claimed issuer.
+        iss: String,
+        /// Key used.
+        kid: String,
+    },
+    /// `aud` does not include this consumer.
+    #[error("audience {aud:?} does not include {expected:?}")]
+    WrongAudience {
+        /// Audiences in the reference.
+        aud: Vec<String>,
+        /// This consumer's audience.
+        expected: String,
+    },
+    /// Past `exp` plus leeway.
+    #[error("expired at {exp}, now {now}")]
+    Expired {
+        /// Expiry.
+        exp: i64,
+        /// Verification time.
+        now: i64,
+    },
+    /// `iat` after now plus leeway.
+    #[error("issued at {iat}, in the future (now {now})")]
+    NotYetValid {
+        /// Issued at.
+        iat: i64,
+        /// Verification time.
+        now: i64,
+    },
+    /// `exp - iat` longer than the configured maximum horizon.
+    #[error("lifetime {lifetime}s exceeds the maximum async horizon {max}s")]
+    HorizonTooLong {
+        /// Lifetime in seconds.
+        lifetime: i64,
+        /// Allowed maximum.
+        max: u64,
+    },
+    /// `dst` is not where the message was read from.
+    #[error("destination {dst:?} where {expected:?} was expected")]
+    WrongDestination {
+        /// Bound destination.
+        dst: String,
+        /// Actual destination.
+        expected: String,
+    },
+    /// The payload digest does not match `dig`.
+    #[error("payload digest does not match dig")]
+    DigestMismatch,
+    /// A hop widened scope.
+    #[error("scope widened along the chain at {at:?}")]
+    ScopeWidened {
+        /// Workload at which the widening was found.
+        at: String,
+    },
+    /// `depth` too large.
+    #[error("depth {depth} exceeds max {max}")]
+    DepthExceeded {
+        /// The depth.
+        depth: u32,
+        /// The maximum in force.
+        max: u32,
+    },
+    /// `depth` inconsistent with `act`, or the chain otherwise malformed.
+    #[error("chain invalid: {0}")]
+    ChainInvalid(String),
+}
+
+impl RefError {
+    /// The reason code (and thus verdict) of this rejection.
+    pub fn reason(&self) -> Reason {
+        match self {
+            RefError::Jws(j) => match j {
+                JwsError::Malformed(_) => Reason::MalformedReference,
+                JwsError::AlgorithmNotAllowed(_) => Reason::AlgorithmNotAllowed,
+                JwsError::MissingKid => Reason::MissingKid,
+                JwsError::UnknownKey(_) => Reason::UnknownKey,
+                JwsError::BadSignature => Reason::BadSignature,
+                JwsError::WrongType { .. } => Reason::WrongType,
+            },
+            RefError::IssuerMismatch { .. } => Reason::IssuerMismatch,
+            RefError::WrongAudience { .. } => Reason::WrongAudience,
+            RefError::Expired { .. } => Reason::Expired,
+            RefError::NotYetValid { .. } => Reason::NotYetValid,
+            RefError::HorizonTooLong { .. } => Reason::HorizonTooLong,
+            RefError::WrongDestination { .. } => Reason::WrongDestination,
+            RefError::DigestMismatch => Reason::DigestMismatch,
+            RefError::ScopeWidened { .. } => Reason::ScopeWidened,
+            RefError::DepthExceeded { .. } => Reason::DepthExceeded,
+            RefError::ChainInvalid(_) => Reason::ChainInvalid,
+        }
+    }
+}
+
+/// Rules a consumer verifies references against.
+#[derive(Debug, Clone)]
+pub struct VerifyPolicy {
+    /// This consumer's audience (its workload id); must be in `aud`.
+    pub audience: String,
+    /// Clock leeway for `exp` and `iat`.
+    pub leeway: Duration,
+    /// Longest accepted `exp - iat`.
+    pub max_horizon: Duration,
+    /// Local cap on chain depth, on top of the reference's own `max_depth`.
+    pub max_depth: u32,
+}
+
+impl VerifyPolicy {
+    /// Defaults: 30 s leeway, 24 h horizon, 4 hops.
+    pub fn new(audience: impl Into<String>) -> Self {
+        VerifyPolicy {
+            audience: audience.into(),
+            leeway: Duration::from_secs(30),
+            max_horizon: Duration::from_secs(24 * 3600),
+            max_depth: 4,
+        }
+    }
+}
+
+/// A reference that passed every check, with its claims.
+#[derive(Debug, Clone)]
+pub struct VerifiedRef {
+    /// The verified claims.
+    pub claims: ContextRefClaims,
+    /// The compact JWS as received (the `subject_token` of the exchange).
+    pub token: String,
+    /// SHA-256 (hex) of the compact JWS: how logs name it.
+    pub token_sha256: String,
+}
+
+/// Verifies context references against a swappable set of producer keys.
+#[derive(Clone)]
+pub struct ContextRefVerifier {
+    keys: Arc<ArcSwap<KeySet>>,
+    policy: VerifyPolicy,
+}
+
+impl std::fmt::Debug for ContextRefVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextRefVerifier")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContextRefVerifier {
+    /// A verifier over trusted producer keys.
+    pub fn new(keys: KeySet, policy: VerifyPolicy) -> Self {
+        ContextRefVerifier {
+            keys: Arc::new(ArcSwap::from_pointee(keys)),
+            policy,
+        }
+    }
+
+    /// A verifier sharing a key-set handle that someone else updates (registry, rotation).
+    pub fn with_shared_keys(keys: Arc<ArcSwap<KeySet>>, policy: VerifyPolicy) -> Self {
+        ContextRefVerifier { keys, policy }
+    }
+
+    /// The shared key-set handle, to add or revoke keys at run time.
+    pub fn keys(&self) -> &Arc<ArcSwap<KeySet>> {
+        &self.keys
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &VerifyPolicy {
+        &self.policy
+    }
+
+    /// Verifies `token` for a message read from `destination` with `payload`, now.
+    pub fn verify(
+        &self,
+        token: &str,
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<VerifiedRef, RefError> {
+        self.verify_at(token, destination, payload, unix_now())
+    }
+
+    /// Verifies at an explicit time (seconds since the epoch).
+    pub fn verify_at(
+        &self,
+        token: &str,
+        destination: &str,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<VerifiedRef, RefError> {
+        // parse
+        let parsed = jws::parse(token, CTX_REF_TYP)?;
+        // verify signature
+        let keys = self.keys.load();
+        let key = parsed.verify(&keys)?;
+        let claims: ContextRefClaims = parsed.claims()?;
+        // decide: issuer binding, audience, time, binding, chain
+        if let Some(owner) = &key.owner
+            && owner != &claims.iss
+        {
+            return Err(RefError::IssuerMismatch {
+                iss: claims.iss,
+                kid: parsed.header.kid.unwrap_or_default(),
+            });
+        }
+        if !claims.aud.iter().any(|a| a == &self.policy.audience) {
+            return Err(RefError::WrongAudience {
+                aud: claims.aud,
+                expected: self.policy.audience.clone(),
+            });
+        }
+        let leeway = self.policy.leeway.as_secs() as i64;
+        if claims.iat > now + leeway {
+            return Err(RefError::NotYetValid {
+                iat: claims.iat,
+                now,
+            });
+        }
+        if claims.exp + leeway <= now {
+            return Err(RefError::Expired {
+                exp: claims.exp,
+                now,
+            });
+        }
+        let lifetime = claims.exp - claims.iat;
+        if lifetime > self.policy.max_horizon.as_secs() as i64 {
+            return Err(RefError::HorizonTooLong {
+                lifetime,
+                max: self.policy.max_horizon.as_secs(),
+            });
+        }
+        if claims.dst != destination {
+            return Err(RefError::WrongDestination {
+                dst: claims.dst,
+                expected: destination.to_string(),
+            });
+        }
+        if !digest_matches(&claims.dig, payload) {
+            return Err(RefError::DigestMismatch);
+        }
+        check_chain(&claims, self.policy.max_depth)?;
+        Ok(VerifiedRef {
+            claims,
+            token_sha256: sha256_hex(token.as_bytes()),
+            token: token.to_string(),
+        })
+    }
+}
+
+fn digest_matches(dig: &str, payload: &[u8]) -> bool {
+    let actual = sha256_b64url(payload);
+    // Both are public values; a constant-time compare still costs nothing here.
+    actual.len() == dig.len()
+        && actual
+            .bytes()
+            .zip(dig.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Chain rules: `depth` equals the number of prior hops, is within both
+/// maxima, and scope never widens from the origin to the current hop.
+pub fn check_chain(claims: &ContextRefClaims, local_max: u32) -> Result<(), RefError> {
+    let hops: Vec<&Actor> = claims.act.iter().flat_map(|a| a.iter()).collect();
+    if hops.len() != claims.depth as usize {
+        return Err(RefError::ChainInvalid(format!(
+            "depth {} but {} prior hops in act",
+            claims.depth,
+            hops.len()
+        )));
+    }
+    let max = claims.max_depth.min(local_max);
+    if claims.depth > max {
+        return Err(RefError::DepthExceeded {
+            depth: claims.depth,
+            max,
+        });
+    }
+    let mut narrower = claims.scope_set();
+    let mut at = claims.iss.clone();
+    for hop in hops {
+        if hop.sub.is_empty() {
+            return Err(RefError::ChainInvalid("empty actor".into()));
+        }
+        let wider = Scope::parse(&hop.scope);
+        if !narrower.is_subset(&wider) {
+            return Err(RefError::ScopeWidened { at });
+        }
+        narrower = wider;
+        at = hop.sub.clone();
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

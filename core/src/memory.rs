@@ -1,0 +1,205 @@
+//! An in-memory broker for unit tests and the embedded demo, with broker
+//! semantics: at-least-once delivery, ack, delayed redelivery with a delivery
+//! count, and redelivery of anything dropped unsettled (as on a lost channel).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::deadletter::DeadLetter;
+use crate::message::{Coordinates, Headers, InboundMessage};
+use crate::settle::{DeadLetterPublisher, Delivery, TransportError};
+
+/// A message stored in a queue.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Sequence number in its queue.
+    pub seq: u64,
+    /// Headers.
+    pub headers: Headers,
+    /// Payload.
+    pub payload: Bytes,
+    /// Deliveries so far.
+    pub deliveries: u32,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: Mutex<VecDeque<StoredMessage>>,
+    unacked: Mutex<HashMap<u64, StoredMessage>>,
+    notify: Notify,
+    next_seq: AtomicU64,
+}
+
+/// An in-process broker of named queues.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    queues: Arc<Mutex<HashMap<String, Arc<Queue>>>>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
+}
+
+impl MemoryBroker {
+    /// An empty broker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn queue(&self, name: &str) -> Arc<Queue> {
+        self.queues
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Publishes to a queue; returns the message's sequence number.
+    pub fn publish(&self, queue: &str, headers: Headers, payload: impl Into<Bytes>) -> u64 {
+        let q = self.queue(queue);
+        let seq = q.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        q.ready.lock().push_back(StoredMessage {
+            seq,
+            headers,
+            payload: payload.into(),
+            deliveries: 0,
+        });
+        q.notify.notify_one();
+        seq
+    }
+
+    /// Receives the next message, waiting up to `timeout`.
+    pub async fn receive(&self, queue: &str, timeout: Duration) -> Option<MemoryDelivery> {
+        let q = self.queue(queue);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = q.notify.notified();
+            if let Some(mut m) = q.ready.lock().pop_front() {
+                m.deliveries += 1;
+                q.unacked.lock().insert(m.seq, m.clone());
+                let msg = InboundMessage {
+                    headers: m.headers.clone(),
+                    payload: m.payload.clone(),
+                    coordinates: Coordinates::Memory {
+                        queue: queue.to_string(),
+                        seq: m.seq,
+                    },
+                    destination: queue.to_string(),
+                    message_id: None,
+                    delivery_attempt: m.deliveries,
+                    published_at_ms: None,
+                };
+                return Some(MemoryDelivery {
+                    queue: q.clone(),
+                    seq: m.seq,
+                    msg,
+                    settled: false,
+                });
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Messages waiting (not delivered) in a queue.
+    pub fn ready_len(&self, queue: &str) -> usize {
+        self.queue(queue).ready.lock().len()
+    }
+
+    /// Messages delivered but not settled.
+    pub fn unacked_len(&self, queue: &str) -> usize {
+        self.queue(queue).unacked.lock().len()
+    }
+
+    /// Removes and returns every ready message (tests read dead-letter queues this way).
+    pub fn drain(&self, queue: &str) -> Vec<StoredMessage> {
+        self.queue(queue).ready.lock().drain(..).collect()
+    }
+
+    /// A dead-letter publisher that writes to `queue`.
+    pub fn dead_letter_queue(&self, queue: &str) -> MemoryDeadLetters {
+        MemoryDeadLetters {
+            broker: self.clone(),
+            queue: queue.to_string(),
+        }
+    }
+}
+
+/// A delivery from the in-memory broker.
+pub struct MemoryDelivery {
+    queue: Arc<Queue>,
+    seq: u64,
+    msg: InboundMessage,
+    settled: bool,
+}
+
+impl MemoryDelivery {
+    fn requeue(queue: &Arc<Queue>, seq: u64, front: bool) {
+        if let Some(m) = queue.unacked.lock().remove(&seq) {
+            if front {
+                queue.ready.lock().push_front(m);
+            } else {
+                queue.ready.lock().push_back(m);
+            }
+            queue.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for MemoryDelivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Like a broker whose consumer went away: the message is delivered again.
+            Self::requeue(&self.queue, self.seq, true);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for MemoryDelivery {
+    fn message(&self) -> &InboundMessage {
+        &self.msg
+    }
+
+    async fn ack(mut self) -> Result<(), TransportError> {
+        self.settled = true;
+        self.queue.unacked.lock().remove(&self.seq);
+        Ok(())
+    }
+
+    async fn redeliver(mut self, delay: Duration) -> Result<(), TransportError> {
+        self.settled = true;
+        let queue = self.queue.clone();
+        let seq = self.seq;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            MemoryDelivery::requeue(&queue, seq, false);
+        });
+        Ok(())
+    }
+}
+
+/// Publishes dead letters to an in-memory queue.
+#[derive(Debug, Clone)]
+pub struct MemoryDeadLetters {
+    broker: MemoryBroker,
+    queue: String,
+}
+
+#[async_trait::async_trait]
+impl DeadLetterPublisher for MemoryDeadLetters {
+    async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError> {
+        self.broker
+            .publish(&self.queue, letter.headers.clone(), letter.payload.clone());
+        Ok(())
+    }
+}

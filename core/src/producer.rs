@@ -1,0 +1,204 @@
+//! The produce-side pipeline: producer PDP check → credential stripping →
+//! a context reference bound to destination and payload. Broker crates call
+//! [`ProducerGuard::prepare`] and send what it returns; refusals never reach a broker.
+
+use std::sync::Arc;
+
+use crate::ctxref::{
+    CTX_REF_HEADER, ContextRefMinter, MintError, MintRequest, MintedRef, SubjectKind,
+};
+use crate::message::{Headers, OutboundMessage};
+use crate::pdp::{
+    ACT_FOR_ACTION, AccessRequest, EntityRef, PdpError, PolicyDecisionPoint, USER_TYPE,
+    WORKLOAD_TYPE,
+};
+use crate::scope::Scope;
+use crate::strip::{CredentialPolicy, Finding, Refused};
+
+/// The identity a message is published for (from the producer's own Txn-Token or workload identity).
+#[derive(Debug, Clone)]
+pub struct SubjectContext {
+    /// Target identity.
+    pub subject: String,
+    /// Human or workload.
+    pub sub_kind: SubjectKind,
+    /// Origin transaction id.
+    pub txn: String,
+    /// Scope ceiling for the async work.
+    pub scope: Scope,
+}
+
+/// Per-message publish parameters.
+#[derive(Debug, Clone)]
+pub struct PublishRequest<'a> {
+    /// Who the message acts for.
+    pub subject: &'a SubjectContext,
+    /// The action the consumer will perform (checked against scope and policy).
+    pub action: &'a str,
+    /// Consumer audiences (workload ids) allowed to act on it.
+    pub audience: &'a [String],
+    /// Destination as the consumer will see it (topic, exchange/routing key, subject).
+    pub destination: &'a str,
+    /// Narrower scope for this message; defaults to the subject's scope.
+    pub scope: Option<&'a Scope>,
+}
+
+/// Why a message was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The message carries credentials and the policy is to refuse.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// The producer's PDP check said no.
+    #[error("producer {workload} may not publish {action:?} for {subject}")]
+    Denied {
+        /// This producer.
+        workload: String,
+        /// The action.
+        action: String,
+        /// The subject.
+        subject: String,
+    },
+    /// The action is not within the subject's scope.
+    #[error("action {action:?} is outside scope {scope:?}")]
+    ScopeInsufficient {
+        /// The action.
+        action: String,
+        /// The scope.
+        scope: String,
+    },
+    /// The PDP could not answer.
+    #[error(transparent)]
+    Pdp(#[from] PdpError),
+    /// Signing the reference failed.
+    #[error(transparent)]
+    Mint(#[from] MintError),
+    /// The broker did not accept the message.
+    #[error("broker rejected the publish: {0}")]
+    Broker(String),
+}
+
+/// A message ready for the broker: credentials gone, reference attached.
+#[derive(Debug, Clone)]
+pub struct PreparedMessage {
+    /// Headers to send (with `ztauth-ctx-ref`).
+    pub headers: Headers,
+    /// Payload to send (digest-bound).
+    pub payload: Vec<u8>,
+    /// The reference attached.
+    pub reference: MintedRef,
+    /// What was stripped (names and paths only).
+    pub stripped: Vec<Finding>,
+}
+
+/// The produce-side guard for one producing workload.
+#[derive(Clone)]
+pub struct ProducerGuard {
+    minter: ContextRefMinter,
+    pdp: Arc<dyn PolicyDecisionPoint>,
+    credentials: CredentialPolicy,
+}
+
+impl ProducerGuard {
+    /// A producer guard signing as the minter's workload.
+    pub fn new(minter: ContextRefMinter, pdp: Arc<dyn PolicyDecisionPoint>) -> Self {
+        ProducerGuard {
+            minter,
+            pdp,
+            credentials: CredentialPolicy::default(),
+        }
+    }
+
+    /// Uses a non-default credential policy (extra headers, payload paths, refuse mode).
+    pub fn with_credentials(mut self, credentials: CredentialPolicy) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The producing workload id.
+    pub fn workload(&self) -> &str {
+        self.minter.issuer()
+    }
+
+    /// The minter (handlers use it to derive downstream references).
+    pub fn minter(&self) -> &ContextRefMinter {
+        &self.minter
+    }
+
+    /// Checks, strips and signs one message.
+    pub async fn prepare(
+        &self,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> Result<PreparedMessage, PublishError> {
+        let scope = req.scope.unwrap_or(&req.subject.scope);
+        if !scope.is_subset(&req.subject.scope) || !scope.contains(req.action) {
+            return Err(PublishError::ScopeInsufficient {
+                action: req.action.to_string(),
+                scope: scope.to_string(),
+            });
+        }
+        self.check_publish(req).await?;
+        let OutboundMessage {
+            mut headers,
+            mut payload,
+        } = msg;
+        let stripped = self.credentials.apply(&mut headers, &mut payload)?;
+        headers.remove(CTX_REF_HEADER);
+        let reference = self.minter.mint(&MintRequest {
+            subject: &req.subject.subject,
+            sub_kind: req.subject.sub_kind,
+            audience: req.audience,
+            scope,
+            txn: &req.subject.txn,
+            destination: req.destination,
+            payload: &payload,
+        })?;
+        headers.append(CTX_REF_HEADER, reference.token.as_str());
+        if !stripped.is_empty() {
+            tracing::info!(workload = %self.workload(), destination = req.destination, stripped = stripped.len(), "credentials stripped from outgoing message");
+        }
+        Ok(PreparedMessage {
+            headers,
+            payload,
+            reference,
+            stripped,
+        })
+    }
+
+    /// May this producer publish `action` on behalf of the subject? (delegation half of elevation)
+    async fn check_publish(&self, req: &PublishRequest<'_>) -> Result<(), PublishError> {
+        let subject = EntityRef::new(
+            match req.subject.sub_kind {
+                SubjectKind::Human => USER_TYPE,
+                SubjectKind::Workload => WORKLOAD_TYPE,
+            },
+            &req.subject.subject,
+        );
+        let decision = self
+            .pdp
+            .evaluate(&AccessRequest {
+                subject: EntityRef::new(WORKLOAD_TYPE, self.workload()),
+                action: ACT_FOR_ACTION.to_string(),
+                resource: subject,
+                context: serde_json::json!({
+                    "action": req.action,
+                    "scope": req.subject.scope.iter().collect::<Vec<_>>(),
+                    "chain": Vec::<String>::new(),
+                    "depth": 0,
+                    "txn": req.subject.txn,
+                    "workload": self.workload(),
+                }),
+            })
+            .await?;
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(PublishError::Denied {
+                workload: self.workload().to_string(),
+                action: req.action.to_string(),
+                subject: req.subject.subject.clone(),
+            })
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Settlement, defined once for every broker: what happens to a delivery
+//! after the guard's verdict. A broker crate implements [`Delivery`] and
+//! [`DeadLetterPublisher`]; [`Processor::process`] does the rest.
+//!
+//! Rules: nothing is dispatched without a Permit; a message is settled only
+//! after its outcome is durable (handler succeeded, or the dead letter was
+//! confirmed); Retry is bounded and ends in a `retries-exhausted` dead letter.
+//! Settling consumes the delivery, so a double ack does not compile.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::AuthContext;
+use crate::deadletter::DeadLetter;
+use crate::guard::Guard;
+use crate::message::InboundMessage;
+use crate::retry::RetryPolicy;
+use crate::verdict::{Reason, Verdict};
+
+/// A broker operation failed (settle or dead-letter publish).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op} failed: {reason}")]
+pub struct TransportError {
+    /// The operation (`ack`, `nack`, `dead-letter publish`...).
+    pub op: &'static str,
+    /// What the broker or client said.
+    pub reason: String,
+}
+
+impl TransportError {
+    /// Builds a transport error.
+    pub fn new(op: &'static str, reason: impl std::fmt::Display) -> Self {
+        TransportError {
+            op,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// How a broker gives a message back for a later attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedeliveryMode {
+    /// The broker redelivers (NATS nak with delay, AMQP retry queue, in-memory requeue).
+    Broker,
+    /// The consumer waits and re-evaluates in place, holding its position (Kafka partitions).
+    InPlace,
+}
+
+/// One received message awaiting settlement. Settling consumes it.
+#[async_trait::async_trait]
+pub trait Delivery: Send + Sync + Sized {
+    /// The message.
+    fn message(&self) -> &InboundMessage;
+
+    /// Settles the message as done (ack / store offset / JetStream ack).
+    async fn ack(self) -> Result<(), TransportError>;
+
+    /// Hands the message back to be delivered again after `delay`, attempt count + 1.
+    /// Only called in [`RedeliveryMode::Broker`].
+    async fn redeliver(self, delay: Duration) -> Result<(), TransportError>;
+
+    /// Tells the broker the message is still being worked on (JetStream `+WPI`).
+    async fn keep_alive(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// How this broker retries.
+    fn redelivery_mode(&self) -> RedeliveryMode {
+        RedeliveryMode::Broker
+    }
+}
+
+/// Publishes dead letters; returns only once the broker has confirmed the publish.
+#[async_trait::async_trait]
+pub trait DeadLetterPublisher: Send + Sync {
+    /// Publishes and waits for the broker's confirmation.
+    async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError>;
+}
+
+/// A handler failure: transient errors are retried, permanent ones dead-lettered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandlerError {
+    /// Try again later (bounded by the handler retry policy).
+    #[error("transient handler error: {0}")]
+    Transient(String),
+    /// Do not retry: dead-letter `handler-failed`.
+    #[error("permanent handler error: {0}")]
+    Permanent(String),
+}
+
+/// The user's message handler, run only on Permit.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync {
+    /// Handles a permitted message.
+    async fn handle(&self, msg: &InboundMessage, auth: &AuthContext) -> Result<(), HandlerError>;
+}
+
+/// A handler from an async closure taking owned values.
+pub struct FnHandler<F>(F);
+
+/// Wraps `Fn(InboundMessage, AuthContext) -> impl Future<Output = Result<(), HandlerError>>`.
+pub fn handler_fn<F, Fut>(f: F) -> FnHandler<F>
+where
+    F: Fn(InboundMessage, AuthContext) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    FnHandler(f)
+}
+
+#[async_trait::async_trait]
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(InboundMessage, AuthContext) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    async fn handle(&self, msg: &InboundMessage, auth: &AuthContext) -> Result<(), HandlerError> {
+        (self.0)(msg.clone(), auth.clone()).await
+    }
+}
+
+/// What became of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Permitted, handled, acked.
+    Handled {
+        /// Decision id.
+        decision_id: String,
+    },
+    /// Dead letter confirmed, original acked.
+    DeadLettered {
+        /// Decision id.
+        decision_id: String,
+        /// Why.
+        reason: Reason,
+    },
+    /// Handed back to the broker for a later attempt.
+    Redelivering {
+        /// Decision id.
+        decision_id: String,
+        /// Why.
+        reason: Reason,
+        /// After how long.
+        delay: Duration,
+    },
+}
+
+/// Settlement could not complete; the message was left unsettled for the broker to redeliver.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("message left unsettled ({reason}): {error}")]
+pub struct ProcessError {
+    /// What the guard had decided.
+    pub reason: Reason,
+    /// The broker failure.
+    pub error: TransportError,
+}
+
+/// Drives one delivery from verdict to settlement.
+pub struct Processor {
+    guard: Arc<Guard>,
+    handler: Arc<dyn Handler>,
+    dead_letters: Arc<dyn DeadLetterPublisher>,
+    retry: RetryPolicy,
+    handler_retry: RetryPolicy,
+    keep_alive_every: Duration,
+}
+
+impl Processor {
+    /// A processor with default retry policies.
+    pub fn new(
+        guard: Arc<Guard>,
+        handler: Arc<dyn Handler>,
+        dead_letters: Arc<dyn DeadLetterPublisher>,
+    ) -> Self {
+        Processor {
+            guard,
+            handler,
+            dead_letters,
+            retry: RetryPolicy::default(),
+            handler_retry: RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            },
+            keep_alive_every: Duration::from_secs(5),
+        }
+    }
+
+    /// Bounds Retry verdicts (TTS/PDP outages).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Bounds transient handler errors.
+    pub fn with_handler_retry(mut self, retry: RetryPolicy) -> Self {
+        self.handler_retry = retry;
+        self
+    }
+
+    /// How often to tell the broker a slow message is still in progress.
+    pub fn with_keep_alive_every(mut self, every: Duration) -> Self {
+        self.keep_alive_every = every;
+        self
+    }
+
+    /// The guard.
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
+    }
+
+    /// Decides, dispatches or dead-letters, and settles one delivery.
+    pub async fn process<D: Delivery>(&self, delivery: D) -> Result<Outcome, ProcessError> {
+        let mut attempt = delivery.message().delivery_attempt.max(1);
+        let mut delivery = delivery;
+        loop {
+            let decision = self
+                .while_alive(&delivery, self.guard.decide(delivery.message(), attempt))
+                .await;
+            let id = decision.decision_id.clone();
+            let step = match (decision.verdict, decision.auth) {
+                (Verdict::Permit, Some(auth)) => {
+                    match self
+                        .while_alive(&delivery, self.handler.handle(delivery.message(), &auth))
+                        .await
+                    {
+                        Ok(()) => {
+                            return delivery
+                                .ack()
+                                .await
+                                .map(|_| Outcome::Handled { decision_id: id })
+                                .map_err(|error| ProcessError {
+                                    reason: Reason::Permitted,
+                                    error,
+                                });
+                        }
+                        Err(HandlerError::Transient(e))
+                            if !self.handler_retry.exhausted(attempt) =>
+                        {
+                            tracing::warn!(decision_id = %id, attempt, error = %e, "transient handler error: retrying");
+                            Step::Retry {
+                                reason: Reason::HandlerFailed,
+                                delay: self.handler_retry.delay(attempt, None),
+                            }
+                        }
+                        Err(e) => Step::DeadLetter {
+                            reason: Reason::HandlerFailed,
+                            verdict: Verdict::Deny,
+                            detail: Some(e.to_string()),
+                        },
+                    }
+                }
+                (Verdict::Deny | Verdict::Quarantine, _) => Step::DeadLetter {
+                    reason: decision.reason,
+                    verdict: decision.verdict,
+                    detail: None,
+                },
+                (Verdict::Retry, _) if self.retry.exhausted(attempt) => Step::DeadLetter {
+                    reason: Reason::RetriesExhausted,
+                    verdict: Verdict::Deny,
+                    detail: Some(format!("last: {}", decision.reason)),
+                },
+                (Verdict::Retry, _) => Step::Retry {
+                    reason: decision.reason,
+                    delay: self.retry.delay(attempt, decision.retry_after),
+                },
+                // A Permit without an AuthContext cannot be built by the guard; treat as Deny.
+                (Verdict::Permit, None) => Step::DeadLetter {
+                    reason: Reason::PolicyError,
+                    verdict: Verdict::Deny,
+                    detail: Some("permit without context".into()),
+                },
+            };
+            match step {
+                Step::DeadLetter {
+                    reason,
+                    verdict,
+                    detail,
+                } => {
+                    if reason != decision.reason {
+                        // A disposition distinct from the guard's decision gets its own record.
+                        if let Err(e) = self.guard.record_disposition(
+                            delivery.message(),
+                            &id,
+                            reason,
+                            detail,
+                            attempt,
+                        ) {
+                            tracing::error!(decision_id = %id, error = %e, "cannot record disposition");
+                            let delay = self.retry.delay(attempt, None);
+                            match self
+                                .give_back(
+                                    delivery,
+                                    delay,
+                                    &mut attempt,
+                                    Reason::DecisionLogUnavailable,
+                                    &id,
+                                )
+                                .await?
+                            {
+                                Some(d) => {
+                                    delivery = d;
+                                    continue;
+                                }
+                                None => {
+                                    return Ok(Outcome::Redelivering {
+                                        decision_id: id,
+                                        reason: Reason::DecisionLogUnavailable,
+                                        delay,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    let letter = DeadLetter::build(
+                        delivery.message(),
+                        &id,
+                        verdict,
+                        reason,
+                        self.guard.credentials(),
+                    );
+                    match self.dead_letters.publish(&letter).await {
+                        Ok(()) => {
+                            return delivery
+                                .ack()
+                                .await
+                                .map(|_| Outcome::DeadLettered {
+                                    decision_id: id,
+                                    reason,
+                                })
+                                .map_err(|error| ProcessError { reason, error });
+                        }
+                        Err(e) => {
+                            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
+                            let delay = self.retry.delay(attempt, None);
+                            match self
+                                .give_back(delivery, delay, &mut attempt, reason, &id)
+                                .await?
+                            {
+                                Some(d) => {
+                                    delivery = d;
+                                    continue;
+                                }
+                                None => {
+                                    return Ok(Outcome::Redelivering {
+                                        decision_id: id,
+                                        reason,
+                                        delay,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                Step::Retry { reason, delay } => {
+                    match self
+                        .give_back(delivery, delay, &mut attempt, reason, &id)
+                        .await?
+                    {
+                        Some(d) => {
+                            // in place: decide again on the same delivery
+                            delivery = d;
+                            continue;
+                        }
+                        None => {
+                            return Ok(Outcome::Redelivering {
+                                decision_id: id,
+                                reason,
+                                delay,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the delivery back: to the broker (returns None), or waits in place
+    /// (returns the delivery for another round, attempt incremented).
+    async fn give_back<D: Delivery>(
+        &self,
+        delivery: D,
+        delay: Duration,
+        attempt: &mut u32,
+        reason: Reason,
+        id: &str,
+    ) -> Result<Option<D>, ProcessError> {
+        match delivery.redelivery_mode() {
+            RedeliveryMode::Broker => {
+                delivery
+                    .redeliver(delay)
+                    .await
+                    .map_err(|error| ProcessError { reason, error })?;
+                Ok(None)
+            }
+            RedeliveryMode::InPlace => {
+                tracing::debug!(decision_id = %id, ?delay, "waiting in place before the next attempt");
+                self.while_alive(&delivery, tokio::time::sleep(delay)).await;
+                *attempt += 1;
+                Ok(Some(delivery))
+            }
+        }
+    }
+
+    async fn while_alive<D: Delivery, F: Future>(&self, delivery: &D, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(self.keep_alive_every);
+        tick.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tick.tick() => {
+                    if let Err(e) = delivery.keep_alive().await {
+                        tracing::warn!(error = %e, "keep-alive failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    DeadLetter {
+        reason: Reason,
+        verdict: Verdict,
+        detail: Option<String>,
+    },
+    Retry {
+        reason: Reason,
+        delay: Duration,
+    },
+}

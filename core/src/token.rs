@@ -1,0 +1,157 @@
+//! Transaction Tokens as the pipeline sees them: the acquisition trait the
+//! `txn-token-client` crate implements, verified claims, and a secret wrapper
+//! that never prints the token.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::ctxref::VerifiedRef;
+use crate::keys::sha256_hex;
+use crate::message::InboundMessage;
+use crate::scope::Scope;
+
+/// The JOSE `typ` of a Transaction Token.
+pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
+
+/// A bearer credential that must never be logged: `Debug`/`Display` show its SHA-256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretToken(String);
+
+impl SecretToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        SecretToken(token.into())
+    }
+
+    /// The token itself, for an outgoing `Txn-Token` header. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// SHA-256 (hex) of the token: what logs and records carry.
+    pub fn sha256(&self) -> String {
+        sha256_hex(self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for SecretToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretToken(sha256:{})", &self.sha256()[..16])
+    }
+}
+
+impl std::fmt::Display for SecretToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", self.sha256())
+    }
+}
+
+/// Claims of a verified Txn-Token (draft-ietf-oauth-transaction-tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxnTokenClaims {
+    /// Issued at.
+    pub iat: i64,
+    /// Expiry.
+    pub exp: i64,
+    /// Trust domain.
+    #[serde(deserialize_with = "crate::token::one_or_many")]
+    pub aud: Vec<String>,
+    /// Transaction id.
+    pub txn: String,
+    /// Subject.
+    pub sub: String,
+    /// Granted scope.
+    pub scope: String,
+    /// The requesting workload.
+    pub req_wl: String,
+    /// Token id, when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Transaction context (origin txn, producer, destination, chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tctx: Option<serde_json::Value>,
+    /// Requester context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rctx: Option<serde_json::Value>,
+}
+
+/// Accepts a JSON string or array of strings (the `aud` claim).
+pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// A verified Txn-Token: the secret and its claims.
+#[derive(Debug, Clone)]
+pub struct TxnToken {
+    /// The token, for downstream calls.
+    pub token: SecretToken,
+    /// Its verified claims.
+    pub claims: TxnTokenClaims,
+}
+
+/// What the pipeline asks a token source for.
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    /// The verified reference (its compact form is the `subject_token`).
+    pub reference: &'a VerifiedRef,
+    /// The scope to request (the reference's scope by default).
+    pub scope: &'a Scope,
+    /// `request_details`: broker coordinates and message id.
+    pub request_details: serde_json::Value,
+}
+
+impl<'a> TokenRequest<'a> {
+    /// Builds the request for one message: scope = the reference's, details = its coordinates.
+    pub fn for_message(reference: &'a VerifiedRef, scope: &'a Scope, msg: &InboundMessage) -> Self {
+        TokenRequest {
+            reference,
+            scope,
+            request_details: serde_json::json!({
+                "source": msg.coordinates,
+                "destination": msg.destination,
+                "message_id": msg.message_id,
+            }),
+        }
+    }
+}
+
+/// Why no Txn-Token was obtained; the class decides Retry versus Deny.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Network failure, timeout, 5xx, 429, open circuit: try again later.
+    #[error("token service unavailable: {reason}")]
+    Unavailable {
+        /// What happened.
+        reason: String,
+        /// Server-suggested wait (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// The service refused (RFC 6749 §5.2 error code): terminal.
+    #[error("token service refused: {code}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Denied {
+        /// The OAuth error code (`invalid_grant`, `invalid_scope`...).
+        code: String,
+        /// `error_description`, if any.
+        description: Option<String>,
+    },
+    /// A token came back but failed verification or the response broke the protocol.
+    #[error("invalid token or response: {0}")]
+    Invalid(String),
+}
+
+/// Obtains a fresh Txn-Token for the consuming workload from a context reference.
+#[async_trait::async_trait]
+pub trait TokenSource: Send + Sync {
+    /// Exchanges the reference; the returned token is already verified.
+    async fn acquire(&self, req: &TokenRequest<'_>) -> Result<TxnToken, TokenError>;
+}
