@@ -503,6 +503,23 @@ impl ContextRefVerifier {
         payload: &[u8],
         now: i64,
     ) -> Result<VerifiedRef, RefError> {
+        self.verify_inner(token, &self.policy.audience, Some((destination, payload)), now)
+    }
+
+    /// Verifies everything except the message binding (`dst`, `dig`), for a party
+    /// that never sees the message: the TTS checks a reference presented as
+    /// `subject_token` this way, with `audience` = the requesting workload.
+    pub fn verify_unbound(&self, token: &str, audience: &str) -> Result<VerifiedRef, RefError> {
+        self.verify_inner(token, audience, None, unix_now())
+    }
+
+    fn verify_inner(
+        &self,
+        token: &str,
+        audience: &str,
+        binding: Option<(&str, &[u8])>,
+        now: i64,
+    ) -> Result<VerifiedRef, RefError> {
         // parse
         let parsed = jws::parse(token, CTX_REF_TYP)?;
         // verify signature
@@ -518,10 +535,10 @@ impl ContextRefVerifier {
                 kid: parsed.header.kid.unwrap_or_default(),
             });
         }
-        if !claims.aud.iter().any(|a| a == &self.policy.audience) {
+        if !claims.aud.iter().any(|a| a == audience) {
             return Err(RefError::WrongAudience {
                 aud: claims.aud,
-                expected: self.policy.audience.clone(),
+                expected: audience.to_string(),
             });
         }
         let leeway = self.policy.leeway.as_secs() as i64;
@@ -544,14 +561,16 @@ impl ContextRefVerifier {
                 max: self.policy.max_horizon.as_secs(),
             });
         }
-        if claims.dst != destination {
-            return Err(RefError::WrongDestination {
-                dst: claims.dst,
-                expected: destination.to_string(),
-            });
-        }
-        if !digest_matches(&claims.dig, payload) {
-            return Err(RefError::DigestMismatch);
+        if let Some((destination, payload)) = binding {
+            if claims.dst != destination {
+                return Err(RefError::WrongDestination {
+                    dst: claims.dst,
+                    expected: destination.to_string(),
+                });
+            }
+            if !digest_matches(&claims.dig, payload) {
+                return Err(RefError::DigestMismatch);
+            }
         }
         check_chain(&claims, self.policy.max_depth)?;
         Ok(VerifiedRef {
