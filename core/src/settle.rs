@@ -60,6 +60,12 @@ pub trait Delivery: Send + Sync + Sized {
     /// Only called in [`RedeliveryMode::Broker`].
     async fn redeliver(self, delay: Duration) -> Result<(), TransportError>;
 
+    /// Settles a message whose dead letter was confirmed; defaults to [`Delivery::ack`]
+    /// (JetStream overrides it with `+TERM` so the server stops redelivering and emits its advisory).
+    async fn ack_dead_lettered(self) -> Result<(), TransportError> {
+        self.ack().await
+    }
+
     /// Tells the broker the message is still being worked on (JetStream `+WPI`).
     async fn keep_alive(&self) -> Result<(), TransportError> {
         Ok(())
@@ -203,6 +209,21 @@ impl Processor {
         self
     }
 
+    /// The retry policy for Retry verdicts (brokers check their own redelivery limits against it).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The retry policy for transient handler errors.
+    pub fn handler_retry_policy(&self) -> &RetryPolicy {
+        &self.handler_retry
+    }
+
+    /// How often a slow message is kept alive (brokers check it against their ack deadline).
+    pub fn keep_alive_every(&self) -> Duration {
+        self.keep_alive_every
+    }
+
     /// The guard.
     pub fn guard(&self) -> &Arc<Guard> {
         &self.guard
@@ -321,7 +342,7 @@ impl Processor {
                     match self.dead_letters.publish(&letter).await {
                         Ok(()) => {
                             return delivery
-                                .ack()
+                                .ack_dead_lettered()
                                 .await
                                 .map(|_| Outcome::DeadLettered {
                                     decision_id: id,

@@ -1,0 +1,35 @@
+//! One warm Cedar trust-elevation decision: `evaluate_all` of the two requests.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use elevate_core::cedar::CedarPdp;
+use elevate_core::pdp::{ElevationRequest, EntityRef, PolicyDecisionPoint};
+
+const BUNDLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies");
+
+fn decision(c: &mut Criterion) {
+    let pdp = CedarPdp::load_dir(BUNDLE).expect("example bundle loads");
+    let reqs = ElevationRequest {
+        workload: "spiffe://elevate.example/invoice-worker".into(),
+        subject: EntityRef::new("User", "alice"),
+        action: "invoice.create".into(),
+        resource: EntityRef::new("Destination", "invoices"),
+        scope: vec!["invoice.create".into()],
+        chain: vec!["spiffe://elevate.example/orders-api".into()],
+        depth: 1,
+        txn: "txn-bench".into(),
+    }
+    .requests();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio runtime");
+    c.bench_function("one warm Cedar trust-elevation decision", |b| {
+        b.to_async(&rt).iter(|| async {
+            let d = pdp.evaluate_all(&reqs).await.expect("decision");
+            assert!(d[0].allowed && d[1].allowed);
+            d
+        })
+    });
+}
+
+criterion_group!(benches, decision);
+criterion_main!(benches);
