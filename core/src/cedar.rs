@@ -254,7 +254,7 @@ impl Bundle {
         let (schema, warnings) =
             Schema::from_cedarschema_str(&schema_file.1).map_err(|e| BundleError::Schema {
                 file: schema_file.0.clone(),
-                message: error_chain(&e),
+                message: describe(&e, Some(&schema_file.1)),
             })?;
         for w in warnings {
             tracing::warn!(file = %schema_file.0, warning = %w, "Cedar schema warning");
@@ -287,12 +287,24 @@ impl Bundle {
         // Strict validation against the schema.
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
         if !result.validation_passed() {
+            let sources: HashMap<&str, &str> = policy_files
+                .iter()
+                .map(|(f, src)| (f.as_str(), src.as_str()))
+                .collect();
             let errors = result
                 .validation_errors()
                 .map(|e| {
                     let id = e.policy_id().to_string();
                     let file = owners.get(&id).map(String::as_str).unwrap_or("?");
-                    format!("{file}: policy `{id}`: {}", error_chain(e))
+                    let src = sources.get(file).copied();
+                    let msg = message(e);
+                    let msg = msg
+                        .strip_prefix(&format!("for policy `{id}`, "))
+                        .unwrap_or(&msg);
+                    match locate(e, src) {
+                        Some(loc) => format!("{file}: policy `{id}` ({loc}): {msg}"),
+                        None => format!("{file}: policy `{id}`: {msg}"),
+                    }
                 })
                 .collect();
             return Err(BundleError::Validation {
@@ -308,7 +320,7 @@ impl Bundle {
         let entities = Entities::from_json_str(&entities_file.1, Some(&schema)).map_err(|e| {
             BundleError::Entities {
                 file: entities_file.0.clone(),
-                message: error_chain(&e),
+                message: describe(&e, None),
             }
         })?;
 
@@ -384,19 +396,20 @@ impl Bundle {
     /// Builds a schema-checked Cedar request; anything that does not fit is
     /// `InvalidRequest`.
     fn request(&self, req: &AccessRequest) -> Result<Request, PdpError> {
-        let action = self.actions.get(&req.action).ok_or_else(|| {
-            PdpError::InvalidRequest(format!("unknown action {:?}", req.action))
-        })?;
+        let action = self
+            .actions
+            .get(&req.action)
+            .ok_or_else(|| PdpError::InvalidRequest(format!("unknown action {:?}", req.action)))?;
         let principal = self.entity(&req.subject)?;
         let resource = self.entity(&req.resource)?;
         let context = Context::from_json_value(req.context.clone(), Some((&self.schema, action)))
             .map_err(|e| {
-                PdpError::InvalidRequest(format!(
-                    "context of {:?} does not fit the schema: {}",
-                    req.action,
-                    error_chain(&e)
-                ))
-            })?;
+            PdpError::InvalidRequest(format!(
+                "context of {:?} does not fit the schema: {}",
+                req.action,
+                error_chain(&e)
+            ))
+        })?;
         Request::new(
             principal,
             action.clone(),
@@ -408,9 +421,10 @@ impl Bundle {
     }
 
     fn entity(&self, e: &EntityRef) -> Result<EntityUid, PdpError> {
-        let ty = self.entity_types.get(&e.kind).ok_or_else(|| {
-            PdpError::InvalidRequest(format!("unknown entity type {:?}", e.kind))
-        })?;
+        let ty = self
+            .entity_types
+            .get(&e.kind)
+            .ok_or_else(|| PdpError::InvalidRequest(format!("unknown entity type {:?}", e.kind)))?;
         Ok(EntityUid::from_type_name_and_id(
             ty.clone(),
             EntityId::new(&e.id),
@@ -422,7 +436,11 @@ impl Bundle {
 fn parse_policy_file(file: &str, src: &str) -> Result<Vec<cedar_policy::Policy>, BundleError> {
     let set = PolicySet::from_str(src).map_err(|e| BundleError::PolicyParse {
         file: file.to_string(),
-        message: error_chain(&e),
+        message: e
+            .iter()
+            .map(|pe| describe(pe, Some(src)))
+            .collect::<Vec<_>>()
+            .join("; "),
     })?;
     if set.templates().next().is_some() {
         return Err(BundleError::PolicyParse {
@@ -455,6 +473,41 @@ fn parse_policy_file(file: &str, src: &str) -> Result<Vec<cedar_policy::Policy>,
             p.new_id(PolicyId::new(id))
         })
         .collect())
+}
+
+/// A Cedar diagnostic as one line: `line L, column C: message (help: ...)`,
+/// locating it in `src` when its labels point there.
+fn describe(e: &dyn miette::Diagnostic, src: Option<&str>) -> String {
+    match locate(e, src) {
+        Some(loc) => format!("{loc}: {}", message(e)),
+        None => message(e),
+    }
+}
+
+/// `line L, column C` of a diagnostic's first label in `src`.
+fn locate(e: &dyn miette::Diagnostic, src: Option<&str>) -> Option<String> {
+    let label = e.labels()?.next()?;
+    let (line, col) = line_col(src?, label.offset());
+    Some(format!("line {line}, column {col}"))
+}
+
+/// A diagnostic's message and sources, with its help text if any.
+fn message(e: &dyn miette::Diagnostic) -> String {
+    let mut out = error_chain(e);
+    if let Some(help) = e.help() {
+        out.push_str(&format!(" (help: {help})"));
+    }
+    out
+}
+
+/// 1-based line and column of a byte offset in `src`.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = src.get(..offset.min(src.len())).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.chars().count(), |nl| {
+        before[nl + 1..].chars().count()
+    }) + 1;
+    (line, col)
 }
 
 /// An error and its sources, joined with `: ` (Cedar keeps details in sources).
@@ -517,10 +570,7 @@ impl CedarPdp {
     ) -> Result<Self, BundleError> {
         let files = vec![
             ("policies.cedar".to_string(), policies.as_bytes().to_vec()),
-            (
-                "schema.cedarschema".to_string(),
-                schema.as_bytes().to_vec(),
-            ),
+            ("schema.cedarschema".to_string(), schema.as_bytes().to_vec()),
             (ENTITIES_FILE.to_string(), entities_json.as_bytes().to_vec()),
         ];
         let bundle = Bundle::from_files("<inline>", &files)?;
@@ -581,8 +631,8 @@ impl CedarPdp {
                     return;
                 };
                 let skip = failed_hash.clone();
-                let polled = tokio::task::spawn_blocking(move || pdp.poll_once(skip.as_deref()))
-                    .await;
+                let polled =
+                    tokio::task::spawn_blocking(move || pdp.poll_once(skip.as_deref())).await;
                 match polled {
                     Ok(Ok(None)) => {}
                     Ok(Ok(Some(version))) => {
@@ -613,7 +663,10 @@ impl CedarPdp {
     /// One watcher step: reloads if the directory's content changed (and is not
     /// the known-broken `skip`). `Ok(Some(version))` when a new bundle is in
     /// force; on error, the content hash that failed (if it could be read).
-    fn poll_once(&self, skip: Option<&str>) -> Result<Option<String>, (Option<String>, BundleError)> {
+    fn poll_once(
+        &self,
+        skip: Option<&str>,
+    ) -> Result<Option<String>, (Option<String>, BundleError)> {
         let dir = self.dir.as_ref().ok_or((None, BundleError::NoSource))?;
         let files = read_bundle_files(dir).map_err(|e| (None, e))?;
         let hash = content_hash(&files);

@@ -503,7 +503,12 @@ impl ContextRefVerifier {
         payload: &[u8],
         now: i64,
     ) -> Result<VerifiedRef, RefError> {
-        self.verify_inner(token, &self.policy.audience, Some((destination, payload)), now)
+        self.verify_inner(
+            token,
+            &self.policy.audience,
+            Some((destination, payload)),
+            now,
+        )
     }
 
     /// Verifies everything except the message binding (`dst`, `dig`), for a party

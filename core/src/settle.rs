@@ -84,6 +84,19 @@ pub trait DeadLetterPublisher: Send + Sync {
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError>;
 }
 
+/// A dead-letter publisher that refuses every publish: the safe placeholder
+/// until a broker binding supplies its own (messages are then redelivered,
+/// never dropped).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnboundDeadLetters;
+
+#[async_trait::async_trait]
+impl DeadLetterPublisher for UnboundDeadLetters {
+    async fn publish(&self, _: &DeadLetter) -> Result<(), TransportError> {
+        Err(TransportError::new("dead-letter publish", "no dead-letter destination bound"))
+    }
+}
+
 /// A handler failure: transient errors are retried, permanent ones dead-lettered.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HandlerError {
@@ -162,6 +175,7 @@ pub struct ProcessError {
 }
 
 /// Drives one delivery from verdict to settlement.
+#[derive(Clone)]
 pub struct Processor {
     guard: Arc<Guard>,
     handler: Arc<dyn Handler>,
@@ -188,6 +202,15 @@ impl Processor {
                 ..RetryPolicy::default()
             },
             keep_alive_every: Duration::from_secs(5),
+        }
+    }
+
+    /// The same processor publishing dead letters through `dead_letters`
+    /// (a broker binding binds its own dead-letter destination this way).
+    pub fn with_dead_letters(&self, dead_letters: Arc<dyn DeadLetterPublisher>) -> Processor {
+        Processor {
+            dead_letters,
+            ..self.clone()
         }
     }
 

@@ -39,7 +39,10 @@ fn user(id: &str) -> EntityRef {
 }
 
 async fn decide(pdp: &CedarPdp, e: &ElevationRequest) -> (AccessDecision, AccessDecision) {
-    let mut out = pdp.evaluate_all(&e.requests()).await.expect("valid request");
+    let mut out = pdp
+        .evaluate_all(&e.requests())
+        .await
+        .expect("valid request");
     assert_eq!(out.len(), 2);
     let direct = out.remove(1);
     let delegation = out.remove(0);
@@ -152,7 +155,10 @@ async fn unknown_user_is_denied() {
         &elevation("invoice-worker", user("dave"), "invoice.create", 1),
     )
     .await;
-    assert!(a.allowed, "delegation does not read the subject's attributes");
+    assert!(
+        a.allowed,
+        "delegation does not read the subject's attributes"
+    );
     assert!(!b.allowed);
     assert!(!b.errors.is_empty(), "reading an absent entity is an error");
     let (a, _) = decide(
@@ -330,7 +336,10 @@ fn broken_schema_policy_and_entities_name_the_file() {
         "[]",
     )
     .unwrap_err();
-    assert!(matches!(err, BundleError::DuplicatePolicyId { .. }), "{err}");
+    assert!(
+        matches!(err, BundleError::DuplicatePolicyId { .. }),
+        "{err}"
+    );
     println!("{err}");
 }
 
@@ -346,12 +355,9 @@ fn bundle_layout_errors() {
     let err = CedarPdp::load_dir(dir.path()).unwrap_err();
     assert!(matches!(err, BundleError::MissingEntities { .. }), "{err}");
 
-    let inline = CedarPdp::from_sources(
-        "permit (principal, action, resource);",
-        SCHEMA_INLINE,
-        "[]",
-    )
-    .unwrap();
+    let inline =
+        CedarPdp::from_sources("permit (principal, action, resource);", SCHEMA_INLINE, "[]")
+            .unwrap();
     assert!(matches!(inline.reload(), Err(BundleError::NoSource)));
 }
 
@@ -405,9 +411,7 @@ async fn reload_swaps_atomically_under_concurrent_decisions() {
                 let a_pair = d.iter().all(|x| x.allowed)
                     && d[0].policies == ["delegation.trusted-workload"]
                     && d[1].policies == ["subjects.active-user"];
-                let b_pair = d
-                    .iter()
-                    .all(|x| !x.allowed && x.policies == ["b.deny-all"]);
+                let b_pair = d.iter().all(|x| !x.allowed && x.policies == ["b.deny-all"]);
                 assert!(a_pair ^ b_pair, "decision split across bundles: {d:?}");
                 if a_pair {
                     seen_a.fetch_add(1, Ordering::Relaxed);
@@ -472,7 +476,10 @@ async fn broken_reload_keeps_the_old_bundle() {
     let err = pdp.reload().unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, BundleError::Validation { .. }), "{msg}");
-    assert!(msg.contains("subjects.cedar: policy `bad`"), "{msg}");
+    assert!(
+        msg.contains("subjects.cedar: policy `bad` (line 2"),
+        "{msg}"
+    );
     assert!(msg.contains("clearance"), "{msg}");
     assert_eq!(pdp.version(), before);
     let (a2, b2) = decide(&pdp, &e).await;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use elevate_core::ctxref::{
-    Actor, ContextRefClaims, ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now,
+    Actor, ContextRefClaims, ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy,
+    unix_now,
 };
 use elevate_core::jws;
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
@@ -99,7 +100,14 @@ fn unknown_kid_is_quarantined() {
 fn missing_kid_is_quarantined() {
     let f = fixture(SigningAlg::ES256);
     let (_, claims) = mint(&f);
-    let t = jws::sign_with(f.key.encoding_key(), SigningAlg::ES256, None, "ctx-ref+jwt", &claims).unwrap();
+    let t = jws::sign_with(
+        f.key.encoding_key(),
+        SigningAlg::ES256,
+        None,
+        "ctx-ref+jwt",
+        &claims,
+    )
+    .unwrap();
     assert_eq!(reason_of(&f, &t, DST, PAYLOAD), Reason::MissingKid);
 }
 
@@ -256,11 +264,17 @@ fn narrowing_chain_is_accepted() {
     let t = chained(
         &f,
         "invoice.create",
-        &[("spiffe://w/billing", "invoice.create billing.charge"), (PRODUCER, "invoice.create billing.charge order.process")],
+        &[
+            ("spiffe://w/billing", "invoice.create billing.charge"),
+            (PRODUCER, "invoice.create billing.charge order.process"),
+        ],
         3,
     );
     let v = f.verifier.verify(&t, DST, PAYLOAD).unwrap();
-    assert_eq!(v.claims.chain(), vec![PRODUCER, "spiffe://w/billing", PRODUCER]);
+    assert_eq!(
+        v.claims.chain(),
+        vec![PRODUCER, "spiffe://w/billing", PRODUCER]
+    );
 }
 
 #[test]
@@ -269,7 +283,10 @@ fn scope_widened_in_the_chain_is_quarantined() {
     let t = chained(
         &f,
         "invoice.create refund.issue",
-        &[("spiffe://w/billing", "invoice.create"), (PRODUCER, "invoice.create order.process")],
+        &[
+            ("spiffe://w/billing", "invoice.create"),
+            (PRODUCER, "invoice.create order.process"),
+        ],
         3,
     );
     let r = reason_of(&f, &t, DST, PAYLOAD);
@@ -279,7 +296,10 @@ fn scope_widened_in_the_chain_is_quarantined() {
     let t = chained(
         &f,
         "invoice.create",
-        &[("spiffe://w/billing", "invoice.create admin"), (PRODUCER, "invoice.create")],
+        &[
+            ("spiffe://w/billing", "invoice.create admin"),
+            (PRODUCER, "invoice.create"),
+        ],
         3,
     );
     assert_eq!(reason_of(&f, &t, DST, PAYLOAD), Reason::ScopeWidened);
@@ -288,13 +308,22 @@ fn scope_widened_in_the_chain_is_quarantined() {
 #[test]
 fn depth_over_max_is_denied() {
     let f = fixture(SigningAlg::ES256);
-    let hops = [("spiffe://w/a", "invoice.create"), ("spiffe://w/b", "invoice.create"), (PRODUCER, "invoice.create")];
+    let hops = [
+        ("spiffe://w/a", "invoice.create"),
+        ("spiffe://w/b", "invoice.create"),
+        (PRODUCER, "invoice.create"),
+    ];
     let t = chained(&f, "invoice.create", &hops, 2);
     let r = reason_of(&f, &t, DST, PAYLOAD);
     assert_eq!(r, Reason::DepthExceeded);
     assert_eq!(r.verdict(), Verdict::Deny);
     // the consumer's local cap applies even when the reference allows more
-    let t = chained(&f, "invoice.create", &[("spiffe://w/a", "invoice.create"); 5], 10);
+    let t = chained(
+        &f,
+        "invoice.create",
+        &[("spiffe://w/a", "invoice.create"); 5],
+        10,
+    );
     assert_eq!(reason_of(&f, &t, DST, PAYLOAD), Reason::DepthExceeded);
 }
 
@@ -312,7 +341,14 @@ fn depth_inconsistent_with_chain_is_quarantined() {
 #[test]
 fn malformed_inputs_are_quarantined() {
     let f = fixture(SigningAlg::ES256);
-    for t in ["", "abc", "a.b", "a.b.c.d", "!!!.???.###", "eyJhbGciOiJFUzI1NiJ9.e30"] {
+    for t in [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.???.###",
+        "eyJhbGciOiJFUzI1NiJ9.e30",
+    ] {
         let r = reason_of(&f, t, DST, PAYLOAD);
         assert_eq!(r.verdict(), Verdict::Quarantine, "{t:?} gave {r:?}");
     }
@@ -330,17 +366,33 @@ fn derive_narrows_and_extends_the_chain() {
     let worker = ContextRefMinter::new(CONSUMER, worker_key.clone(), Duration::from_secs(600));
     let narrower = Scope::parse("invoice.create");
     let child = worker
-        .derive(&parent, Some(&narrower), &["spiffe://elevate.example/billing-worker".into()], "billing", b"x")
+        .derive(
+            &parent,
+            Some(&narrower),
+            &["spiffe://elevate.example/billing-worker".into()],
+            "billing",
+            b"x",
+        )
         .unwrap();
     assert_eq!(child.claims.depth, 1);
     assert_eq!(child.claims.txn, parent.txn);
-    assert_eq!(child.claims.chain(), vec![PRODUCER.to_string(), CONSUMER.to_string()]);
+    assert_eq!(
+        child.claims.chain(),
+        vec![PRODUCER.to_string(), CONSUMER.to_string()]
+    );
     let mut keys = KeySet::new();
     keys.insert_workload_key(CONSUMER, &worker_key).unwrap();
-    let v = ContextRefVerifier::new(keys, VerifyPolicy::new("spiffe://elevate.example/billing-worker"));
+    let v = ContextRefVerifier::new(
+        keys,
+        VerifyPolicy::new("spiffe://elevate.example/billing-worker"),
+    );
     assert!(v.verify(&child.token, "billing", b"x").is_ok());
     let wider = Scope::parse("invoice.create admin");
-    assert!(worker.derive(&parent, Some(&wider), &[], "billing", b"x").is_err());
+    assert!(
+        worker
+            .derive(&parent, Some(&wider), &[], "billing", b"x")
+            .is_err()
+    );
 }
 
 proptest! {

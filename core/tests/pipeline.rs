@@ -16,8 +16,12 @@ use elevate_core::pdp::{AccessDecision, AccessRequest, PdpError, PolicyDecisionP
 use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
 use elevate_core::retry::RetryPolicy;
 use elevate_core::scope::Scope;
-use elevate_core::settle::{Delivery, HandlerError, Outcome, Processor, RedeliveryMode, TransportError};
-use elevate_core::token::{SecretToken, TokenError, TokenRequest, TokenSource, TxnToken, TxnTokenClaims};
+use elevate_core::settle::{
+    Delivery, HandlerError, Outcome, Processor, RedeliveryMode, TransportError,
+};
+use elevate_core::token::{
+    SecretToken, TokenError, TokenRequest, TokenSource, TxnToken, TxnTokenClaims,
+};
 use elevate_core::*;
 
 const PRODUCER: &str = "spiffe://t/producer";
@@ -116,7 +120,10 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
     let pdp = Arc::new(FakePdp {
         denied: ["mallory".to_string()].into_iter().collect(),
     });
-    let producer = ProducerGuard::new(ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300)), pdp.clone());
+    let producer = ProducerGuard::new(
+        ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300)),
+        pdp.clone(),
+    );
     let tokens = Arc::new(FakeTokens::default());
     let log = Arc::new(FlakySink::default());
     let guard = Guard::new(
@@ -136,7 +143,8 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
             if let Some(e) = fail {
                 return Err(e);
             }
-            h.lock().push((String::from_utf8_lossy(&msg.payload).into_owned(), auth));
+            h.lock()
+                .push((String::from_utf8_lossy(&msg.payload).into_owned(), auth));
             Ok(())
         }
     });
@@ -149,9 +157,13 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
         jitter: false,
     };
     let processor = Arc::new(
-        Processor::new(Arc::new(guard), Arc::new(handler), Arc::new(broker.dead_letter_queue(DLQ)))
-            .with_retry(fast)
-            .with_handler_retry(fast),
+        Processor::new(
+            Arc::new(guard),
+            Arc::new(handler),
+            Arc::new(broker.dead_letter_queue(DLQ)),
+        )
+        .with_retry(fast)
+        .with_handler_retry(fast),
     );
     Env {
         broker,
@@ -229,7 +241,13 @@ async fn deny_dead_letters_with_envelope_then_acks() {
     let e = env(None);
     publish(&e, "mallory", "bad", Headers::new()).await;
     let out = run_until_idle(&e).await;
-    assert!(matches!(&out[..], [Outcome::DeadLettered { reason: Reason::SubjectDenied, .. }]));
+    assert!(matches!(
+        &out[..],
+        [Outcome::DeadLettered {
+            reason: Reason::SubjectDenied,
+            ..
+        }]
+    ));
     assert!(e.handled.lock().is_empty());
     let dl = e.broker.drain(DLQ);
     assert_eq!(dl.len(), 1);
@@ -238,7 +256,10 @@ async fn deny_dead_letters_with_envelope_then_acks() {
     assert_eq!(h.get_str(H_REASON), Some("subject-denied"));
     assert!(h.get_str(H_DECISION_ID).is_some());
     assert!(h.get_str(H_SOURCE).unwrap().contains("\"queue\":\"jobs\""));
-    assert!(h.get(CTX_REF_HEADER).is_some(), "reference kept so a replay re-runs the policy");
+    assert!(
+        h.get(CTX_REF_HEADER).is_some(),
+        "reference kept so a replay re-runs the policy"
+    );
     assert_eq!(&dl[0].payload[..], b"bad");
 }
 
@@ -248,14 +269,25 @@ async fn credential_in_message_is_quarantined_and_stripped_from_the_dead_letter(
     publish(&e, "alice", "x", Headers::new()).await;
     // an intermediary adds a bearer token after the producer
     let mut m = e.broker.drain(Q).remove(0);
-    m.headers.append("X-Forward-Auth", "Bearer secret-token-value");
+    m.headers
+        .append("X-Forward-Auth", "Bearer secret-token-value");
     e.broker.publish(Q, m.headers, m.payload);
     let out = run_until_idle(&e).await;
-    assert!(matches!(&out[..], [Outcome::DeadLettered { reason: Reason::CredentialInMessage, .. }]));
+    assert!(matches!(
+        &out[..],
+        [Outcome::DeadLettered {
+            reason: Reason::CredentialInMessage,
+            ..
+        }]
+    ));
     let dl = e.broker.drain(DLQ);
     assert_eq!(dl[0].headers.get_str(H_VERDICT), Some("quarantine"));
     assert!(dl[0].headers.get("x-forward-auth").is_none());
-    assert_eq!(e.tokens.calls.load(Ordering::SeqCst), 0, "no exchange for a quarantined message");
+    assert_eq!(
+        e.tokens.calls.load(Ordering::SeqCst),
+        0,
+        "no exchange for a quarantined message"
+    );
 }
 
 #[tokio::test]
@@ -263,7 +295,13 @@ async fn missing_reference_is_denied() {
     let e = env(None);
     e.broker.publish(Q, Headers::new(), &b"naked"[..]);
     let out = run_until_idle(&e).await;
-    assert!(matches!(&out[..], [Outcome::DeadLettered { reason: Reason::MissingContext, .. }]));
+    assert!(matches!(
+        &out[..],
+        [Outcome::DeadLettered {
+            reason: Reason::MissingContext,
+            ..
+        }]
+    ));
 }
 
 #[tokio::test]
@@ -271,9 +309,19 @@ async fn retry_then_recovery() {
     let e = env(None);
     e.tokens.down.store(true, Ordering::SeqCst);
     publish(&e, "alice", "later", Headers::new()).await;
-    let d = e.broker.receive(Q, Duration::from_millis(100)).await.unwrap();
+    let d = e
+        .broker
+        .receive(Q, Duration::from_millis(100))
+        .await
+        .unwrap();
     let o = e.processor.process(d).await.unwrap();
-    assert!(matches!(o, Outcome::Redelivering { reason: Reason::TtsUnavailable, .. }));
+    assert!(matches!(
+        o,
+        Outcome::Redelivering {
+            reason: Reason::TtsUnavailable,
+            ..
+        }
+    ));
     assert!(e.handled.lock().is_empty());
     e.tokens.down.store(false, Ordering::SeqCst);
     let out = run_until_idle(&e).await;
@@ -289,7 +337,13 @@ async fn retries_exhausted_dead_letters_never_dispatches() {
     publish(&e, "alice", "never", Headers::new()).await;
     let out = run_until_idle(&e).await;
     assert_eq!(out.len(), 4, "{out:?}");
-    assert!(matches!(out.last(), Some(Outcome::DeadLettered { reason: Reason::RetriesExhausted, .. })));
+    assert!(matches!(
+        out.last(),
+        Some(Outcome::DeadLettered {
+            reason: Reason::RetriesExhausted,
+            ..
+        })
+    ));
     assert!(e.handled.lock().is_empty());
     let dl = e.broker.drain(DLQ);
     assert_eq!(dl.len(), 1);
@@ -301,9 +355,19 @@ async fn decision_log_failure_is_never_silent_and_never_dispatches() {
     let e = env(None);
     e.log.failing.store(true, Ordering::SeqCst);
     publish(&e, "alice", "x", Headers::new()).await;
-    let d = e.broker.receive(Q, Duration::from_millis(100)).await.unwrap();
+    let d = e
+        .broker
+        .receive(Q, Duration::from_millis(100))
+        .await
+        .unwrap();
     let o = e.processor.process(d).await.unwrap();
-    assert!(matches!(o, Outcome::Redelivering { reason: Reason::DecisionLogUnavailable, .. }));
+    assert!(matches!(
+        o,
+        Outcome::Redelivering {
+            reason: Reason::DecisionLogUnavailable,
+            ..
+        }
+    ));
     assert!(e.handled.lock().is_empty());
     e.log.failing.store(false, Ordering::SeqCst);
     let out = run_until_idle(&e).await;
@@ -315,12 +379,24 @@ async fn transient_handler_errors_retry_then_dead_letter() {
     let e = env(Some(HandlerError::Transient("db down".into())));
     publish(&e, "alice", "x", Headers::new()).await;
     let out = run_until_idle(&e).await;
-    assert!(matches!(out.last(), Some(Outcome::DeadLettered { reason: Reason::HandlerFailed, .. })));
+    assert!(matches!(
+        out.last(),
+        Some(Outcome::DeadLettered {
+            reason: Reason::HandlerFailed,
+            ..
+        })
+    ));
     assert_eq!(out.len(), 4);
     let e = env(Some(HandlerError::Permanent("bad input".into())));
     publish(&e, "alice", "x", Headers::new()).await;
     let out = run_until_idle(&e).await;
-    assert!(matches!(&out[..], [Outcome::DeadLettered { reason: Reason::HandlerFailed, .. }]));
+    assert!(matches!(
+        &out[..],
+        [Outcome::DeadLettered {
+            reason: Reason::HandlerFailed,
+            ..
+        }]
+    ));
 }
 
 #[tokio::test]
@@ -331,7 +407,10 @@ async fn counts_are_conserved() {
         publish(&e, who, &format!("m{i}"), Headers::new()).await;
     }
     let out = run_until_idle(&e).await;
-    let handled = out.iter().filter(|o| matches!(o, Outcome::Handled { .. })).count();
+    let handled = out
+        .iter()
+        .filter(|o| matches!(o, Outcome::Handled { .. }))
+        .count();
     let dead = e.broker.drain(DLQ).len();
     assert_eq!(handled, 40);
     assert_eq!(dead, 20);
@@ -362,7 +441,11 @@ async fn in_place_retry_waits_then_recovers_or_exhausts() {
     let e = env(None);
     e.tokens.down.store(true, Ordering::SeqCst);
     publish(&e, "alice", "x", Headers::new()).await;
-    let d = e.broker.receive(Q, Duration::from_millis(100)).await.unwrap();
+    let d = e
+        .broker
+        .receive(Q, Duration::from_millis(100))
+        .await
+        .unwrap();
     let tokens = e.tokens.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(12)).await;
@@ -373,16 +456,31 @@ async fn in_place_retry_waits_then_recovers_or_exhausts() {
     // and when the outage outlasts the budget: dead letter, no dispatch
     e.tokens.down.store(true, Ordering::SeqCst);
     publish(&e, "alice", "y", Headers::new()).await;
-    let d = e.broker.receive(Q, Duration::from_millis(100)).await.unwrap();
+    let d = e
+        .broker
+        .receive(Q, Duration::from_millis(100))
+        .await
+        .unwrap();
     let o = e.processor.process(InPlace(d)).await.unwrap();
-    assert!(matches!(o, Outcome::DeadLettered { reason: Reason::RetriesExhausted, .. }), "{o:?}");
+    assert!(
+        matches!(
+            o,
+            Outcome::DeadLettered {
+                reason: Reason::RetriesExhausted,
+                ..
+            }
+        ),
+        "{o:?}"
+    );
     assert_eq!(e.handled.lock().len(), 1);
 }
 
 #[tokio::test]
 async fn producer_strips_tokens_before_the_wire() {
     let e = env(None);
-    let headers: Headers = [("Authorization", "Bearer abc.def.ghi"), ("x-keep", "1")].into_iter().collect();
+    let headers: Headers = [("Authorization", "Bearer abc.def.ghi"), ("x-keep", "1")]
+        .into_iter()
+        .collect();
     let s = subject("alice");
     let p = e
         .producer
@@ -420,5 +518,8 @@ async fn producer_strips_tokens_before_the_wire() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, elevate_core::producer::PublishError::ScopeInsufficient { .. }));
+    assert!(matches!(
+        err,
+        elevate_core::producer::PublishError::ScopeInsufficient { .. }
+    ));
 }

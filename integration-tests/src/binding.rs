@@ -79,6 +79,9 @@ pub trait BrokerBinding: Send + Sync {
     async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()>;
 
     /// Starts the binding's guarded consumer on the endpoint with this processor.
+    /// The processor's dead-letter publisher is `UnboundDeadLetters` (refuses
+    /// everything); the binding binds its own with `processor.with_dead_letters(..)`
+    /// pointing at `ep.dead_letter`.
     async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle>;
 
     /// Reads dead letters with a plain client, waiting until `expected` arrived or `timeout`.

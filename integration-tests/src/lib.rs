@@ -1,1 +1,10 @@
-//! placeholder
+//! Elevate integration tests: the broker-neutral conformance suite
+//! ([`conformance`], written against [`binding::BrokerBinding`]), the shared
+//! test environment ([`env`]) and one binding per broker.
+
+pub mod binding;
+pub mod conformance;
+pub mod env;
+pub mod kafka;
+pub mod memory;
+pub mod tts_env;

@@ -1,0 +1,241 @@
+//! The broker-neutral conformance suite: one set of scenarios, written once
+//! against [`BrokerBinding`], run unchanged on every broker.
+//!
+//! Each scenario gets a fresh endpoint, a fresh [`TestEnv`] (real keys, the
+//! example Cedar bundle, a real TTS over HTTP on loopback) and asserts what
+//! users rely on: who reaches the handler, what lands in the dead letter and
+//! why, that nothing is lost and that no token rides on the wire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_VERDICT};
+use elevate_core::{Headers, OutboundMessage};
+
+use crate::binding::{BrokerBinding, Endpoint, RawMessage};
+use crate::env::{Recorder, TestEnv};
+
+/// How long a scenario waits for messages to settle.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn publish_for(b: &dyn BrokerBinding, env: &TestEnv, ep: &Endpoint, user: &str, body: &str, headers: Headers) {
+    let subject = env.subject(user);
+    let audience = env.audience();
+    let req = env.publish_request(&subject, &audience, &ep.destination);
+    b.publish_guarded(
+        ep,
+        &env.producer,
+        &req,
+        OutboundMessage {
+            headers,
+            payload: body.as_bytes().to_vec(),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("[{}] guarded publish failed: {e}", b.name()));
+}
+
+fn reasons(letters: &[RawMessage]) -> Vec<String> {
+    let mut r: Vec<String> = letters
+        .iter()
+        .map(|m| m.headers.get_str(H_REASON).unwrap_or("<none>").to_string())
+        .collect();
+    r.sort();
+    r
+}
+
+/// Permitted messages reach the handler with the right AuthContext, once each.
+pub async fn permit(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("permit").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..5 {
+        publish_for(b, &env, &ep, "alice", &format!("permit-{i}"), Headers::new()).await;
+    }
+    rec.wait_for(5, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    let seen = rec.snapshot();
+    assert_eq!(seen.len(), 5, "[{}] handled {:?}", b.name(), seen.len());
+    for h in &seen {
+        assert_eq!(h.subject, "alice");
+        assert_eq!(h.workload, crate::env::CONSUMER);
+        assert_eq!(h.producer, crate::env::PRODUCER);
+        assert_eq!(h.action, "test.process");
+        assert!(h.scope.contains("test.process"));
+        assert!(!h.txn.is_empty());
+    }
+    let mut bodies: Vec<_> = seen.iter().map(|h| h.payload.clone()).collect();
+    bodies.sort();
+    assert_eq!(bodies, (0..5).map(|i| format!("permit-{i}")).collect::<Vec<_>>());
+    assert!(b.dead_letters(&ep, 0, Duration::from_millis(500)).await.unwrap_or_default().is_empty());
+    assert_eq!(env.decisions().iter().filter(|d| d.reason.code() == "permitted").count(), 5);
+}
+
+/// Denied messages never reach the handler and land in the dead letter with decision id and reason.
+pub async fn deny(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("deny").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..3 {
+        // mallory is suspended: the subject half of trust elevation denies
+        publish_for(b, &env, &ep, "mallory", &format!("deny-{i}"), Headers::new()).await;
+    }
+    let letters = b.dead_letters(&ep, 3, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    consumer.stop().await;
+    assert_eq!(rec.count(), 0, "[{}] a denied message reached the handler", b.name());
+    assert_eq!(reasons(&letters), vec!["subject-denied"; 3]);
+    let logged: Vec<String> = env.decisions().iter().map(|d| d.decision_id.clone()).collect();
+    for l in &letters {
+        assert_eq!(l.headers.get_str(H_VERDICT), Some("deny"));
+        let id = l.headers.get_str(H_DECISION_ID).expect("decision id on the dead letter");
+        assert!(logged.iter().any(|d| d == id), "dead letter's decision {id} is in the decision log");
+    }
+}
+
+/// Forged, tampered, token-carrying and reference-less messages from a plain producer: 0 handler calls.
+pub async fn quarantine(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("quarantine").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let hostile = env.hostile_messages(&ep.destination);
+    let n = hostile.len();
+    for (_, headers, payload) in hostile.clone() {
+        b.publish_raw(&ep, headers, payload).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let letters = b.dead_letters(&ep, n, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    consumer.stop().await;
+    assert_eq!(rec.count(), 0, "[{}] a hostile message reached the handler", b.name());
+    let mut expected: Vec<String> = hostile.iter().map(|(r, _, _)| r.to_string()).collect();
+    expected.sort();
+    assert_eq!(reasons(&letters), expected, "[{}]", b.name());
+    for l in &letters {
+        // the dead letter itself carries no credential
+        assert!(env.credentials().scan(&l.headers, &l.payload).is_empty());
+    }
+}
+
+/// TTS down: nothing handled, nothing dead-lettered, nothing lost; TTS back: everything completes.
+pub async fn retry_then_recover(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("retry").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    env.stop_tts().await;
+    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..4 {
+        publish_for(b, &env, &ep, "alice", &format!("retry-{i}"), Headers::new()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rec.count(), 0, "[{}] handled without a Txn-Token", b.name());
+    assert!(b.dead_letters(&ep, 0, Duration::from_millis(300)).await.unwrap_or_default().is_empty());
+    assert!(env.decisions().iter().any(|d| d.reason.code() == "tts-unavailable"));
+    env.start_tts().await;
+    rec.wait_for(4, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    assert_eq!(rec.count(), 4, "[{}] all messages complete after the TTS is back", b.name());
+    assert!(b.dead_letters(&ep, 0, Duration::from_millis(300)).await.unwrap_or_default().is_empty());
+}
+
+/// An outage longer than the retry budget ends in a `retries-exhausted` dead letter, never a dispatch.
+pub async fn retries_exhausted(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("exhausted").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    env.stop_tts().await;
+    let processor = env.processor_with_retry(rec.handler(), TestEnv::short_retry());
+    let consumer = b.start_consumer(&ep, processor).await.unwrap_or_else(|e| panic!("{e}"));
+    publish_for(b, &env, &ep, "alice", "never", Headers::new()).await;
+    let letters = b.dead_letters(&ep, 1, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    consumer.stop().await;
+    assert_eq!(rec.count(), 0);
+    assert_eq!(reasons(&letters), vec!["retries-exhausted"]);
+}
+
+/// No token the producer was given is on the wire, in any header or payload path.
+pub async fn no_token_on_the_wire(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("wire").await.unwrap_or_else(|e| panic!("{e}"));
+    let (headers, payload, secrets) = env.credential_laden_message();
+    let subject = env.subject("alice");
+    let audience = env.audience();
+    let req = env.publish_request(&subject, &audience, &ep.destination);
+    b.publish_guarded(&ep, &env.producer, &req, OutboundMessage { headers, payload })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw = b.read_raw(&ep, 1, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(raw.len(), 1);
+    for m in &raw {
+        let mut wire = String::from_utf8_lossy(&m.payload).into_owned();
+        for (n, v) in m.headers.iter() {
+            wire.push_str(n);
+            wire.push_str(&String::from_utf8_lossy(v));
+        }
+        for s in &secrets {
+            assert!(!wire.contains(s.as_str()), "[{}] a credential reached the wire", b.name());
+        }
+        assert!(m.headers.get(elevate_core::CTX_REF_HEADER).is_some(), "the reference is attached");
+        assert!(env.credentials().scan(&m.headers, &m.payload).is_empty());
+    }
+}
+
+/// Handled + dead-lettered = published, over a mixed stream.
+pub async fn count_conservation(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("conserve").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let users = ["alice", "carol", "mallory", "bob"];
+    let n = 40;
+    for i in 0..n {
+        publish_for(b, &env, &ep, users[i % users.len()], &format!("c-{i}"), Headers::new()).await;
+    }
+    // alice and carol are permitted test.process; mallory is suspended; bob lacks the entitlement
+    let expected_denied = n / 2;
+    let letters = b
+        .dead_letters(&ep, expected_denied, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec.wait_for(n - expected_denied, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    assert_eq!(rec.count(), n - expected_denied, "[{}]", b.name());
+    assert_eq!(letters.len(), expected_denied, "[{}]", b.name());
+    assert_eq!(rec.count() + letters.len(), n);
+    assert_eq!(rec.distinct_payloads(), n - expected_denied, "[{}] no message handled twice", b.name());
+}
+
+/// Runs every scenario in turn (for bindings that prefer one test).
+pub async fn run_all(b: Arc<dyn BrokerBinding>) {
+    permit(b.as_ref()).await;
+    deny(b.as_ref()).await;
+    quarantine(b.as_ref()).await;
+    retry_then_recover(b.as_ref()).await;
+    retries_exhausted(b.as_ref()).await;
+    no_token_on_the_wire(b.as_ref()).await;
+    count_conservation(b.as_ref()).await;
+}
+
+/// Declares one `#[tokio::test]` per scenario for a binding constructor.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        mod conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation);
+        }
+    };
+    (@test $make:expr, $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let binding = $make.await;
+                $crate::conformance::$name(&binding).await;
+            }
+        )*
+    };
+}

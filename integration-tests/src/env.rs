@@ -1,0 +1,321 @@
+//! The test environment every conformance scenario and broker test shares:
+//! real keys, the example Cedar bundle, a real Transaction Token Service over
+//! HTTP on loopback (stoppable, to simulate an outage), a producer guard for
+//! `orders-api` and processors for the `test-worker` consumer.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::cedar::CedarPdp;
+use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now};
+use elevate_core::decision::{DecisionRecord, MemorySink};
+use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
+use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
+use elevate_core::retry::RetryPolicy;
+use elevate_core::scope::Scope;
+use elevate_core::settle::{Handler, Processor, UnboundDeadLetters};
+use elevate_core::strip::CredentialPolicy;
+use elevate_core::{AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, SubjectKind, handler_fn};
+use parking_lot::Mutex;
+
+use crate::tts_env::LoopbackTts;
+
+/// The trust domain of the example bundle.
+pub const TRUST_DOMAIN: &str = "elevate.example";
+/// The producing workload in tests.
+pub const PRODUCER: &str = "spiffe://elevate.example/orders-api";
+/// The consuming workload in tests.
+pub const CONSUMER: &str = "spiffe://elevate.example/test-worker";
+/// The action test consumers perform.
+pub const ACTION: &str = "test.process";
+
+/// Path of the example policy bundle.
+pub fn policy_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies")
+}
+
+/// Everything a scenario needs, wired with real parts.
+pub struct TestEnv {
+    /// The producer guard (`orders-api`).
+    pub producer: ProducerGuard,
+    /// The embedded Cedar PDP with the example bundle.
+    pub pdp: Arc<CedarPdp>,
+    /// The TTS over HTTP on loopback.
+    pub tts: LoopbackTts,
+    producer_key: SigningKey,
+    consumer_key: SigningKey,
+    producer_keys: KeySet,
+    sink: MemorySink,
+}
+
+impl TestEnv {
+    /// Starts a fresh environment (new keys, a TTS on an ephemeral loopback port).
+    pub async fn start() -> TestEnv {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let pdp = Arc::new(CedarPdp::load_dir(policy_dir()).unwrap_or_else(|e| panic!("example bundle: {e}")));
+        let producer_key = SigningKey::generate(SigningAlg::ES256, format!("orders-api-{}", uuid::Uuid::new_v4().simple())).unwrap_or_else(|e| panic!("{e}"));
+        let consumer_key = SigningKey::generate(SigningAlg::EdDSA, format!("test-worker-{}", uuid::Uuid::new_v4().simple())).unwrap_or_else(|e| panic!("{e}"));
+        let mut producer_keys = KeySet::new();
+        producer_keys.insert_workload_key(PRODUCER, &producer_key).unwrap_or_else(|e| panic!("{e}"));
+        let tts = LoopbackTts::start(&[(PRODUCER, &producer_key), (CONSUMER, &consumer_key)]).await;
+        let producer = ProducerGuard::new(
+            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(600)),
+            pdp.clone(),
+        );
+        TestEnv {
+            producer,
+            pdp,
+            tts,
+            producer_key,
+            consumer_key,
+            producer_keys,
+            sink: MemorySink::new(),
+        }
+    }
+
+    /// A subject context for a user of the example bundle (scope: every test action).
+    pub fn subject(&self, user: &str) -> SubjectContext {
+        SubjectContext {
+            subject: user.to_string(),
+            sub_kind: SubjectKind::Human,
+            txn: uuid::Uuid::now_v7().to_string(),
+            scope: Scope::parse("test.process invoice.create order.process notification.send"),
+        }
+    }
+
+    /// The audience of test references: the test consumer.
+    pub fn audience(&self) -> Vec<String> {
+        vec![CONSUMER.to_string()]
+    }
+
+    /// A publish request for the test action.
+    pub fn publish_request<'a>(&self, subject: &'a SubjectContext, audience: &'a [String], destination: &'a str) -> PublishRequest<'a> {
+        PublishRequest {
+            subject,
+            action: ACTION,
+            audience,
+            destination,
+            scope: None,
+        }
+    }
+
+    /// The guard for the test consumer (real TTS client, real Cedar, memory decision sink).
+    pub fn guard(&self) -> Guard {
+        Guard::new(
+            CONSUMER,
+            ContextRefVerifier::new(self.producer_keys.clone(), VerifyPolicy::new(CONSUMER)),
+            self.tts.client(CONSUMER, &self.consumer_key),
+            self.pdp.clone(),
+            Arc::new(self.sink.clone()),
+            Arc::new(FixedAction::new(ACTION, "Destination")),
+        )
+    }
+
+    /// A processor with a retry budget long enough to ride out a short TTS outage.
+    pub fn processor(&self, handler: Arc<dyn Handler>) -> Arc<Processor> {
+        self.processor_with_retry(
+            handler,
+            RetryPolicy {
+                max_attempts: 40,
+                min_delay: Duration::from_millis(100),
+                max_delay: Duration::from_millis(800),
+                factor: 2.0,
+                jitter: true,
+            },
+        )
+    }
+
+    /// A processor with an explicit retry budget.
+    pub fn processor_with_retry(&self, handler: Arc<dyn Handler>, retry: RetryPolicy) -> Arc<Processor> {
+        Arc::new(
+            Processor::new(Arc::new(self.guard()), handler, Arc::new(UnboundDeadLetters))
+                .with_retry(retry)
+                .with_keep_alive_every(Duration::from_secs(1)),
+        )
+    }
+
+    /// A short retry budget (for the exhaustion scenario).
+    pub fn short_retry() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(300),
+            factor: 2.0,
+            jitter: false,
+        }
+    }
+
+    /// Every decision recorded so far.
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.sink.records()
+    }
+
+    /// The credential policy consumers scan with.
+    pub fn credentials(&self) -> CredentialPolicy {
+        CredentialPolicy::default()
+    }
+
+    /// Simulates a TTS outage (the HTTP listener goes away).
+    pub async fn stop_tts(&self) {
+        self.tts.stop().await;
+    }
+
+    /// Ends the outage (same port).
+    pub async fn start_tts(&self) {
+        self.tts.restart().await;
+    }
+
+    fn origin_claims(&self, destination: &str, payload: &[u8]) -> elevate_core::ContextRefClaims {
+        let minter = ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600));
+        let scope = Scope::parse(ACTION);
+        minter
+            .mint(&MintRequest {
+                subject: "alice",
+                sub_kind: SubjectKind::Human,
+                audience: &[CONSUMER.to_string()],
+                scope: &scope,
+                txn: "txn-hostile",
+                destination,
+                payload,
+            })
+            .map(|m| m.claims)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Messages a plain (unguarded, possibly hostile) producer sends, each with
+    /// the reason code the guard must give it.
+    pub fn hostile_messages(&self, destination: &str) -> Vec<(&'static str, Headers, Vec<u8>)> {
+        let minter = ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600));
+        let body = br#"{"job":"hostile"}"#.to_vec();
+        let with_ref = |t: &str| -> Headers { [(CTX_REF_HEADER, t.to_string())].into_iter().collect() };
+        let valid = minter.sign(self.origin_claims(destination, &body)).map(|m| m.token).unwrap_or_default();
+        // forged: same kid, another key
+        let forger = SigningKey::generate(SigningAlg::ES256, self.producer_key.kid()).unwrap_or_else(|e| panic!("{e}"));
+        let forged = elevate_core::jws::sign(&forger, "ctx-ref+jwt", &self.origin_claims(destination, &body)).unwrap_or_default();
+        // expired: the real producer key, a reference past its horizon
+        let mut old = self.origin_claims(destination, &body);
+        old.iat = unix_now() - 3600;
+        old.exp = unix_now() - 600;
+        let expired = minter.sign(old).map(|m| m.token).unwrap_or_default();
+        // tampered: valid reference, payload changed after signing
+        let mut tampered_body = body.clone();
+        tampered_body[3] ^= 0x20;
+        let mut carrying = with_ref(&valid);
+        carrying.append("Authorization", "Bearer leaked-user-token");
+        vec![
+            ("bad-signature", with_ref(&forged), body.clone()),
+            ("digest-mismatch", with_ref(&valid), tampered_body),
+            ("expired", with_ref(&expired), body.clone()),
+            ("credential-in-message", carrying, body.clone()),
+            ("missing-context", Headers::new(), body.clone()),
+        ]
+    }
+
+    /// A message full of credentials, and the secret strings that must not reach the wire.
+    pub fn credential_laden_message(&self) -> (Headers, Vec<u8>, Vec<String>) {
+        let jwt = elevate_core::jws::sign(&self.consumer_key, "JWT", &serde_json::json!({"sub": "alice", "scope": "everything"})).unwrap_or_default();
+        let secrets = vec![
+            "user-access-token-aaaa".to_string(),
+            "session=cookie-secret-bbbb".to_string(),
+            "api-key-cccc".to_string(),
+            jwt.clone(),
+            "refresh-dddd".to_string(),
+            "id-token-eeee".to_string(),
+        ];
+        let headers: Headers = [
+            ("Authorization", format!("Bearer {}", secrets[0])),
+            ("COOKIE", secrets[1].clone()),
+            ("x-api-key", secrets[2].clone()),
+            ("x-upstream-identity", jwt),
+            ("x-request-id", "req-123".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "refresh_token": secrets[4],
+            "user": {"id_token": secrets[5], "name": "alice"},
+            "amount": 12
+        }))
+        .unwrap_or_default();
+        (headers, payload, secrets)
+    }
+}
+
+/// What a test handler saw for one message.
+#[derive(Debug, Clone)]
+pub struct Handled {
+    /// Payload as text.
+    pub payload: String,
+    /// AuthContext subject.
+    pub subject: String,
+    /// AuthContext workload.
+    pub workload: String,
+    /// AuthContext producer.
+    pub producer: String,
+    /// AuthContext action.
+    pub action: String,
+    /// AuthContext scope.
+    pub scope: String,
+    /// AuthContext txn.
+    pub txn: String,
+    /// AuthContext chain.
+    pub chain: Vec<String>,
+}
+
+/// A handler that records what it is given.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    seen: Arc<Mutex<Vec<Handled>>>,
+}
+
+impl Recorder {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The handler to give a processor.
+    pub fn handler(&self) -> Arc<dyn Handler> {
+        let seen = self.seen.clone();
+        Arc::new(handler_fn(move |msg: InboundMessage, auth: AuthContext| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().push(Handled {
+                    payload: String::from_utf8_lossy(&msg.payload).into_owned(),
+                    subject: auth.subject.clone(),
+                    workload: auth.workload.clone(),
+                    producer: auth.producer.clone(),
+                    action: auth.action.clone(),
+                    scope: auth.scope.to_string(),
+                    txn: auth.txn.clone(),
+                    chain: auth.chain.clone(),
+                });
+                Ok(())
+            }
+        }))
+    }
+
+    /// Calls so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    /// Distinct payloads handled.
+    pub fn distinct_payloads(&self) -> usize {
+        self.seen.lock().iter().map(|h| h.payload.clone()).collect::<HashSet<_>>().len()
+    }
+
+    /// A copy of everything seen.
+    pub fn snapshot(&self) -> Vec<Handled> {
+        self.seen.lock().clone()
+    }
+
+    /// Waits until at least `n` calls, or the timeout.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.count() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The conformance binding for Kafka, with two fixtures: a real
+//! Kafka-protocol broker at `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`, the
+//! tansu broker `scripts/kafka-up` starts) and librdkafka's in-process mock
+//! cluster (the embedded default).
+
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::producer::{ProducerGuard, PublishRequest};
+use elevate_core::settle::Processor;
+use elevate_core::{Headers, OutboundMessage};
+use elevate_kafka::headers::{from_kafka, to_kafka};
+use elevate_kafka::{EmbeddedKafka, GuardedConsumer, KafkaDeadLetters, KafkaProducer};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+
+/// Partitions of every scenario topic (dead-letter topics get one).
+pub const PARTITIONS: i32 = 3;
+
+/// One record read back with a plain consumer.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Headers,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A Kafka fixture: the real broker or the embedded mock cluster.
+pub struct KafkaBinding {
+    name: &'static str,
+    bootstrap: String,
+    embedded: Option<Arc<EmbeddedKafka>>,
+    plain: FutureProducer,
+}
+
+fn kafka_err(e: impl std::fmt::Display) -> String {
+    format!("kafka: {e}")
+}
+
+impl KafkaBinding {
+    /// The real broker at `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`); panics with how to start it if unreachable.
+    pub async fn real() -> Self {
+        let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let first = bootstrap.split(',').next().unwrap_or_default().to_string();
+        let reachable = match first.to_socket_addrs() {
+            Ok(mut addrs) => addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
+            Err(_) => false,
+        };
+        assert!(
+            reachable,
+            "no Kafka broker reachable at {bootstrap} (KAFKA_BOOTSTRAP): start the local tansu broker with `scripts/kafka-up` \
+             (or point KAFKA_BOOTSTRAP at an Apache Kafka)"
+        );
+        Self::with_bootstrap("kafka", bootstrap, None)
+    }
+
+    /// librdkafka's in-process mock cluster (no server needed).
+    pub async fn mock() -> Self {
+        let embedded = EmbeddedKafka::start(1).unwrap_or_else(|e| panic!("mock cluster: {e}"));
+        let bootstrap = embedded.bootstrap_servers().to_string();
+        Self::with_bootstrap("kafka-mock", bootstrap, Some(Arc::new(embedded)))
+    }
+
+    fn with_bootstrap(name: &'static str, bootstrap: String, embedded: Option<Arc<EmbeddedKafka>>) -> Self {
+        let plain = Self::config_for(&bootstrap)
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .create()
+            .unwrap_or_else(|e| panic!("producer: {e}"));
+        KafkaBinding {
+            name,
+            bootstrap,
+            embedded,
+            plain,
+        }
+    }
+
+    fn config_for(bootstrap: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", bootstrap)
+            .set("message.timeout.ms", "30000")
+            .set("topic.metadata.refresh.interval.ms", "1000");
+        c
+    }
+
+    /// Bootstrap servers of this fixture.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// A client config pointing at this fixture.
+    pub fn config(&self) -> ClientConfig {
+        Self::config_for(&self.bootstrap)
+    }
+
+    /// The plain (unguarded) producer.
+    pub fn plain_producer(&self) -> &FutureProducer {
+        &self.plain
+    }
+
+    /// A guarded producer over this fixture's plain producer.
+    pub fn guarded_producer(&self, guard: &ProducerGuard) -> KafkaProducer {
+        KafkaProducer::new(self.plain.clone(), guard.clone())
+    }
+
+    /// Creates a topic (idempotent).
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> BindResult<()> {
+        if let Some(e) = &self.embedded {
+            return e.create_topic(topic, partitions).map_err(kafka_err);
+        }
+        let admin: AdminClient<DefaultClientContext> = self.config().create().map_err(kafka_err)?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .await
+            .map_err(kafka_err)?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => return Err(format!("create topic {t}: {code}")),
+            }
+        }
+        // wait until the metadata shows every partition
+        let probe: StreamConsumer = self.config().set("group.id", "elevate-probe").create().map_err(kafka_err)?;
+        for _ in 0..50 {
+            if let Ok(md) = probe.fetch_metadata(Some(topic), Duration::from_secs(2))
+                && md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && t.partitions().len() == partitions as usize)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("topic {topic} not visible in metadata"))
+    }
+
+    /// Consumer config for a guarded consumer in `group` (offsets stored after settlement).
+    pub fn guarded_consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.config();
+        c.set("group.id", group)
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "200")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+        c
+    }
+
+    /// Starts a guarded consumer on `topic` in `group`, dead letters to `<topic>.dlq`.
+    pub fn spawn_guarded(&self, topic: &str, group: &str, processor: Arc<Processor>, concurrency: usize) -> BindResult<ConsumerHandle> {
+        let consumer: StreamConsumer = self.guarded_consumer_config(group).create().map_err(kafka_err)?;
+        consumer.subscribe(&[topic]).map_err(kafka_err)?;
+        let dead_letters = KafkaDeadLetters::from_config(&self.config()).map_err(kafka_err)?;
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let guarded = GuardedConsumer::new(consumer, processor)
+            .map_err(kafka_err)?
+            .concurrency(concurrency);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = guarded
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "guarded consumer ended");
+            }
+        });
+        Ok(ConsumerHandle { stop: Some(stop), task })
+    }
+
+    /// Reads `topic` from the beginning with a plain consumer: waits until at
+    /// least `expected` records exist (or `timeout`), then returns everything up
+    /// to the high watermarks, in partition/offset order.
+    pub async fn read_records(&self, topic: &str, expected: usize, timeout: Duration) -> BindResult<Vec<Record>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let consumer: StreamConsumer = self
+            .config()
+            .set("group.id", format!("elevate-reader-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(kafka_err)?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(kafka_err)?;
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(format!("topic {topic} has no partitions"));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning).map_err(kafka_err)?;
+        }
+        consumer.assign(&tpl).map_err(kafka_err)?;
+        let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+        let mut out: Vec<Record> = Vec::new();
+        loop {
+            let mut high: HashMap<i32, i64> = HashMap::new();
+            for p in &partitions {
+                let (_, h) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).map_err(kafka_err)?;
+                high.insert(*p, h);
+            }
+            let total: i64 = high.values().sum();
+            let caught_up = |next: &HashMap<i32, i64>| partitions.iter().all(|p| next[p] >= high[p]);
+            while !caught_up(&next) {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match tokio::time::timeout(deadline - now, consumer.recv()).await {
+                    Ok(Ok(m)) => {
+                        let e = next.entry(m.partition()).or_insert(0);
+                        if m.offset() < *e {
+                            continue;
+                        }
+                        *e = m.offset() + 1;
+                        out.push(Record {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(|k| k.to_vec()),
+                            headers: from_kafka(m.headers()),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        });
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "reader"),
+                    Err(_) => break,
+                }
+            }
+            if (total as usize >= expected && caught_up(&next)) || tokio::time::Instant::now() >= deadline {
+                out.sort_by_key(|r| (r.partition, r.offset));
+                return Ok(out);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Committed offsets of `group` on `topic`, per partition (None if nothing committed).
+    pub async fn committed(&self, topic: &str, group: &str) -> BindResult<HashMap<i32, Option<i64>>> {
+        let consumer: StreamConsumer = self
+            .config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka_err)?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(kafka_err)?;
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(kafka_err)?;
+        Ok(got
+            .elements()
+            .iter()
+            .map(|e| {
+                let off = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                (e.partition(), off)
+            })
+            .collect())
+    }
+
+    /// Sends a record with the plain producer to a partition, exactly as given.
+    pub async fn send_raw(&self, topic: &str, partition: Option<i32>, key: Option<&[u8]>, headers: &Headers, payload: &[u8]) -> BindResult<(i32, i64)> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload).headers(to_kafka(headers));
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        self.plain
+            .send(record, Duration::from_secs(10))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| kafka_err(e))
+    }
+}
+
+#[async_trait::async_trait]
+impl BrokerBinding for KafkaBinding {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
+        let name = format!("{scenario}-{}", uuid::Uuid::new_v4().simple());
+        let dead_letter = format!("{name}.dlq");
+        self.create_topic(&name, PARTITIONS).await?;
+        self.create_topic(&dead_letter, 1).await?;
+        Ok(Endpoint {
+            destination: name.clone(),
+            dead_letter,
+            name,
+        })
+    }
+
+    async fn publish_guarded(&self, ep: &Endpoint, producer: &ProducerGuard, req: &PublishRequest<'_>, msg: OutboundMessage) -> BindResult<()> {
+        self.guarded_producer(producer)
+            .publish(&ep.name, None, req, msg)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()> {
+        self.send_raw(&ep.name, None, None, &headers, &payload).await.map(|_| ())
+    }
+
+    async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle> {
+        self.spawn_guarded(&ep.name, &format!("{}-group", ep.name), processor, 8)
+    }
+
+    async fn dead_letters(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+        Ok(self
+            .read_records(&ep.dead_letter, expected, timeout)
+            .await?
+            .into_iter()
+            .map(|r| RawMessage {
+                headers: r.headers,
+                payload: r.payload,
+            })
+            .collect())
+    }
+
+    async fn read_raw(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+        Ok(self
+            .read_records(&ep.name, expected, timeout)
+            .await?
+            .into_iter()
+            .map(|r| RawMessage {
+                headers: r.headers,
+                payload: r.payload,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,134 @@
+//! The conformance binding for the in-memory transport (the reference broker).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::memory::MemoryBroker;
+use elevate_core::producer::{ProducerGuard, PublishRequest};
+use elevate_core::settle::Processor;
+use elevate_core::{Headers, OutboundMessage};
+
+use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+
+/// In-memory broker binding: a fresh broker per binding, one queue per scenario.
+#[derive(Clone, Default)]
+pub struct MemoryBinding {
+    broker: MemoryBroker,
+    wire: Arc<parking_lot::Mutex<Vec<(String, RawMessage)>>>,
+}
+
+impl MemoryBinding {
+    /// A binding over a fresh in-memory broker.
+    pub async fn new() -> Self {
+        Self::default()
+    }
+
+    /// The broker (for tests that reach in).
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+
+    fn send(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) {
+        self.wire.lock().push((
+            ep.name.clone(),
+            RawMessage {
+                headers: headers.clone(),
+                payload: payload.clone(),
+            },
+        ));
+        self.broker.publish(&ep.name, headers, payload);
+    }
+}
+
+#[async_trait::async_trait]
+impl BrokerBinding for MemoryBinding {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
+        let name = format!("{scenario}-{}", uuid::Uuid::new_v4().simple());
+        Ok(Endpoint {
+            destination: name.clone(),
+            dead_letter: format!("{name}.dlq"),
+            name,
+        })
+    }
+
+    async fn publish_guarded(
+        &self,
+        ep: &Endpoint,
+        producer: &ProducerGuard,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> BindResult<()> {
+        let p = producer.prepare(req, msg).await.map_err(|e| e.to_string())?;
+        self.send(ep, p.headers, p.payload);
+        Ok(())
+    }
+
+    async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()> {
+        self.send(ep, headers, payload);
+        Ok(())
+    }
+
+    async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle> {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let broker = self.broker.clone();
+        let queue = ep.name.clone();
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter))));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    d = broker.receive(&queue, Duration::from_millis(100)) => {
+                        if let Some(d) = d {
+                            let p = processor.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = p.process(d).await {
+                                    tracing::warn!(error = %e, "memory consumer: left unsettled");
+                                }
+                            });
+                        }
+                    }
+                }
+            }
+        });
+        Ok(ConsumerHandle {
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    async fn dead_letters(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            out.extend(self.broker.drain(&ep.dead_letter).into_iter().map(|m| RawMessage {
+                headers: m.headers,
+                payload: m.payload.to_vec(),
+            }));
+            if out.len() >= expected || tokio::time::Instant::now() >= deadline {
+                return Ok(out);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn read_raw(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got: Vec<RawMessage> = self
+                .wire
+                .lock()
+                .iter()
+                .filter(|(q, _)| q == &ep.name)
+                .map(|(_, m)| m.clone())
+                .collect();
+            if got.len() >= expected || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Kafka: the conformance suite on the real broker (`KAFKA_BOOTSTRAP`,
+//! default the tansu broker of `scripts/kafka-up`) and on librdkafka's mock
+//! cluster, plus the Kafka acceptance tests on the real broker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_SOURCE, H_VERDICT};
+use elevate_core::settle::Handler;
+use elevate_core::{AuthContext, Coordinates, Headers, InboundMessage, OutboundMessage, handler_fn};
+use elevate_integration_tests::binding::BrokerBinding;
+use elevate_integration_tests::env::{ACTION, TestEnv};
+use elevate_integration_tests::kafka::KafkaBinding;
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+mod real {
+    use super::*;
+    elevate_integration_tests::conformance_suite!(KafkaBinding::real());
+}
+
+mod mock {
+    use super::*;
+    elevate_integration_tests::conformance_suite!(KafkaBinding::mock());
+}
+
+/// One handler call, with the Kafka position it came from.
+#[derive(Debug, Clone)]
+struct Call {
+    partition: i32,
+    offset: i64,
+    payload: String,
+    subject: String,
+    scope: String,
+}
+
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<Call>>>);
+
+impl Calls {
+    fn handler(&self, delay: Duration) -> Arc<dyn Handler> {
+        let calls = self.0.clone();
+        Arc::new(handler_fn(move |msg: InboundMessage, auth: AuthContext| {
+            let calls = calls.clone();
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let (partition, offset) = match msg.coordinates {
+                    Coordinates::Kafka { partition, offset, .. } => (partition, offset),
+                    _ => (-1, -1),
+                };
+                calls.lock().push(Call {
+                    partition,
+                    offset,
+                    payload: String::from_utf8_lossy(&msg.payload).into_owned(),
+                    subject: auth.subject.clone(),
+                    scope: auth.scope.to_string(),
+                });
+                Ok(())
+            }
+        }))
+    }
+
+    fn snapshot(&self) -> Vec<Call> {
+        self.0.lock().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    fn distinct(&self) -> HashSet<String> {
+        self.0.lock().iter().map(|c| c.payload.clone()).collect()
+    }
+
+    async fn wait_distinct(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.distinct().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+const USERS: [&str; 4] = ["alice", "carol", "mallory", "bob"];
+
+fn permitted(user: &str) -> bool {
+    matches!(user, "alice" | "carol")
+}
+
+/// Publishes `n` messages through the guarded producer, `user_of(i)` as subject; returns payload → (partition, offset).
+async fn publish_many(
+    b: &KafkaBinding,
+    env: &TestEnv,
+    topic: &str,
+    n: usize,
+    user_of: impl Fn(usize) -> &'static str,
+) -> HashMap<String, (i32, i64)> {
+    let producer = b.guarded_producer(&env.producer);
+    let audience = env.audience();
+    let subjects: HashMap<&str, _> = USERS.iter().map(|u| (*u, env.subject(u))).collect();
+    let producer = &producer;
+    let audience = &audience;
+    let subjects = &subjects;
+    let user_of = &user_of;
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let user = user_of(i);
+            let payload = format!("{{\"order\":{i},\"user\":\"{user}\"}}");
+            let req = env.publish_request(&subjects[user], audience, topic);
+            let key = format!("order-{}", i % 10);
+            let receipt = producer
+                .publish(topic, Some(key.as_bytes()), &req, OutboundMessage { headers: Headers::new(), payload: payload.clone().into_bytes() })
+                .await
+                .unwrap_or_else(|e| panic!("publish {i}: {e}"));
+            (payload, (receipt.partition, receipt.offset))
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await
+}
+
+fn user_in(payload: &str) -> &str {
+    USERS.iter().find(|u| payload.contains(&format!("\"user\":\"{u}\""))).copied().unwrap_or("?")
+}
+
+/// 1,000 messages from four subjects: permitted ones reach the handler with
+/// their subject and scope, in partition order; denied ones are dead-lettered
+/// with decision id, reason and source coordinates; handled + dead-lettered = produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousand_messages_from_several_subjects() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let b = KafkaBinding::real().await;
+        let env = TestEnv::start().await;
+        let ep = b.setup("thousand").await.unwrap_or_else(|e| panic!("{e}"));
+        let n = 1000;
+        let positions = publish_many(&b, &env, &ep.name, n, |i| USERS[i % USERS.len()]).await;
+        assert_eq!(positions.len(), n);
+        let calls = Calls::default();
+        let started = Instant::now();
+        let consumer = b
+            .start_consumer(&ep, env.processor(calls.handler(Duration::ZERO)))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let expected_handled = n / 2;
+        calls.wait_distinct(expected_handled, Duration::from_secs(180)).await;
+        let letters = b.read_records(&ep.dead_letter, n - expected_handled, Duration::from_secs(180)).await.unwrap_or_else(|e| panic!("{e}"));
+        let elapsed = started.elapsed();
+        consumer.stop().await;
+        let seen = calls.snapshot();
+        eprintln!(
+            "[kafka] {n} messages settled in {elapsed:?} ({:.0} msg/s through the guard, concurrency 8, 3 partitions)",
+            n as f64 / elapsed.as_secs_f64()
+        );
+
+        // permitted: exactly once each, with their own subject and scope
+        assert_eq!(seen.len(), expected_handled, "handler calls");
+        assert_eq!(calls.distinct().len(), expected_handled);
+        let published_scope = env.subject("alice").scope;
+        for c in &seen {
+            let user = user_in(&c.payload);
+            assert!(permitted(user), "denied subject {user} reached the handler");
+            assert_eq!(c.subject, user, "subject of {}", c.payload);
+            let scope = elevate_core::scope::Scope::parse(&c.scope);
+            assert!(scope.contains(ACTION) && scope.is_subset(&published_scope), "scope {} of {}", c.scope, c.payload);
+            assert_eq!(positions[&c.payload], (c.partition, c.offset), "coordinates of {}", c.payload);
+        }
+        // denied: in the DLQ with decision id, reason and source coordinates
+        assert_eq!(letters.len(), n - expected_handled, "dead letters");
+        let logged: HashSet<String> = env.decisions().iter().map(|d| d.decision_id.clone()).collect();
+        let mut dead: HashSet<String> = HashSet::new();
+        for l in &letters {
+            let payload = String::from_utf8_lossy(&l.payload).into_owned();
+            assert!(!permitted(user_in(&payload)), "permitted message dead-lettered: {payload}");
+            assert_eq!(l.headers.get_str(H_VERDICT), Some("deny"));
+            assert!(l.headers.get_str(H_REASON).is_some_and(|r| !r.is_empty()));
+            let id = l.headers.get_str(H_DECISION_ID).unwrap_or_else(|| panic!("decision id on {payload}"));
+            assert!(logged.contains(id), "decision {id} logged");
+            let source: Coordinates = serde_json::from_str(l.headers.get_str(H_SOURCE).unwrap_or("null")).unwrap_or_else(|e| panic!("source of {payload}: {e}"));
+            let (p, o) = positions[&payload];
+            assert_eq!(source, Coordinates::Kafka { topic: ep.name.clone(), partition: p, offset: o });
+            let key = format!("order-{}", payload.trim_start_matches("{\"order\":").split(',').next().unwrap_or("").parse::<usize>().unwrap_or(0) % 10);
+            assert_eq!(l.key.as_deref(), Some(key.as_bytes()), "the dead letter keeps the record key");
+            dead.insert(payload);
+        }
+        assert_eq!(dead.len(), n - expected_handled);
+        assert_eq!(seen.len() + letters.len(), n, "handled + dead-lettered = produced");
+        // per-partition order of permitted messages
+        let mut last: HashMap<i32, i64> = HashMap::new();
+        for c in &seen {
+            if let Some(prev) = last.insert(c.partition, c.offset) {
+                assert!(c.offset > prev, "partition {} handled offset {} after {}", c.partition, c.offset, prev);
+            }
+        }
+        assert_eq!(last.len(), elevate_integration_tests::kafka::PARTITIONS as usize, "all partitions used");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Raw bytes read back with a plain consumer carry no token the producer was
+/// given (headers, duplicated headers, payload paths, key); duplicate header keys survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_bytes_carry_no_token() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let b = KafkaBinding::real().await;
+        let env = TestEnv::start().await;
+        let ep = b.setup("rawbytes").await.unwrap_or_else(|e| panic!("{e}"));
+        let producer = b.guarded_producer(&env.producer);
+        let subject = env.subject("alice");
+        let audience = env.audience();
+        let req = env.publish_request(&subject, &audience, &ep.name);
+        let mut secrets = Vec::new();
+        for i in 0..20 {
+            let (mut headers, payload, s) = env.credential_laden_message();
+            headers.append("authorization", format!("Bearer second-token-{i}"));
+            headers.append("x-trace", "one");
+            headers.append("x-trace", "two");
+            secrets.extend(s);
+            secrets.push(format!("second-token-{i}"));
+            producer
+                .publish(&ep.name, Some(b"k"), &req, OutboundMessage { headers, payload })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let raw = b.read_records(&ep.name, 20, Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.len(), 20);
+        for r in &raw {
+            let mut bytes = r.payload.clone();
+            bytes.extend(r.key.clone().unwrap_or_default());
+            for (k, v) in r.headers.iter() {
+                bytes.extend(k.as_bytes());
+                bytes.extend(v);
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            for s in &secrets {
+                assert!(!text.contains(s.as_str()), "a credential is on the wire");
+            }
+            assert_eq!(r.headers.get_all("x-trace").count(), 2, "duplicate header keys kept");
+            assert!(r.headers.get(elevate_core::CTX_REF_HEADER).is_some());
+            assert!(env.credentials().scan(&r.headers, &r.payload).is_empty());
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// TTS stopped mid-stream: no handler call, no offset committed past an
+/// unsettled message, nothing dead-lettered; TTS back: everything completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tts_outage_commits_nothing_unsettled() {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        let b = KafkaBinding::real().await;
+        let env = TestEnv::start().await;
+        let ep = b.setup("ttsdown").await.unwrap_or_else(|e| panic!("{e}"));
+        let group = format!("{}-group", ep.name);
+        let calls = Calls::default();
+        let consumer = b.start_consumer(&ep, env.processor(calls.handler(Duration::ZERO))).await.unwrap_or_else(|e| panic!("{e}"));
+        let first = publish_many(&b, &env, &ep.name, 15, |_| "alice").await;
+        calls.wait_distinct(15, Duration::from_secs(60)).await;
+        assert_eq!(calls.count(), 15);
+        tokio::time::sleep(Duration::from_millis(800)).await; // let auto-commit catch up
+        env.stop_tts().await;
+        let second = publish_many(&b, &env, &ep.name, 15, |_| "alice").await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(calls.count(), 15, "handler called while the TTS is down");
+        let handled: HashSet<(i32, i64)> = calls.snapshot().iter().map(|c| (c.partition, c.offset)).collect();
+        let committed = b.committed(&ep.name, &group).await.unwrap_or_else(|e| panic!("{e}"));
+        let unsettled: HashSet<(i32, i64)> = second.values().copied().collect();
+        for (p, c) in &committed {
+            if let Some(c) = c {
+                for o in 0..*c {
+                    assert!(handled.contains(&(*p, o)), "partition {p}: offset {o} committed (up to {c}) but not settled");
+                    assert!(!unsettled.contains(&(*p, o)));
+                }
+            }
+        }
+        assert!(
+            first.values().all(|(p, o)| committed.get(p).copied().flatten().is_some_and(|c| c > *o)),
+            "settled offsets were committed: {committed:?}"
+        );
+        assert!(b.read_records(&ep.dead_letter, 0, Duration::from_secs(5)).await.unwrap_or_default().is_empty());
+        env.start_tts().await;
+        calls.wait_distinct(30, Duration::from_secs(90)).await;
+        consumer.stop().await;
+        assert_eq!(calls.distinct().len(), 30, "every message handled after the TTS is back");
+        assert_eq!(calls.count(), 30, "none handled twice");
+        assert!(b.read_records(&ep.dead_letter, 0, Duration::from_secs(5)).await.unwrap_or_default().is_empty());
+        let committed = b.committed(&ep.name, &group).await.unwrap_or_else(|e| panic!("{e}"));
+        for (p, o) in first.values().chain(second.values()) {
+            assert!(committed.get(p).copied().flatten().is_some_and(|c| c > *o), "offset {p}/{o} committed at the end: {committed:?}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Consumer killed mid-stream and restarted in the same group: every message
+/// ends handled or dead-lettered, none lost (duplicates allowed and counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_consumer_restarts_without_loss() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let b = KafkaBinding::real().await;
+        let env = TestEnv::start().await;
+        let ep = b.setup("killed").await.unwrap_or_else(|e| panic!("{e}"));
+        let n = 300;
+        let positions = publish_many(&b, &env, &ep.name, n, |i| if i % 2 == 0 { "alice" } else { "mallory" }).await;
+        let calls = Calls::default();
+        let first = b.start_consumer(&ep, env.processor(calls.handler(Duration::from_millis(10)))).await.unwrap_or_else(|e| panic!("{e}"));
+        calls.wait_distinct(40, Duration::from_secs(60)).await;
+        first.kill();
+        let at_kill = calls.count();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = b.start_consumer(&ep, env.processor(calls.handler(Duration::from_millis(10)))).await.unwrap_or_else(|e| panic!("{e}"));
+        calls.wait_distinct(n / 2, Duration::from_secs(180)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut letters;
+        loop {
+            letters = b.read_records(&ep.dead_letter, n / 2, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}"));
+            let distinct: HashSet<&[u8]> = letters.iter().map(|l| l.payload.as_slice()).collect();
+            if distinct.len() >= n / 2 || tokio::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        second.stop().await;
+        let handled = calls.distinct();
+        let dead: HashSet<String> = letters.iter().map(|l| String::from_utf8_lossy(&l.payload).into_owned()).collect();
+        let all: HashSet<String> = positions.keys().cloned().collect();
+        let settled: HashSet<String> = handled.union(&dead).cloned().collect();
+        let lost: Vec<_> = all.difference(&settled).collect();
+        eprintln!(
+            "[kafka] killed after {at_kill} handler calls; handled {} distinct in {} calls ({} duplicates), dead-lettered {} distinct in {} records ({} duplicates), lost {}",
+            handled.len(),
+            calls.count(),
+            calls.count() - handled.len(),
+            dead.len(),
+            letters.len(),
+            letters.len() - dead.len(),
+            lost.len()
+        );
+        assert!(lost.is_empty(), "lost: {lost:?}");
+        assert!(handled.iter().all(|p| user_in(p) == "alice"), "a denied message reached the handler");
+        assert!(dead.iter().all(|p| user_in(p) == "mallory"), "a permitted message was dead-lettered");
+        assert_eq!(handled.len(), n / 2);
+        assert_eq!(dead.len(), n / 2);
+    })
+    .await
+    .expect("test timed out");
+}
