@@ -1,0 +1,273 @@
+//! RFC 7523 client authentication: the requesting workload signs a short JWT
+//! (`iss` = `sub` = its workload id, `aud` = the token endpoint, fresh `jti`)
+//! with its workload key; the service verifies it against its registry and
+//! remembers each `jti` until the assertion expires.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use elevate_core::ctxref::unix_now;
+use elevate_core::jws::{self, JwsError};
+use elevate_core::keys::{KeySet, SigningKey};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// `typ` of client assertions this crate signs and accepts.
+pub const ASSERTION_TYP: &str = "JWT";
+/// Longest assertion lifetime the client signs (`exp - iat`).
+pub const MAX_ASSERTION_TTL: Duration = Duration::from_secs(60);
+
+/// Claims of a client assertion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssertionClaims {
+    /// The workload id (the client).
+    pub iss: String,
+    /// The workload id again (RFC 7523 §3: `sub` = client id).
+    pub sub: String,
+    /// The token endpoint URL.
+    #[serde(deserialize_with = "elevate_core::token::one_or_many")]
+    pub aud: Vec<String>,
+    /// Unique id, remembered by the service until `exp`.
+    pub jti: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Expiry.
+    pub exp: i64,
+}
+
+/// Signs a fresh client assertion for `workload` addressed to `token_endpoint`.
+pub fn sign_assertion(
+    key: &SigningKey,
+    workload: &str,
+    token_endpoint: &str,
+    ttl: Duration,
+) -> Result<String, JwsError> {
+    let now = unix_now();
+    let ttl = ttl.min(MAX_ASSERTION_TTL).as_secs().max(1) as i64;
+    let claims = AssertionClaims {
+        iss: workload.to_string(),
+        sub: workload.to_string(),
+        aud: vec![token_endpoint.to_string()],
+        jti: uuid::Uuid::new_v4().to_string(),
+        iat: now,
+        exp: now + ttl,
+    };
+    jws::sign(key, ASSERTION_TYP, &claims)
+}
+
+/// Why a client assertion was rejected (all become `invalid_client`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssertionError {
+    /// The JWS layer rejected it (format, algorithm, key, signature, `typ`).
+    #[error(transparent)]
+    Jws(#[from] JwsError),
+    /// `iss` and `sub` differ, or do not name the owner of the signing key.
+    #[error("assertion issuer {iss:?} is not the owner of its signing key")]
+    NotKeyOwner {
+        /// Claimed issuer.
+        iss: String,
+    },
+    /// `client_id` was sent and differs from the assertion issuer.
+    #[error("client_id does not match the assertion issuer")]
+    ClientIdMismatch,
+    /// `aud` is not this token endpoint.
+    #[error("assertion audience {aud:?} is not this token endpoint")]
+    WrongAudience {
+        /// The audiences presented.
+        aud: Vec<String>,
+    },
+    /// Expired, not yet valid, or valid for longer than allowed.
+    #[error("assertion time window invalid: {0}")]
+    Time(String),
+    /// The `jti` was already used.
+    #[error("assertion jti replayed")]
+    Replayed,
+}
+
+/// Verifies client assertions and remembers `jti`s until they expire.
+#[derive(Debug)]
+pub struct AssertionVerifier {
+    leeway: i64,
+    max_lifetime: i64,
+    seen: Mutex<ReplayCache>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayCache {
+    entries: HashMap<(String, String), i64>,
+    inserts: u64,
+}
+
+impl ReplayCache {
+    /// Records `(iss, jti)` until `until`; false if it is already present.
+    fn insert(&mut self, iss: &str, jti: &str, until: i64, now: i64) -> bool {
+        self.inserts += 1;
+        if self.inserts & 1023 == 0 || self.entries.len() > 100_000 {
+            self.entries.retain(|_, exp| *exp >= now);
+        }
+        let key = (iss.to_string(), jti.to_string());
+        match self.entries.get(&key) {
+            Some(exp) if *exp >= now => false,
+            _ => {
+                self.entries.insert(key, until);
+                true
+            }
+        }
+    }
+}
+
+impl Default for AssertionVerifier {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(30), Duration::from_secs(300))
+    }
+}
+
+impl AssertionVerifier {
+    /// A verifier with clock `leeway` accepting assertions living at most `max_lifetime`.
+    pub fn new(leeway: Duration, max_lifetime: Duration) -> Self {
+        AssertionVerifier {
+            leeway: leeway.as_secs() as i64,
+            max_lifetime: max_lifetime.as_secs() as i64,
+            seen: Mutex::new(ReplayCache::default()),
+        }
+    }
+
+    /// Verifies `assertion` against the workload `keys` for one of `endpoints`;
+    /// returns the authenticated workload id.
+    pub fn verify(
+        &self,
+        assertion: &str,
+        client_id: Option<&str>,
+        keys: &KeySet,
+        endpoints: &[String],
+    ) -> Result<String, AssertionError> {
+        let parsed = jws::parse(assertion, ASSERTION_TYP)?;
+        let key = parsed.verify(keys)?;
+        let claims: AssertionClaims = parsed.claims()?;
+        if claims.iss != claims.sub || key.owner.as_deref() != Some(claims.iss.as_str()) {
+            return Err(AssertionError::NotKeyOwner { iss: claims.iss });
+        }
+        if client_id.is_some_and(|c| c != claims.iss) {
+            return Err(AssertionError::ClientIdMismatch);
+        }
+        if !claims.aud.iter().any(|a| endpoints.contains(a)) {
+            return Err(AssertionError::WrongAudience { aud: claims.aud });
+        }
+        let now = unix_now();
+        if claims.exp + self.leeway <= now {
+            return Err(AssertionError::Time(format!("expired at {}", claims.exp)));
+        }
+        if claims.iat > now + self.leeway {
+            return Err(AssertionError::Time("issued in the future".into()));
+        }
+        if claims.exp - claims.iat > self.max_lifetime || claims.exp < claims.iat {
+            return Err(AssertionError::Time(format!(
+                "lifetime {}s exceeds {}s",
+                claims.exp - claims.iat,
+                self.max_lifetime
+            )));
+        }
+        if claims.jti.is_empty() {
+            return Err(AssertionError::Jws(JwsError::Malformed("empty jti".into())));
+        }
+        let until = claims.exp + self.leeway;
+        if !self
+            .seen
+            .lock()
+            .insert(&claims.iss, &claims.jti, until, now)
+        {
+            return Err(AssertionError::Replayed);
+        }
+        Ok(claims.iss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elevate_core::keys::SigningAlg;
+
+    const WL: &str = "spiffe://example.org/consumer";
+    const EP: &str = "http://127.0.0.1:1/token";
+
+    fn setup() -> (SigningKey, KeySet) {
+        let key = SigningKey::generate(SigningAlg::ES256, "wl-1").unwrap();
+        let mut ks = KeySet::new();
+        ks.insert_workload_key(WL, &key).unwrap();
+        (key, ks)
+    }
+
+    #[test]
+    fn accepts_once_then_replay() {
+        let (key, ks) = setup();
+        let v = AssertionVerifier::default();
+        let a = sign_assertion(&key, WL, EP, Duration::from_secs(30)).unwrap();
+        assert_eq!(v.verify(&a, None, &ks, &[EP.into()]).unwrap(), WL);
+        assert_eq!(
+            v.verify(&a, None, &ks, &[EP.into()]),
+            Err(AssertionError::Replayed)
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_audience_owner_and_client_id() {
+        let (key, ks) = setup();
+        let v = AssertionVerifier::default();
+        let a = sign_assertion(&key, WL, "http://elsewhere/token", MAX_ASSERTION_TTL).unwrap();
+        assert!(matches!(
+            v.verify(&a, None, &ks, &[EP.into()]),
+            Err(AssertionError::WrongAudience { .. })
+        ));
+        let a = sign_assertion(&key, "spiffe://example.org/other", EP, MAX_ASSERTION_TTL).unwrap();
+        assert!(matches!(
+            v.verify(&a, None, &ks, &[EP.into()]),
+            Err(AssertionError::NotKeyOwner { .. })
+        ));
+        let a = sign_assertion(&key, WL, EP, MAX_ASSERTION_TTL).unwrap();
+        assert_eq!(
+            v.verify(&a, Some("someone"), &ks, &[EP.into()]),
+            Err(AssertionError::ClientIdMismatch)
+        );
+    }
+
+    #[test]
+    fn rejects_forged_signature() {
+        let (_, ks) = setup();
+        let forger = SigningKey::generate(SigningAlg::ES256, "wl-1").unwrap();
+        let a = sign_assertion(&forger, WL, EP, MAX_ASSERTION_TTL).unwrap();
+        assert_eq!(
+            AssertionVerifier::default().verify(&a, None, &ks, &[EP.into()]),
+            Err(AssertionError::Jws(JwsError::BadSignature))
+        );
+    }
+
+    #[test]
+    fn rejects_expired_and_long_lived() {
+        let (key, ks) = setup();
+        let v = AssertionVerifier::default();
+        let now = unix_now();
+        let mk = |iat: i64, exp: i64| {
+            jws::sign(
+                &key,
+                ASSERTION_TYP,
+                &AssertionClaims {
+                    iss: WL.into(),
+                    sub: WL.into(),
+                    aud: vec![EP.into()],
+                    jti: uuid::Uuid::new_v4().to_string(),
+                    iat,
+                    exp,
+                },
+            )
+            .unwrap()
+        };
+        assert!(matches!(
+            v.verify(&mk(now - 200, now - 100), None, &ks, &[EP.into()]),
+            Err(AssertionError::Time(_))
+        ));
+        assert!(matches!(
+            v.verify(&mk(now, now + 3600), None, &ks, &[EP.into()]),
+            Err(AssertionError::Time(_))
+        ));
+    }
+}

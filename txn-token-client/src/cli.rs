@@ -1,0 +1,124 @@
+//! The `txn-token-service` command line: load a TOML configuration, start the
+//! HTTP service, print `listening on http://ADDR` as the first stdout line,
+//! run until Ctrl-C or SIGTERM.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::service::{Issuer, RunningTts, ServiceConfig};
+
+/// Command line of the reference Transaction Token Service.
+#[derive(Debug, Parser)]
+#[command(
+    name = "txn-token-service",
+    about = "Elevate's reference OAuth Transaction Token Service (draft-ietf-oauth-transaction-tokens)"
+)]
+pub struct Args {
+    /// The TOML configuration file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Overrides the configured listen address (e.g. 127.0.0.1:0).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Log filter when RUST_LOG is unset.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// Runs the service with these arguments (the binaries call this).
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("txn-token-service: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("txn-token-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cfg = ServiceConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let base = args
+        .config
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let listen = args.listen.as_deref().unwrap_or(&cfg.listen);
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("listen address {listen:?}: {e}"))?;
+    let issuer = Issuer::from_config(&cfg, &base).map_err(|e| e.to_string())?;
+    let running = RunningTts::start(issuer, listen, cfg.admin_endpoints)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", running.base_url());
+        let _ = writeln!(out, "token endpoint {}", running.token_endpoint());
+        let _ = writeln!(out, "jwks {}", running.jwks_url());
+        let _ = out.flush();
+    }
+    running
+        .run_until(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,487 @@
+//! The Txn-Token client: RFC 8693 token exchange as profiled by
+//! draft-ietf-oauth-transaction-tokens, authenticated with an RFC 7523 client
+//! assertion, with a per-request timeout, a bounded jittered retry for
+//! transient failures and a circuit breaker, and every returned token verified.
+//!
+//! Error classes: an OAuth error code is terminal ([`TokenError::Denied`]);
+//! network errors, timeouts, 5xx, 429 and an open circuit are
+//! [`TokenError::Unavailable`] (Retry); a broken response or a token that does
+//! not verify is [`TokenError::Invalid`].
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use elevate_core::keys::SigningKey;
+use elevate_core::scope::Scope;
+use elevate_core::token::{SecretToken, TokenError, TokenRequest, TokenSource, TxnToken};
+use reqwest::StatusCode;
+
+use crate::assertion::sign_assertion;
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use crate::protocol::{
+    ErrorResponse, ExchangeForm, JWKS_PATH, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_NA,
+    TOKEN_TYPE_TXN_TOKEN, TokenResponse, exchange_form, with_client_assertion,
+};
+use crate::verify::TxnTokenVerifier;
+
+/// Settings of a [`TtsClient`].
+#[derive(Clone)]
+pub struct TtsClientConfig {
+    /// Token endpoint URL (also the client assertion's `aud`).
+    pub token_endpoint: String,
+    /// JWKS URL; defaults to `/.well-known/jwks.json` on the token endpoint's origin.
+    pub jwks_url: Option<String>,
+    /// The trust domain: `audience` of the request and `aud` of the token.
+    pub trust_domain: String,
+    /// This workload's id (client assertion `iss`/`sub`; expected `req_wl`).
+    pub workload_id: String,
+    /// Timeout of one HTTP attempt.
+    pub request_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Attempts per call, first included (1 = no in-call retry).
+    pub max_attempts: usize,
+    /// Smallest backoff between attempts (jittered, exponential).
+    pub backoff_min: Duration,
+    /// Largest backoff between attempts.
+    pub backoff_max: Duration,
+    /// A `Retry-After` up to this long is waited out within the call; longer ends the call.
+    pub max_in_call_retry_after: Duration,
+    /// Circuit breaker settings.
+    pub breaker: BreakerConfig,
+    /// Clock leeway for Txn-Token verification (≤ 30 s).
+    pub leeway: Duration,
+    /// Lifetime of each client assertion (≤ 60 s).
+    pub assertion_ttl: Duration,
+    /// `request_context` sent with every request (a JSON object).
+    pub request_context: serde_json::Value,
+    /// Optional mTLS client identity: PEM with certificate chain and private key.
+    pub mtls_identity_pem: Option<Vec<u8>>,
+    /// Optional extra trusted root CA (PEM) for an HTTPS token endpoint.
+    pub root_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TtsClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtsClientConfig")
+            .field("token_endpoint", &self.token_endpoint)
+            .field("trust_domain", &self.trust_domain)
+            .field("workload_id", &self.workload_id)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("breaker", &self.breaker)
+            .field("mtls", &self.mtls_identity_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TtsClientConfig {
+    /// Defaults: 2 s per attempt, 3 attempts (50–500 ms jittered backoff),
+    /// breaker opens after 5 consecutive failures for 5 s, 30 s leeway.
+    pub fn new(
+        token_endpoint: impl Into<String>,
+        trust_domain: impl Into<String>,
+        workload_id: impl Into<String>,
+    ) -> Self {
+        TtsClientConfig {
+            token_endpoint: token_endpoint.into(),
+            jwks_url: None,
+            trust_domain: trust_domain.into(),
+            workload_id: workload_id.into(),
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            max_attempts: 3,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+            max_in_call_retry_after: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
+            leeway: Duration::from_secs(30),
+            assertion_ttl: Duration::from_secs(30),
+            request_context: serde_json::json!({ "mode": "async" }),
+            mtls_identity_pem: None,
+            root_ca_pem: None,
+        }
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// A URL in the configuration is not valid.
+    #[error("invalid URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The HTTP client (TLS, identity) could not be built.
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+/// The RFC 8693 Txn-Token client for one consuming (or producing) workload.
+pub struct TtsClient {
+    config: TtsClientConfig,
+    key: SigningKey,
+    http: reqwest::Client,
+    verifier: TxnTokenVerifier,
+    breaker: CircuitBreaker,
+}
+
+impl std::fmt::Debug for TtsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtsClient")
+            .field("config", &self.config)
+            .field("key", &self.key)
+            .field("breaker", &self.breaker.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The JWKS URL on the same origin as `token_endpoint`.
+pub fn default_jwks_url(token_endpoint: &str) -> Result<String, ClientBuildError> {
+    let mut url = reqwest::Url::parse(token_endpoint).map_err(|e| ClientBuildError::Url {
+        url: token_endpoint.to_string(),
+        reason: e.to_string(),
+    })?;
+    url.set_path(JWKS_PATH);
+    url.set_query(None);
+    Ok(url.to_string())
+}
+
+/// One failed attempt and whether another attempt may help.
+#[derive(Debug)]
+struct AttemptError {
+    error: TokenError,
+    retryable: bool,
+}
+
+impl AttemptError {
+    fn terminal(error: TokenError) -> Self {
+        AttemptError {
+            error,
+            retryable: false,
+        }
+    }
+
+    fn transient(reason: String, retry_after: Option<Duration>) -> Self {
+        AttemptError {
+            error: TokenError::Unavailable {
+                reason,
+                retry_after,
+            },
+            retryable: true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match &self.error {
+            TokenError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Parses `Retry-After` as delta-seconds (HTTP-dates are ignored).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Checks a 200 response body as the draft requires; returns the token.
+pub fn check_token_response(resp: TokenResponse) -> Result<String, TokenError> {
+    if !resp.token_type.eq_ignore_ascii_case(TOKEN_TYPE_NA) {
+        return Err(TokenError::Invalid(format!(
+            "token_type {:?} where N_A is required",
+            resp.token_type
+        )));
+    }
+    if resp.issued_token_type != TOKEN_TYPE_TXN_TOKEN {
+        return Err(TokenError::Invalid(format!(
+            "issued_token_type {:?} is not a Txn-Token",
+            resp.issued_token_type
+        )));
+    }
+    if resp.refresh_token.is_some() {
+        return Err(TokenError::Invalid(
+            "a refresh_token was issued with a Txn-Token".into(),
+        ));
+    }
+    if resp.access_token.is_empty() {
+        return Err(TokenError::Invalid("empty access_token".into()));
+    }
+    Ok(resp.access_token)
+}
+
+impl TtsClient {
+    /// Builds the client: one keep-alive HTTP client shared by token and JWKS requests.
+    pub fn new(config: TtsClientConfig, key: SigningKey) -> Result<Self, ClientBuildError> {
+        crate::install_crypto_provider();
+        reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
+            url: config.token_endpoint.clone(),
+            reason: e.to_string(),
+        })?;
+        let jwks_url = match &config.jwks_url {
+            Some(u) => u.clone(),
+            None => default_jwks_url(&config.token_endpoint)?,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!(
+                "elevate-txn-token-client/",
+                env!("CARGO_PKG_VERSION")
+            ));
+        if let Some(pem) = &config.mtls_identity_pem {
+            let id = reqwest::Identity::from_pem(pem)
+                .map_err(|e| ClientBuildError::Http(format!("mTLS identity: {e}")))?;
+            builder = builder.identity(id);
+        }
+        if let Some(pem) = &config.root_ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| ClientBuildError::Http(format!("root CA: {e}")))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let verifier = TxnTokenVerifier::remote(&config.trust_domain, http.clone(), &jwks_url)
+            .with_leeway(config.leeway);
+        Ok(TtsClient {
+            breaker: CircuitBreaker::new(config.breaker),
+            config,
+            key,
+            http,
+            verifier,
+        })
+    }
+
+    /// The workload this client authenticates as.
+    pub fn workload_id(&self) -> &str {
+        &self.config.workload_id
+    }
+
+    /// The verifier this client checks tokens with (share it to verify inbound `Txn-Token` headers).
+    pub fn verifier(&self) -> &TxnTokenVerifier {
+        &self.verifier
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Entry flow: exchanges a user's access token for a Txn-Token for this workload.
+    pub async fn exchange_access_token(
+        &self,
+        access_token: &str,
+        scope: &Scope,
+        request_details: &serde_json::Value,
+    ) -> Result<TxnToken, TokenError> {
+        self.exchange(
+            access_token,
+            TOKEN_TYPE_ACCESS_TOKEN,
+            scope,
+            request_details,
+        )
+        .await
+    }
+
+    /// One token exchange with retries; the returned token is verified.
+    pub async fn exchange(
+        &self,
+        subject_token: &str,
+        subject_token_type: &str,
+        scope: &Scope,
+        request_details: &serde_json::Value,
+    ) -> Result<TxnToken, TokenError> {
+        let base = exchange_form(
+            &self.config.trust_domain,
+            scope,
+            subject_token,
+            subject_token_type,
+            &self.config.request_context,
+            request_details,
+        );
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_max_times(self.config.max_attempts.saturating_sub(1))
+            .with_jitter();
+        let max_ra = self.config.max_in_call_retry_after;
+        let token = (|| self.attempt(&base))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e: &AttemptError| e.retryable)
+            .adjust(move |e, next| match (next, e.retry_after()) {
+                (None, _) => None,
+                (Some(_), Some(ra)) if ra <= max_ra => Some(ra),
+                (Some(_), Some(_)) => None,
+                (next, None) => next,
+            })
+            .notify(|e, wait| {
+                tracing::debug!(error = %e.error, ?wait, "Txn-Token request failed; retrying");
+            })
+            .await
+            .map_err(|e| e.error)?;
+        let claims = self.verifier.verify(&token).await?;
+        if claims.req_wl != self.config.workload_id {
+            return Err(TokenError::Invalid(format!(
+                "req_wl {:?} is not this workload",
+                claims.req_wl
+            )));
+        }
+        let token = SecretToken::new(token);
+        tracing::debug!(txn = %claims.txn, sub = %claims.sub, scope = %claims.scope, token_sha256 = %token.sha256(), "Txn-Token obtained");
+        Ok(TxnToken { token, claims })
+    }
+
+    async fn attempt(&self, base: &ExchangeForm) -> Result<String, AttemptError> {
+        let permit = self.breaker.acquire().map_err(|wait| {
+            AttemptError::terminal(TokenError::Unavailable {
+                reason: "circuit open: the token service failed repeatedly".into(),
+                retry_after: Some(wait),
+            })
+        })?;
+        let assertion = sign_assertion(
+            &self.key,
+            &self.config.workload_id,
+            &self.config.token_endpoint,
+            self.config.assertion_ttl,
+        )
+        .map_err(|e| AttemptError::terminal(TokenError::Invalid(format!("signing: {e}"))))?;
+        let form = with_client_assertion(base.clone(), &assertion);
+        let form: Vec<(&str, &str)> = form.pairs().collect();
+        let sent = self
+            .http
+            .post(&self.config.token_endpoint)
+            .timeout(self.config.request_timeout)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                permit.failure();
+                let what = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "transport"
+                };
+                return Err(AttemptError::transient(format!("{what}: {e}"), None));
+            }
+        };
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            permit.failure();
+            let ra = retry_after(resp.headers());
+            return Err(AttemptError::transient(format!("HTTP {status}"), ra));
+        }
+        permit.success();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| AttemptError::transient(format!("reading the response: {e}"), None))?;
+        if status == StatusCode::OK {
+            let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+                AttemptError::terminal(TokenError::Invalid(format!(
+                    "200 response is not a token response: {e}"
+                )))
+            })?;
+            return check_token_response(parsed).map_err(AttemptError::terminal);
+        }
+        if status.is_client_error() {
+            return match serde_json::from_slice::<ErrorResponse>(&body) {
+                Ok(err) if !err.error.is_empty() => {
+                    Err(AttemptError::terminal(TokenError::Denied {
+                        code: err.error,
+                        description: err.error_description,
+                    }))
+                }
+                _ => Err(AttemptError::terminal(TokenError::Invalid(format!(
+                    "HTTP {status} without an RFC 6749 error body"
+                )))),
+            };
+        }
+        Err(AttemptError::terminal(TokenError::Invalid(format!(
+            "unexpected HTTP {status}"
+        ))))
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenSource for TtsClient {
+    async fn acquire(&self, req: &TokenRequest<'_>) -> Result<TxnToken, TokenError> {
+        self.exchange(
+            &req.reference.token,
+            TOKEN_TYPE_JWT,
+            req.scope,
+            &req.request_details,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp() -> TokenResponse {
+        TokenResponse {
+            access_token: "a.b.c".into(),
+            issued_token_type: TOKEN_TYPE_TXN_TOKEN.into(),
+            token_type: "N_A".into(),
+            expires_in: Some(60),
+            scope: None,
+            refresh_token: None,
+        }
+    }
+
+    #[test]
+    fn response_checks() {
+        assert!(check_token_response(resp()).is_ok());
+        let mut r = resp();
+        r.token_type = "Bearer".into();
+        assert!(matches!(
+            check_token_response(r),
+            Err(TokenError::Invalid(_))
+        ));
+        let mut r = resp();
+        r.issued_token_type = TOKEN_TYPE_JWT.into();
+        assert!(matches!(
+            check_token_response(r),
+            Err(TokenError::Invalid(_))
+        ));
+        let mut r = resp();
+        r.refresh_token = Some("r".into());
+        assert!(matches!(
+            check_token_response(r),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn jwks_url_and_retry_after() {
+        assert_eq!(
+            default_jwks_url("http://127.0.0.1:8400/oauth/token?x=1").unwrap(),
+            "http://127.0.0.1:8400/.well-known/jwks.json"
+        );
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,277 @@
+//! Wire names and messages of the Txn-Token exchange: the RFC 8693 profile of
+//! draft-ietf-oauth-transaction-tokens, RFC 7523 client assertions and the
+//! RFC 6749 §5.2 error codes.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `grant_type` of an RFC 8693 token exchange.
+pub const GRANT_TYPE_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// `requested_token_type` / `issued_token_type` of a Txn-Token.
+pub const TOKEN_TYPE_TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+/// `subject_token_type` of a JWT subject token (the context reference).
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// `subject_token_type` of a user's OAuth access token (the entry flow).
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// `client_assertion_type` of an RFC 7523 JWT client assertion.
+pub const CLIENT_ASSERTION_TYPE_JWT_BEARER: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// `token_type` of a Txn-Token response: it is not an access token.
+pub const TOKEN_TYPE_NA: &str = "N_A";
+/// The HTTP header that carries a Txn-Token between workloads.
+pub const TXN_TOKEN_HEADER: &str = "txn-token";
+/// Path of the published key set.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Default token endpoint path.
+pub const DEFAULT_TOKEN_PATH: &str = "/token";
+
+/// OAuth error codes the token endpoint returns (RFC 6749 §5.2, RFC 8693 §2.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Missing, repeated or malformed parameter.
+    InvalidRequest,
+    /// Client authentication failed (HTTP 401).
+    InvalidClient,
+    /// The subject token is invalid, expired or not for this client.
+    InvalidGrant,
+    /// The client may not use this grant.
+    UnauthorizedClient,
+    /// Not a token exchange.
+    UnsupportedGrantType,
+    /// Unknown scope, or scope beyond what the subject or the registry allows.
+    InvalidScope,
+    /// The requested audience is not this trust domain.
+    InvalidTarget,
+    /// The service failed internally (HTTP 500).
+    ServerError,
+}
+
+impl ErrorCode {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidClient => "invalid_client",
+            ErrorCode::InvalidGrant => "invalid_grant",
+            ErrorCode::UnauthorizedClient => "unauthorized_client",
+            ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            ErrorCode::InvalidScope => "invalid_scope",
+            ErrorCode::InvalidTarget => "invalid_target",
+            ErrorCode::ServerError => "server_error",
+        }
+    }
+
+    /// The HTTP status the token endpoint answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidClient => 401,
+            ErrorCode::ServerError => 500,
+            _ => 400,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal by the token endpoint: code plus a human-readable description.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {description}")]
+pub struct OAuthError {
+    /// The error code.
+    pub code: ErrorCode,
+    /// `error_description` (never contains a token).
+    pub description: String,
+}
+
+impl OAuthError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, description: impl Into<String>) -> Self {
+        OAuthError {
+            code,
+            description: description.into(),
+        }
+    }
+
+    /// The RFC 6749 §5.2 JSON body.
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: self.code.as_str().to_string(),
+            error_description: Some(self.description.clone()),
+        }
+    }
+}
+
+/// RFC 6749 §5.2 error response body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The error code.
+    pub error: String,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+}
+
+/// Successful token exchange response (RFC 8693 §2.2.1 as the draft profiles it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The Txn-Token.
+    pub access_token: String,
+    /// Always the txn_token URN.
+    pub issued_token_type: String,
+    /// Always `N_A`.
+    pub token_type: String,
+    /// Lifetime in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u64>,
+    /// Granted scope, when it differs from the request (it never does here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Must be absent: a Txn-Token is never refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field(
+                "access_token_sha256",
+                &elevate_core::keys::sha256_hex(self.access_token.as_bytes()),
+            )
+            .field("issued_token_type", &self.issued_token_type)
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parameters of a Txn-Token request, as sent or as received.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ExchangeForm {
+    params: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for ExchangeForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.params.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("ExchangeForm")
+            .field("params", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExchangeForm {
+    /// An empty form.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a form from decoded `application/x-www-form-urlencoded` pairs;
+    /// a repeated parameter is `invalid_request` (RFC 6749 §3.2).
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Result<Self, OAuthError> {
+        let mut params = HashMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if params.contains_key(&k) {
+                return Err(OAuthError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("parameter {k:?} repeated"),
+                ));
+            }
+            params.insert(k, v);
+        }
+        Ok(ExchangeForm { params })
+    }
+
+    /// Sets a parameter.
+    pub fn set(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.params.insert(name.to_string(), value.into());
+        self
+    }
+
+    /// A parameter; empty values count as absent (RFC 6749 §3.1).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A required parameter, or `invalid_request` naming it.
+    pub fn require(&self, name: &str) -> Result<&str, OAuthError> {
+        self.get(name).ok_or_else(|| {
+            OAuthError::new(
+                ErrorCode::InvalidRequest,
+                format!("missing parameter {name}"),
+            )
+        })
+    }
+
+    /// The pairs, for sending.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// The Txn-Token request parameters (without client authentication), built
+/// the same way by the HTTP client and the in-process mode.
+pub fn exchange_form(
+    trust_domain: &str,
+    scope: &elevate_core::scope::Scope,
+    subject_token: &str,
+    subject_token_type: &str,
+    request_context: &serde_json::Value,
+    request_details: &serde_json::Value,
+) -> ExchangeForm {
+    ExchangeForm::new()
+        .set("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
+        .set("requested_token_type", TOKEN_TYPE_TXN_TOKEN)
+        .set("audience", trust_domain)
+        .set("scope", scope.to_string())
+        .set("subject_token", subject_token)
+        .set("subject_token_type", subject_token_type)
+        .set("request_context", request_context.to_string())
+        .set("request_details", request_details.to_string())
+}
+
+/// Adds RFC 7523 client authentication to a request.
+pub fn with_client_assertion(form: ExchangeForm, assertion: &str) -> ExchangeForm {
+    form.set("client_assertion_type", CLIENT_ASSERTION_TYPE_JWT_BEARER)
+        .set("client_assertion", assertion)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_parameter_is_invalid_request() {
+        let e = ExchangeForm::from_pairs(vec![
+            ("scope".into(), "a".into()),
+            ("scope".into(), "b".into()),
+        ])
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert_eq!(ErrorCode::InvalidClient.http_status(), 401);
+        assert_eq!(
+            serde_json::to_value(e.body()).unwrap()["error"],
+            "invalid_request"
+        );
+    }
+
+    #[test]
+    fn empty_values_are_absent() {
+        let f = ExchangeForm::from_pairs(vec![("audience".into(), String::new())]).unwrap();
+        assert!(f.get("audience").is_none());
+        assert_eq!(
+            f.require("audience").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+}

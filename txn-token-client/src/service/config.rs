@@ -1,0 +1,250 @@
+//! The service configuration file (TOML): trust domain, listener, token
+//! lifetime, signing key, the workload registry and the user-token issuer.
+//!
+//! Relative paths are resolved against the configuration file's directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8400";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading a file failed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML (or an embedded JSON key) does not parse.
+    #[error("invalid configuration {path}: {reason}")]
+    Parse {
+        /// The file or field.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A key could not be loaded.
+    #[error("key for {what}: {source}")]
+    Key {
+        /// Which key.
+        what: String,
+        /// The error.
+        source: elevate_core::keys::KeyError,
+    },
+    /// A value is missing or contradictory.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A registered workload: its public key and the scopes it may be granted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Workload id, e.g. `spiffe://example.org/billing`.
+    pub id: String,
+    /// The public JWK inline (EC P-256 or OKP Ed25519, with `kid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_jwk: Option<serde_json::Value>,
+    /// Or a file holding the public JWK as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwk_file: Option<PathBuf>,
+    /// Scopes this workload may be granted.
+    #[serde(default)]
+    pub allowed_scopes: Vec<String>,
+}
+
+/// The OIDC/OAuth issuer whose access tokens start a transaction (entry flow).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserIssuerConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud` (must be among the token's audiences).
+    pub audience: String,
+    /// The issuer's JWKS inline (`{ keys = [...] }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// Or a JWKS JSON file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The trust domain: the only accepted `audience`, and the tokens' `aud`.
+    pub trust_domain: String,
+    /// Listen address (`127.0.0.1:8400` by default; port 0 for an ephemeral port).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Token endpoint path.
+    #[serde(default = "default_token_path")]
+    pub token_endpoint_path: String,
+    /// Public base URL (e.g. `https://tts.example.org`) when behind a proxy;
+    /// the client assertion `aud` is this plus the token path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// Txn-Token lifetime in seconds (default 60).
+    #[serde(default = "default_lifetime")]
+    pub token_lifetime_secs: u64,
+    /// PKCS#8 PEM of the ES256 signing key; generated at start when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_pem: Option<PathBuf>,
+    /// `kid` of that key; default: derived from its public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_kid: Option<String>,
+    /// How many previous signing keys stay published after rotation (default 1).
+    #[serde(default = "default_keep_previous")]
+    pub keep_previous_keys: usize,
+    /// Enables `POST /admin/rotate-keys` (accepted from loopback peers only).
+    #[serde(default)]
+    pub admin_endpoints: bool,
+    /// Extra known scopes besides those allowed to some workload.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The workload registry.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    /// The user-token issuer for the entry flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_issuer: Option<UserIssuerConfig>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+fn default_token_path() -> String {
+    crate::protocol::DEFAULT_TOKEN_PATH.to_string()
+}
+fn default_lifetime() -> u64 {
+    60
+}
+fn default_keep_previous() -> usize {
+    1
+}
+
+impl ServiceConfig {
+    /// A minimal configuration for `trust_domain` with defaults everywhere.
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        ServiceConfig {
+            trust_domain: trust_domain.into(),
+            listen: default_listen(),
+            token_endpoint_path: default_token_path(),
+            public_url: None,
+            token_lifetime_secs: default_lifetime(),
+            signing_key_pem: None,
+            signing_key_kid: None,
+            keep_previous_keys: default_keep_previous(),
+            admin_endpoints: false,
+            scopes: Vec::new(),
+            workloads: Vec::new(),
+            user_issuer: None,
+        }
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: ServiceConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            reason: e.to_string(),
+        })?;
+        if cfg.trust_domain.is_empty() {
+            return Err(ConfigError::Invalid("trust_domain is empty".into()));
+        }
+        if !cfg.token_endpoint_path.starts_with('/') {
+            return Err(ConfigError::Invalid(
+                "token_endpoint_path must start with '/'".into(),
+            ));
+        }
+        if cfg.token_lifetime_secs == 0 || cfg.token_lifetime_secs > 3600 {
+            return Err(ConfigError::Invalid(
+                "token_lifetime_secs must be between 1 and 3600".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Serializes to TOML (tests write configs this way).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Resolves `p` against `base` unless absolute.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_config() {
+        let cfg = ServiceConfig::from_toml(
+            r#"
+trust_domain = "example.org"
+listen = "127.0.0.1:0"
+token_lifetime_secs = 120
+
+[[workloads]]
+id = "spiffe://example.org/billing"
+public_jwk = { kty = "EC", crv = "P-256", kid = "b1", x = "AAAA", y = "BBBB" }
+allowed_scopes = ["orders.read"]
+
+[[workloads]]
+id = "spiffe://example.org/shipping"
+jwk_file = "shipping.jwk.json"
+allowed_scopes = ["orders.read", "orders.ship"]
+
+[user_issuer]
+issuer = "https://idp.example.org"
+audience = "elevate"
+jwks = { keys = [] }
+"#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(cfg.workloads.len(), 2);
+        assert_eq!(cfg.token_endpoint_path, "/token");
+        assert_eq!(cfg.keep_previous_keys, 1);
+        let again = ServiceConfig::from_toml(&cfg.to_toml().unwrap(), "roundtrip").unwrap();
+        assert_eq!(again.workloads[1].allowed_scopes.len(), 2);
+        assert!(ServiceConfig::from_toml("trust_domain = 'x'\nbogus = 1", "t").is_err());
+    }
+}

@@ -1,0 +1,525 @@
+//! The minting and validation code of the Transaction Token Service, shared by
+//! the HTTP service and the in-process mode: authenticate the requesting
+//! workload → validate the request → validate the subject token → decide the
+//! scope → mint and log.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use elevate_core::ctxref::{ContextRefVerifier, VerifyPolicy, unix_now};
+use elevate_core::jws;
+use elevate_core::keys::{KeyError, KeySet, SigningAlg, SigningKey, sha256_hex};
+use elevate_core::scope::Scope;
+use elevate_core::token::TXN_TOKEN_TYP;
+use jsonwebtoken::jwk::Jwk;
+use serde::{Deserialize, Serialize};
+
+use super::config::{ConfigError, ServiceConfig, read_json, resolve};
+use super::keyring::{KeyRing, derived_kid, generate_key};
+use super::registry::WorkloadRegistry;
+use super::user_issuer::AccessTokenVerifier;
+use crate::assertion::AssertionVerifier;
+use crate::protocol::{
+    CLIENT_ASSERTION_TYPE_JWT_BEARER, ErrorCode, ExchangeForm, GRANT_TYPE_TOKEN_EXCHANGE,
+    OAuthError, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN,
+    TokenResponse,
+};
+use crate::verify::JwksProvider;
+
+/// Token endpoint URL used in process when no public URL is configured.
+pub const IN_PROCESS_ENDPOINT: &str = "inproc://txn-token-service";
+
+/// Issuer settings (the parts of [`ServiceConfig`] that shape tokens).
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// Trust domain: the accepted `audience` and the tokens' `aud`.
+    pub trust_domain: String,
+    /// Token endpoint path.
+    pub token_path: String,
+    /// Public base URL, when known; else the bound address (HTTP) or [`IN_PROCESS_ENDPOINT`].
+    pub public_url: Option<String>,
+    /// Txn-Token lifetime.
+    pub token_lifetime: Duration,
+    /// Clock leeway for subject tokens and client assertions (≤ 30 s).
+    pub leeway: Duration,
+    /// Longest accepted context-reference horizon (`exp - iat`).
+    pub max_reference_horizon: Duration,
+    /// Local cap on delegation chain depth.
+    pub max_depth: u32,
+    /// Previous signing keys kept in the JWKS after rotation.
+    pub keep_previous_keys: usize,
+}
+
+impl IssuerSettings {
+    /// Defaults: `/token`, 60 s tokens, 30 s leeway, 24 h horizon, depth 4, one previous key.
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        IssuerSettings {
+            trust_domain: trust_domain.into(),
+            token_path: crate::protocol::DEFAULT_TOKEN_PATH.to_string(),
+            public_url: None,
+            token_lifetime: Duration::from_secs(60),
+            leeway: Duration::from_secs(30),
+            max_reference_horizon: Duration::from_secs(24 * 3600),
+            max_depth: 4,
+            keep_previous_keys: 1,
+        }
+    }
+
+    /// Sets the Txn-Token lifetime.
+    pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = lifetime;
+        self
+    }
+}
+
+/// The claims the service puts in a Txn-Token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MintedClaims {
+    /// Issued at.
+    pub iat: i64,
+    /// Expiry.
+    pub exp: i64,
+    /// The trust domain.
+    pub aud: String,
+    /// Transaction id.
+    pub txn: String,
+    /// The subject.
+    pub sub: String,
+    /// Granted scope.
+    pub scope: String,
+    /// The requesting workload.
+    pub req_wl: String,
+    /// Token id.
+    pub jti: String,
+    /// Transaction context.
+    pub tctx: serde_json::Value,
+    /// Requester context.
+    pub rctx: serde_json::Value,
+}
+
+/// A minted token: the response to send and the claims it carries.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The token response body.
+    pub response: TokenResponse,
+    /// The claims minted.
+    pub claims: MintedClaims,
+}
+
+/// Who and what the subject token says.
+struct Subject {
+    sub: String,
+    txn: String,
+    ceiling: Scope,
+    tctx: serde_json::Value,
+}
+
+/// The Transaction Token Service's state and logic.
+pub struct Issuer {
+    settings: IssuerSettings,
+    ring: KeyRing,
+    registry: WorkloadRegistry,
+    refs: ContextRefVerifier,
+    assertions: AssertionVerifier,
+    endpoints: ArcSwap<Vec<String>>,
+    users: ArcSwapOption<AccessTokenVerifier>,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field("trust_domain", &self.settings.trust_domain)
+            .field("endpoints", &self.endpoints.load())
+            .field("workloads", &self.registry.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(code: ErrorCode, d: impl Into<String>) -> OAuthError {
+    OAuthError::new(code, d)
+}
+
+impl Issuer {
+    /// An issuer signing with `signing_key` (ES256 or EdDSA; the service generates ES256).
+    pub fn new(settings: IssuerSettings, signing_key: SigningKey) -> Result<Arc<Self>, KeyError> {
+        let registry = WorkloadRegistry::new();
+        let mut policy = VerifyPolicy::new("");
+        policy.leeway = settings.leeway.min(Duration::from_secs(30));
+        policy.max_horizon = settings.max_reference_horizon;
+        policy.max_depth = settings.max_depth;
+        let refs = ContextRefVerifier::with_shared_keys(registry.keys().clone(), policy);
+        let primary = match &settings.public_url {
+            Some(u) => format!("{}{}", u.trim_end_matches('/'), settings.token_path),
+            None => format!("{IN_PROCESS_ENDPOINT}{}", settings.token_path),
+        };
+        Ok(Arc::new(Issuer {
+            ring: KeyRing::new(signing_key, settings.keep_previous_keys)?,
+            assertions: AssertionVerifier::new(settings.leeway, Duration::from_secs(300)),
+            settings,
+            registry,
+            refs,
+            endpoints: ArcSwap::from_pointee(vec![primary]),
+            users: ArcSwapOption::empty(),
+        }))
+    }
+
+    /// An issuer with a freshly generated ES256 signing key.
+    pub fn generate(settings: IssuerSettings) -> Result<Arc<Self>, KeyError> {
+        Self::new(settings, generate_key()?)
+    }
+
+    /// Builds the issuer from a configuration file's contents (`base` resolves relative paths).
+    pub fn from_config(cfg: &ServiceConfig, base: &Path) -> Result<Arc<Self>, ConfigError> {
+        let mut settings = IssuerSettings::new(&cfg.trust_domain);
+        settings.token_path = cfg.token_endpoint_path.clone();
+        settings.public_url = cfg.public_url.clone();
+        settings.token_lifetime = Duration::from_secs(cfg.token_lifetime_secs);
+        settings.keep_previous_keys = cfg.keep_previous_keys;
+        let key_err = |what: &str| {
+            let what = what.to_string();
+            move |source| ConfigError::Key { what, source }
+        };
+        let key = match &cfg.signing_key_pem {
+            Some(p) => {
+                let path = resolve(base, p);
+                let k = SigningKey::from_pem_file(SigningAlg::ES256, "pending", &path)
+                    .map_err(key_err("signing key"))?;
+                let kid = cfg
+                    .signing_key_kid
+                    .clone()
+                    .unwrap_or_else(|| derived_kid(&k));
+                SigningKey::from_pkcs8_pem(SigningAlg::ES256, kid, &k.to_pkcs8_pem())
+                    .map_err(key_err("signing key"))?
+            }
+            None => generate_key().map_err(key_err("signing key"))?,
+        };
+        let issuer = Self::new(settings, key).map_err(key_err("signing key"))?;
+        for w in &cfg.workloads {
+            let jwk_value = match (&w.public_jwk, &w.jwk_file) {
+                (Some(v), None) => v.clone(),
+                (None, Some(p)) => read_json(&resolve(base, p))?,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "workload {} needs exactly one of public_jwk or jwk_file",
+                        w.id
+                    )));
+                }
+            };
+            let jwk: Jwk = serde_json::from_value(jwk_value).map_err(|e| ConfigError::Parse {
+                path: format!("workload {}", w.id),
+                reason: e.to_string(),
+            })?;
+            issuer
+                .register_workload(&w.id, &jwk, &w.allowed_scopes.iter().collect())
+                .map_err(key_err(&format!("workload {}", w.id)))?;
+        }
+        issuer
+            .registry
+            .add_known_scopes(&cfg.scopes.iter().collect());
+        if let Some(u) = &cfg.user_issuer {
+            issuer.set_user_issuer(AccessTokenVerifier::from_config(u, base)?);
+        }
+        Ok(issuer)
+    }
+
+    /// Registers a workload's public key and the scopes it may be granted.
+    pub fn register_workload(
+        &self,
+        id: &str,
+        public_jwk: &Jwk,
+        allowed_scopes: &Scope,
+    ) -> Result<(), KeyError> {
+        self.registry.register(id, public_jwk, allowed_scopes)
+    }
+
+    /// Accepts user access tokens from this issuer (entry flow).
+    pub fn set_user_issuer(&self, verifier: AccessTokenVerifier) {
+        self.users.store(Some(Arc::new(verifier)));
+    }
+
+    /// Adds a URL under which the token endpoint is reachable (client assertion `aud`).
+    pub fn add_token_endpoint(&self, url: String) {
+        self.endpoints.rcu(|cur| {
+            let mut v = (**cur).clone();
+            if !v.contains(&url) {
+                v.push(url.clone());
+            }
+            v
+        });
+    }
+
+    /// The primary token endpoint URL (what an in-process client addresses its assertion to).
+    pub fn token_endpoint(&self) -> String {
+        self.endpoints.load().first().cloned().unwrap_or_default()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &IssuerSettings {
+        &self.settings
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.settings.trust_domain
+    }
+
+    /// The published JWKS (current and previous signing keys).
+    pub fn jwks(&self) -> serde_json::Value {
+        self.ring.jwks()
+    }
+
+    /// The published keys as a key set.
+    pub fn public_keys(&self) -> KeySet {
+        self.ring.keyset()
+    }
+
+    /// The `kid` now signing.
+    pub fn current_kid(&self) -> String {
+        self.ring.current().kid().to_string()
+    }
+
+    /// Rotates to a fresh ES256 key; the old key stays published. Returns the new `kid`.
+    pub fn rotate_keys(&self) -> Result<String, KeyError> {
+        let kid = self.ring.rotate()?;
+        tracing::info!(kid = %kid, "signing key rotated");
+        Ok(kid)
+    }
+
+    /// Handles one token request end to end.
+    pub fn exchange(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
+        match self.exchange_inner(form) {
+            Ok(issued) => Ok(issued),
+            Err(e) => {
+                tracing::info!(code = %e.code, reason = %e.description, "txn-token request refused");
+                Err(e)
+            }
+        }
+    }
+
+    fn exchange_inner(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
+        // 1. grant
+        let grant = form.require("grant_type")?;
+        if grant != GRANT_TYPE_TOKEN_EXCHANGE {
+            return Err(invalid(
+                ErrorCode::UnsupportedGrantType,
+                "only token exchange is supported",
+            ));
+        }
+        // 2. client authentication
+        let requester = self.authenticate(form)?;
+        // 3. request shape
+        let requested = form.require("requested_token_type")?;
+        if requested != TOKEN_TYPE_TXN_TOKEN {
+            return Err(invalid(
+                ErrorCode::InvalidRequest,
+                "requested_token_type must be the txn_token URN",
+            ));
+        }
+        let audience = form.require("audience")?;
+        if audience != self.settings.trust_domain {
+            return Err(invalid(
+                ErrorCode::InvalidTarget,
+                format!("audience {audience:?} is not this trust domain"),
+            ));
+        }
+        let subject_token = form.require("subject_token")?;
+        let subject_token_type = form.require("subject_token_type")?;
+        let scope_param = form.require("scope")?;
+        let request_context = json_object_param(form, "request_context")?;
+        let request_details = json_object_param(form, "request_details")?;
+        // 4. subject token
+        let subject = match subject_token_type {
+            TOKEN_TYPE_JWT => self.context_reference(subject_token, &requester)?,
+            TOKEN_TYPE_ACCESS_TOKEN => self.user_token(subject_token)?,
+            other => {
+                return Err(invalid(
+                    ErrorCode::InvalidRequest,
+                    format!("unsupported subject_token_type {other:?}"),
+                ));
+            }
+        };
+        // 5. scope: requested ⊆ subject ceiling ∩ registry allowance, all known
+        let requested_scope = Scope::parse(scope_param);
+        let granted = self.decide_scope(&requested_scope, &subject.ceiling, &requester)?;
+        // 6. mint
+        let rctx = serde_json::json!({
+            "req_wl": requester,
+            "request_context": request_context,
+            "request_details": request_details,
+        });
+        self.mint(subject, granted, requester, rctx)
+    }
+
+    fn authenticate(&self, form: &ExchangeForm) -> Result<String, OAuthError> {
+        let (Some(kind), Some(assertion)) = (
+            form.get("client_assertion_type"),
+            form.get("client_assertion"),
+        ) else {
+            return Err(invalid(
+                ErrorCode::InvalidClient,
+                "client authentication (private_key_jwt client assertion) required",
+            ));
+        };
+        if kind != CLIENT_ASSERTION_TYPE_JWT_BEARER {
+            return Err(invalid(
+                ErrorCode::InvalidClient,
+                "unsupported client_assertion_type",
+            ));
+        }
+        let keys = self.registry.keys().load();
+        let endpoints = self.endpoints.load();
+        let who = self
+            .assertions
+            .verify(assertion, form.get("client_id"), &keys, &endpoints)
+            .map_err(|e| invalid(ErrorCode::InvalidClient, e.to_string()))?;
+        Ok(who)
+    }
+
+    fn context_reference(&self, token: &str, requester: &str) -> Result<Subject, OAuthError> {
+        let verified = self
+            .refs
+            .verify_unbound(token, requester)
+            .map_err(|e| invalid(ErrorCode::InvalidGrant, format!("context reference: {e}")))?;
+        let c = &verified.claims;
+        Ok(Subject {
+            sub: c.sub.clone(),
+            txn: c.txn.clone(),
+            ceiling: c.scope_set(),
+            tctx: serde_json::json!({
+                "txn": c.txn,
+                "sub_kind": c.sub_kind.as_str(),
+                "producer": c.iss,
+                "destination": c.dst,
+                "chain": c.chain(),
+                "ref_sha256": verified.token_sha256,
+            }),
+        })
+    }
+
+    fn user_token(&self, token: &str) -> Result<Subject, OAuthError> {
+        let users = self.users.load();
+        let Some(users) = users.as_ref() else {
+            return Err(invalid(
+                ErrorCode::InvalidRequest,
+                "access-token subject tokens are not accepted: no user issuer configured",
+            ));
+        };
+        let claims = users
+            .verify(token)
+            .map_err(|e| invalid(ErrorCode::InvalidGrant, format!("access token: {e}")))?;
+        let txn = uuid::Uuid::now_v7().to_string();
+        Ok(Subject {
+            ceiling: claims.scope_set(),
+            tctx: serde_json::json!({
+                "txn": txn,
+                "sub_kind": "human",
+                "entry": "access_token",
+                "user_iss": claims.iss,
+                "at_sha256": sha256_hex(token.as_bytes()),
+            }),
+            sub: claims.sub,
+            txn,
+        })
+    }
+
+    fn decide_scope(
+        &self,
+        requested: &Scope,
+        ceiling: &Scope,
+        requester: &str,
+    ) -> Result<Scope, OAuthError> {
+        if requested.is_empty() {
+            return Err(invalid(ErrorCode::InvalidScope, "empty scope"));
+        }
+        if let Some(unknown) = requested.iter().find(|s| !self.registry.is_known_scope(s)) {
+            return Err(invalid(
+                ErrorCode::InvalidScope,
+                format!("unknown scope {unknown:?}"),
+            ));
+        }
+        let allowed = self.registry.allowed(requester).unwrap_or_default();
+        if !requested.is_subset(&allowed) {
+            return Err(invalid(
+                ErrorCode::InvalidScope,
+                format!("scope {requested} exceeds what {requester} may be granted"),
+            ));
+        }
+        if !requested.is_subset(ceiling) {
+            return Err(invalid(
+                ErrorCode::InvalidScope,
+                format!("scope {requested} exceeds the subject token's scope {ceiling}"),
+            ));
+        }
+        Ok(requested.clone())
+    }
+
+    fn mint(
+        &self,
+        subject: Subject,
+        scope: Scope,
+        req_wl: String,
+        rctx: serde_json::Value,
+    ) -> Result<Issued, OAuthError> {
+        let now = unix_now();
+        let lifetime = self.settings.token_lifetime.as_secs().max(1);
+        let claims = MintedClaims {
+            iat: now,
+            exp: now + lifetime as i64,
+            aud: self.settings.trust_domain.clone(),
+            txn: subject.txn,
+            sub: subject.sub,
+            scope: scope.to_string(),
+            req_wl,
+            jti: uuid::Uuid::now_v7().to_string(),
+            tctx: subject.tctx,
+            rctx,
+        };
+        let key = self.ring.current();
+        let token = jws::sign(&key, TXN_TOKEN_TYP, &claims)
+            .map_err(|e| invalid(ErrorCode::ServerError, format!("signing failed: {e}")))?;
+        tracing::info!(
+            txn = %claims.txn,
+            sub = %claims.sub,
+            req_wl = %claims.req_wl,
+            scope = %claims.scope,
+            jti = %claims.jti,
+            kid = %key.kid(),
+            token_sha256 = %sha256_hex(token.as_bytes()),
+            "txn-token issued"
+        );
+        Ok(Issued {
+            response: TokenResponse {
+                access_token: token,
+                issued_token_type: TOKEN_TYPE_TXN_TOKEN.to_string(),
+                token_type: TOKEN_TYPE_NA.to_string(),
+                expires_in: Some(lifetime),
+                scope: None,
+                refresh_token: None,
+            },
+            claims,
+        })
+    }
+}
+
+/// An optional parameter that must be a JSON object when present.
+fn json_object_param(form: &ExchangeForm, name: &str) -> Result<serde_json::Value, OAuthError> {
+    let Some(raw) = form.get(name) else {
+        return Ok(serde_json::Value::Null);
+    };
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(v) if v.is_object() => Ok(v),
+        _ => Err(invalid(
+            ErrorCode::InvalidRequest,
+            format!("{name} must be a JSON object"),
+        )),
+    }
+}
+
+#[async_trait::async_trait]
+impl JwksProvider for Issuer {
+    async fn fetch(&self) -> Result<KeySet, String> {
+        Ok(self.public_keys())
+    }
+}

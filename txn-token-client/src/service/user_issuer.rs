@@ -1,0 +1,136 @@
+//! Verification of a user's OAuth access token presented as `subject_token`
+//! in the entry flow: a JWT from one configured issuer, checked against that
+//! issuer's JWKS, `iss`, `aud` and time window.
+
+use std::path::Path;
+use std::time::Duration;
+
+use elevate_core::ctxref::unix_now;
+use elevate_core::jws::{self, JwsError};
+use elevate_core::keys::KeySet;
+use elevate_core::scope::Scope;
+use serde::Deserialize;
+
+use super::config::{ConfigError, UserIssuerConfig, read_json, resolve};
+use crate::verify::keyset_from_jwks_json;
+
+/// The claims of a verified user access token that the TTS uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserClaims {
+    /// Issuer.
+    pub iss: String,
+    /// The user.
+    pub sub: String,
+    /// Audiences.
+    #[serde(deserialize_with = "elevate_core::token::one_or_many")]
+    pub aud: Vec<String>,
+    /// Expiry.
+    pub exp: i64,
+    /// Issued at.
+    #[serde(default)]
+    pub iat: Option<i64>,
+    /// Granted scope (space-delimited).
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+impl UserClaims {
+    /// The token's scope as a set.
+    pub fn scope_set(&self) -> Scope {
+        Scope::parse(self.scope.as_deref().unwrap_or_default())
+    }
+}
+
+/// Why a user access token was rejected (all become `invalid_grant`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessTokenError {
+    /// The JWS layer rejected it.
+    #[error(transparent)]
+    Jws(#[from] JwsError),
+    /// Wrong `iss`.
+    #[error("issuer {0:?} is not the configured user issuer")]
+    WrongIssuer(String),
+    /// `aud` does not include the configured audience.
+    #[error("audience does not include {0:?}")]
+    WrongAudience(String),
+    /// Expired or issued in the future.
+    #[error("access token outside its validity window")]
+    Time,
+    /// Empty `sub`.
+    #[error("access token has no subject")]
+    NoSubject,
+}
+
+/// Verifies access tokens of one issuer.
+#[derive(Debug, Clone)]
+pub struct AccessTokenVerifier {
+    issuer: String,
+    audience: String,
+    keys: KeySet,
+    leeway: i64,
+}
+
+impl AccessTokenVerifier {
+    /// A verifier for `issuer`'s tokens addressed to `audience`, signed by `keys`.
+    pub fn new(issuer: impl Into<String>, audience: impl Into<String>, keys: KeySet) -> Self {
+        AccessTokenVerifier {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            keys,
+            leeway: 30,
+        }
+    }
+
+    /// Sets the clock leeway (capped at 30 s).
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway.min(Duration::from_secs(30)).as_secs() as i64;
+        self
+    }
+
+    /// Builds from the `[user_issuer]` configuration section.
+    pub fn from_config(cfg: &UserIssuerConfig, base: &Path) -> Result<Self, ConfigError> {
+        let doc = match (&cfg.jwks, &cfg.jwks_file) {
+            (Some(v), None) => v.clone(),
+            (None, Some(p)) => read_json(&resolve(base, p))?,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "user_issuer needs exactly one of jwks or jwks_file".into(),
+                ));
+            }
+        };
+        let keys = keyset_from_jwks_json(&doc).map_err(|reason| ConfigError::Parse {
+            path: "user_issuer.jwks".into(),
+            reason,
+        })?;
+        Ok(Self::new(&cfg.issuer, &cfg.audience, keys))
+    }
+
+    /// The configured issuer.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Verifies an access token (`typ` `at+jwt` per RFC 9068, or `JWT`).
+    pub fn verify(&self, token: &str) -> Result<UserClaims, AccessTokenError> {
+        let parsed = match jws::parse(token, "at+jwt") {
+            Err(JwsError::WrongType { .. }) => jws::parse(token, "JWT")?,
+            other => other?,
+        };
+        parsed.verify(&self.keys)?;
+        let claims: UserClaims = parsed.claims()?;
+        if claims.iss != self.issuer {
+            return Err(AccessTokenError::WrongIssuer(claims.iss));
+        }
+        if !claims.aud.iter().any(|a| a == &self.audience) {
+            return Err(AccessTokenError::WrongAudience(self.audience.clone()));
+        }
+        let now = unix_now();
+        if claims.exp + self.leeway <= now || claims.iat.is_some_and(|i| i > now + self.leeway) {
+            return Err(AccessTokenError::Time);
+        }
+        if claims.sub.is_empty() {
+            return Err(AccessTokenError::NoSubject);
+        }
+        Ok(claims)
+    }
+}
