@@ -25,6 +25,7 @@ pub mod scope;
 pub mod settle;
 pub mod strip;
 pub mod token;
+pub mod token_cache;
 pub mod verdict;
 
 pub use auth::AuthContext;

@@ -523,3 +523,42 @@ async fn producer_strips_tokens_before_the_wire() {
         elevate_core::producer::PublishError::ScopeInsufficient { .. }
     ));
 }
+
+#[tokio::test]
+async fn one_txn_token_per_context_never_across_contexts() {
+    use elevate_core::token_cache::CachingTokenSource;
+    let key = SigningKey::generate(SigningAlg::ES256, "p1").unwrap();
+    let mut keys = KeySet::new();
+    keys.insert_workload_key(PRODUCER, &key).unwrap();
+    let minter = ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300));
+    let verifier = ContextRefVerifier::new(keys, VerifyPolicy::new(WORKER));
+    let inner = Arc::new(FakeTokens::default());
+    let cache = CachingTokenSource::new(inner.clone(), 100, Duration::from_secs(5));
+    let scope = Scope::parse("job.run");
+    let mut tokens = vec![];
+    for (i, txn) in ["t1", "t1", "t1", "t2"].iter().enumerate() {
+        let body = format!("m{i}");
+        let r = minter
+            .mint(&elevate_core::ctxref::MintRequest {
+                subject: "alice",
+                sub_kind: SubjectKind::Human,
+                audience: &[WORKER.to_string()],
+                scope: &scope,
+                txn,
+                destination: Q,
+                payload: body.as_bytes(),
+            })
+            .unwrap();
+        let v = verifier.verify(&r.token, Q, body.as_bytes()).unwrap();
+        let req = TokenRequest {
+            reference: &v,
+            scope: &scope,
+            request_details: serde_json::Value::Null,
+        };
+        tokens.push(cache.acquire(&req).await.unwrap());
+    }
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 2, "one exchange per origin context");
+    assert_eq!(tokens[0].token, tokens[2].token);
+    assert_ne!(tokens[0].token, tokens[3].token);
+    assert_eq!(tokens[3].claims.txn, "t2");
+}
