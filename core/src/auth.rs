@@ -32,6 +32,8 @@ pub struct AuthContext {
     pub txn_token: TxnToken,
     /// The verified reference's claims (basis for downstream derivation).
     pub reference: ContextRefClaims,
+    /// The verified reference itself (carried as proof in derived references).
+    pub reference_token: String,
 }
 
 impl AuthContext {
@@ -55,6 +57,7 @@ impl AuthContext {
         }
         minter.derive(
             &self.reference,
+            &self.reference_token,
             Some(&scope),
             audience,
             destination,

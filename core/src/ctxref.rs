@@ -54,6 +54,10 @@ pub struct Actor {
     /// The hop before that, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Box<Actor>>,
+    /// The prior hop's own reference (compact JWS), on the outermost actor only:
+    /// it proves the history — each hop is verified against its signer's key.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 impl Actor {
@@ -253,6 +257,7 @@ impl ContextRefMinter {
     pub fn derive(
         &self,
         parent: &ContextRefClaims,
+        parent_token: &str,
         scope: Option<&Scope>,
         audience: &[String],
         destination: &str,
@@ -292,7 +297,11 @@ impl ContextRefMinter {
             act: Some(Actor {
                 sub: parent.iss.clone(),
                 scope: parent.scope.clone(),
-                act: parent.act.clone().map(Box::new),
+                act: parent.act.clone().map(|mut a| {
+                    a.reference = None;
+                    Box::new(a)
+                }),
+                reference: Some(parent_token.to_string()),
             }),
             depth,
             max_depth: parent.max_depth,
@@ -578,11 +587,67 @@ impl ContextRefVerifier {
             }
         }
         check_chain(&claims, self.policy.max_depth)?;
+        self.check_history(&claims, &keys, now)?;
         Ok(VerifiedRef {
             claims,
             token_sha256: sha256_hex(token.as_bytes()),
             token: token.to_string(),
         })
+    }
+}
+
+impl ContextRefVerifier {
+    /// Verifies the prior hops a derived reference carries: the parent reference
+    /// must be signed by the workload the chain names (a registered key), be
+    /// addressed to the current signer, and agree on subject, transaction,
+    /// scope, depth and `max_depth`; recursively to the origin. A fabricated or
+    /// revoked hop makes the chain invalid.
+    fn check_history(&self, claims: &ContextRefClaims, keys: &KeySet, now: i64) -> Result<(), RefError> {
+        let Some(actor) = &claims.act else {
+            return Ok(());
+        };
+        let invalid = |why: String| RefError::ChainInvalid(why);
+        let token = actor
+            .reference
+            .as_deref()
+            .ok_or_else(|| invalid(format!("hop {:?} carries no reference", actor.sub)))?;
+        let parsed = jws::parse(token, CTX_REF_TYP).map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
+        let key = parsed
+            .verify(keys)
+            .map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
+        let parent: ContextRefClaims = parsed
+            .claims()
+            .map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
+        if key.owner.as_deref() != Some(parent.iss.as_str()) || parent.iss != actor.sub {
+            return Err(invalid(format!("hop {:?} was not signed by that workload", actor.sub)));
+        }
+        let consistent = parent.aud.iter().any(|a| a == &claims.iss)
+            && parent.sub == claims.sub
+            && parent.sub_kind == claims.sub_kind
+            && parent.txn == claims.txn
+            && parent.scope == actor.scope
+            && parent.depth + 1 == claims.depth
+            && parent.max_depth == claims.max_depth;
+        if !consistent {
+            return Err(invalid(format!("hop {:?} does not match its successor", actor.sub)));
+        }
+        let leeway = self.policy.leeway.as_secs() as i64;
+        if parent.exp + leeway <= now {
+            return Err(invalid(format!("hop {:?} expired", actor.sub)));
+        }
+        let mut expected_rest = actor.act.clone();
+        let mut actual_rest = parent.act.clone();
+        if let Some(a) = actual_rest.as_mut() {
+            a.reference = None;
+        }
+        if let Some(a) = expected_rest.as_mut() {
+            a.reference = None;
+        }
+        if expected_rest.map(|b| *b) != actual_rest {
+            return Err(invalid(format!("hop {:?} history differs", actor.sub)));
+        }
+        check_chain(&parent, self.policy.max_depth)?;
+        self.check_history(&parent, keys, now)
     }
 }
 

@@ -451,6 +451,7 @@ impl Guard {
             resource,
             txn_token: token,
             reference: claims.clone(),
+            reference_token: verified.token.clone(),
         })
     }
 

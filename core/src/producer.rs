@@ -43,6 +43,19 @@ pub struct PublishRequest<'a> {
     pub scope: Option<&'a Scope>,
 }
 
+/// Where a handler publishes next, and with how much authority.
+#[derive(Debug, Clone)]
+pub struct DerivedPublish<'a> {
+    /// The action the next consumer performs.
+    pub action: &'a str,
+    /// The next consumer's workload id(s).
+    pub audience: &'a [String],
+    /// The next destination.
+    pub destination: &'a str,
+    /// A narrower scope; defaults to the current one.
+    pub scope: Option<&'a Scope>,
+}
+
 /// Why a message was not published.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -158,6 +171,51 @@ impl ProducerGuard {
         if !stripped.is_empty() {
             tracing::info!(workload = %self.workload(), destination = req.destination, stripped = stripped.len(), "credentials stripped from outgoing message");
         }
+        Ok(PreparedMessage {
+            headers,
+            payload,
+            reference,
+            stripped,
+        })
+    }
+
+    /// Checks, strips and signs a message a handler publishes downstream: the
+    /// reference is derived from the handler's `AuthContext` (this workload joins
+    /// the `act` chain, scope may only narrow, `txn` and subject are kept).
+    pub async fn prepare_derived(
+        &self,
+        auth: &crate::auth::AuthContext,
+        next: &DerivedPublish<'_>,
+        msg: OutboundMessage,
+    ) -> Result<PreparedMessage, PublishError> {
+        let subject = SubjectContext {
+            subject: auth.subject.clone(),
+            sub_kind: auth.sub_kind,
+            txn: auth.txn.clone(),
+            scope: next.scope.cloned().unwrap_or_else(|| auth.scope.clone()),
+        };
+        if !subject.scope.contains(next.action) {
+            return Err(PublishError::ScopeInsufficient {
+                action: next.action.to_string(),
+                scope: subject.scope.to_string(),
+            });
+        }
+        self.check_publish(&PublishRequest {
+            subject: &subject,
+            action: next.action,
+            audience: next.audience,
+            destination: next.destination,
+            scope: next.scope,
+        })
+        .await?;
+        let OutboundMessage {
+            mut headers,
+            mut payload,
+        } = msg;
+        let stripped = self.credentials.apply(&mut headers, &mut payload)?;
+        headers.remove(CTX_REF_HEADER);
+        let reference = auth.derive_reference(&self.minter, next.scope, next.audience, next.destination, &payload)?;
+        headers.append(CTX_REF_HEADER, reference.token.as_str());
         Ok(PreparedMessage {
             headers,
             payload,

@@ -250,6 +250,7 @@ fn chained(f: &Fixture, scope_now: &str, hops: &[(&str, &str)], max_depth: u32) 
             sub: sub.to_string(),
             scope: scope.to_string(),
             act: act.map(Box::new),
+            reference: None,
         });
     }
     claims.depth = hops.len() as u32;
@@ -258,23 +259,124 @@ fn chained(f: &Fixture, scope_now: &str, hops: &[(&str, &str)], max_depth: u32) 
     resign(f, claims)
 }
 
-#[test]
-fn narrowing_chain_is_accepted() {
+/// A three-hop chain built by real derivation: producer → order-worker → billing-worker.
+struct Chain {
+    verifier: ContextRefVerifier,
+    keys: KeySet,
+    hop1: (String, ContextRefClaims),
+    hop2: (String, ContextRefClaims),
+    billing_key: SigningKey,
+}
+
+const ORDER_WORKER: &str = "spiffe://elevate.example/order-worker";
+const BILLING_WORKER: &str = "spiffe://elevate.example/billing-worker";
+const NOTIFY_WORKER: &str = "spiffe://elevate.example/notify-worker";
+
+fn chain() -> Chain {
     let f = fixture(SigningAlg::ES256);
-    let t = chained(
-        &f,
-        "invoice.create",
-        &[
-            ("spiffe://w/billing", "invoice.create billing.charge"),
-            (PRODUCER, "invoice.create billing.charge order.process"),
-        ],
-        3,
-    );
-    let v = f.verifier.verify(&t, DST, PAYLOAD).unwrap();
-    assert_eq!(
-        v.claims.chain(),
-        vec![PRODUCER, "spiffe://w/billing", PRODUCER]
-    );
+    let scope = Scope::parse("order.process billing.charge notification.send");
+    let origin = f
+        .minter
+        .mint(&MintRequest {
+            subject: "alice",
+            sub_kind: SubjectKind::Human,
+            audience: &[ORDER_WORKER.to_string()],
+            scope: &scope,
+            txn: "txn-chain",
+            destination: "orders",
+            payload: b"o",
+        })
+        .unwrap();
+    let order_key = SigningKey::generate(SigningAlg::EdDSA, "order-1").unwrap();
+    let billing_key = SigningKey::generate(SigningAlg::ES256, "billing-1").unwrap();
+    let mut keys = KeySet::new();
+    keys.insert_workload_key(PRODUCER, &f.key).unwrap();
+    keys.insert_workload_key(ORDER_WORKER, &order_key).unwrap();
+    keys.insert_workload_key(BILLING_WORKER, &billing_key).unwrap();
+    let order = ContextRefMinter::new(ORDER_WORKER, order_key, Duration::from_secs(600));
+    let hop1 = order
+        .derive(
+            &origin.claims,
+            &origin.token,
+            Some(&Scope::parse("billing.charge notification.send")),
+            &[BILLING_WORKER.to_string()],
+            "billing",
+            b"b",
+        )
+        .unwrap();
+    let billing = ContextRefMinter::new(BILLING_WORKER, billing_key.clone(), Duration::from_secs(600));
+    let hop2 = billing
+        .derive(
+            &hop1.claims,
+            &hop1.token,
+            Some(&Scope::parse("notification.send")),
+            &[NOTIFY_WORKER.to_string()],
+            "notifications",
+            b"n",
+        )
+        .unwrap();
+    Chain {
+        verifier: ContextRefVerifier::new(keys.clone(), VerifyPolicy::new(NOTIFY_WORKER)),
+        keys,
+        hop1: (hop1.token, hop1.claims),
+        hop2: (hop2.token, hop2.claims),
+        billing_key,
+    }
+}
+
+#[test]
+fn derived_chain_verifies_with_its_history() {
+    let c = chain();
+    let v = c.verifier.verify(&c.hop2.0, "notifications", b"n").unwrap();
+    assert_eq!(v.claims.depth, 2);
+    assert_eq!(v.claims.txn, "txn-chain");
+    assert_eq!(v.claims.chain(), vec![PRODUCER, ORDER_WORKER, BILLING_WORKER]);
+    let outer = v.claims.act.as_ref().unwrap();
+    assert_eq!(outer.sub, ORDER_WORKER);
+    assert!(outer.reference.is_some());
+}
+
+#[test]
+fn forged_middle_hop_is_quarantined() {
+    let c = chain();
+    // billing-worker fabricates the order-worker hop (for another subject) and
+    // signs it itself: it does not hold order-worker's key.
+    let fake_parent = jws::sign(
+        &c.billing_key,
+        "ctx-ref+jwt",
+        &ContextRefClaims {
+            sub: "mallory".into(),
+            ..c.hop1.1.clone()
+        },
+    )
+    .unwrap();
+    let mut claims = c.hop2.1.clone();
+    claims.sub = "mallory".into();
+    if let Some(a) = claims.act.as_mut() {
+        a.reference = Some(fake_parent);
+    }
+    let billing = ContextRefMinter::new(BILLING_WORKER, c.billing_key.clone(), Duration::from_secs(600));
+    let t = billing.sign(claims).unwrap().token;
+    let err = c.verifier.verify(&t, "notifications", b"n").unwrap_err();
+    assert_eq!(err.reason(), Reason::ChainInvalid, "{err}");
+    assert_eq!(err.reason().verdict(), Verdict::Quarantine);
+    // and dropping the proof altogether is no better
+    let mut claims = c.hop2.1.clone();
+    if let Some(a) = claims.act.as_mut() {
+        a.reference = None;
+    }
+    let t = billing.sign(claims).unwrap().token;
+    assert_eq!(c.verifier.verify(&t, "notifications", b"n").unwrap_err().reason(), Reason::ChainInvalid);
+}
+
+#[test]
+fn revoked_middle_workload_invalidates_messages_in_flight() {
+    let c = chain();
+    let mut keys = c.keys.clone();
+    assert!(keys.remove("order-1"));
+    let v = ContextRefVerifier::new(keys, VerifyPolicy::new(NOTIFY_WORKER));
+    let err = v.verify(&c.hop2.0, "notifications", b"n").unwrap_err();
+    assert_eq!(err.reason(), Reason::ChainInvalid, "{err}");
 }
 
 #[test]
@@ -368,6 +470,7 @@ fn derive_narrows_and_extends_the_chain() {
     let child = worker
         .derive(
             &parent,
+            &t,
             Some(&narrower),
             &["spiffe://elevate.example/billing-worker".into()],
             "billing",
@@ -382,6 +485,7 @@ fn derive_narrows_and_extends_the_chain() {
     );
     let mut keys = KeySet::new();
     keys.insert_workload_key(CONSUMER, &worker_key).unwrap();
+    keys.insert_workload_key(PRODUCER, &f.key).unwrap();
     let v = ContextRefVerifier::new(
         keys,
         VerifyPolicy::new("spiffe://elevate.example/billing-worker"),
@@ -390,7 +494,7 @@ fn derive_narrows_and_extends_the_chain() {
     let wider = Scope::parse("invoice.create admin");
     assert!(
         worker
-            .derive(&parent, Some(&wider), &[], "billing", b"x")
+            .derive(&parent, &t, Some(&wider), &[], "billing", b"x")
             .is_err()
     );
 }
