@@ -20,6 +20,8 @@ pub mod message;
 pub mod pdp;
 pub mod producer;
 pub mod replay;
+#[cfg(feature = "redis")]
+pub mod replay_redis;
 pub mod retry;
 pub mod scope;
 pub mod settle;

@@ -114,25 +114,41 @@ impl TestEnv {
 
     /// A processor with a retry budget long enough to ride out a short TTS outage.
     pub fn processor(&self, handler: Arc<dyn Handler>) -> Arc<Processor> {
-        self.processor_with_retry(
-            handler,
-            RetryPolicy {
-                max_attempts: 40,
-                min_delay: Duration::from_millis(100),
-                max_delay: Duration::from_millis(800),
-                factor: 2.0,
-                jitter: true,
-            },
-        )
+        self.processor_with_retry(handler, Self::patient_retry())
     }
 
     /// A processor with an explicit retry budget.
     pub fn processor_with_retry(&self, handler: Arc<dyn Handler>, retry: RetryPolicy) -> Arc<Processor> {
+        self.processor_with(handler, retry, None)
+    }
+
+    /// A processor with an explicit retry budget and an optional replay seen-set.
+    pub fn processor_with(
+        &self,
+        handler: Arc<dyn Handler>,
+        retry: RetryPolicy,
+        replay: Option<Arc<dyn elevate_core::replay::ReplayGuard>>,
+    ) -> Arc<Processor> {
+        let guard = match replay {
+            Some(r) => self.guard().with_replay_guard(r),
+            None => self.guard(),
+        };
         Arc::new(
-            Processor::new(Arc::new(self.guard()), handler, Arc::new(UnboundDeadLetters))
+            Processor::new(Arc::new(guard), handler, Arc::new(UnboundDeadLetters))
                 .with_retry(retry)
                 .with_keep_alive_every(Duration::from_secs(1)),
         )
+    }
+
+    /// The default retry budget of [`TestEnv::processor`].
+    pub fn patient_retry() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 40,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(800),
+            factor: 2.0,
+            jitter: true,
+        }
     }
 
     /// A short retry budget (for the exhaustion scenario).

@@ -1,0 +1,92 @@
+//! Replay protection shared by a consumer group through Redis (127.0.0.1:6379
+//! or REDIS_URL): a replayed message is quarantined by whichever instance sees
+//! it; a redelivery after a crash is processed, not quarantined.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::deadletter::H_REASON;
+use elevate_core::memory::MemoryBroker;
+use elevate_core::replay::ReplayGuard;
+use elevate_core::replay_redis::RedisReplayGuard;
+use elevate_core::settle::{Delivery, Outcome};
+use elevate_core::{Headers, OutboundMessage};
+use elevate_integration_tests::env::{Recorder, TestEnv};
+
+async fn redis() -> Arc<dyn ReplayGuard> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("elevate-test:{}:", uuid::Uuid::new_v4().simple());
+    match tokio::time::timeout(Duration::from_secs(5), RedisReplayGuard::connect(&url, prefix)).await {
+        Ok(Ok(g)) => Arc::new(g),
+        other => panic!(
+            "Redis is not reachable at {url} ({other:?}); start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_seen_set() {
+    let env = TestEnv::start().await;
+    let broker = MemoryBroker::new();
+    let seen = redis().await;
+    let rec = Recorder::new();
+    // two consumer instances of one group: separate guards, one shared seen-set
+    let a = env
+        .processor_with(rec.handler(), TestEnv::patient_retry(), Some(seen.clone()))
+        .with_dead_letters(Arc::new(broker.dead_letter_queue("q.dlq")));
+    let b = env
+        .processor_with(rec.handler(), TestEnv::patient_retry(), Some(seen.clone()))
+        .with_dead_letters(Arc::new(broker.dead_letter_queue("q.dlq")));
+
+    let subject = env.subject("alice");
+    let audience = env.audience();
+    let p = env
+        .producer
+        .prepare(
+            &env.publish_request(&subject, &audience, "q"),
+            OutboundMessage {
+                headers: Headers::new(),
+                payload: b"pay".to_vec(),
+            },
+        )
+        .await
+        .unwrap();
+    broker.publish("q", p.headers.clone(), p.payload.clone());
+
+    // instance A takes it and crashes before settling: the broker redelivers
+    let d = broker.receive("q", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(d.message().delivery_attempt, 1);
+    let crashed = env
+        .processor_with(
+            Arc::new(elevate_core::handler_fn(|_, _| async {
+                Err(elevate_core::HandlerError::Transient("crash".into()))
+            })),
+            TestEnv::patient_retry(),
+            Some(seen.clone()),
+        )
+        .with_dead_letters(Arc::new(broker.dead_letter_queue("q.dlq")));
+    let o = crashed.process(d).await.unwrap();
+    assert!(matches!(o, Outcome::Redelivering { .. }), "{o:?}");
+
+    // the redelivery is processed by instance B, not quarantined
+    let d = broker.receive("q", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(d.message().delivery_attempt, 2);
+    let o = b.process(d).await.unwrap();
+    assert!(matches!(o, Outcome::Handled { .. }), "redelivery must be handled: {o:?}");
+
+    // an attacker replays the same message (same reference, same payload) later:
+    // whichever instance sees it quarantines it
+    for instance in [&a, &b] {
+        broker.publish("q", p.headers.clone(), p.payload.clone());
+        let d = broker.receive("q", Duration::from_secs(1)).await.unwrap();
+        let o = instance.process(d).await.unwrap();
+        assert!(
+            matches!(o, Outcome::DeadLettered { reason: elevate_core::Reason::Replayed, .. }),
+            "{o:?}"
+        );
+    }
+    assert_eq!(rec.count(), 1, "handled exactly once");
+    let dl = broker.drain("q.dlq");
+    assert_eq!(dl.len(), 2);
+    assert!(dl.iter().all(|m| m.headers.get_str(H_REASON) == Some("replayed")));
+}
