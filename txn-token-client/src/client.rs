@@ -53,6 +53,8 @@ pub struct TtsClientConfig {
     pub leeway: Duration,
     /// Lifetime of each client assertion (≤ 60 s).
     pub assertion_ttl: Duration,
+    /// Minimum time between JWKS refreshes triggered by an unknown `kid`.
+    pub jwks_min_refresh: Duration,
     /// `request_context` sent with every request (a JSON object).
     pub request_context: serde_json::Value,
     /// Optional mTLS client identity: PEM with certificate chain and private key.
@@ -97,6 +99,7 @@ impl TtsClientConfig {
             breaker: BreakerConfig::default(),
             leeway: Duration::from_secs(30),
             assertion_ttl: Duration::from_secs(30),
+            jwks_min_refresh: Duration::from_secs(1),
             request_context: serde_json::json!({ "mode": "async" }),
             mtls_identity_pem: None,
             root_ca_pem: None,
@@ -254,7 +257,8 @@ impl TtsClient {
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
         let verifier = TxnTokenVerifier::remote(&config.trust_domain, http.clone(), &jwks_url)
-            .with_leeway(config.leeway);
+            .with_leeway(config.leeway)
+            .with_min_refresh_interval(config.jwks_min_refresh);
         Ok(TtsClient {
             breaker: CircuitBreaker::new(config.breaker),
             config,

@@ -15,3 +15,6 @@ pub use http::{RunningTts, router};
 pub use inprocess::InProcessTts;
 pub use issuer::{Issued, Issuer, IssuerSettings, MintedClaims};
 pub use user_issuer::AccessTokenVerifier;
+
+#[cfg(test)]
+mod tests;
