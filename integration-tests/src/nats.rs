@@ -1,0 +1,475 @@
+//! The conformance binding for NATS, on the real server at `NATS_URL`
+//! (default `nats://127.0.0.1:4222`, NATS 2.9 with JetStream), in two modes:
+//! a guarded JetStream pull consumer, and a guarded core NATS queue subscriber.
+//!
+//! Every scenario gets its own stream (memory storage) capturing its subject,
+//! and a dead-letter stream; in core mode the stream is only the wire tap the
+//! scenario reads back, the guard subscribes to the subject directly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Client;
+use async_nats::jetstream::{self, consumer, stream};
+use elevate_core::producer::{ProducerGuard, PublishRequest};
+use elevate_core::settle::Processor;
+use elevate_core::{Headers, OutboundMessage};
+use elevate_nats::{
+    GuardedConsumer, GuardedSubscriber, NatsDeadLetters, NatsPublisher, from_nats_headers,
+    to_nats_headers,
+};
+
+use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+
+/// Prefix of every stream the tests create (old ones are swept at start).
+pub const STREAM_PREFIX: &str = "ELVT_";
+
+/// Which guard the binding runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsMode {
+    /// A durable, explicit-ack JetStream pull consumer (at-least-once).
+    JetStream,
+    /// A core NATS queue subscriber (at-most-once).
+    Core,
+}
+
+/// One message read back from a stream with a plain client.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Subject it was published to.
+    pub subject: String,
+    /// Headers.
+    pub headers: Headers,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// How a test consumer is set up.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Messages in flight.
+    pub concurrency: usize,
+    /// The consumer's `ack_wait` (redelivery after a crash).
+    pub ack_wait: Duration,
+    /// The consumer's `max_deliver` (-1: unlimited).
+    pub max_deliver: i64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 16,
+            ack_wait: Duration::from_secs(5),
+            max_deliver: -1,
+        }
+    }
+}
+
+/// The NATS fixture.
+pub struct NatsBinding {
+    mode: NatsMode,
+    url: String,
+    client: Client,
+    js: jetstream::Context,
+}
+
+fn nats_err(e: impl std::fmt::Display) -> String {
+    format!("nats: {e}")
+}
+
+/// The server URL from `NATS_URL` (default `nats://127.0.0.1:4222`).
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// Connects to `url`; panics with how to start the local server if it cannot.
+pub async fn connect(url: &str) -> Client {
+    let how = "start the local NATS server with JetStream: `start-stop-daemon --start --oknodo --background \
+               --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log` \
+               (or point NATS_URL at a NATS 2.9+ server with JetStream)";
+    let opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+    match tokio::time::timeout(Duration::from_secs(5), opts.connect(url)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("cannot connect to NATS at {url} (NATS_URL): {e}; {how}"),
+        Err(_) => panic!("no NATS server reachable at {url} (NATS_URL); {how}"),
+    }
+}
+
+impl NatsBinding {
+    /// The JetStream fixture; panics with how to start NATS if unreachable.
+    pub async fn jetstream() -> Self {
+        Self::new(NatsMode::JetStream).await
+    }
+
+    /// The core NATS fixture; panics with how to start NATS if unreachable.
+    pub async fn core() -> Self {
+        Self::new(NatsMode::Core).await
+    }
+
+    async fn new(mode: NatsMode) -> Self {
+        let url = nats_url();
+        let client = connect(&url).await;
+        let js = jetstream::new(client.clone());
+        // (account info is probed raw: async-nats 0.51 cannot decode NATS 2.9's reply)
+        if let Err(e) = client.request("$JS.API.INFO", bytes::Bytes::new()).await {
+            panic!("NATS at {url} has no JetStream ({e}): start nats-server with `-js`");
+        }
+        let b = NatsBinding {
+            mode,
+            url,
+            client,
+            js,
+        };
+        b.sweep_old_streams().await;
+        b
+    }
+
+    /// The plain client (also what the guarded publisher wraps).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The server URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A guarded publisher over the plain client.
+    pub fn publisher(&self, guard: &ProducerGuard) -> NatsPublisher {
+        NatsPublisher::new(self.client.clone(), guard.clone())
+    }
+
+    /// Deletes test streams older than an hour (left by earlier runs).
+    async fn sweep_old_streams(&self) {
+        use futures::StreamExt;
+        let mut names = self.js.stream_names();
+        let mut old = Vec::new();
+        while let Some(Ok(name)) = names.next().await {
+            if !name.starts_with(STREAM_PREFIX) {
+                continue;
+            }
+            if let Ok(s) = self.js.get_stream(&name).await {
+                let age = s.cached_info().created;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or_default();
+                if now - age.unix_timestamp() > 3600 {
+                    old.push(name);
+                }
+            }
+        }
+        for name in old {
+            let _ = self.js.delete_stream(&name).await;
+        }
+    }
+
+    /// Creates a memory-storage stream capturing `subjects`.
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        subjects: Vec<String>,
+    ) -> BindResult<stream::Stream> {
+        self.js
+            .create_stream(stream::Config {
+                name: name.to_string(),
+                subjects,
+                storage: stream::StorageType::Memory,
+                max_age: Duration::from_secs(3600),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err)
+    }
+
+    /// Creates (or returns) the durable, explicit-ack pull consumer `durable` on `stream`.
+    pub async fn create_consumer(
+        &self,
+        stream: &str,
+        durable: &str,
+        cfg: &WorkerConfig,
+    ) -> BindResult<consumer::PullConsumer> {
+        self.js
+            .get_stream(stream)
+            .await
+            .map_err(nats_err)?
+            .get_or_create_consumer(durable, consumer_config(durable, cfg))
+            .await
+            .map_err(nats_err)
+    }
+
+    /// Starts a guarded JetStream worker on its own connection (so `kill` drops it like a crash).
+    pub async fn spawn_jetstream(
+        &self,
+        stream: &str,
+        durable: &str,
+        dead_letter_subject: &str,
+        processor: Arc<Processor>,
+        cfg: &WorkerConfig,
+    ) -> BindResult<ConsumerHandle> {
+        let conn = connect(&self.url).await;
+        let js = jetstream::new(conn);
+        let consumer: consumer::PullConsumer = js
+            .get_stream(stream)
+            .await
+            .map_err(nats_err)?
+            .get_or_create_consumer(durable, consumer_config(durable, cfg))
+            .await
+            .map_err(nats_err)?;
+        let dead_letters = NatsDeadLetters::jetstream(js.clone(), dead_letter_subject);
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let guarded = GuardedConsumer::new(consumer, processor)
+            .concurrency(cfg.concurrency)
+            .fetch_expires(Duration::from_millis(500));
+        Ok(spawn(
+            move |stopped| async move { guarded.run(stopped).await },
+        ))
+    }
+
+    /// Starts a guarded core NATS subscriber in queue group `group`, on its own connection.
+    pub async fn spawn_core(
+        &self,
+        subject: &str,
+        group: &str,
+        dead_letter_subject: &str,
+        processor: Arc<Processor>,
+        concurrency: usize,
+    ) -> BindResult<ConsumerHandle> {
+        let conn = connect(&self.url).await;
+        let subscriber = conn
+            .queue_subscribe(subject.to_string(), group.to_string())
+            .await
+            .map_err(nats_err)?;
+        // the subscription is registered on the server before anything is published
+        conn.flush().await.map_err(nats_err)?;
+        let dead_letters = NatsDeadLetters::auto(conn.clone(), dead_letter_subject).await;
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let guarded = GuardedSubscriber::new(subscriber, processor).concurrency(concurrency);
+        Ok(spawn(move |stopped| async move {
+            let r = guarded.run(stopped).await;
+            drop(conn);
+            r
+        }))
+    }
+
+    /// Reads every message of `stream` (waiting until it holds `expected`, or `timeout`).
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<StreamRecord>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let s = self.js.get_stream(stream).await.map_err(nats_err)?;
+        let state = loop {
+            let info = s.get_info().await.map_err(nats_err)?;
+            if info.state.messages as usize >= expected || tokio::time::Instant::now() >= deadline {
+                break info.state;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut out = Vec::with_capacity(state.messages as usize);
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            match s.get_raw_message(seq).await {
+                Ok(m) => out.push(StreamRecord {
+                    seq: m.sequence,
+                    subject: m.subject.to_string(),
+                    headers: from_nats_headers(Some(&m.headers)),
+                    payload: m.payload.to_vec(),
+                }),
+                Err(e) => tracing::debug!(seq, error = %e, "no message at sequence"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publishes exactly these headers and payload with the plain client (JetStream publish, acked).
+    pub async fn publish_plain(
+        &self,
+        subject: &str,
+        headers: &Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()> {
+        let map = to_nats_headers(headers).map_err(nats_err)?;
+        self.js
+            .publish_with_headers(subject.to_string(), map, payload.into())
+            .await
+            .map_err(nats_err)?
+            .await
+            .map_err(nats_err)
+            .map(|_| ())
+    }
+}
+
+fn consumer_config(durable: &str, cfg: &WorkerConfig) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(durable.to_string()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: cfg.ack_wait,
+        max_deliver: cfg.max_deliver,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+fn spawn<F, Fut>(run: F) -> ConsumerHandle
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = Result<(), elevate_nats::Error>> + Send,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let stopped = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        if let Err(e) = run(stopped).await {
+            tracing::error!(error = %e, "guarded NATS consumer ended");
+        }
+    });
+    ConsumerHandle {
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Stream names derived from an endpoint.
+pub fn stream_names(ep: &Endpoint) -> (String, String) {
+    (ep.name.clone(), format!("{}_DLQ", ep.name))
+}
+
+#[async_trait::async_trait]
+impl BrokerBinding for NatsBinding {
+    fn name(&self) -> &'static str {
+        match self.mode {
+            NatsMode::JetStream => "nats-jetstream",
+            NatsMode::Core => "nats-core",
+        }
+    }
+
+    async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let tag = scenario.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        let name = format!("{STREAM_PREFIX}{tag}_{id}");
+        let destination = format!("elvt.{tag}.{id}.in");
+        let dead_letter = format!("elvt.{tag}.{id}.dlq");
+        self.create_stream(&name, vec![destination.clone()]).await?;
+        self.create_stream(&format!("{name}_DLQ"), vec![dead_letter.clone()])
+            .await?;
+        Ok(Endpoint {
+            name,
+            destination,
+            dead_letter,
+        })
+    }
+
+    async fn publish_guarded(
+        &self,
+        ep: &Endpoint,
+        producer: &ProducerGuard,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> BindResult<()> {
+        let publisher = self.publisher(producer);
+        match self.mode {
+            NatsMode::JetStream => publisher
+                .publish_jetstream(&ep.destination, req, msg)
+                .await
+                .map(|_| ()),
+            NatsMode::Core => match publisher.publish(&ep.destination, req, msg).await {
+                Ok(_) => publisher.flush().await,
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    async fn publish_raw(
+        &self,
+        ep: &Endpoint,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()> {
+        match self.mode {
+            NatsMode::JetStream => self.publish_plain(&ep.destination, &headers, payload).await,
+            NatsMode::Core => {
+                let map = to_nats_headers(&headers).map_err(nats_err)?;
+                self.client
+                    .publish_with_headers(ep.destination.clone(), map, payload.into())
+                    .await
+                    .map_err(nats_err)?;
+                self.client.flush().await.map_err(nats_err)
+            }
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<ConsumerHandle> {
+        match self.mode {
+            NatsMode::JetStream => {
+                self.spawn_jetstream(
+                    &ep.name,
+                    "worker",
+                    &ep.dead_letter,
+                    processor,
+                    &WorkerConfig::default(),
+                )
+                .await
+            }
+            NatsMode::Core => {
+                self.spawn_core(&ep.destination, "workers", &ep.dead_letter, processor, 16)
+                    .await
+            }
+        }
+    }
+
+    async fn dead_letters(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
+        let (_, dlq) = stream_names(ep);
+        Ok(self
+            .read_stream(&dlq, expected, timeout)
+            .await?
+            .into_iter()
+            .map(|r| RawMessage {
+                headers: r.headers,
+                payload: r.payload,
+            })
+            .collect())
+    }
+
+    async fn read_raw(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
+        Ok(self
+            .read_stream(&ep.name, expected, timeout)
+            .await?
+            .into_iter()
+            .map(|r| RawMessage {
+                headers: r.headers,
+                payload: r.payload,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,699 @@
+//! NATS: the conformance suite on the real server (`NATS_URL`, default
+//! `nats://127.0.0.1:4222`) for the JetStream guard and the core NATS guard,
+//! plus the NATS acceptance tests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_SOURCE, H_VERDICT};
+use elevate_core::producer::PublishError;
+use elevate_core::settle::Handler;
+use elevate_core::{
+    AuthContext, Coordinates, Headers, InboundMessage, OutboundMessage, handler_fn,
+};
+use elevate_integration_tests::binding::BrokerBinding;
+use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
+use elevate_integration_tests::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+mod jetstream {
+    use super::*;
+    elevate_integration_tests::conformance_suite!(NatsBinding::jetstream());
+}
+
+mod core_nats {
+    use super::*;
+    elevate_integration_tests::conformance_suite!(NatsBinding::core());
+}
+
+/// One handler call.
+#[derive(Debug, Clone)]
+struct Call {
+    subject: String,
+    stream_seq: Option<u64>,
+    attempt: u32,
+    payload: serde_json::Value,
+    auth_subject: String,
+    auth_workload: String,
+    auth_producer: String,
+    auth_action: String,
+}
+
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<Call>>>);
+
+impl Calls {
+    fn handler(&self, delay: Duration) -> Arc<dyn Handler> {
+        let calls = self.0.clone();
+        Arc::new(handler_fn(move |msg: InboundMessage, auth: AuthContext| {
+            let calls = calls.clone();
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let (subject, stream_seq) = match &msg.coordinates {
+                    Coordinates::Nats {
+                        subject,
+                        stream_seq,
+                        ..
+                    } => (subject.clone(), *stream_seq),
+                    other => (other.to_string(), None),
+                };
+                calls.lock().push(Call {
+                    subject,
+                    stream_seq,
+                    attempt: msg.delivery_attempt,
+                    payload: serde_json::from_slice(&msg.payload)
+                        .unwrap_or(serde_json::Value::Null),
+                    auth_subject: auth.subject.clone(),
+                    auth_workload: auth.workload.clone(),
+                    auth_producer: auth.producer.clone(),
+                    auth_action: auth.action.clone(),
+                });
+                Ok(())
+            }
+        }))
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    fn snapshot(&self) -> Vec<Call> {
+        self.0.lock().clone()
+    }
+
+    fn distinct(&self) -> usize {
+        self.0
+            .lock()
+            .iter()
+            .map(|c| c.payload["n"].as_u64().unwrap_or(u64::MAX))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    async fn wait_distinct(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.distinct() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A fresh stream `<prefix>_<id>` on `<subj>.<id>.*` and its dead-letter stream.
+struct Streams {
+    stream: String,
+    subject_prefix: String,
+    dlq_stream: String,
+    dlq_subject: String,
+}
+
+async fn streams(b: &NatsBinding, tag: &str) -> Streams {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let s = Streams {
+        stream: format!("{STREAM_PREFIX}{tag}_{id}"),
+        subject_prefix: format!("{}.{id}", tag.to_lowercase()),
+        dlq_stream: format!("{STREAM_PREFIX}{tag}_{id}_DLQ"),
+        dlq_subject: format!("{}.{id}.dead", tag.to_lowercase()),
+    };
+    b.create_stream(&s.stream, vec![format!("{}.in.*", s.subject_prefix)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.create_stream(&s.dlq_stream, vec![s.dlq_subject.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+async fn publish_json(
+    b: &NatsBinding,
+    env: &TestEnv,
+    subject: &str,
+    user: &str,
+    body: serde_json::Value,
+    headers: Headers,
+) -> elevate_nats::Receipt {
+    let who = env.subject(user);
+    let audience = env.audience();
+    let req = env.publish_request(&who, &audience, "ignored: the publisher binds the subject");
+    b.publisher(&env.producer)
+        .publish_jetstream(
+            subject,
+            &req,
+            OutboundMessage {
+                headers,
+                payload: serde_json::to_vec(&body).unwrap_or_default(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("guarded publish: {e}"))
+}
+
+fn source_seq(letter: &StreamRecord) -> (String, u64) {
+    let src: Coordinates =
+        serde_json::from_str(letter.headers.get_str(H_SOURCE).expect("ztauth-source"))
+            .expect("source JSON");
+    match src {
+        Coordinates::Nats {
+            stream: Some(s),
+            stream_seq: Some(q),
+            ..
+        } => (s, q),
+        other => panic!("dead letter source is not a JetStream position: {other:?}"),
+    }
+}
+
+async fn consumer_state(b: &NatsBinding, stream: &str, durable: &str) -> (usize, u64, usize) {
+    let c = b
+        .create_consumer(stream, durable, &WorkerConfig::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let info = c.get_info().await.unwrap_or_else(|e| panic!("{e}"));
+    (info.num_ack_pending, info.num_pending, info.num_redelivered)
+}
+
+/// 1,000 messages from several subjects through one stream: permitted ones
+/// handled with the right AuthContext, denied ones dead-lettered with decision
+/// id, reason and source sequence; handled + dead-lettered = published; no
+/// token the publisher was given is in any raw message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_messages_from_several_subjects() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "N1K").await;
+    let users = ["alice", "carol", "mallory", "bob"];
+    let kinds = ["email", "sms", "push"];
+    let n = 1000usize;
+    let t = Instant::now();
+    let receipts: Vec<(usize, elevate_nats::Receipt)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (b, env, s) = (&b, &env, &s);
+            async move {
+                let user = users[i % users.len()];
+                let subject = format!("{}.in.{}", s.subject_prefix, kinds[i % kinds.len()]);
+                let mut headers = Headers::new();
+                headers.append("Authorization", format!("Bearer bearer-{i}-secret"));
+                headers.append("x-kind", kinds[i % kinds.len()]);
+                let body = serde_json::json!({"n": i, "user": user, "access_token": format!("tok-{i}-secret"), "text": "hello"});
+                (i, publish_json(b, env, &subject, user, body, headers).await)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let publish_rate = n as f64 / t.elapsed().as_secs_f64();
+    let by_seq: HashMap<u64, usize> = receipts
+        .iter()
+        .map(|(i, r)| {
+            let ack = r
+                .ack
+                .as_ref()
+                .expect("JetStream publishes return the stream ack");
+            assert_eq!(ack.stream, s.stream);
+            assert!(!ack.duplicate);
+            (ack.sequence, *i)
+        })
+        .collect();
+    assert_eq!(by_seq.len(), n);
+
+    // raw messages read back carry no token the publisher was given
+    let raw = b
+        .read_stream(&s.stream, n, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(raw.len(), n);
+    for m in &raw {
+        let mut wire = String::from_utf8_lossy(&m.payload).into_owned();
+        for (k, v) in m.headers.iter() {
+            wire.push_str(k);
+            wire.push_str(&String::from_utf8_lossy(v));
+        }
+        assert!(
+            !wire.contains("-secret"),
+            "a token reached the wire: {wire}"
+        );
+        assert!(m.headers.get(elevate_core::CTX_REF_HEADER).is_some());
+        assert!(env.credentials().scan(&m.headers, &m.payload).is_empty());
+    }
+
+    let calls = Calls::default();
+    let cfg = WorkerConfig {
+        concurrency: 32,
+        ..WorkerConfig::default()
+    };
+    let t = Instant::now();
+    let worker = b
+        .spawn_jetstream(
+            &s.stream,
+            "notifier",
+            &s.dlq_subject,
+            env.processor(calls.handler(Duration::ZERO)),
+            &cfg,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let expected_handled = n / 2; // alice and carol; mallory is suspended, bob lacks the entitlement
+    let letters = b
+        .read_stream(
+            &s.dlq_stream,
+            n - expected_handled,
+            Duration::from_secs(180),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls
+        .wait_distinct(expected_handled, Duration::from_secs(180))
+        .await;
+    let elapsed = t.elapsed();
+    worker.stop().await;
+    eprintln!(
+        "NATS JetStream guard: {n} messages settled in {elapsed:?} = {:.0} msg/s (concurrency 32, confirmed acks); guarded publish {publish_rate:.0} msg/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
+
+    let handled = calls.snapshot();
+    assert_eq!(
+        handled.len(),
+        expected_handled,
+        "each permitted message handled once"
+    );
+    assert_eq!(calls.distinct(), expected_handled);
+    assert_eq!(letters.len(), n - expected_handled);
+    assert_eq!(
+        handled.len() + letters.len(),
+        n,
+        "handled + dead-lettered = published"
+    );
+    for c in &handled {
+        let i = c.payload["n"].as_u64().expect("n") as usize;
+        assert_eq!(c.auth_subject, users[i % users.len()]);
+        assert!(c.auth_subject == "alice" || c.auth_subject == "carol");
+        assert_eq!(c.auth_workload, CONSUMER);
+        assert_eq!(c.auth_producer, PRODUCER);
+        assert_eq!(c.auth_action, ACTION);
+        assert_eq!(
+            c.subject,
+            format!("{}.in.{}", s.subject_prefix, kinds[i % kinds.len()])
+        );
+        assert_eq!(by_seq.get(&c.stream_seq.expect("stream seq")), Some(&i));
+        assert!(c.payload.get("access_token").is_none());
+    }
+    let logged: HashSet<String> = env
+        .decisions()
+        .iter()
+        .map(|d| d.decision_id.clone())
+        .collect();
+    let mut dead_seqs = HashSet::new();
+    for l in &letters {
+        let id = l.headers.get_str(H_DECISION_ID).expect("decision id");
+        assert!(logged.contains(id), "decision {id} is in the decision log");
+        assert_eq!(l.headers.get_str(H_VERDICT), Some("deny"));
+        assert!(l.headers.get_str(H_REASON).is_some_and(|r| !r.is_empty()));
+        let (stream, seq) = source_seq(l);
+        assert_eq!(stream, s.stream);
+        let i = *by_seq
+            .get(&seq)
+            .expect("dead letter points at a published message");
+        assert!(["mallory", "bob"].contains(&users[i % users.len()]));
+        let body: serde_json::Value = serde_json::from_slice(&l.payload).expect("original payload");
+        assert_eq!(body["n"].as_u64(), Some(i as u64));
+        dead_seqs.insert(seq);
+    }
+    assert_eq!(
+        dead_seqs.len(),
+        n - expected_handled,
+        "one dead letter per denied message"
+    );
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "notifier").await;
+    assert_eq!((ack_pending, pending), (0, 0), "everything settled");
+}
+
+/// Forged, tampered, expired, token-carrying and reference-less messages from
+/// a plain async-nats client: 0 handler calls, every one dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_client_messages_never_reach_the_handler() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "HOSTILE").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let hostile = env.hostile_messages(&subject);
+    let copies = 4;
+    let mut expected: Vec<String> = Vec::new();
+    for _ in 0..copies {
+        for (reason, headers, payload) in &hostile {
+            b.publish_plain(&subject, headers, payload.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            expected.push(reason.to_string());
+        }
+    }
+    let calls = Calls::default();
+    let worker = b
+        .spawn_jetstream(
+            &s.stream,
+            "worker",
+            &s.dlq_subject,
+            env.processor(calls.handler(Duration::ZERO)),
+            &WorkerConfig::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let letters = b
+        .read_stream(&s.dlq_stream, expected.len(), Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    worker.stop().await;
+    assert_eq!(calls.count(), 0, "a hostile message reached the handler");
+    let mut got: Vec<String> = letters
+        .iter()
+        .map(|l| l.headers.get_str(H_REASON).unwrap_or("").to_string())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    let seqs: HashSet<u64> = letters.iter().map(|l| source_seq(l).1).collect();
+    assert_eq!(seqs, (1..=expected.len() as u64).collect::<HashSet<_>>());
+    for l in &letters {
+        assert!(
+            env.credentials().scan(&l.headers, &l.payload).is_empty(),
+            "dead letters carry no credential"
+        );
+    }
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0));
+}
+
+/// TTS stopped mid-stream: messages are nak'ed with a delay, none handled,
+/// none lost; TTS back: they all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tts_outage_mid_stream_naks_and_recovers() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "OUTAGE").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let calls = Calls::default();
+    let cfg = WorkerConfig {
+        concurrency: 8,
+        ..WorkerConfig::default()
+    };
+    let worker = b
+        .spawn_jetstream(
+            &s.stream,
+            "worker",
+            &s.dlq_subject,
+            env.processor(calls.handler(Duration::ZERO)),
+            &cfg,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..30 {
+        publish_json(
+            &b,
+            &env,
+            &subject,
+            "alice",
+            serde_json::json!({"n": i}),
+            Headers::new(),
+        )
+        .await;
+    }
+    calls.wait_distinct(30, Duration::from_secs(60)).await;
+    assert_eq!(calls.distinct(), 30);
+    env.stop_tts().await;
+    for i in 30..60 {
+        publish_json(
+            &b,
+            &env,
+            &subject,
+            "alice",
+            serde_json::json!({"n": i}),
+            Headers::new(),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(calls.count(), 30, "nothing is handled without a Txn-Token");
+    assert!(
+        b.read_stream(&s.dlq_stream, 0, Duration::ZERO)
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "nothing dead-lettered"
+    );
+    assert!(
+        env.decisions()
+            .iter()
+            .any(|d| d.reason.code() == "tts-unavailable")
+    );
+    let (_, _, redelivered) = consumer_state(&b, &s.stream, "worker").await;
+    assert!(
+        redelivered > 0,
+        "outage messages were nak'ed for redelivery"
+    );
+    env.start_tts().await;
+    calls.wait_distinct(60, Duration::from_secs(60)).await;
+    worker.stop().await;
+    assert_eq!(
+        calls.distinct(),
+        60,
+        "every message completes once the TTS is back"
+    );
+    assert_eq!(calls.count(), 60);
+    assert!(
+        calls.snapshot().iter().any(|c| c.attempt > 1),
+        "completed on a later delivery"
+    );
+    assert!(
+        b.read_stream(&s.dlq_stream, 0, Duration::ZERO)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0));
+}
+
+/// A worker killed mid-stream and restarted loses nothing: the server
+/// redelivers its unsettled messages after `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_loses_nothing() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "KILL").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let n = 80;
+    for i in 0..n {
+        publish_json(
+            &b,
+            &env,
+            &subject,
+            "alice",
+            serde_json::json!({"n": i}),
+            Headers::new(),
+        )
+        .await;
+    }
+    let calls = Calls::default();
+    let cfg = WorkerConfig {
+        concurrency: 8,
+        ack_wait: Duration::from_secs(2),
+        max_deliver: -1,
+    };
+    let processor = env.processor(calls.handler(Duration::from_millis(200)));
+    let first = b
+        .spawn_jetstream(&s.stream, "worker", &s.dlq_subject, processor.clone(), &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls.wait_distinct(16, Duration::from_secs(60)).await;
+    first.kill();
+    let at_kill = calls.distinct();
+    assert!(at_kill < n, "killed mid-stream");
+    let (ack_pending, _, _) = consumer_state(&b, &s.stream, "worker").await;
+    eprintln!("killed after {at_kill} handled, {ack_pending} unacked in flight");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = b
+        .spawn_jetstream(&s.stream, "worker", &s.dlq_subject, processor, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls.wait_distinct(n, Duration::from_secs(90)).await;
+    second.stop().await;
+    assert_eq!(calls.distinct(), n, "nothing lost");
+    assert!(calls.count() >= n);
+    assert!(
+        b.read_stream(&s.dlq_stream, 0, Duration::ZERO)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0));
+}
+
+/// Core NATS guard (queue group of two): denied and hostile messages never
+/// reach the handler and are dead-lettered; permitted ones are handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_guard_denied_never_reach_the_handler() {
+    let b = NatsBinding::core().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "CORE").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let calls = Calls::default();
+    let processor = env.processor(calls.handler(Duration::ZERO));
+    let w1 = b
+        .spawn_core(&subject, "workers", &s.dlq_subject, processor.clone(), 8)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let w2 = b
+        .spawn_core(&subject, "workers", &s.dlq_subject, processor, 8)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let publisher = b.publisher(&env.producer);
+    for i in 0..40 {
+        let user = if i % 2 == 0 { "alice" } else { "mallory" };
+        let who = env.subject(user);
+        let audience = env.audience();
+        let req = env.publish_request(&who, &audience, "");
+        let body = serde_json::json!({"n": i, "user": user});
+        let r = publisher
+            .publish(
+                &subject,
+                &req,
+                OutboundMessage {
+                    headers: Headers::new(),
+                    payload: serde_json::to_vec(&body).unwrap_or_default(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.ack.is_none(), "core NATS has no stream ack");
+    }
+    publisher.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    let hostile = env.hostile_messages(&subject);
+    for (_, headers, payload) in &hostile {
+        BrokerBinding::publish_raw(
+            &b,
+            &elevate_integration_tests::binding::Endpoint {
+                name: s.stream.clone(),
+                destination: subject.clone(),
+                dead_letter: s.dlq_subject.clone(),
+            },
+            headers.clone(),
+            payload.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let expected_dead = 20 + hostile.len();
+    let letters = b
+        .read_stream(&s.dlq_stream, expected_dead, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls.wait_distinct(20, Duration::from_secs(30)).await;
+    w1.stop().await;
+    w2.stop().await;
+    let handled = calls.snapshot();
+    assert!(
+        handled
+            .iter()
+            .all(|c| c.auth_subject == "alice" && c.payload["user"] == "alice"),
+        "a denied message reached the handler"
+    );
+    assert_eq!(
+        handled.len(),
+        20,
+        "queue group: each permitted message handled once"
+    );
+    assert_eq!(calls.distinct(), 20);
+    assert_eq!(letters.len(), expected_dead);
+    let reasons: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l.headers.get_str(H_REASON))
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "subject-denied").count(),
+        20
+    );
+    for l in &letters {
+        assert!(l.headers.get_str(H_DECISION_ID).is_some());
+        let src: Coordinates =
+            serde_json::from_str(l.headers.get_str(H_SOURCE).unwrap_or("null")).expect("source");
+        assert!(
+            matches!(src, Coordinates::Nats { stream: None, .. }),
+            "core NATS source has no stream"
+        );
+    }
+}
+
+/// Publisher: the stream ack comes back to the caller; a refused publish never reaches the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_returns_the_stream_ack_and_refusals_stay_local() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "PUB").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let mut headers = Headers::new();
+    headers.append("Nats-Msg-Id", "order-42");
+    let first = publish_json(
+        &b,
+        &env,
+        &subject,
+        "alice",
+        serde_json::json!({"n": 1}),
+        headers.clone(),
+    )
+    .await;
+    let again = publish_json(
+        &b,
+        &env,
+        &subject,
+        "alice",
+        serde_json::json!({"n": 1}),
+        headers,
+    )
+    .await;
+    let a1 = first.ack.expect("stream ack");
+    let a2 = again.ack.expect("stream ack");
+    assert_eq!(
+        (a1.stream.as_str(), a1.sequence, a1.duplicate),
+        (s.stream.as_str(), 1, false)
+    );
+    assert!(
+        a2.duplicate,
+        "same Nats-Msg-Id is de-duplicated by the stream"
+    );
+    assert_eq!(first.message_id, "order-42");
+    let plain = publish_json(
+        &b,
+        &env,
+        &subject,
+        "alice",
+        serde_json::json!({"n": 2}),
+        Headers::new(),
+    )
+    .await;
+    assert_eq!(
+        plain.message_id, plain.reference_id,
+        "default Nats-Msg-Id is the reference id"
+    );
+    // an action outside the subject's scope is refused before the broker
+    let who = env.subject("alice");
+    let audience = env.audience();
+    let mut req = env.publish_request(&who, &audience, "");
+    req.action = "admin.delete";
+    let refused = b
+        .publisher(&env.producer)
+        .publish_jetstream(&subject, &req, OutboundMessage::default())
+        .await;
+    assert!(
+        matches!(refused, Err(PublishError::ScopeInsufficient { .. })),
+        "{refused:?}"
+    );
+    let raw = b
+        .read_stream(&s.stream, 2, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(raw.len(), 2, "the refused message is not in the stream");
+    assert!(raw.iter().all(|m| m.subject == subject));
+}

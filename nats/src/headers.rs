@@ -1,0 +1,103 @@
+//! Header mapping between Elevate's multi-valued [`Headers`] and NATS [`HeaderMap`].
+//!
+//! NATS headers are text: names are ASCII without control characters or `:`,
+//! values are UTF-8 without CR/LF. Duplicate names are kept in order (values
+//! of one name keep their order; different names are emitted sorted by name,
+//! since `HeaderMap` does not keep the order between names).
+
+use std::str::FromStr;
+
+use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, HeaderValue};
+use elevate_core::Headers;
+
+/// The JetStream de-duplication header.
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+
+/// A header cannot be carried by NATS.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The name is empty, non-ASCII, has control characters or `:`.
+    #[error("header name {0:?} is not a valid NATS header name")]
+    InvalidName(String),
+    /// The value is not UTF-8 or contains CR/LF.
+    #[error("value of header {0:?} is not valid in NATS (must be UTF-8 without CR/LF)")]
+    InvalidValue(String),
+}
+
+/// Converts Elevate headers to a NATS header map (duplicates kept).
+pub fn to_nats_headers(headers: &Headers) -> Result<HeaderMap, HeaderError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers.iter() {
+        let n = HeaderName::from_str(name).map_err(|_| HeaderError::InvalidName(name.into()))?;
+        let v = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .ok_or_else(|| HeaderError::InvalidValue(name.into()))?;
+        map.append(n, v);
+    }
+    Ok(map)
+}
+
+/// Converts a NATS header map to Elevate headers (duplicates kept, names sorted).
+pub fn from_nats_headers(map: Option<&HeaderMap>) -> Headers {
+    let Some(map) = map else {
+        return Headers::new();
+    };
+    let mut names: Vec<_> = map.iter().collect();
+    names.sort_by_key(|(name, _)| name.to_string());
+    let mut out = Headers::new();
+    for (name, values) in names {
+        let name = name.to_string();
+        for v in values {
+            out.append(name.clone(), v.as_str().as_bytes().to_vec());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_survive_both_ways() {
+        let mut h = Headers::new();
+        h.append("X-Trace", "a");
+        h.append("Accept", "text/plain");
+        h.append("X-Trace", "b");
+        let map = to_nats_headers(&h).unwrap();
+        let back = from_nats_headers(Some(&map));
+        let traces: Vec<_> = back.get_all("x-trace").collect();
+        assert_eq!(traces, vec![b"a".as_slice(), b"b".as_slice()]);
+        assert_eq!(back.get_str("accept"), Some("text/plain"));
+        assert_eq!(back.len(), 3);
+    }
+
+    #[test]
+    fn invalid_names_and_values_are_errors_not_panics() {
+        let mut h = Headers::new();
+        h.append("bad:name", "v");
+        assert!(matches!(
+            to_nats_headers(&h),
+            Err(HeaderError::InvalidName(_))
+        ));
+        let mut h = Headers::new();
+        h.append("x", "a\r\nInjected: 1");
+        assert!(matches!(
+            to_nats_headers(&h),
+            Err(HeaderError::InvalidValue(_))
+        ));
+        let mut h = Headers::new();
+        h.append("x", vec![0xff, 0xfe]);
+        assert!(matches!(
+            to_nats_headers(&h),
+            Err(HeaderError::InvalidValue(_))
+        ));
+    }
+
+    #[test]
+    fn no_headers_is_empty() {
+        assert!(from_nats_headers(None).is_empty());
+    }
+}
