@@ -13,7 +13,7 @@
 //! of trust elevation ([`PolicyDecisionPoint::evaluate_all`]) are answered
 //! from one bundle snapshot, so a reload cannot split a decision.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
@@ -187,6 +187,9 @@ pub struct Bundle {
     actions: HashMap<String, EntityUid>,
     /// Entity type name → parsed type name, from the schema.
     entity_types: HashMap<String, EntityTypeName>,
+    /// Action name → the principal and resource types it applies to, from the
+    /// schema: checked per request instead of re-validating the whole request.
+    applies: HashMap<String, (HashSet<EntityTypeName>, HashSet<EntityTypeName>)>,
     /// Policy id → the file it came from.
     policy_files: BTreeMap<String, String>,
 }
@@ -324,9 +327,23 @@ impl Bundle {
             }
         })?;
 
-        let actions = schema
+        let actions: HashMap<String, EntityUid> = schema
             .actions()
             .map(|uid| (uid.id().unescaped().to_string(), uid.clone()))
+            .collect();
+        let applies = actions
+            .iter()
+            .map(|(name, uid)| {
+                let principals = schema
+                    .principals_for_action(uid)
+                    .map(|it| it.cloned().collect())
+                    .unwrap_or_default();
+                let resources = schema
+                    .resources_for_action(uid)
+                    .map(|it| it.cloned().collect())
+                    .unwrap_or_default();
+                (name.clone(), (principals, resources))
+            })
             .collect();
         let entity_types = schema
             .entity_types()
@@ -340,6 +357,7 @@ impl Bundle {
             entities,
             actions,
             entity_types,
+            applies,
             policy_files: owners,
         })
     }
@@ -402,6 +420,16 @@ impl Bundle {
             .ok_or_else(|| PdpError::InvalidRequest(format!("unknown action {:?}", req.action)))?;
         let principal = self.entity(&req.subject)?;
         let resource = self.entity(&req.resource)?;
+        let fits = self
+            .applies
+            .get(&req.action)
+            .is_some_and(|(p, r)| p.contains(principal.type_name()) && r.contains(resource.type_name()));
+        if !fits {
+            return Err(PdpError::InvalidRequest(format!(
+                "action {:?} does not apply to principal {} and resource {}",
+                req.action, req.subject.kind, req.resource.kind
+            )));
+        }
         let context = Context::from_json_value(req.context.clone(), Some((&self.schema, action)))
             .map_err(|e| {
             PdpError::InvalidRequest(format!(
@@ -410,13 +438,9 @@ impl Bundle {
                 error_chain(&e)
             ))
         })?;
-        Request::new(
-            principal,
-            action.clone(),
-            resource,
-            context,
-            Some(&self.schema),
-        )
+        // The schema check of the whole request is what rejects a context of the
+        // wrong shape (deny by default); it costs a few microseconds.
+        Request::new(principal, action.clone(), resource, context, Some(&self.schema))
         .map_err(|e| PdpError::InvalidRequest(error_chain(&e)))
     }
 

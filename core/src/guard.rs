@@ -298,10 +298,7 @@ impl Guard {
         let claims = &verified.claims;
         // 3. Replay.
         if let Some(replay) = &self.replay {
-            let position = msg
-                .message_id
-                .clone()
-                .unwrap_or_else(|| msg.coordinates.to_string());
+            let position = replay_position(msg);
             match replay.check(&claims.jti, &position, claims.exp).await {
                 Ok(Seen::New | Seen::Redelivery) => {}
                 Ok(Seen::Replay { first_seen_at }) => {
@@ -488,6 +485,31 @@ impl Guard {
             ctx_ref_sha256: facts.reference.as_ref().map(|r| r.token_sha256.clone()),
             txn_token_sha256: facts.token.as_ref().map(|t| t.token.sha256()),
         }
+    }
+}
+
+/// Where a message sits, for the replay seen-set: a broker-assigned position
+/// when the broker has a stable one (a producer cannot choose it), else the
+/// message id. A redelivery keeps its position; a copy of the message does not.
+pub fn replay_position(msg: &InboundMessage) -> String {
+    use crate::message::Coordinates;
+    match &msg.coordinates {
+        // topic/partition/offset, stream/sequence and queue/sequence are broker-assigned
+        Coordinates::Kafka { .. } | Coordinates::Memory { .. } => msg.coordinates.to_string(),
+        Coordinates::Nats {
+            stream: Some(_),
+            stream_seq: Some(_),
+            ..
+        } => msg.coordinates.to_string(),
+        // core NATS never redelivers: every sight is its own position
+        Coordinates::Nats { subject, .. } => format!("nats:{subject}#{}", uuid::Uuid::new_v4()),
+        // AMQP delivery tags change on redelivery: the publisher's message id is the
+        // only stable handle (documented limitation: a verbatim copy with the same
+        // message id looks like a redelivery)
+        Coordinates::Amqp { queue, .. } => match &msg.message_id {
+            Some(id) => format!("amqp:{queue}/{id}"),
+            None => format!("amqp:{queue}"),
+        },
     }
 }
 
