@@ -1,1 +1,166 @@
-//! placeholder
+//! Elevate for AMQP 0-9-1 (RabbitMQ) on lapin: a confirming, credential-stripping
+//! publisher and a guard around the lapin [`Consumer`](lapin::Consumer) you already have.
+//!
+//! This crate is a thin binding: header mapping, confirmed publishing, the worker
+//! loop and settlement actions. Verification, policy, retry bounds and verdicts all
+//! live in [`elevate_core`] ([`Processor`](elevate_core::Processor)).
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use lapin::{options::*, types::FieldTable, Connection, ConnectionProperties};
+//! # use elevate_amqp::{AmqpDeadLetters, ConfirmChannel, GuardedConsumer, declare_queues};
+//! # async fn demo(guard: Arc<elevate_core::Guard>, handler: Arc<dyn elevate_core::Handler>) -> Result<(), Box<dyn std::error::Error>> {
+//! let conn = Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", ConnectionProperties::default()).await?;
+//! let ch = conn.create_channel().await?;
+//! let queues = declare_queues(&ch, "invoices").await?;           // invoices, invoices.retry, invoices.dlq
+//! ch.basic_qos(32, BasicQosOptions::default()).await?;            // prefetch = concurrency
+//! let consumer = ch.basic_consume("invoices".into(), "worker".into(),
+//!     BasicConsumeOptions::default(), FieldTable::default()).await?;
+//!
+//! let confirms = ConfirmChannel::new(conn.create_channel().await?).await?;
+//! let dead_letters = AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &queues.dead_letter);
+//! let processor = Arc::new(elevate_core::Processor::new(guard, handler, Arc::new(dead_letters)));
+//! GuardedConsumer::new(consumer, processor, confirms)
+//!     .concurrency(32)
+//!     .run(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! **Destinations.** A context reference is bound to the routing key (= queue name)
+//! when published to the default exchange `""`, else to `<exchange>/<routing_key>`;
+//! a worker rebuilds the same string from the delivery's exchange and routing key.
+//!
+//! **Headers.** AMQP tables cannot repeat a key: duplicated header names travel as a
+//! field array of `LongString`s and are decoded back into repeated values (see
+//! [`headers`]).
+//!
+//! **Retries** use the standard RabbitMQ retry-queue pattern (see [`declare_queues`]
+//! and [`GuardedConsumer`]): a delay is a message parked on the broker, so it survives
+//! a worker crash and holds no prefetch slot. Per-message TTLs expire only at the head
+//! of a classic queue, so a delay can run longer than asked when a longer one is ahead
+//! of it; it is never shorter.
+
+pub mod deadletter;
+pub mod headers;
+pub mod publish;
+pub mod worker;
+
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+pub use deadletter::AmqpDeadLetters;
+pub use publish::{AmqpPublisher, ConfirmChannel, Receipt, destination};
+pub use worker::{AmqpDelivery, GuardedConsumer};
+
+/// Header: the delivery attempt a retry copy is for (2 for the first retry).
+pub const H_ATTEMPT: &str = "x-elevate-attempt";
+/// Header: the destination a retry copy was originally read from (trusted only on
+/// copies that come back from the retry queue; see [`GuardedConsumer`]).
+pub const H_DESTINATION: &str = "x-elevate-destination";
+/// The broker's dead-lettering history header.
+pub const X_DEATH: &str = "x-death";
+
+/// The retry queue paired with `queue`: `<queue>.retry`.
+pub fn retry_queue_name(queue: &str) -> String {
+    format!("{queue}.retry")
+}
+
+/// The default dead-letter queue for `queue`: `<queue>.dlq`.
+pub fn dead_letter_queue_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// An AMQP error from the binding.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client or broker failed (connection, channel, protocol).
+    #[error("AMQP: {0}")]
+    Lapin(#[from] lapin::Error),
+    /// The broker nacked a publish.
+    #[error("the broker nacked the publish")]
+    Nacked,
+    /// A mandatory publish could not be routed to any queue (`basic.return`).
+    #[error("unroutable publish returned by the broker: {code} {text}")]
+    Unroutable {
+        /// AMQP reply code (312 NO_ROUTE).
+        code: u16,
+        /// Reply text.
+        text: String,
+    },
+    /// The channel is not in confirm mode.
+    #[error("publisher confirms are not enabled on the channel")]
+    ConfirmsOff,
+    /// A name longer than AMQP's 255-byte short-string limit.
+    #[error("{what} of {len} bytes exceeds AMQP's 255-byte limit")]
+    InvalidName {
+        /// What it names.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A header name too long for AMQP.
+    #[error(transparent)]
+    HeaderName(#[from] headers::HeaderNameTooLong),
+}
+
+/// The queues a guarded worker uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queues {
+    /// The work queue.
+    pub work: String,
+    /// The retry queue (`<work>.retry`).
+    pub retry: String,
+    /// The dead-letter queue (`<work>.dlq`).
+    pub dead_letter: String,
+}
+
+/// Declares (idempotently, all durable) the work queue `queue`, its retry queue
+/// `<queue>.retry` (arguments `x-dead-letter-exchange: ""`,
+/// `x-dead-letter-routing-key: <queue>`, so a retry copy returns to the work queue
+/// when its per-message `expiration` ends) and the dead-letter queue `<queue>.dlq`.
+pub async fn declare_queues(channel: &Channel, queue: &str) -> Result<Queues, Error> {
+    declare_queues_with(channel, queue, FieldTable::default()).await
+}
+
+/// As [`declare_queues`], with extra arguments for all three queues (e.g.
+/// `x-queue-type`, `x-expires`).
+pub async fn declare_queues_with(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<Queues, Error> {
+    let q = Queues {
+        work: queue.to_string(),
+        retry: retry_queue_name(queue),
+        dead_letter: dead_letter_queue_name(queue),
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            publish::short("queue", &q.work)?,
+            durable,
+            arguments.clone(),
+        )
+        .await?;
+    let mut retry_args = arguments.clone();
+    retry_args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    retry_args.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(LongString::from(q.work.as_bytes())),
+    );
+    channel
+        .queue_declare(publish::short("queue", &q.retry)?, durable, retry_args)
+        .await?;
+    channel
+        .queue_declare(publish::short("queue", &q.dead_letter)?, durable, arguments)
+        .await?;
+    Ok(q)
+}

@@ -1,0 +1,255 @@
+//! Confirmed publishing (shared by the guarded publisher, dead letters and retries)
+//! and the credential-stripping [`AmqpPublisher`].
+
+use elevate_core::OutboundMessage;
+use elevate_core::producer::{ProducerGuard, PublishError, PublishRequest};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::Error;
+use crate::headers;
+
+/// AMQP `delivery_mode` for a message the broker writes to disk.
+pub const PERSISTENT: u8 = 2;
+
+/// The destination string a context reference is bound to: the routing key
+/// (= queue name) for the default exchange `""`, else `<exchange>/<routing_key>`.
+pub fn destination(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        routing_key.to_string()
+    } else {
+        format!("{exchange}/{routing_key}")
+    }
+}
+
+pub(crate) fn short(what: &'static str, s: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(s).map_err(|_| Error::InvalidName { what, len: s.len() })
+}
+
+/// A channel in publisher-confirm mode; every publish is `mandatory` and waits for its confirm.
+#[derive(Clone, Debug)]
+pub struct ConfirmChannel {
+    channel: Channel,
+}
+
+impl ConfirmChannel {
+    /// Puts `channel` in confirm mode (`confirm.select`; harmless if it already is).
+    pub async fn new(channel: Channel) -> Result<Self, Error> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(ConfirmChannel { channel })
+    }
+
+    /// The underlying lapin channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes with `mandatory: true` and waits for the broker: only an ack for a
+    /// routed message is a success; a nack or a `basic.return` (unroutable) is an error.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), Error> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                short("exchange", exchange)?,
+                short("routing key", routing_key)?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(Error::Unroutable {
+                    code: returned.reply_code,
+                    text: returned.reply_text.to_string(),
+                })
+            }
+            Confirmation::Nack(None) => Err(Error::Nacked),
+            Confirmation::NotRequested => Err(Error::ConfirmsOff),
+        }
+    }
+}
+
+/// What the broker confirmed for one guarded publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The AMQP `message-id` sent (the caller's, or a fresh UUID).
+    pub message_id: String,
+    /// The destination the reference is bound to.
+    pub destination: String,
+    /// The reference id (`jti`).
+    pub reference_id: String,
+    /// How many credentials were stripped from the message.
+    pub stripped: usize,
+}
+
+/// Publishes through a [`ProducerGuard`] on a confirming channel: producer PDP
+/// check, credential stripping (the properties' header table included), a context
+/// reference bound to `<exchange>/<routing_key>` (or the queue name on the default
+/// exchange) and the payload, a `mandatory` persistent publish, and the broker's confirm.
+#[derive(Clone)]
+pub struct AmqpPublisher {
+    channel: ConfirmChannel,
+    guard: ProducerGuard,
+}
+
+impl std::fmt::Debug for AmqpPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpPublisher")
+            .field("workload", &self.guard.workload())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpPublisher {
+    /// Wraps a channel the application opened (it is put in confirm mode).
+    pub async fn new(channel: Channel, guard: ProducerGuard) -> Result<Self, Error> {
+        Ok(AmqpPublisher {
+            channel: ConfirmChannel::new(channel).await?,
+            guard,
+        })
+    }
+
+    /// Reuses a channel already in confirm mode.
+    pub fn with_confirm_channel(channel: ConfirmChannel, guard: ProducerGuard) -> Self {
+        AmqpPublisher { channel, guard }
+    }
+
+    /// The confirming channel.
+    pub fn channel(&self) -> &ConfirmChannel {
+        &self.channel
+    }
+
+    /// The producer guard.
+    pub fn guard(&self) -> &ProducerGuard {
+        &self.guard
+    }
+
+    /// Publishes `msg` with default properties (persistent, fresh message id).
+    /// `req.destination` is ignored: the reference is bound to `exchange`/`routing_key`.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        self.publish_with_properties(exchange, routing_key, req, msg, BasicProperties::default())
+            .await
+    }
+
+    /// Publishes with the caller's properties. Any header table in `properties` is
+    /// merged into `msg.headers` first (so it is stripped too); `message_id` defaults to
+    /// a UUID, `delivery_mode` to persistent and `timestamp` to now.
+    pub async fn publish_with_properties(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        req: &PublishRequest<'_>,
+        mut msg: OutboundMessage,
+        properties: BasicProperties,
+    ) -> Result<Receipt, PublishError> {
+        let dst = destination(exchange, routing_key);
+        let req = PublishRequest {
+            destination: &dst,
+            ..req.clone()
+        };
+        if let Some(table) = properties.headers() {
+            for (n, v) in headers::decode(Some(table)).iter() {
+                msg.headers.append(n, v);
+            }
+        }
+        let prepared = self.guard.prepare(&req, msg).await?;
+        let table =
+            headers::encode(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut props = properties
+            .clone()
+            .with_headers(table)
+            .with_message_id(short("message id", &message_id).map_err(broker)?);
+        if props.delivery_mode().is_none() {
+            props = props.with_delivery_mode(PERSISTENT);
+        }
+        if props.timestamp().is_none() {
+            props = props.with_timestamp(now_secs());
+        }
+        self.channel
+            .publish(exchange, routing_key, &prepared.payload, props)
+            .await
+            .map_err(broker)?;
+        Ok(Receipt {
+            message_id,
+            destination: dst,
+            reference_id: prepared.reference.claims.jti.clone(),
+            stripped: prepared.stripped.len(),
+        })
+    }
+}
+
+fn broker(e: Error) -> PublishError {
+    PublishError::Broker(e.to_string())
+}
+
+/// The original properties a copy (retry or dead letter) keeps: everything but the
+/// header table, `delivery_mode`, `expiration` (a copy must not inherit a TTL) and
+/// `user_id` (the broker checks it against the publishing connection's user).
+pub(crate) fn carried_properties(o: &BasicProperties) -> BasicProperties {
+    let mut p = BasicProperties::default();
+    macro_rules! keep {
+        ($get:ident, $set:ident) => {
+            if let Some(v) = o.$get() {
+                p = p.$set(v.clone());
+            }
+        };
+    }
+    keep!(content_type, with_content_type);
+    keep!(content_encoding, with_content_encoding);
+    keep!(priority, with_priority);
+    keep!(correlation_id, with_correlation_id);
+    keep!(reply_to, with_reply_to);
+    keep!(message_id, with_message_id);
+    keep!(timestamp, with_timestamp);
+    keep!(kind, with_type);
+    keep!(app_id, with_app_id);
+    keep!(cluster_id, with_cluster_id);
+    p
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert_eq!(destination("", "jobs"), "jobs");
+        assert_eq!(
+            destination("billing", "invoice.create"),
+            "billing/invoice.create"
+        );
+    }
+}

@@ -1,0 +1,449 @@
+//! The guarded worker: wraps a lapin [`Consumer`] and settles every delivery
+//! through core's [`Processor`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use elevate_core::message::{Coordinates, InboundMessage};
+use elevate_core::settle::{Delivery, Outcome, Processor, TransportError};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Acker, BasicProperties, Consumer};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::deadletter::ORIGINAL_PROPERTIES;
+use crate::headers::{self, as_str, as_u64};
+use crate::publish::{ConfirmChannel, carried_properties, destination};
+use crate::{Error, H_ATTEMPT, H_DESTINATION, X_DEATH};
+
+/// Runs a user's lapin consumer through the guard.
+///
+/// Concurrency: at most [`concurrency`](Self::concurrency) deliveries are processed at
+/// once. The broker-side bound is the channel's `basic_qos` prefetch, which **the user
+/// sets** on the consumer's channel before `basic_consume`; set both to the same value
+/// (a prefetch above the limit only parks messages in memory, one below it idles workers).
+///
+/// Settlement (all decided by core's [`Processor`]): Permit → handler → `basic_ack`;
+/// Deny/Quarantine → dead letter published and confirmed → `basic_ack`; Retry → a copy
+/// goes to the retry queue `<queue>.retry` with `x-elevate-attempt` = attempt + 1 and a
+/// per-message `expiration` = the delay, the copy's confirm is awaited, then the
+/// original is acked; the retry queue dead-letters it back to `<queue>` when the delay
+/// ends (see [`crate::declare_queues`]). A delivery that cannot be settled (broker
+/// error) is handed back with `basic_nack(requeue)` after
+/// [`unsettled_requeue_delay`](Self::unsettled_requeue_delay); if the channel or
+/// connection is gone, the broker requeues every unacked message itself. Nothing is
+/// ever acked unsettled.
+pub struct GuardedConsumer {
+    consumer: Consumer,
+    processor: Arc<Processor>,
+    retry: ConfirmChannel,
+    queue: String,
+    retry_queue: String,
+    concurrency: usize,
+    requeue_delay: Duration,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for GuardedConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedConsumer")
+            .field("queue", &self.queue)
+            .field("retry_queue", &self.retry_queue)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedConsumer {
+    /// Wraps `consumer` (created by the user with `basic_consume`, `no_ack: false`).
+    /// `retry` is a confirming channel used to publish retry copies (it may be the
+    /// dead-letter publisher's channel).
+    pub fn new(consumer: Consumer, processor: Arc<Processor>, retry: ConfirmChannel) -> Self {
+        let queue = consumer.queue().to_string();
+        GuardedConsumer {
+            retry_queue: crate::retry_queue_name(&queue),
+            queue,
+            consumer,
+            processor,
+            retry,
+            concurrency: 16,
+            requeue_delay: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Maximum deliveries processed at once (default 16; match the channel's prefetch).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Uses another retry queue than `<queue>.retry`.
+    pub fn retry_queue(mut self, name: impl Into<String>) -> Self {
+        self.retry_queue = name.into();
+        self
+    }
+
+    /// How long an unsettleable delivery is held before `basic_nack(requeue)` (default 1 s;
+    /// holding its prefetch slot throttles a broker that keeps failing).
+    pub fn unsettled_requeue_delay(mut self, delay: Duration) -> Self {
+        self.requeue_delay = delay;
+        self
+    }
+
+    /// How long `run` waits for in-flight deliveries when it ends (default 30 s); those
+    /// still running then are aborted, unsettled, and go back to the broker.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Processes deliveries until `shutdown` completes, the consumer is cancelled, or the
+    /// channel fails (returned as an error: unacked messages are back with the broker;
+    /// reconnect and run again). On shutdown, in-flight deliveries finish (up to
+    /// [`drain_timeout`](Self::drain_timeout)) and buffered ones are handed back
+    /// (`basic_nack(requeue)`); close the channel afterwards.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let GuardedConsumer {
+            mut consumer,
+            processor,
+            retry,
+            queue,
+            retry_queue,
+            concurrency,
+            requeue_delay,
+            drain_timeout,
+        } = self;
+        let ctx = Arc::new(Ctx {
+            retry,
+            queue,
+            retry_queue,
+            requeue_delay,
+        });
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        let result = loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                n = consumer.next() => n,
+            };
+            let delivery = match next {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(Error::Lapin(e)),
+                Some(Ok(d)) => d,
+            };
+            let delivery = AmqpDelivery::from_lapin(delivery, ctx.clone());
+            let processor = processor.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let props = delivery.properties.clone();
+                let coords = delivery.msg.coordinates.to_string();
+                match ORIGINAL_PROPERTIES
+                    .scope(props, processor.process(delivery))
+                    .await
+                {
+                    Ok(Outcome::Handled { .. }) => {}
+                    Ok(outcome) => tracing::debug!(source = %coords, ?outcome, "delivery settled"),
+                    Err(e) => {
+                        tracing::warn!(source = %coords, error = %e, "delivery left unsettled for redelivery")
+                    }
+                }
+            });
+        };
+        if result.is_ok() {
+            // Hand back what is buffered but not started.
+            while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            }
+        }
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = tasks.len(),
+                "in-flight deliveries did not finish: aborted, left to the broker"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        drop(consumer);
+        result
+    }
+}
+
+struct Ctx {
+    retry: ConfirmChannel,
+    queue: String,
+    retry_queue: String,
+    requeue_delay: Duration,
+}
+
+/// One AMQP delivery awaiting settlement.
+pub struct AmqpDelivery {
+    msg: InboundMessage,
+    acker: Acker,
+    properties: BasicProperties,
+    ctx: Arc<Ctx>,
+    settled: bool,
+}
+
+impl std::fmt::Debug for AmqpDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpDelivery")
+            .field("source", &self.msg.coordinates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpDelivery {
+    fn from_lapin(d: lapin::message::Delivery, ctx: Arc<Ctx>) -> Self {
+        let lapin::message::Delivery {
+            delivery_tag,
+            exchange,
+            routing_key,
+            properties,
+            data,
+            acker,
+            ..
+        } = d;
+        let table = properties.headers().as_ref();
+        let msg = InboundMessage {
+            headers: headers::decode(table),
+            payload: Bytes::from(data),
+            destination: inbound_destination(
+                exchange.as_str(),
+                routing_key.as_str(),
+                table,
+                &ctx.queue,
+                &ctx.retry_queue,
+            ),
+            coordinates: Coordinates::Amqp {
+                queue: ctx.queue.clone(),
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                delivery_tag,
+            },
+            message_id: properties.message_id().as_ref().map(|m| m.to_string()),
+            delivery_attempt: attempt(table, &ctx.retry_queue),
+            published_at_ms: properties
+                .timestamp()
+                .and_then(|t| i64::try_from(t).ok())
+                .map(|t| t.saturating_mul(1000)),
+        };
+        AmqpDelivery {
+            msg,
+            acker,
+            properties,
+            ctx,
+            settled: false,
+        }
+    }
+
+    /// The original AMQP properties.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    async fn settle_ack(&mut self) -> Result<(), TransportError> {
+        self.settled = true;
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TransportError::new(
+                "ack",
+                "channel closed (the broker will redeliver)",
+            )),
+            Err(e) => Err(TransportError::new("ack", e)),
+        }
+    }
+
+    fn retry_properties(&self, delay: Duration) -> Result<BasicProperties, Error> {
+        let o = &self.properties;
+        let mut table = o.headers().clone().unwrap_or_default();
+        let next = i64::from(self.msg.delivery_attempt.max(1)) + 1;
+        table.insert(ShortString::from(H_ATTEMPT), AMQPValue::LongLongInt(next));
+        table.insert(
+            ShortString::from(H_DESTINATION),
+            AMQPValue::LongString(LongString::from(self.msg.destination.as_bytes())),
+        );
+        let ms = delay.as_millis().min(u128::from(u32::MAX)).to_string();
+        Ok(carried_properties(o)
+            .with_headers(table)
+            .with_expiration(ShortString::from(ms))
+            .with_delivery_mode(o.delivery_mode().unwrap_or(crate::publish::PERSISTENT)))
+    }
+}
+
+impl Drop for AmqpDelivery {
+    fn drop(&mut self) {
+        if self.settled || !self.acker.usable() {
+            return;
+        }
+        // Not settled (broker failure mid-settlement, or the task was aborted):
+        // give it back so it is not stuck unacked until the channel closes.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let acker = self.acker.clone();
+            let delay = self.ctx.requeue_delay;
+            rt.spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for AmqpDelivery {
+    fn message(&self) -> &InboundMessage {
+        &self.msg
+    }
+
+    async fn ack(mut self) -> Result<(), TransportError> {
+        self.settle_ack().await
+    }
+
+    async fn redeliver(mut self, delay: Duration) -> Result<(), TransportError> {
+        let props = self
+            .retry_properties(delay)
+            .map_err(|e| TransportError::new("retry publish", e))?;
+        self.ctx
+            .retry
+            .publish("", &self.ctx.retry_queue, &self.msg.payload, props)
+            .await
+            .map_err(|e| TransportError::new("retry publish", e))?;
+        self.settle_ack().await
+    }
+}
+
+/// The destination a delivery was read from. A retry copy coming back from
+/// `<queue>.retry` (default exchange, routing key = the queue, an `x-death` entry for
+/// the retry queue) keeps the destination recorded in `x-elevate-destination` when it
+/// was parked; anything else is `<exchange>/<routing_key>` or the routing key alone.
+fn inbound_destination(
+    exchange: &str,
+    routing_key: &str,
+    table: Option<&FieldTable>,
+    queue: &str,
+    retry_queue: &str,
+) -> String {
+    let direct = destination(exchange, routing_key);
+    if !exchange.is_empty() || routing_key != queue {
+        return direct;
+    }
+    let Some(table) = table else {
+        return direct;
+    };
+    let from_retry = deaths(table).any(|d| {
+        d.inner().get("queue").and_then(as_str) == Some(retry_queue)
+            && d.inner().get("reason").and_then(as_str) == Some("expired")
+    });
+    match table.inner().get(H_DESTINATION).and_then(as_str) {
+        Some(dst) if from_retry && !dst.is_empty() => dst.to_string(),
+        _ => direct,
+    }
+}
+
+fn deaths(table: &FieldTable) -> impl Iterator<Item = &FieldTable> {
+    let items = match table.inner().get(X_DEATH) {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice(),
+        _ => &[],
+    };
+    items.iter().filter_map(|v| match v {
+        AMQPValue::FieldTable(t) => Some(t),
+        _ => None,
+    })
+}
+
+/// Delivery attempt: `x-elevate-attempt`, or 1 + the broker's `x-death` count for the
+/// retry queue, whichever is higher; 1 for a first delivery.
+fn attempt(table: Option<&FieldTable>, retry_queue: &str) -> u32 {
+    let Some(table) = table else { return 1 };
+    let header = table.inner().get(H_ATTEMPT).and_then(as_u64).unwrap_or(1);
+    let expired = deaths(table)
+        .filter(|d| d.inner().get("queue").and_then(as_str) == Some(retry_queue))
+        .filter_map(|d| d.inner().get("count").and_then(as_u64))
+        .sum::<u64>();
+    u32::try_from(header.max(expired.saturating_add(1)).max(1)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn death(queue: &str, reason: &str, count: i64) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+        t.insert("count".into(), AMQPValue::LongLongInt(count));
+        AMQPValue::FieldTable(t)
+    }
+
+    #[test]
+    fn attempts() {
+        assert_eq!(attempt(None, "q.retry"), 1);
+        let mut t = FieldTable::default();
+        t.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(3));
+        assert_eq!(attempt(Some(&t), "q.retry"), 3);
+        t.insert(
+            X_DEATH.into(),
+            AMQPValue::FieldArray(vec![death("q.retry", "expired", 4)].into()),
+        );
+        assert_eq!(attempt(Some(&t), "q.retry"), 5);
+    }
+
+    #[test]
+    fn retried_destination_needs_the_retry_path() {
+        let mut t = FieldTable::default();
+        t.insert(
+            H_DESTINATION.into(),
+            AMQPValue::LongString("billing/invoice".into()),
+        );
+        // a plain publish claiming a destination is not believed
+        assert_eq!(inbound_destination("", "q", Some(&t), "q", "q.retry"), "q");
+        t.insert(
+            X_DEATH.into(),
+            AMQPValue::FieldArray(vec![death("q.retry", "expired", 1)].into()),
+        );
+        assert_eq!(
+            inbound_destination("", "q", Some(&t), "q", "q.retry"),
+            "billing/invoice"
+        );
+        // arriving through a named exchange: the broker's facts win
+        assert_eq!(
+            inbound_destination("x", "rk", Some(&t), "q", "q.retry"),
+            "x/rk"
+        );
+    }
+}

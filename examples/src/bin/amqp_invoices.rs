@@ -1,0 +1,349 @@
+//! Invoice jobs over RabbitMQ through Elevate: the `orders-api` service
+//! publishes "create invoice" jobs for users through the confirming,
+//! credential-stripping [`AmqpPublisher`] to the `billing` exchange, and a
+//! guarded `invoice-worker` consumes them with [`GuardedConsumer`] wrapped
+//! around an ordinary lapin consumer. Denied and forged jobs land in the
+//! dead-letter queue with the decision id and reason.
+//!
+//! Needs RabbitMQ at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`;
+//! start one with `rabbitmq-server -detached`). Exits non-zero if any job ends
+//! differently than the policy says it must.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use elevate_amqp::{
+    AmqpDeadLetters, AmqpPublisher, ConfirmChannel, GuardedConsumer, declare_queues,
+};
+use elevate_core::cedar::CedarPdp;
+use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy};
+use elevate_core::deadletter::{H_REASON, H_SOURCE, H_VERDICT};
+use elevate_core::decision::TracingSink;
+use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
+use elevate_core::producer::{ProducerGuard, PublishRequest};
+use elevate_core::scope::Scope;
+use elevate_core::settle::Processor;
+use elevate_core::{
+    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
+    handler_fn,
+};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
+
+const TRUST_DOMAIN: &str = "elevate.example";
+const PRODUCER: &str = "spiffe://elevate.example/orders-api";
+const WORKER: &str = "spiffe://elevate.example/invoice-worker";
+const ACTION: &str = "invoice.create";
+const ROUTING_KEY: &str = "invoice.create";
+
+type AppResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Invoice jobs over RabbitMQ with a guarded worker.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Broker address.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// How many jobs to publish (users take turns: alice, bob, carol, mallory).
+    #[arg(long, default_value_t = 8)]
+    jobs: usize,
+    /// Prefetch (`basic_qos`) and concurrency of the worker.
+    #[arg(long, default_value_t = 8)]
+    prefetch: u16,
+    /// Keep the exchange and queues afterwards (default: delete them).
+    #[arg(long)]
+    keep: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("amqp_invoices failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> AppResult<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
+        )
+        .init();
+
+    let conn = Connection::connect(
+        &args.amqp_url,
+        ConnectionProperties::default().with_connection_name("amqp_invoices".into()),
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "cannot reach RabbitMQ at {} ({e}); start it with `rabbitmq-server -detached`",
+            args.amqp_url
+        )
+    })?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let exchange = format!("billing-{}", &run_id[..8]);
+    let queue = format!("invoices-{}", &run_id[..8]);
+
+    // Topology: a direct exchange, the work queue bound to it, its retry and dead-letter queues.
+    let admin = conn.create_channel().await?;
+    admin
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let queues = declare_queues(&admin, &queue).await?;
+    admin
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    println!(
+        "rabbitmq at {}: exchange {exchange} -> queue {queue} (retry {}, dead letters {})",
+        args.amqp_url, queues.retry, queues.dead_letter
+    );
+
+    // Policy and identities.
+    let pdp = Arc::new(CedarPdp::load_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+    )?);
+    let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
+    let worker_key = SigningKey::generate(SigningAlg::EdDSA, "invoice-worker-1")?;
+    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
+    let scopes = Scope::parse(ACTION);
+    tts.register_workload(PRODUCER, producer_key.public_jwk(), &scopes)?;
+    tts.register_workload(WORKER, worker_key.public_jwk(), &scopes)?;
+    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
+    tts.set_user_issuer(idp.verifier());
+    let producer_tts = InProcessTts::new(tts.clone(), PRODUCER, producer_key.clone());
+    let worker_tts = Arc::new(InProcessTts::new(tts.clone(), WORKER, worker_key.clone()));
+
+    // The worker: an ordinary lapin consumer (prefetch = concurrency), wrapped by the guard.
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "invoice-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut producer_keys = KeySet::new();
+    producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
+    let guard = Guard::new(
+        WORKER,
+        ContextRefVerifier::new(producer_keys, VerifyPolicy::new(WORKER)),
+        worker_tts,
+        pdp.clone(),
+        Arc::new(TracingSink),
+        Arc::new(FixedAction::new(ACTION, "Destination")),
+    );
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = handled.clone();
+    let handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
+        let counter = counter.clone();
+        async move {
+            println!(
+                "  PERMIT  {} for {} from {} (txn {}, scope \"{}\")",
+                String::from_utf8_lossy(&msg.payload),
+                auth.subject,
+                msg.destination,
+                auth.txn,
+                auth.scope
+            );
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let confirms = ConfirmChannel::new(conn.create_channel().await?).await?;
+    let dead_letters =
+        AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &queues.dead_letter);
+    let processor = Arc::new(Processor::new(
+        Arc::new(guard),
+        Arc::new(handler),
+        Arc::new(dead_letters),
+    ));
+    let worker =
+        GuardedConsumer::new(consumer, processor, confirms).concurrency(usize::from(args.prefetch));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+
+    // The producer service: each user's request arrives with a bearer token.
+    println!(
+        "\n== publish: user token -> Txn-Token for orders-api -> invoice job with no token, confirmed by the broker"
+    );
+    let publisher = AmqpPublisher::new(
+        conn.create_channel().await?,
+        ProducerGuard::new(
+            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(3600)),
+            pdp.clone(),
+        ),
+    )
+    .await?;
+    let users = ["alice", "bob", "carol", "mallory"];
+    let mut expected_handled = 0;
+    for i in 0..args.jobs {
+        let user = users[i % users.len()];
+        let user_token = idp.issue_access_token(user, ACTION, Duration::from_secs(300))?;
+        let txn_token = producer_tts
+            .exchange_access_token(
+                &user_token,
+                &Scope::parse(ACTION),
+                &serde_json::json!({"http": "POST /invoices"}),
+            )
+            .await?;
+        let subject = subject_context(&txn_token.claims);
+        let mut headers = Headers::new();
+        // a careless service forwards the user's token: the publisher strips it
+        headers.append("Authorization", format!("Bearer {user_token}"));
+        let invoice = format!("INV-{}", i + 1);
+        let body = format!(
+            r#"{{"invoice":"{invoice}","user":"{user}","amount":{}}}"#,
+            20 + i * 13
+        );
+        let receipt = publisher
+            .publish(
+                &exchange,
+                ROUTING_KEY,
+                &PublishRequest {
+                    subject: &subject,
+                    action: ACTION,
+                    audience: &[WORKER.to_string()],
+                    destination: "", // bound to <exchange>/<routing key> by the publisher
+                    scope: None,
+                },
+                OutboundMessage {
+                    headers,
+                    payload: body.into_bytes(),
+                },
+            )
+            .await?;
+        println!(
+            "  {user:8} {invoice:6} -> {} confirmed (message {}, stripped {})",
+            receipt.destination, receipt.message_id, receipt.stripped
+        );
+        expected_handled += usize::from(matches!(user, "alice" | "carol"));
+    }
+    // An unguarded publisher with a forged reference.
+    let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
+    let body = br#"{"invoice":"INV-X","user":"alice","amount":1}"#;
+    let destination = elevate_amqp::destination(&exchange, ROUTING_KEY);
+    let forged =
+        ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(&MintRequest {
+            subject: "alice",
+            sub_kind: elevate_core::SubjectKind::Human,
+            audience: &[WORKER.to_string()],
+            scope: &Scope::parse(ACTION),
+            txn: "forged",
+            destination: &destination,
+            payload: body,
+        })?;
+    let table = elevate_amqp::headers::encode(
+        &[(CTX_REF_HEADER, forged.token)]
+            .into_iter()
+            .collect::<Headers>(),
+    )?;
+    admin
+        .basic_publish(
+            exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_headers(table)
+                .with_message_id("forged-1".into()),
+        )
+        .await?;
+    println!("  (attacker) forged reference for alice, sent with a plain lapin publisher");
+    let published = args.jobs + 1;
+    let expected_dead = published - expected_handled;
+
+    println!(
+        "\n== consume: verify -> Txn-Token for invoice-worker -> trust elevation -> handler + ack, or dead letter + ack"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while handled.load(Ordering::SeqCst) < expected_handled
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut letters = Vec::new();
+    while letters.len() < expected_dead && tokio::time::Instant::now() < deadline {
+        match admin
+            .basic_get(
+                queues.dead_letter.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await?
+        {
+            Some(m) => {
+                letters.push((
+                    elevate_amqp::headers::decode(m.delivery.properties.headers().as_ref()),
+                    m.delivery.data.clone(),
+                ));
+                m.delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = stop.send(());
+    worker.await??;
+
+    println!("\n== dead letters in {}", queues.dead_letter);
+    for (headers, payload) in &letters {
+        println!(
+            "  {} / {}: {} (from {})",
+            headers.get_str(H_VERDICT).unwrap_or("?"),
+            headers.get_str(H_REASON).unwrap_or("?"),
+            String::from_utf8_lossy(payload),
+            headers.get_str(H_SOURCE).unwrap_or("?")
+        );
+    }
+    if !args.keep {
+        for q in [&queues.work, &queues.retry, &queues.dead_letter] {
+            admin
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        admin
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let handled = handled.load(Ordering::SeqCst);
+    println!(
+        "\npublished {published}, handled {handled}, dead-lettered {}",
+        letters.len()
+    );
+    if handled != expected_handled || letters.len() != expected_dead {
+        return Err(format!("unexpected outcome: expected {expected_handled} handled and {expected_dead} dead-lettered").into());
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! The conformance binding for AMQP 0-9-1 on a real RabbitMQ at `AMQP_URL`
+//! (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! Each scenario gets a direct exchange and a work queue bound to it, so
+//! references are bound to `<exchange>/<routing key>` (retries then exercise
+//! the destination carried across the retry queue); the queue's retry and
+//! dead-letter queues come from `elevate_amqp::declare_queues_with`, and a
+//! "tap" queue bound with the same key lets `read_raw` see exactly what was
+//! published. Scenario queues expire 10 minutes after their last use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_amqp::{AmqpDeadLetters, AmqpPublisher, ConfirmChannel, GuardedConsumer, headers};
+use elevate_core::producer::{ProducerGuard, PublishRequest};
+use elevate_core::settle::Processor;
+use elevate_core::{Headers, OutboundMessage};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+
+/// Default broker address.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Prefetch and concurrency of the binding's guarded consumers.
+pub const PREFETCH: u16 = 32;
+
+/// The broker address: `AMQP_URL`, else the local RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string())
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    format!("amqp: {e}")
+}
+
+/// Connects to the broker under a connection name (visible in `rabbitmqctl list_connections`);
+/// panics with how to start RabbitMQ when it cannot be reached.
+pub async fn connect(name: &str) -> Connection {
+    let url = amqp_url();
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(Duration::from_secs(10), Connection::connect(&url, props)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "cannot connect to RabbitMQ at {url} (AMQP_URL): {e}. Start it with `rabbitmq-server -detached` \
+             (guest/guest on 127.0.0.1:5672), or point AMQP_URL at a broker"
+        ),
+        Err(_) => panic!(
+            "timed out connecting to RabbitMQ at {url} (AMQP_URL): start it with `rabbitmq-server -detached`"
+        ),
+    }
+}
+
+/// Arguments every scenario queue gets: expire 10 minutes after last use.
+pub fn scenario_queue_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    t
+}
+
+/// Splits an endpoint destination back into exchange and routing key.
+pub fn split_destination(destination: &str) -> (&str, &str) {
+    destination.split_once('/').unwrap_or(("", destination))
+}
+
+/// The tap queue that records what was published to an endpoint.
+pub fn tap_queue(queue: &str) -> String {
+    format!("{queue}.tap")
+}
+
+/// Reads up to `expected` messages from `queue` with `basic.get` (acking them), waiting up to `timeout`.
+pub async fn drain(
+    channel: &Channel,
+    queue: &str,
+    expected: usize,
+    timeout: Duration,
+) -> BindResult<Vec<RawMessage>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .map_err(err)?
+        {
+            Some(m) => {
+                out.push(RawMessage {
+                    headers: headers::decode(m.delivery.properties.headers().as_ref()),
+                    payload: m.delivery.data.clone(),
+                });
+                m.delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(err)?;
+            }
+            None => {
+                if out.len() >= expected || tokio::time::Instant::now() >= deadline {
+                    return Ok(out);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// AMQP binding over one connection to the real broker.
+pub struct AmqpBinding {
+    conn: Arc<Connection>,
+    admin: Channel,
+    confirms: ConfirmChannel,
+}
+
+impl AmqpBinding {
+    /// Connects to the real broker (panics with how to start it if unreachable).
+    pub async fn real() -> Self {
+        let conn = connect(&format!("elevate-test-{}", uuid::Uuid::new_v4().simple())).await;
+        let admin = conn
+            .create_channel()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let confirms = ConfirmChannel::new(
+            conn.create_channel()
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        AmqpBinding {
+            conn: Arc::new(conn),
+            admin,
+            confirms,
+        }
+    }
+
+    /// The binding's connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// A channel in confirm mode on the binding's connection.
+    pub fn confirms(&self) -> &ConfirmChannel {
+        &self.confirms
+    }
+}
+
+#[async_trait::async_trait]
+impl BrokerBinding for AmqpBinding {
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let exchange = format!("elevate.{scenario}.{id}");
+        let queue = format!("elevate-{scenario}-{id}");
+        let rk = format!("{scenario}.job");
+        self.admin
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err)?;
+        let q = elevate_amqp::declare_queues_with(&self.admin, &queue, scenario_queue_args())
+            .await
+            .map_err(err)?;
+        let mut tap_args = scenario_queue_args();
+        tap_args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
+        self.admin
+            .queue_declare(
+                tap_queue(&queue).as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                tap_args,
+            )
+            .await
+            .map_err(err)?;
+        for qn in [q.work.clone(), tap_queue(&queue)] {
+            self.admin
+                .queue_bind(
+                    qn.as_str().into(),
+                    exchange.as_str().into(),
+                    rk.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(err)?;
+        }
+        Ok(Endpoint {
+            destination: elevate_amqp::destination(&exchange, &rk),
+            dead_letter: q.dead_letter,
+            name: q.work,
+        })
+    }
+
+    async fn publish_guarded(
+        &self,
+        ep: &Endpoint,
+        producer: &ProducerGuard,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> BindResult<()> {
+        let (exchange, rk) = split_destination(&ep.destination);
+        AmqpPublisher::with_confirm_channel(self.confirms.clone(), producer.clone())
+            .publish(exchange, rk, req, msg)
+            .await
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    async fn publish_raw(
+        &self,
+        ep: &Endpoint,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()> {
+        let (exchange, rk) = split_destination(&ep.destination);
+        let table = headers::encode(&headers).map_err(err)?;
+        let confirm = self
+            .admin
+            .basic_publish(
+                exchange.into(),
+                rk.into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_headers(table)
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(uuid::Uuid::new_v4().to_string().into()),
+            )
+            .await
+            .map_err(err)?;
+        drop(confirm); // the admin channel is not in confirm mode
+        Ok(())
+    }
+
+    async fn start_consumer(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<ConsumerHandle> {
+        let channel = self.conn.create_channel().await.map_err(err)?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(err)?;
+        let consumer = channel
+            .basic_consume(
+                ep.name.as_str().into(),
+                format!("guarded-{}", uuid::Uuid::new_v4().simple()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err)?;
+        let confirms = ConfirmChannel::new(self.conn.create_channel().await.map_err(err)?)
+            .await
+            .map_err(err)?;
+        let dead_letters =
+            AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let worker = GuardedConsumer::new(consumer, processor, confirms.clone())
+            .concurrency(usize::from(PREFETCH));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = worker
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::warn!(error = %e, "amqp worker ended");
+            }
+            let _ = channel.close(200, "done".into()).await;
+            let _ = confirms.channel().close(200, "done".into()).await;
+        });
+        Ok(ConsumerHandle {
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
+        drain(&self.admin, &ep.dead_letter, expected, timeout).await
+    }
+
+    async fn read_raw(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
+        drain(&self.admin, &tap_queue(&ep.name), expected, timeout).await
+    }
+}
