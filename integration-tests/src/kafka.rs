@@ -54,10 +54,12 @@ fn kafka_err(e: impl std::fmt::Display) -> String {
 impl KafkaBinding {
     /// The real broker at `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`); panics with how to start it if unreachable.
     pub async fn real() -> Self {
-        let bootstrap = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let bootstrap =
+            std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
         let first = bootstrap.split(',').next().unwrap_or_default().to_string();
         let reachable = match first.to_socket_addrs() {
-            Ok(mut addrs) => addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
+            Ok(mut addrs) => addrs
+                .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
             Err(_) => false,
         };
         assert!(
@@ -75,10 +77,15 @@ impl KafkaBinding {
         Self::with_bootstrap("kafka-mock", bootstrap, Some(Arc::new(embedded)))
     }
 
-    fn with_bootstrap(name: &'static str, bootstrap: String, embedded: Option<Arc<EmbeddedKafka>>) -> Self {
+    fn with_bootstrap(
+        name: &'static str,
+        bootstrap: String,
+        embedded: Option<Arc<EmbeddedKafka>>,
+    ) -> Self {
         let plain = Self::config_for(&bootstrap)
             .set("acks", "all")
             .set("linger.ms", "1")
+            .set("message.timeout.ms", "30000")
             .create()
             .unwrap_or_else(|e| panic!("producer: {e}"));
         KafkaBinding {
@@ -92,7 +99,6 @@ impl KafkaBinding {
     fn config_for(bootstrap: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", bootstrap)
-            .set("message.timeout.ms", "30000")
             .set("topic.metadata.refresh.interval.ms", "1000");
         c
     }
@@ -125,7 +131,10 @@ impl KafkaBinding {
         let admin: AdminClient<DefaultClientContext> = self.config().create().map_err(kafka_err)?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let results = admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .map_err(kafka_err)?;
         for r in results {
@@ -136,10 +145,18 @@ impl KafkaBinding {
             }
         }
         // wait until the metadata shows every partition
-        let probe: StreamConsumer = self.config().set("group.id", "elevate-probe").create().map_err(kafka_err)?;
+        let probe: StreamConsumer = self
+            .config()
+            .set("group.id", "elevate-probe")
+            .create()
+            .map_err(kafka_err)?;
         for _ in 0..50 {
             if let Ok(md) = probe.fetch_metadata(Some(topic), Duration::from_secs(2))
-                && md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && t.partitions().len() == partitions as usize)
+                && md.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                })
             {
                 return Ok(());
             }
@@ -161,15 +178,26 @@ impl KafkaBinding {
         c
     }
 
-    /// Starts a guarded consumer on `topic` in `group`, dead letters to `<topic>.dlq`.
-    pub fn spawn_guarded(&self, topic: &str, group: &str, processor: Arc<Processor>, concurrency: usize) -> BindResult<ConsumerHandle> {
-        let consumer: StreamConsumer = self.guarded_consumer_config(group).create().map_err(kafka_err)?;
+    /// Starts a guarded consumer on `topic` in `group`, dead letters to `<topic>.dlq`;
+    /// returns once the group has assigned it partitions (bounded: 60 s).
+    pub async fn spawn_guarded(
+        &self,
+        topic: &str,
+        group: &str,
+        processor: Arc<Processor>,
+        concurrency: usize,
+    ) -> BindResult<ConsumerHandle> {
+        let consumer: StreamConsumer = self
+            .guarded_consumer_config(group)
+            .create()
+            .map_err(kafka_err)?;
         consumer.subscribe(&[topic]).map_err(kafka_err)?;
         let dead_letters = KafkaDeadLetters::from_config(&self.config()).map_err(kafka_err)?;
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
         let guarded = GuardedConsumer::new(consumer, processor)
             .map_err(kafka_err)?
             .concurrency(concurrency);
+        let watch = guarded.consumer().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             if let Err(e) = guarded
@@ -181,22 +209,46 @@ impl KafkaBinding {
                 tracing::error!(error = %e, "guarded consumer ended");
             }
         });
-        Ok(ConsumerHandle { stop: Some(stop), task })
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while watch.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            if tokio::time::Instant::now() > deadline {
+                task.abort();
+                return Err(format!(
+                    "consumer in group {group} got no partitions of {topic} within 60 s"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(watch);
+        Ok(ConsumerHandle {
+            stop: Some(stop),
+            task,
+        })
     }
 
     /// Reads `topic` from the beginning with a plain consumer: waits until at
     /// least `expected` records exist (or `timeout`), then returns everything up
     /// to the high watermarks, in partition/offset order.
-    pub async fn read_records(&self, topic: &str, expected: usize, timeout: Duration) -> BindResult<Vec<Record>> {
+    pub async fn read_records(
+        &self,
+        topic: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<Record>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let consumer: StreamConsumer = self
             .config()
-            .set("group.id", format!("elevate-reader-{}", uuid::Uuid::new_v4().simple()))
+            .set(
+                "group.id",
+                format!("elevate-reader-{}", uuid::Uuid::new_v4().simple()),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .create()
             .map_err(kafka_err)?;
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(kafka_err)?;
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map_err(kafka_err)?;
         let partitions: Vec<i32> = md
             .topics()
             .iter()
@@ -208,7 +260,8 @@ impl KafkaBinding {
         }
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning).map_err(kafka_err)?;
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(kafka_err)?;
         }
         consumer.assign(&tpl).map_err(kafka_err)?;
         let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
@@ -216,11 +269,14 @@ impl KafkaBinding {
         loop {
             let mut high: HashMap<i32, i64> = HashMap::new();
             for p in &partitions {
-                let (_, h) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).map_err(kafka_err)?;
+                let (_, h) = consumer
+                    .fetch_watermarks(topic, *p, Duration::from_secs(5))
+                    .map_err(kafka_err)?;
                 high.insert(*p, h);
             }
             let total: i64 = high.values().sum();
-            let caught_up = |next: &HashMap<i32, i64>| partitions.iter().all(|p| next[p] >= high[p]);
+            let caught_up =
+                |next: &HashMap<i32, i64>| partitions.iter().all(|p| next[p] >= high[p]);
             while !caught_up(&next) {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
@@ -245,7 +301,9 @@ impl KafkaBinding {
                     Err(_) => break,
                 }
             }
-            if (total as usize >= expected && caught_up(&next)) || tokio::time::Instant::now() >= deadline {
+            if (total as usize >= expected && caught_up(&next))
+                || tokio::time::Instant::now() >= deadline
+            {
                 out.sort_by_key(|r| (r.partition, r.offset));
                 return Ok(out);
             }
@@ -254,21 +312,29 @@ impl KafkaBinding {
     }
 
     /// Committed offsets of `group` on `topic`, per partition (None if nothing committed).
-    pub async fn committed(&self, topic: &str, group: &str) -> BindResult<HashMap<i32, Option<i64>>> {
+    pub async fn committed(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> BindResult<HashMap<i32, Option<i64>>> {
         let consumer: StreamConsumer = self
             .config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()
             .map_err(kafka_err)?;
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(kafka_err)?;
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();
         for t in md.topics().iter().filter(|t| t.name() == topic) {
             for p in t.partitions() {
                 tpl.add_partition(topic, p.id());
             }
         }
-        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(kafka_err)?;
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map_err(kafka_err)?;
         Ok(got
             .elements()
             .iter()
@@ -283,8 +349,17 @@ impl KafkaBinding {
     }
 
     /// Sends a record with the plain producer to a partition, exactly as given.
-    pub async fn send_raw(&self, topic: &str, partition: Option<i32>, key: Option<&[u8]>, headers: &Headers, payload: &[u8]) -> BindResult<(i32, i64)> {
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload).headers(to_kafka(headers));
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        headers: &Headers,
+        payload: &[u8],
+    ) -> BindResult<(i32, i64)> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(payload)
+            .headers(to_kafka(headers));
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -317,7 +392,13 @@ impl BrokerBinding for KafkaBinding {
         })
     }
 
-    async fn publish_guarded(&self, ep: &Endpoint, producer: &ProducerGuard, req: &PublishRequest<'_>, msg: OutboundMessage) -> BindResult<()> {
+    async fn publish_guarded(
+        &self,
+        ep: &Endpoint,
+        producer: &ProducerGuard,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> BindResult<()> {
         self.guarded_producer(producer)
             .publish(&ep.name, None, req, msg)
             .await
@@ -325,15 +406,32 @@ impl BrokerBinding for KafkaBinding {
             .map_err(|e| e.to_string())
     }
 
-    async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()> {
-        self.send_raw(&ep.name, None, None, &headers, &payload).await.map(|_| ())
+    async fn publish_raw(
+        &self,
+        ep: &Endpoint,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()> {
+        self.send_raw(&ep.name, None, None, &headers, &payload)
+            .await
+            .map(|_| ())
     }
 
-    async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle> {
+    async fn start_consumer(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<ConsumerHandle> {
         self.spawn_guarded(&ep.name, &format!("{}-group", ep.name), processor, 8)
+            .await
     }
 
-    async fn dead_letters(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+    async fn dead_letters(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
         Ok(self
             .read_records(&ep.dead_letter, expected, timeout)
             .await?
@@ -345,7 +443,12 @@ impl BrokerBinding for KafkaBinding {
             .collect())
     }
 
-    async fn read_raw(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+    async fn read_raw(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
         Ok(self
             .read_records(&ep.name, expected, timeout)
             .await?

@@ -2,9 +2,12 @@
 //! ([`conformance`], written against [`binding::BrokerBinding`]), the shared
 //! test environment ([`env`]) and one binding per broker.
 
+pub mod amqp;
 pub mod binding;
 pub mod conformance;
 pub mod env;
 pub mod kafka;
 pub mod memory;
+pub mod nats;
+pub mod tts;
 pub mod tts_env;

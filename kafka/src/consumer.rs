@@ -1,0 +1,504 @@
+//! The guarded consumer: wraps a configured `StreamConsumer`, runs one worker
+//! per assigned partition (ordered, bounded across partitions), hands every
+//! record to [`Processor::process`] and stores its offset only once settled.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::{CStr, CString, c_char};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use elevate_core::settle::{Delivery, RedeliveryMode, TransportError};
+use elevate_core::{Coordinates, InboundMessage, Processor};
+use rdkafka::consumer::{
+    CommitMode, Consumer, ConsumerContext, DefaultConsumerContext, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::deadletter::SOURCE_KEY;
+use crate::headers::from_kafka;
+
+/// Why the guarded consumer could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The wrapped consumer is configured in a way that would break settlement.
+    #[error("consumer misconfigured: {0}")]
+    Config(String),
+    /// librdkafka reported a fatal error.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+type PartitionKey = (String, i32);
+
+/// One record awaiting settlement; `ack` stores `offset + 1` for its partition.
+pub struct KafkaDelivery<C: ConsumerContext + 'static = DefaultConsumerContext> {
+    consumer: Arc<StreamConsumer<C>>,
+    msg: InboundMessage,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    revoked: Arc<Revoked>,
+}
+
+impl<C: ConsumerContext + 'static> KafkaDelivery<C> {
+    /// The record's topic, partition and offset.
+    pub fn position(&self) -> (&str, i32, i64) {
+        (&self.topic, self.partition, self.offset)
+    }
+}
+
+#[async_trait::async_trait]
+impl<C: ConsumerContext + 'static> Delivery for KafkaDelivery<C> {
+    fn message(&self) -> &InboundMessage {
+        &self.msg
+    }
+
+    async fn ack(self) -> Result<(), TransportError> {
+        if self.revoked.is_set() {
+            // The partition went to another member: whoever owns it now re-reads this record.
+            return Err(TransportError::new("store offset", "partition revoked"));
+        }
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(self.offset + 1))
+            .map_err(|e| TransportError::new("store offset", e))?;
+        self.consumer
+            .store_offsets(&tpl)
+            .map_err(|e| TransportError::new("store offset", e))
+    }
+
+    async fn redeliver(self, _delay: Duration) -> Result<(), TransportError> {
+        // Never called in RedeliveryMode::InPlace; leaving the offset unstored is the safe answer.
+        Err(TransportError::new(
+            "redeliver",
+            "kafka retries in place; the offset stays unstored",
+        ))
+    }
+
+    fn redelivery_mode(&self) -> RedeliveryMode {
+        RedeliveryMode::InPlace
+    }
+}
+
+/// A record copied out of librdkafka, on its way to its partition's worker.
+struct Item {
+    msg: InboundMessage,
+    key: Option<Bytes>,
+    offset: i64,
+}
+
+/// Set when a partition is revoked: its worker stops and abandons the record in progress.
+#[derive(Default)]
+struct Revoked {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Revoked {
+    fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct Worker {
+    tx: mpsc::Sender<Item>,
+    revoked: Arc<Revoked>,
+    pending: VecDeque<Item>,
+    paused: bool,
+    /// Offset of the last record dispatched in this assignment.
+    last_offset: Option<i64>,
+}
+
+/// Wraps the `StreamConsumer` the application configured (group, subscription)
+/// and drives every record through the [`Processor`].
+///
+/// Requirements: `enable.auto.offset.store=false` (checked: [`GuardedConsumer::new`]
+/// refuses otherwise). With `enable.auto.commit=true` (librdkafka's default)
+/// librdkafka commits the stored offsets; with it off the guard commits them
+/// every [`GuardedConsumer::commit_interval`] and at shutdown.
+pub struct GuardedConsumer<C: ConsumerContext + 'static = DefaultConsumerContext> {
+    consumer: Arc<StreamConsumer<C>>,
+    processor: Arc<Processor>,
+    concurrency: usize,
+    buffer: usize,
+    commit_interval: Duration,
+    shutdown_grace: Duration,
+    manual_commit: bool,
+}
+
+fn conf_value<C: ConsumerContext>(consumer: &StreamConsumer<C>, name: &str) -> Option<String> {
+    let name = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 256];
+    let mut size = buf.len();
+    // SAFETY: `rd_kafka_conf` returns the live handle's own configuration,
+    // valid while `consumer` is borrowed; `rd_kafka_conf_get` writes at most
+    // `size` bytes, NUL-terminated, into `buf` and updates `size`.
+    let res = unsafe {
+        let conf = rdkafka::bindings::rd_kafka_conf(consumer.client().native_ptr());
+        rdkafka::bindings::rd_kafka_conf_get(
+            conf,
+            name.as_ptr(),
+            buf.as_mut_ptr().cast::<c_char>(),
+            &mut size,
+        )
+    };
+    if res != rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK {
+        return None;
+    }
+    CStr::from_bytes_until_nul(&buf)
+        .ok()?
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
+/// Checks that `consumer` can be guarded (`enable.auto.offset.store=false`);
+/// returns true when auto-commit is off (the guard then commits stored offsets itself).
+pub fn check_config<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> Result<bool, Error> {
+    match conf_value(consumer, "enable.auto.offset.store").as_deref() {
+        Some("false") => {}
+        other => {
+            return Err(Error::Config(format!(
+                "enable.auto.offset.store must be \"false\" (is {other:?}): offsets are stored only after settlement"
+            )));
+        }
+    }
+    Ok(conf_value(consumer, "enable.auto.commit").as_deref() == Some("false"))
+}
+
+impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
+    /// Wraps a configured consumer; fails if `enable.auto.offset.store` is not `false`
+    /// (librdkafka would then store offsets of unsettled records).
+    pub fn new(
+        consumer: impl Into<Arc<StreamConsumer<C>>>,
+        processor: Arc<Processor>,
+    ) -> Result<Self, Error> {
+        let consumer = consumer.into();
+        let manual_commit = check_config(&consumer)?;
+        Ok(GuardedConsumer {
+            consumer,
+            processor,
+            concurrency: 16,
+            buffer: 256,
+            commit_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(10),
+            manual_commit,
+        })
+    }
+
+    /// At most `n` records are processed at once across partitions (default 16; one per partition at a time).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Records buffered per partition before it is paused (default 256).
+    pub fn buffer(mut self, n: usize) -> Self {
+        self.buffer = n.max(1);
+        self
+    }
+
+    /// How often stored offsets are committed when `enable.auto.commit=false` (default 1 s).
+    pub fn commit_interval(mut self, every: Duration) -> Self {
+        self.commit_interval = every;
+        self
+    }
+
+    /// How long `run` waits at shutdown for records in progress (default 10 s); the rest stay unstored.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// The wrapped consumer.
+    pub fn consumer(&self) -> &Arc<StreamConsumer<C>> {
+        &self.consumer
+    }
+
+    /// Consumes until `shutdown` completes or librdkafka reports a fatal error.
+    ///
+    /// Records are dispatched to one ordered worker per partition; a record's
+    /// offset is stored only after the processor settled it. Partitions whose
+    /// buffer is full are paused (the consumer keeps polling, so the group
+    /// session stays alive); revoked partitions drop their queued records
+    /// unstored. At shutdown, records in progress get `shutdown_grace` to
+    /// settle, then stored offsets are committed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let semaphore = Arc::new(Semaphore::new(self.concurrency));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut workers: HashMap<PartitionKey, Worker> = HashMap::new();
+        let mut tasks = JoinSet::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_commit = tokio::time::Instant::now();
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                _ = tick.tick() => {
+                    self.flush_pending(&mut workers);
+                    self.drop_revoked(&mut workers);
+                    while tasks.try_join_next().is_some() {}
+                    if self.manual_commit && last_commit.elapsed() >= self.commit_interval {
+                        last_commit = tokio::time::Instant::now();
+                        self.commit(CommitMode::Async);
+                    }
+                }
+                received = self.consumer.recv() => match received {
+                    Ok(m) => {
+                        let (key, item) = to_item(&m);
+                        tracing::trace!(topic = %key.0, partition = key.1, offset = item.offset, "received");
+                        drop(m);
+                        self.dispatch(key, item, &mut workers, &mut tasks, &semaphore, &stopping);
+                    }
+                    Err(e) => {
+                        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                            tracing::error!(?code, %reason, "fatal consumer error");
+                            break Err(Error::Kafka(KafkaError::MessageConsumptionFatal(code)));
+                        }
+                        tracing::warn!(error = %e, "consumer error");
+                    }
+                }
+            }
+        };
+        // Stop: finish what is in progress (bounded), leave the rest unstored.
+        stopping.store(true, Ordering::SeqCst);
+        workers.clear();
+        if tokio::time::timeout(self.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(grace = ?self.shutdown_grace, "records still in progress at shutdown: left unstored");
+            tasks.shutdown().await;
+        }
+        self.commit(CommitMode::Sync);
+        result
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        match self.consumer.commit_consumer_state(mode) {
+            Ok(()) => {}
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "commit of stored offsets failed"),
+        }
+    }
+
+    fn dispatch(
+        &self,
+        key: PartitionKey,
+        item: Item,
+        workers: &mut HashMap<PartitionKey, Worker>,
+        tasks: &mut JoinSet<()>,
+        semaphore: &Arc<Semaphore>,
+        stopping: &Arc<AtomicBool>,
+    ) {
+        let alive = workers.get(&key).is_some_and(|w| !w.tx.is_closed());
+        if !alive {
+            let mut worker = self.spawn_worker(&key, tasks, semaphore, stopping);
+            if let Some(old) = workers.remove(&key) {
+                worker.pending = old.pending;
+                worker.paused = old.paused;
+                worker.last_offset = old.last_offset;
+            }
+            workers.insert(key.clone(), worker);
+        }
+        let Some(worker) = workers.get_mut(&key) else {
+            return;
+        };
+        // Offsets only grow within an assignment: a record at or below the last one
+        // dispatched is a duplicate from the client or broker (already queued here).
+        if worker.last_offset.is_some_and(|last| item.offset <= last) {
+            tracing::debug!(topic = %key.0, partition = key.1, offset = item.offset, "duplicate record skipped");
+            return;
+        }
+        if let Some(last) = worker.last_offset.filter(|last| item.offset > last + 1) {
+            // Legitimate after compaction or transaction markers; logged for diagnosis.
+            tracing::debug!(topic = %key.0, partition = key.1, after = last, offset = item.offset, "offset gap");
+        }
+        worker.last_offset = Some(item.offset);
+        if !worker.pending.is_empty() {
+            worker.pending.push_back(item);
+            return;
+        }
+        match worker.tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item))
+            | Err(mpsc::error::TrySendError::Closed(item)) => {
+                worker.pending.push_back(item);
+                if !worker.paused {
+                    match self.consumer.pause(&single(&key)) {
+                        Ok(()) => {
+                            tracing::debug!(topic = %key.0, partition = key.1, "partition paused: its buffer is full");
+                            worker.paused = true
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic = %key.0, partition = key.1, error = %e, "cannot pause partition")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_pending(&self, workers: &mut HashMap<PartitionKey, Worker>) {
+        for (key, worker) in workers.iter_mut() {
+            while let Some(item) = worker.pending.pop_front() {
+                match worker.tx.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item))
+                    | Err(mpsc::error::TrySendError::Closed(item)) => {
+                        worker.pending.push_front(item);
+                        break;
+                    }
+                }
+            }
+            if worker.paused && worker.pending.is_empty() {
+                match self.consumer.resume(&single(key)) {
+                    Ok(()) => {
+                        tracing::debug!(topic = %key.0, partition = key.1, "partition resumed");
+                        worker.paused = false
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %key.0, partition = key.1, error = %e, "cannot resume partition")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Workers of partitions no longer assigned stop; their queued records are dropped unstored.
+    fn drop_revoked(&self, workers: &mut HashMap<PartitionKey, Worker>) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let assigned: HashSet<PartitionKey> = assignment
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        workers.retain(|key, worker| {
+            let keep = assigned.contains(key);
+            if !keep {
+                tracing::info!(topic = %key.0, partition = key.1, dropped = worker.pending.len(), "partition revoked: queued records dropped unstored");
+                worker.revoked.set();
+            }
+            keep
+        });
+    }
+
+    fn spawn_worker(
+        &self,
+        key: &PartitionKey,
+        tasks: &mut JoinSet<()>,
+        semaphore: &Arc<Semaphore>,
+        stopping: &Arc<AtomicBool>,
+    ) -> Worker {
+        let (tx, mut rx) = mpsc::channel::<Item>(self.buffer);
+        let revoked = Arc::new(Revoked::default());
+        let consumer = self.consumer.clone();
+        let processor = self.processor.clone();
+        let semaphore = semaphore.clone();
+        let stopping = stopping.clone();
+        let worker_revoked = revoked.clone();
+        let (topic, partition) = key.clone();
+        tasks.spawn(async move {
+            while let Some(item) = rx.recv().await {
+                if worker_revoked.is_set() || stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(_permit) = semaphore.acquire().await else {
+                    break;
+                };
+                let delivery = KafkaDelivery {
+                    consumer: consumer.clone(),
+                    msg: item.msg,
+                    topic: topic.clone(),
+                    partition,
+                    offset: item.offset,
+                    revoked: worker_revoked.clone(),
+                };
+                let processed = tokio::select! {
+                    r = SOURCE_KEY.scope(item.key, processor.process(delivery)) => r,
+                    _ = worker_revoked.wait() => {
+                        tracing::info!(%topic, partition, offset = item.offset, "partition revoked: record in progress abandoned unstored");
+                        break;
+                    }
+                };
+                match processed {
+                    Ok(outcome) => {
+                        tracing::debug!(%topic, partition, offset = item.offset, ?outcome, "settled")
+                    }
+                    Err(e) => {
+                        // Only the offset store can fail here (InPlace mode): the
+                        // record is re-read by whoever owns the partition next.
+                        tracing::warn!(%topic, partition, offset = item.offset, error = %e, "record left unsettled");
+                    }
+                }
+            }
+        });
+        Worker {
+            tx,
+            revoked,
+            pending: VecDeque::new(),
+            paused: false,
+            last_offset: None,
+        }
+    }
+}
+
+fn single(key: &PartitionKey) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&key.0, key.1);
+    tpl
+}
+
+/// Copies a record out of librdkafka into the broker-neutral message.
+fn to_item(m: &BorrowedMessage<'_>) -> (PartitionKey, Item) {
+    let topic = m.topic().to_string();
+    let msg = InboundMessage {
+        headers: from_kafka(m.headers()),
+        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        coordinates: Coordinates::Kafka {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        destination: topic.clone(),
+        message_id: None,
+        // Kafka keeps no delivery count: in-place retries are counted by the processor.
+        delivery_attempt: 1,
+        published_at_ms: m.timestamp().to_millis(),
+    };
+    (
+        (topic, m.partition()),
+        Item {
+            msg,
+            key: m.key().map(Bytes::copy_from_slice),
+            offset: m.offset(),
+        },
+    )
+}
