@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::jws::{self, JwsError};
 use crate::keys::{KeySet, SigningKey, sha256_b64url, sha256_hex};
@@ -82,7 +82,7 @@ pub struct ContextRefClaims {
     /// Whether `sub` is a human or a workload.
     pub sub_kind: SubjectKind,
     /// Intended consumer audiences.
-    #[serde(deserialize_with = "one_or_many")]
+    #[serde(deserialize_with = "crate::token::one_or_many")]
     pub aud: Vec<String>,
     /// Space-delimited ceiling on what the async work may do.
     pub scope: String,
@@ -126,19 +126,6 @@ impl ContextRefClaims {
     pub fn scope_set(&self) -> Scope {
         Scope::parse(&self.scope)
     }
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 /// Why a reference could not be minted or derived.
