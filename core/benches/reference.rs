@@ -14,7 +14,8 @@ const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const CONSUMER: &str = "spiffe://elevate.example/invoice-worker";
 
 fn reference(c: &mut Criterion) {
-    let payload = br#"{"invoice":"INV-1","amount":120,"currency":"EUR","lines":[{"sku":"A","qty":2}]}"#;
+    let payload =
+        br#"{"invoice":"INV-1","amount":120,"currency":"EUR","lines":[{"sku":"A","qty":2}]}"#;
     let scope = Scope::parse("invoice.create order.process");
     let audience = [CONSUMER.to_string()];
     for alg in [SigningAlg::ES256, SigningAlg::EdDSA] {
@@ -37,18 +38,29 @@ fn reference(c: &mut Criterion) {
         });
         let token = minter.mint(&req).expect("mint").token;
         c.bench_function(&format!("context reference verify {}", alg.as_str()), |b| {
-            b.iter(|| verifier.verify(&token, "invoices", payload).expect("verify"))
+            b.iter(|| {
+                verifier
+                    .verify(&token, "invoices", payload)
+                    .expect("verify")
+            })
         });
     }
 }
 
 fn stripping(c: &mut Criterion) {
     let key = SigningKey::generate(SigningAlg::ES256, "k").expect("key");
-    let jwt = elevate_core::jws::sign(&key, "JWT", &serde_json::json!({"sub":"alice"})).expect("jwt");
+    let jwt =
+        elevate_core::jws::sign(&key, "JWT", &serde_json::json!({"sub":"alice"})).expect("jwt");
     let headers: Headers = [
         ("content-type", "application/json".to_string()),
-        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string()),
-        ("x-request-id", "6c1f2d8e-1a2b-4c3d-9e8f-0a1b2c3d4e5f".to_string()),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
+        ),
+        (
+            "x-request-id",
+            "6c1f2d8e-1a2b-4c3d-9e8f-0a1b2c3d4e5f".to_string(),
+        ),
         ("Authorization", format!("Bearer {jwt}")),
         ("Cookie", "session=abc; theme=dark".to_string()),
         ("x-tenant", "acme".to_string()),
@@ -71,7 +83,11 @@ fn stripping(c: &mut Criterion) {
             policy.apply(&mut h, &mut p).expect("strip")
         })
     });
-    let clean: Headers = headers.iter().filter(|(n, _)| !n.starts_with('A') && !n.starts_with('C') && !n.starts_with("x-f")).map(|(n, v)| (n.to_string(), v.to_vec())).collect();
+    let clean: Headers = headers
+        .iter()
+        .filter(|(n, _)| !n.starts_with('A') && !n.starts_with('C') && !n.starts_with("x-f"))
+        .map(|(n, v)| (n.to_string(), v.to_vec()))
+        .collect();
     c.bench_function("consumer scan of a clean message", |b| {
         b.iter(|| policy.scan(&clean, &payload))
     });

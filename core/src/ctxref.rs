@@ -589,7 +589,12 @@ impl ContextRefVerifier {
     /// addressed to the current signer, and agree on subject, transaction,
     /// scope, depth and `max_depth`; recursively to the origin. A fabricated or
     /// revoked hop makes the chain invalid.
-    fn check_history(&self, claims: &ContextRefClaims, keys: &KeySet, now: i64) -> Result<(), RefError> {
+    fn check_history(
+        &self,
+        claims: &ContextRefClaims,
+        keys: &KeySet,
+        now: i64,
+    ) -> Result<(), RefError> {
         let Some(actor) = &claims.act else {
             return Ok(());
         };
@@ -598,7 +603,8 @@ impl ContextRefVerifier {
             .reference
             .as_deref()
             .ok_or_else(|| invalid(format!("hop {:?} carries no reference", actor.sub)))?;
-        let parsed = jws::parse(token, CTX_REF_TYP).map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
+        let parsed = jws::parse(token, CTX_REF_TYP)
+            .map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
         let key = parsed
             .verify(keys)
             .map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
@@ -606,7 +612,10 @@ impl ContextRefVerifier {
             .claims()
             .map_err(|e| invalid(format!("hop {:?}: {e}", actor.sub)))?;
         if key.owner.as_deref() != Some(parent.iss.as_str()) || parent.iss != actor.sub {
-            return Err(invalid(format!("hop {:?} was not signed by that workload", actor.sub)));
+            return Err(invalid(format!(
+                "hop {:?} was not signed by that workload",
+                actor.sub
+            )));
         }
         let consistent = parent.aud.iter().any(|a| a == &claims.iss)
             && parent.sub == claims.sub
@@ -616,7 +625,10 @@ impl ContextRefVerifier {
             && parent.depth + 1 == claims.depth
             && parent.max_depth == claims.max_depth;
         if !consistent {
-            return Err(invalid(format!("hop {:?} does not match its successor", actor.sub)));
+            return Err(invalid(format!(
+                "hop {:?} does not match its successor",
+                actor.sub
+            )));
         }
         let leeway = self.policy.leeway.as_secs() as i64;
         if parent.exp + leeway <= now {

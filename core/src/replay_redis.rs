@@ -17,7 +17,9 @@ pub struct RedisReplayGuard {
 
 impl std::fmt::Debug for RedisReplayGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisReplayGuard").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisReplayGuard")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -37,7 +39,12 @@ impl RedisReplayGuard {
 
 #[async_trait::async_trait]
 impl ReplayGuard for RedisReplayGuard {
-    async fn check(&self, jti: &str, position: &str, expires_at: i64) -> Result<Seen, ReplayStoreError> {
+    async fn check(
+        &self,
+        jti: &str,
+        position: &str,
+        expires_at: i64,
+    ) -> Result<Seen, ReplayStoreError> {
         let key = format!("{}{jti}", self.prefix);
         // keep a minute past expiry so a late replay within clock leeway is still caught
         let ttl = (expires_at - unix_now()).max(0) as u64 + 60;
@@ -54,7 +61,10 @@ impl ReplayGuard for RedisReplayGuard {
         if set.is_some() {
             return Ok(Seen::New);
         }
-        let first: Option<String> = conn.get(&key).await.map_err(|e| ReplayStoreError(e.to_string()))?;
+        let first: Option<String> = conn
+            .get(&key)
+            .await
+            .map_err(|e| ReplayStoreError(e.to_string()))?;
         Ok(match first {
             Some(p) if p == position => Seen::Redelivery,
             Some(p) => Seen::Replay { first_seen_at: p },

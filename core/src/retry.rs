@@ -75,7 +75,10 @@ mod tests {
         assert!(close(p.delay(2, None), Duration::from_millis(400)));
         assert!(close(p.delay(3, None), Duration::from_millis(800)));
         assert_eq!(p.delay(30, None), Duration::from_secs(30));
-        assert!(close(p.delay(1, Some(Duration::from_secs(2))), Duration::from_secs(2)));
+        assert!(close(
+            p.delay(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        ));
         assert!(p.exhausted(8) && !p.exhausted(7));
         let jittered = RetryPolicy::default();
         for a in 1..12 {

@@ -93,7 +93,10 @@ pub struct UnboundDeadLetters;
 #[async_trait::async_trait]
 impl DeadLetterPublisher for UnboundDeadLetters {
     async fn publish(&self, _: &DeadLetter) -> Result<(), TransportError> {
-        Err(TransportError::new("dead-letter publish", "no dead-letter destination bound"))
+        Err(TransportError::new(
+            "dead-letter publish",
+            "no dead-letter destination bound",
+        ))
     }
 }
 

@@ -292,7 +292,8 @@ fn chain() -> Chain {
     let mut keys = KeySet::new();
     keys.insert_workload_key(PRODUCER, &f.key).unwrap();
     keys.insert_workload_key(ORDER_WORKER, &order_key).unwrap();
-    keys.insert_workload_key(BILLING_WORKER, &billing_key).unwrap();
+    keys.insert_workload_key(BILLING_WORKER, &billing_key)
+        .unwrap();
     let order = ContextRefMinter::new(ORDER_WORKER, order_key, Duration::from_secs(600));
     let hop1 = order
         .derive(
@@ -304,7 +305,11 @@ fn chain() -> Chain {
             b"b",
         )
         .unwrap();
-    let billing = ContextRefMinter::new(BILLING_WORKER, billing_key.clone(), Duration::from_secs(600));
+    let billing = ContextRefMinter::new(
+        BILLING_WORKER,
+        billing_key.clone(),
+        Duration::from_secs(600),
+    );
     let hop2 = billing
         .derive(
             &hop1.claims,
@@ -330,7 +335,10 @@ fn derived_chain_verifies_with_its_history() {
     let v = c.verifier.verify(&c.hop2.0, "notifications", b"n").unwrap();
     assert_eq!(v.claims.depth, 2);
     assert_eq!(v.claims.txn, "txn-chain");
-    assert_eq!(v.claims.chain(), vec![PRODUCER, ORDER_WORKER, BILLING_WORKER]);
+    assert_eq!(
+        v.claims.chain(),
+        vec![PRODUCER, ORDER_WORKER, BILLING_WORKER]
+    );
     let outer = v.claims.act.as_ref().unwrap();
     assert_eq!(outer.sub, ORDER_WORKER);
     assert!(outer.reference.is_some());
@@ -355,7 +363,11 @@ fn forged_middle_hop_is_quarantined() {
     if let Some(a) = claims.act.as_mut() {
         a.reference = Some(fake_parent);
     }
-    let billing = ContextRefMinter::new(BILLING_WORKER, c.billing_key.clone(), Duration::from_secs(600));
+    let billing = ContextRefMinter::new(
+        BILLING_WORKER,
+        c.billing_key.clone(),
+        Duration::from_secs(600),
+    );
     let t = billing.sign(claims).unwrap().token;
     let err = c.verifier.verify(&t, "notifications", b"n").unwrap_err();
     assert_eq!(err.reason(), Reason::ChainInvalid, "{err}");
@@ -366,7 +378,13 @@ fn forged_middle_hop_is_quarantined() {
         a.reference = None;
     }
     let t = billing.sign(claims).unwrap().token;
-    assert_eq!(c.verifier.verify(&t, "notifications", b"n").unwrap_err().reason(), Reason::ChainInvalid);
+    assert_eq!(
+        c.verifier
+            .verify(&t, "notifications", b"n")
+            .unwrap_err()
+            .reason(),
+        Reason::ChainInvalid
+    );
 }
 
 #[test]

@@ -557,7 +557,11 @@ async fn one_txn_token_per_context_never_across_contexts() {
         };
         tokens.push(cache.acquire(&req).await.unwrap());
     }
-    assert_eq!(inner.calls.load(Ordering::SeqCst), 2, "one exchange per origin context");
+    assert_eq!(
+        inner.calls.load(Ordering::SeqCst),
+        2,
+        "one exchange per origin context"
+    );
     assert_eq!(tokens[0].token, tokens[2].token);
     assert_ne!(tokens[0].token, tokens[3].token);
     assert_eq!(tokens[3].claims.txn, "t2");

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elevate_core::Headers;
+use elevate_core::OutboundMessage;
 use elevate_core::producer::{ProducerGuard, PublishRequest};
 use elevate_core::settle::Processor;
-use elevate_core::OutboundMessage;
 
 /// Result type of binding operations (errors are messages for the test report).
 pub type BindResult<T> = Result<T, String>;
@@ -76,18 +76,37 @@ pub trait BrokerBinding: Send + Sync {
     ) -> BindResult<()>;
 
     /// Publishes exactly these headers and payload with the plain client (legacy or hostile producer).
-    async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()>;
+    async fn publish_raw(
+        &self,
+        ep: &Endpoint,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()>;
 
     /// Starts the binding's guarded consumer on the endpoint with this processor.
     /// The processor's dead-letter publisher is `UnboundDeadLetters` (refuses
     /// everything); the binding binds its own with `processor.with_dead_letters(..)`
     /// pointing at `ep.dead_letter`.
-    async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle>;
+    async fn start_consumer(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<ConsumerHandle>;
 
     /// Reads dead letters with a plain client, waiting until `expected` arrived or `timeout`.
-    async fn dead_letters(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>>;
+    async fn dead_letters(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>>;
 
     /// Reads what is on the wire at the destination with a plain client
     /// (every message published so far, without consuming it from the guarded consumer).
-    async fn read_raw(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>>;
+    async fn read_raw(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>>;
 }

@@ -18,7 +18,14 @@ use crate::env::{Recorder, TestEnv};
 /// How long a scenario waits for messages to settle.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn publish_for(b: &dyn BrokerBinding, env: &TestEnv, ep: &Endpoint, user: &str, body: &str, headers: Headers) {
+async fn publish_for(
+    b: &dyn BrokerBinding,
+    env: &TestEnv,
+    ep: &Endpoint,
+    user: &str,
+    body: &str,
+    headers: Headers,
+) {
     let subject = env.subject(user);
     let audience = env.audience();
     let req = env.publish_request(&subject, &audience, &ep.destination);
@@ -54,7 +61,15 @@ pub async fn permit(b: &dyn BrokerBinding) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..5 {
-        publish_for(b, &env, &ep, "alice", &format!("permit-{i}"), Headers::new()).await;
+        publish_for(
+            b,
+            &env,
+            &ep,
+            "alice",
+            &format!("permit-{i}"),
+            Headers::new(),
+        )
+        .await;
     }
     rec.wait_for(5, SETTLE_TIMEOUT).await;
     consumer.stop().await;
@@ -70,9 +85,23 @@ pub async fn permit(b: &dyn BrokerBinding) {
     }
     let mut bodies: Vec<_> = seen.iter().map(|h| h.payload.clone()).collect();
     bodies.sort();
-    assert_eq!(bodies, (0..5).map(|i| format!("permit-{i}")).collect::<Vec<_>>());
-    assert!(b.dead_letters(&ep, 0, Duration::from_millis(500)).await.unwrap_or_default().is_empty());
-    assert_eq!(env.decisions().iter().filter(|d| d.reason.code() == "permitted").count(), 5);
+    assert_eq!(
+        bodies,
+        (0..5).map(|i| format!("permit-{i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        b.dead_letters(&ep, 0, Duration::from_millis(500))
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(
+        env.decisions()
+            .iter()
+            .filter(|d| d.reason.code() == "permitted")
+            .count(),
+        5
+    );
 }
 
 /// Denied messages never reach the handler and land in the dead letter with decision id and reason.
@@ -80,37 +109,82 @@ pub async fn deny(b: &dyn BrokerBinding) {
     let env = TestEnv::start().await;
     let ep = b.setup("deny").await.unwrap_or_else(|e| panic!("{e}"));
     let rec = Recorder::new();
-    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..3 {
         // mallory is suspended: the subject half of trust elevation denies
-        publish_for(b, &env, &ep, "mallory", &format!("deny-{i}"), Headers::new()).await;
+        publish_for(
+            b,
+            &env,
+            &ep,
+            "mallory",
+            &format!("deny-{i}"),
+            Headers::new(),
+        )
+        .await;
     }
-    let letters = b.dead_letters(&ep, 3, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    let letters = b
+        .dead_letters(&ep, 3, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     consumer.stop().await;
-    assert_eq!(rec.count(), 0, "[{}] a denied message reached the handler", b.name());
+    assert_eq!(
+        rec.count(),
+        0,
+        "[{}] a denied message reached the handler",
+        b.name()
+    );
     assert_eq!(reasons(&letters), vec!["subject-denied"; 3]);
-    let logged: Vec<String> = env.decisions().iter().map(|d| d.decision_id.clone()).collect();
+    let logged: Vec<String> = env
+        .decisions()
+        .iter()
+        .map(|d| d.decision_id.clone())
+        .collect();
     for l in &letters {
         assert_eq!(l.headers.get_str(H_VERDICT), Some("deny"));
-        let id = l.headers.get_str(H_DECISION_ID).expect("decision id on the dead letter");
-        assert!(logged.iter().any(|d| d == id), "dead letter's decision {id} is in the decision log");
+        let id = l
+            .headers
+            .get_str(H_DECISION_ID)
+            .expect("decision id on the dead letter");
+        assert!(
+            logged.iter().any(|d| d == id),
+            "dead letter's decision {id} is in the decision log"
+        );
     }
 }
 
 /// Forged, tampered, token-carrying and reference-less messages from a plain producer: 0 handler calls.
 pub async fn quarantine(b: &dyn BrokerBinding) {
     let env = TestEnv::start().await;
-    let ep = b.setup("quarantine").await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = b
+        .setup("quarantine")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let rec = Recorder::new();
-    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let hostile = env.hostile_messages(&ep.destination);
     let n = hostile.len();
     for (_, headers, payload) in hostile.clone() {
-        b.publish_raw(&ep, headers, payload).await.unwrap_or_else(|e| panic!("{e}"));
+        b.publish_raw(&ep, headers, payload)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
-    let letters = b.dead_letters(&ep, n, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    let letters = b
+        .dead_letters(&ep, n, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     consumer.stop().await;
-    assert_eq!(rec.count(), 0, "[{}] a hostile message reached the handler", b.name());
+    assert_eq!(
+        rec.count(),
+        0,
+        "[{}] a hostile message reached the handler",
+        b.name()
+    );
     let mut expected: Vec<String> = hostile.iter().map(|(r, _, _)| r.to_string()).collect();
     expected.sort();
     assert_eq!(reasons(&letters), expected, "[{}]", b.name());
@@ -126,19 +200,41 @@ pub async fn retry_then_recover(b: &dyn BrokerBinding) {
     let ep = b.setup("retry").await.unwrap_or_else(|e| panic!("{e}"));
     let rec = Recorder::new();
     env.stop_tts().await;
-    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..4 {
         publish_for(b, &env, &ep, "alice", &format!("retry-{i}"), Headers::new()).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(rec.count(), 0, "[{}] handled without a Txn-Token", b.name());
-    assert!(b.dead_letters(&ep, 0, Duration::from_millis(300)).await.unwrap_or_default().is_empty());
-    assert!(env.decisions().iter().any(|d| d.reason.code() == "tts-unavailable"));
+    assert!(
+        b.dead_letters(&ep, 0, Duration::from_millis(300))
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert!(
+        env.decisions()
+            .iter()
+            .any(|d| d.reason.code() == "tts-unavailable")
+    );
     env.start_tts().await;
     rec.wait_for(4, SETTLE_TIMEOUT).await;
     consumer.stop().await;
-    assert_eq!(rec.count(), 4, "[{}] all messages complete after the TTS is back", b.name());
-    assert!(b.dead_letters(&ep, 0, Duration::from_millis(300)).await.unwrap_or_default().is_empty());
+    assert_eq!(
+        rec.count(),
+        4,
+        "[{}] all messages complete after the TTS is back",
+        b.name()
+    );
+    assert!(
+        b.dead_letters(&ep, 0, Duration::from_millis(300))
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
 }
 
 /// An outage longer than the retry budget ends in a `retries-exhausted` dead letter, never a dispatch.
@@ -148,9 +244,15 @@ pub async fn retries_exhausted(b: &dyn BrokerBinding) {
     let rec = Recorder::new();
     env.stop_tts().await;
     let processor = env.processor_with_retry(rec.handler(), TestEnv::short_retry());
-    let consumer = b.start_consumer(&ep, processor).await.unwrap_or_else(|e| panic!("{e}"));
+    let consumer = b
+        .start_consumer(&ep, processor)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     publish_for(b, &env, &ep, "alice", "never", Headers::new()).await;
-    let letters = b.dead_letters(&ep, 1, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
+    let letters = b
+        .dead_letters(&ep, 1, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     consumer.stop().await;
     assert_eq!(rec.count(), 0);
     assert_eq!(reasons(&letters), vec!["retries-exhausted"]);
@@ -164,10 +266,18 @@ pub async fn no_token_on_the_wire(b: &dyn BrokerBinding) {
     let subject = env.subject("alice");
     let audience = env.audience();
     let req = env.publish_request(&subject, &audience, &ep.destination);
-    b.publish_guarded(&ep, &env.producer, &req, OutboundMessage { headers, payload })
+    b.publish_guarded(
+        &ep,
+        &env.producer,
+        &req,
+        OutboundMessage { headers, payload },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let raw = b
+        .read_raw(&ep, 1, SETTLE_TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let raw = b.read_raw(&ep, 1, SETTLE_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(raw.len(), 1);
     for m in &raw {
         let mut wire = String::from_utf8_lossy(&m.payload).into_owned();
@@ -176,9 +286,16 @@ pub async fn no_token_on_the_wire(b: &dyn BrokerBinding) {
             wire.push_str(&String::from_utf8_lossy(v));
         }
         for s in &secrets {
-            assert!(!wire.contains(s.as_str()), "[{}] a credential reached the wire", b.name());
+            assert!(
+                !wire.contains(s.as_str()),
+                "[{}] a credential reached the wire",
+                b.name()
+            );
         }
-        assert!(m.headers.get(elevate_core::CTX_REF_HEADER).is_some(), "the reference is attached");
+        assert!(
+            m.headers.get(elevate_core::CTX_REF_HEADER).is_some(),
+            "the reference is attached"
+        );
         assert!(env.credentials().scan(&m.headers, &m.payload).is_empty());
     }
 }
@@ -188,11 +305,22 @@ pub async fn count_conservation(b: &dyn BrokerBinding) {
     let env = TestEnv::start().await;
     let ep = b.setup("conserve").await.unwrap_or_else(|e| panic!("{e}"));
     let rec = Recorder::new();
-    let consumer = b.start_consumer(&ep, env.processor(rec.handler())).await.unwrap_or_else(|e| panic!("{e}"));
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let users = ["alice", "carol", "mallory", "bob"];
     let n = 40;
     for i in 0..n {
-        publish_for(b, &env, &ep, users[i % users.len()], &format!("c-{i}"), Headers::new()).await;
+        publish_for(
+            b,
+            &env,
+            &ep,
+            users[i % users.len()],
+            &format!("c-{i}"),
+            Headers::new(),
+        )
+        .await;
     }
     // alice and carol are permitted test.process; mallory is suspended; bob lacks the entitlement
     let expected_denied = n / 2;
@@ -205,7 +333,12 @@ pub async fn count_conservation(b: &dyn BrokerBinding) {
     assert_eq!(rec.count(), n - expected_denied, "[{}]", b.name());
     assert_eq!(letters.len(), expected_denied, "[{}]", b.name());
     assert_eq!(rec.count() + letters.len(), n);
-    assert_eq!(rec.distinct_payloads(), n - expected_denied, "[{}] no message handled twice", b.name());
+    assert_eq!(
+        rec.distinct_payloads(),
+        n - expected_denied,
+        "[{}] no message handled twice",
+        b.name()
+    );
 }
 
 /// Runs every scenario in turn (for bindings that prefer one test).

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now};
+use elevate_core::ctxref::{
+    ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now,
+};
 use elevate_core::decision::{DecisionRecord, MemorySink};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
@@ -16,7 +18,10 @@ use elevate_core::retry::RetryPolicy;
 use elevate_core::scope::Scope;
 use elevate_core::settle::{Handler, Processor, UnboundDeadLetters};
 use elevate_core::strip::CredentialPolicy;
-use elevate_core::{AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, SubjectKind, handler_fn};
+use elevate_core::{
+    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, SubjectKind,
+    handler_fn,
+};
 use parking_lot::Mutex;
 
 use crate::tts_env::LoopbackTts;
@@ -52,12 +57,27 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts a fresh environment (new keys, a TTS on an ephemeral loopback port).
     pub async fn start() -> TestEnv {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-        let pdp = Arc::new(CedarPdp::load_dir(policy_dir()).unwrap_or_else(|e| panic!("example bundle: {e}")));
-        let producer_key = SigningKey::generate(SigningAlg::ES256, format!("orders-api-{}", uuid::Uuid::new_v4().simple())).unwrap_or_else(|e| panic!("{e}"));
-        let consumer_key = SigningKey::generate(SigningAlg::EdDSA, format!("test-worker-{}", uuid::Uuid::new_v4().simple())).unwrap_or_else(|e| panic!("{e}"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let pdp = Arc::new(
+            CedarPdp::load_dir(policy_dir()).unwrap_or_else(|e| panic!("example bundle: {e}")),
+        );
+        let producer_key = SigningKey::generate(
+            SigningAlg::ES256,
+            format!("orders-api-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let consumer_key = SigningKey::generate(
+            SigningAlg::EdDSA,
+            format!("test-worker-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut producer_keys = KeySet::new();
-        producer_keys.insert_workload_key(PRODUCER, &producer_key).unwrap_or_else(|e| panic!("{e}"));
+        producer_keys
+            .insert_workload_key(PRODUCER, &producer_key)
+            .unwrap_or_else(|e| panic!("{e}"));
         let tts = LoopbackTts::start(&[(PRODUCER, &producer_key), (CONSUMER, &consumer_key)]).await;
         let producer = ProducerGuard::new(
             ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(600)),
@@ -90,7 +110,12 @@ impl TestEnv {
     }
 
     /// A publish request for the test action.
-    pub fn publish_request<'a>(&self, subject: &'a SubjectContext, audience: &'a [String], destination: &'a str) -> PublishRequest<'a> {
+    pub fn publish_request<'a>(
+        &self,
+        subject: &'a SubjectContext,
+        audience: &'a [String],
+        destination: &'a str,
+    ) -> PublishRequest<'a> {
         PublishRequest {
             subject,
             action: ACTION,
@@ -118,7 +143,11 @@ impl TestEnv {
     }
 
     /// A processor with an explicit retry budget.
-    pub fn processor_with_retry(&self, handler: Arc<dyn Handler>, retry: RetryPolicy) -> Arc<Processor> {
+    pub fn processor_with_retry(
+        &self,
+        handler: Arc<dyn Handler>,
+        retry: RetryPolicy,
+    ) -> Arc<Processor> {
         self.processor_with(handler, retry, None)
     }
 
@@ -183,7 +212,11 @@ impl TestEnv {
     }
 
     fn origin_claims(&self, destination: &str, payload: &[u8]) -> elevate_core::ContextRefClaims {
-        let minter = ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600));
+        let minter = ContextRefMinter::new(
+            PRODUCER,
+            self.producer_key.clone(),
+            Duration::from_secs(600),
+        );
         let scope = Scope::parse(ACTION);
         minter
             .mint(&MintRequest {
@@ -202,13 +235,27 @@ impl TestEnv {
     /// Messages a plain (unguarded, possibly hostile) producer sends, each with
     /// the reason code the guard must give it.
     pub fn hostile_messages(&self, destination: &str) -> Vec<(&'static str, Headers, Vec<u8>)> {
-        let minter = ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600));
+        let minter = ContextRefMinter::new(
+            PRODUCER,
+            self.producer_key.clone(),
+            Duration::from_secs(600),
+        );
         let body = br#"{"job":"hostile"}"#.to_vec();
-        let with_ref = |t: &str| -> Headers { [(CTX_REF_HEADER, t.to_string())].into_iter().collect() };
-        let valid = minter.sign(self.origin_claims(destination, &body)).map(|m| m.token).unwrap_or_default();
+        let with_ref =
+            |t: &str| -> Headers { [(CTX_REF_HEADER, t.to_string())].into_iter().collect() };
+        let valid = minter
+            .sign(self.origin_claims(destination, &body))
+            .map(|m| m.token)
+            .unwrap_or_default();
         // forged: same kid, another key
-        let forger = SigningKey::generate(SigningAlg::ES256, self.producer_key.kid()).unwrap_or_else(|e| panic!("{e}"));
-        let forged = elevate_core::jws::sign(&forger, "ctx-ref+jwt", &self.origin_claims(destination, &body)).unwrap_or_default();
+        let forger = SigningKey::generate(SigningAlg::ES256, self.producer_key.kid())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let forged = elevate_core::jws::sign(
+            &forger,
+            "ctx-ref+jwt",
+            &self.origin_claims(destination, &body),
+        )
+        .unwrap_or_default();
         // expired: the real producer key, a reference past its horizon
         let mut old = self.origin_claims(destination, &body);
         old.iat = unix_now() - 3600;
@@ -230,7 +277,12 @@ impl TestEnv {
 
     /// A message full of credentials, and the secret strings that must not reach the wire.
     pub fn credential_laden_message(&self) -> (Headers, Vec<u8>, Vec<String>) {
-        let jwt = elevate_core::jws::sign(&self.consumer_key, "JWT", &serde_json::json!({"sub": "alice", "scope": "everything"})).unwrap_or_default();
+        let jwt = elevate_core::jws::sign(
+            &self.consumer_key,
+            "JWT",
+            &serde_json::json!({"sub": "alice", "scope": "everything"}),
+        )
+        .unwrap_or_default();
         let secrets = vec![
             "user-access-token-aaaa".to_string(),
             "session=cookie-secret-bbbb".to_string(),
@@ -319,7 +371,12 @@ impl Recorder {
 
     /// Distinct payloads handled.
     pub fn distinct_payloads(&self) -> usize {
-        self.seen.lock().iter().map(|h| h.payload.clone()).collect::<HashSet<_>>().len()
+        self.seen
+            .lock()
+            .iter()
+            .map(|h| h.payload.clone())
+            .collect::<HashSet<_>>()
+            .len()
     }
 
     /// A copy of everything seen.

@@ -62,21 +62,35 @@ impl BrokerBinding for MemoryBinding {
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> BindResult<()> {
-        let p = producer.prepare(req, msg).await.map_err(|e| e.to_string())?;
+        let p = producer
+            .prepare(req, msg)
+            .await
+            .map_err(|e| e.to_string())?;
         self.send(ep, p.headers, p.payload);
         Ok(())
     }
 
-    async fn publish_raw(&self, ep: &Endpoint, headers: Headers, payload: Vec<u8>) -> BindResult<()> {
+    async fn publish_raw(
+        &self,
+        ep: &Endpoint,
+        headers: Headers,
+        payload: Vec<u8>,
+    ) -> BindResult<()> {
         self.send(ep, headers, payload);
         Ok(())
     }
 
-    async fn start_consumer(&self, ep: &Endpoint, processor: Arc<Processor>) -> BindResult<ConsumerHandle> {
+    async fn start_consumer(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<ConsumerHandle> {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let broker = self.broker.clone();
         let queue = ep.name.clone();
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter))));
+        let processor = Arc::new(
+            processor.with_dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter))),
+        );
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -100,14 +114,24 @@ impl BrokerBinding for MemoryBinding {
         })
     }
 
-    async fn dead_letters(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+    async fn dead_letters(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            out.extend(self.broker.drain(&ep.dead_letter).into_iter().map(|m| RawMessage {
-                headers: m.headers,
-                payload: m.payload.to_vec(),
-            }));
+            out.extend(
+                self.broker
+                    .drain(&ep.dead_letter)
+                    .into_iter()
+                    .map(|m| RawMessage {
+                        headers: m.headers,
+                        payload: m.payload.to_vec(),
+                    }),
+            );
             if out.len() >= expected || tokio::time::Instant::now() >= deadline {
                 return Ok(out);
             }
@@ -115,7 +139,12 @@ impl BrokerBinding for MemoryBinding {
         }
     }
 
-    async fn read_raw(&self, ep: &Endpoint, expected: usize, timeout: Duration) -> BindResult<Vec<RawMessage>> {
+    async fn read_raw(
+        &self,
+        ep: &Endpoint,
+        expected: usize,
+        timeout: Duration,
+    ) -> BindResult<Vec<RawMessage>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let got: Vec<RawMessage> = self

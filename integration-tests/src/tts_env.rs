@@ -14,7 +14,8 @@ use txn_token_client::{Issuer, IssuerSettings, RunningTts, TtsClient, TtsClientC
 use crate::env::TRUST_DOMAIN;
 
 /// Scopes every test workload may be granted.
-pub const TEST_SCOPES: &str = "test.process invoice.create order.process billing.charge notification.send";
+pub const TEST_SCOPES: &str =
+    "test.process invoice.create order.process billing.charge notification.send";
 
 /// The reference TTS on an ephemeral loopback port.
 pub struct LoopbackTts {
@@ -26,16 +27,18 @@ pub struct LoopbackTts {
 impl LoopbackTts {
     /// Starts a TTS with these workloads registered.
     pub async fn start(workloads: &[(&str, &SigningKey)]) -> LoopbackTts {
-        let issuer = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN)).unwrap_or_else(|e| panic!("TTS issuer: {e}"));
+        let issuer = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))
+            .unwrap_or_else(|e| panic!("TTS issuer: {e}"));
         let scopes = Scope::parse(TEST_SCOPES);
         for (id, key) in workloads {
             issuer
                 .register_workload(id, key.public_jwk(), &scopes)
                 .unwrap_or_else(|e| panic!("register {id}: {e}"));
         }
-        let running = RunningTts::start(issuer.clone(), SocketAddr::from(([127, 0, 0, 1], 0)), false)
-            .await
-            .unwrap_or_else(|e| panic!("TTS listen on loopback: {e}"));
+        let running =
+            RunningTts::start(issuer.clone(), SocketAddr::from(([127, 0, 0, 1], 0)), false)
+                .await
+                .unwrap_or_else(|e| panic!("TTS listen on loopback: {e}"));
         LoopbackTts {
             issuer,
             addr: running.addr(),

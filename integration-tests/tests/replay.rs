@@ -16,7 +16,12 @@ use elevate_integration_tests::env::{Recorder, TestEnv};
 async fn redis() -> Arc<dyn ReplayGuard> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("elevate-test:{}:", uuid::Uuid::new_v4().simple());
-    match tokio::time::timeout(Duration::from_secs(5), RedisReplayGuard::connect(&url, prefix)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        RedisReplayGuard::connect(&url, prefix),
+    )
+    .await
+    {
         Ok(Ok(g)) => Arc::new(g),
         other => panic!(
             "Redis is not reachable at {url} ({other:?}); start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no"
@@ -72,7 +77,10 @@ async fn two_instances_share_the_seen_set() {
     let d = broker.receive("q", Duration::from_secs(2)).await.unwrap();
     assert_eq!(d.message().delivery_attempt, 2);
     let o = b.process(d).await.unwrap();
-    assert!(matches!(o, Outcome::Handled { .. }), "redelivery must be handled: {o:?}");
+    assert!(
+        matches!(o, Outcome::Handled { .. }),
+        "redelivery must be handled: {o:?}"
+    );
 
     // an attacker replays the same message (same reference, same payload) later:
     // whichever instance sees it quarantines it
@@ -81,12 +89,21 @@ async fn two_instances_share_the_seen_set() {
         let d = broker.receive("q", Duration::from_secs(1)).await.unwrap();
         let o = instance.process(d).await.unwrap();
         assert!(
-            matches!(o, Outcome::DeadLettered { reason: elevate_core::Reason::Replayed, .. }),
+            matches!(
+                o,
+                Outcome::DeadLettered {
+                    reason: elevate_core::Reason::Replayed,
+                    ..
+                }
+            ),
             "{o:?}"
         );
     }
     assert_eq!(rec.count(), 1, "handled exactly once");
     let dl = broker.drain("q.dlq");
     assert_eq!(dl.len(), 2);
-    assert!(dl.iter().all(|m| m.headers.get_str(H_REASON) == Some("replayed")));
+    assert!(
+        dl.iter()
+            .all(|m| m.headers.get_str(H_REASON) == Some("replayed"))
+    );
 }

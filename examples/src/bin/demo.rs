@@ -19,7 +19,10 @@ use elevate_core::memory::MemoryBroker;
 use elevate_core::producer::{ProducerGuard, PublishRequest};
 use elevate_core::scope::Scope;
 use elevate_core::settle::{Delivery, Outcome, Processor};
-use elevate_core::{AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage, handler_fn};
+use elevate_core::{
+    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
+    handler_fn,
+};
 use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
 
 const TRUST_DOMAIN: &str = "elevate.example";
@@ -42,14 +45,19 @@ async fn main() {
 async fn run() -> DemoResult<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,elevate::decision=off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
         )
         .init();
 
     // Policy: the example bundle (see examples/policies/*.cedar).
     let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let pdp = Arc::new(CedarPdp::load_dir(&bundle)?);
-    println!("policy bundle {} (version {})", bundle.display(), pdp.version());
+    println!(
+        "policy bundle {} (version {})",
+        bundle.display(),
+        pdp.version()
+    );
 
     // Identities: workload keys, the TTS, a user-token issuer.
     let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
@@ -73,7 +81,10 @@ async fn run() -> DemoResult<()> {
     // The guarded worker, logging decisions to a JSON Lines file.
     let log_path = std::env::temp_dir().join("elevate-demo-decisions.jsonl");
     let _ = std::fs::remove_file(&log_path);
-    let log = Arc::new(TeeSink::new(vec![Arc::new(FileSink::open(&log_path)?), Arc::new(TracingSink)]));
+    let log = Arc::new(TeeSink::new(vec![
+        Arc::new(FileSink::open(&log_path)?),
+        Arc::new(TracingSink),
+    ]));
     let mut producer_keys = KeySet::new();
     producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
     let guard = Guard::new(
@@ -95,22 +106,37 @@ async fn run() -> DemoResult<()> {
         );
         Ok(())
     });
-    let processor = Processor::new(Arc::new(guard), Arc::new(handler), Arc::new(broker.dead_letter_queue(DLQ)));
+    let processor = Processor::new(
+        Arc::new(guard),
+        Arc::new(handler),
+        Arc::new(broker.dead_letter_queue(DLQ)),
+    );
 
     // Entry flow: each user's request reaches the producer with a bearer token.
-    println!("\n== produce: user token in -> Txn-Token for orders-api -> message out with no token");
+    println!(
+        "\n== produce: user token in -> Txn-Token for orders-api -> message out with no token"
+    );
     let jobs = [
         ("alice", r#"{"invoice":"INV-1","amount":120}"#, true),
-        ("alice", r#"{"invoice":"INV-2","amount":75,"access_token":"LEAKED"}"#, true),
+        (
+            "alice",
+            r#"{"invoice":"INV-2","amount":75,"access_token":"LEAKED"}"#,
+            true,
+        ),
         ("carol", r#"{"invoice":"INV-3","amount":9}"#, true),
         ("bob", r#"{"invoice":"INV-4","amount":300}"#, false),
         ("mallory", r#"{"invoice":"INV-5","amount":999}"#, false),
     ];
     let mut expected_handled = 0;
     for (i, (user, body, permitted)) in jobs.iter().enumerate() {
-        let user_token = idp.issue_access_token(user, "invoice.create", Duration::from_secs(300))?;
+        let user_token =
+            idp.issue_access_token(user, "invoice.create", Duration::from_secs(300))?;
         let txn_token = producer_tts
-            .exchange_access_token(&user_token, &Scope::parse("invoice.create"), &serde_json::json!({"http": "POST /invoices"}))
+            .exchange_access_token(
+                &user_token,
+                &Scope::parse("invoice.create"),
+                &serde_json::json!({"http": "POST /invoices"}),
+            )
             .await?;
         let subject = subject_context(&txn_token.claims);
         let mut headers = Headers::new();
@@ -141,10 +167,19 @@ async fn run() -> DemoResult<()> {
         println!(
             "  {user:8} {body:45} txn {} {}",
             subject.txn,
-            if stripped.is_empty() { String::new() } else { format!("stripped {}", stripped.join(" ")) }
+            if stripped.is_empty() {
+                String::new()
+            } else {
+                format!("stripped {}", stripped.join(" "))
+            }
         );
         let wire = String::from_utf8_lossy(&prepared.payload).into_owned();
-        if wire.contains("LEAKED") || prepared.headers.iter().any(|(_, v)| v == user_token.as_bytes()) {
+        if wire.contains("LEAKED")
+            || prepared
+                .headers
+                .iter()
+                .any(|(_, v)| v == user_token.as_bytes())
+        {
             return Err("a credential reached the wire".into());
         }
         broker.publish(QUEUE, prepared.headers, prepared.payload);
@@ -152,8 +187,8 @@ async fn run() -> DemoResult<()> {
     }
     // A message from an unguarded producer with a forged reference.
     let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let forged = ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60))
-        .mint(&elevate_core::ctxref::MintRequest {
+    let forged = ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(
+        &elevate_core::ctxref::MintRequest {
             subject: "alice",
             sub_kind: elevate_core::SubjectKind::Human,
             audience: &[WORKER.to_string()],
@@ -161,15 +196,20 @@ async fn run() -> DemoResult<()> {
             txn: "forged",
             destination: QUEUE,
             payload: b"{\"invoice\":\"INV-X\"}",
-        })?;
+        },
+    )?;
     broker.publish(
         QUEUE,
-        [(CTX_REF_HEADER, forged.token)].into_iter().collect::<Headers>(),
+        [(CTX_REF_HEADER, forged.token)]
+            .into_iter()
+            .collect::<Headers>(),
         &b"{\"invoice\":\"INV-X\"}"[..],
     );
     println!("  (attacker) forged reference for alice");
 
-    println!("\n== consume: verify -> Txn-Token for invoice-worker -> trust elevation -> record -> dispatch");
+    println!(
+        "\n== consume: verify -> Txn-Token for invoice-worker -> trust elevation -> record -> dispatch"
+    );
     let (mut handled, mut dead) = (0, 0);
     while let Some(d) = broker.receive(QUEUE, Duration::from_millis(200)).await {
         let payload = String::from_utf8_lossy(&d.message().payload).into_owned();
@@ -178,9 +218,15 @@ async fn run() -> DemoResult<()> {
                 handled += 1;
                 println!("  PERMIT  {payload} (decision {decision_id})");
             }
-            Outcome::DeadLettered { decision_id, reason } => {
+            Outcome::DeadLettered {
+                decision_id,
+                reason,
+            } => {
                 dead += 1;
-                println!("  {:7} {payload} -> {DLQ}: {reason} (decision {decision_id})", reason.verdict().as_str().to_uppercase());
+                println!(
+                    "  {:7} {payload} -> {DLQ}: {reason} (decision {decision_id})",
+                    reason.verdict().as_str().to_uppercase()
+                );
             }
             Outcome::Redelivering { reason, .. } => println!("  RETRY   {payload}: {reason}"),
         }
@@ -197,12 +243,25 @@ async fn run() -> DemoResult<()> {
         );
     }
     let records = std::fs::read_to_string(&log_path)?.lines().count();
-    println!("\ndecision log: {} ({records} records, JSON Lines, token hashes only)", log_path.display());
-    println!("published {}, handled {handled}, dead-lettered {dead}", jobs.len() + 1);
+    println!(
+        "\ndecision log: {} ({records} records, JSON Lines, token hashes only)",
+        log_path.display()
+    );
+    println!(
+        "published {}, handled {handled}, dead-lettered {dead}",
+        jobs.len() + 1
+    );
 
     let published = jobs.len() + 1;
-    if handled != expected_handled || handled + dead != published || letters.len() != dead || records != published {
-        return Err(format!("unexpected outcome: expected {expected_handled} handled of {published}").into());
+    if handled != expected_handled
+        || handled + dead != published
+        || letters.len() != dead
+        || records != published
+    {
+        return Err(format!(
+            "unexpected outcome: expected {expected_handled} handled of {published}"
+        )
+        .into());
     }
     Ok(())
 }
