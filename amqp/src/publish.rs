@@ -1,8 +1,10 @@
 //! Confirmed publishing (shared by the guarded publisher, dead letters and retries)
 //! and the credential-stripping [`AmqpPublisher`].
 
-use elevate_core::OutboundMessage;
-use elevate_core::producer::{ProducerGuard, PublishError, PublishRequest};
+use elevate_core::producer::{
+    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest,
+};
+use elevate_core::{AuthContext, OutboundMessage};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -174,6 +176,47 @@ impl AmqpPublisher {
             }
         }
         let prepared = self.guard.prepare(&req, msg).await?;
+        self.send(exchange, routing_key, dst, prepared, properties)
+            .await
+    }
+
+    /// Publishes from a permitted handler: the reference is derived from `auth`
+    /// (this workload joins the `act` chain, scope may only narrow, see
+    /// [`ProducerGuard::prepare_derived`]) and bound to `exchange`/`routing_key`
+    /// (`next.destination` is ignored). Properties as in
+    /// [`AmqpPublisher::publish_with_properties`].
+    pub async fn publish_derived(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        auth: &AuthContext,
+        next: &DerivedPublish<'_>,
+        mut msg: OutboundMessage,
+        properties: BasicProperties,
+    ) -> Result<Receipt, PublishError> {
+        let dst = destination(exchange, routing_key);
+        let next = DerivedPublish {
+            destination: &dst,
+            ..next.clone()
+        };
+        if let Some(table) = properties.headers() {
+            for (n, v) in headers::decode(Some(table)).iter() {
+                msg.headers.append(n, v);
+            }
+        }
+        let prepared = self.guard.prepare_derived(auth, &next, msg).await?;
+        self.send(exchange, routing_key, dst.clone(), prepared, properties)
+            .await
+    }
+
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        dst: String,
+        prepared: PreparedMessage,
+        properties: BasicProperties,
+    ) -> Result<Receipt, PublishError> {
         let table =
             headers::encode(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
         let message_id = properties

@@ -151,7 +151,7 @@ impl ProducerGuard {
                 scope: scope.to_string(),
             });
         }
-        self.check_publish(req).await?;
+        self.check_publish(req, &[], 0).await?;
         let OutboundMessage {
             mut headers,
             mut payload,
@@ -200,13 +200,20 @@ impl ProducerGuard {
                 scope: subject.scope.to_string(),
             });
         }
-        self.check_publish(&PublishRequest {
-            subject: &subject,
-            action: next.action,
-            audience: next.audience,
-            destination: next.destination,
-            scope: next.scope,
-        })
+        // The PDP sees the chain this hop extends (every signer so far, origin
+        // first) and the depth of the reference it is about to sign, so a
+        // policy that caps hops or requires a route applies before publishing.
+        self.check_publish(
+            &PublishRequest {
+                subject: &subject,
+                action: next.action,
+                audience: next.audience,
+                destination: next.destination,
+                scope: next.scope,
+            },
+            &auth.chain,
+            auth.reference.depth.saturating_add(1),
+        )
         .await?;
         let OutboundMessage {
             mut headers,
@@ -214,7 +221,13 @@ impl ProducerGuard {
         } = msg;
         let stripped = self.credentials.apply(&mut headers, &mut payload)?;
         headers.remove(CTX_REF_HEADER);
-        let reference = auth.derive_reference(&self.minter, next.scope, next.audience, next.destination, &payload)?;
+        let reference = auth.derive_reference(
+            &self.minter,
+            next.scope,
+            next.audience,
+            next.destination,
+            &payload,
+        )?;
         headers.append(CTX_REF_HEADER, reference.token.as_str());
         Ok(PreparedMessage {
             headers,
@@ -225,7 +238,14 @@ impl ProducerGuard {
     }
 
     /// May this producer publish `action` on behalf of the subject? (delegation half of elevation)
-    async fn check_publish(&self, req: &PublishRequest<'_>) -> Result<(), PublishError> {
+    /// `chain` lists the workloads that signed before this one (origin first; empty for an
+    /// origin publish) and `depth` is the depth of the reference about to be signed.
+    async fn check_publish(
+        &self,
+        req: &PublishRequest<'_>,
+        chain: &[String],
+        depth: u32,
+    ) -> Result<(), PublishError> {
         let subject = EntityRef::new(
             match req.subject.sub_kind {
                 SubjectKind::Human => USER_TYPE,
@@ -242,8 +262,8 @@ impl ProducerGuard {
                 context: serde_json::json!({
                     "action": req.action,
                     "scope": req.subject.scope.iter().collect::<Vec<_>>(),
-                    "chain": Vec::<String>::new(),
-                    "depth": 0,
+                    "chain": chain,
+                    "depth": i64::from(depth),
                     "txn": req.subject.txn,
                     "workload": self.workload(),
                 }),

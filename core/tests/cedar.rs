@@ -522,3 +522,23 @@ async fn watcher_reloads_on_change_and_survives_a_broken_edit() {
         .expect("watcher ends when the PDP is dropped")
         .unwrap();
 }
+
+#[tokio::test]
+async fn notify_worker_acts_on_delegated_work_only_via_billing_worker() {
+    let pdp = pdp();
+    let mut e = elevation("notify-worker", user("alice"), "notification.send", 2);
+    e.chain = vec![wl("orders-api"), wl("order-worker"), wl("billing-worker")];
+    let (a, b) = decide(&pdp, &e).await;
+    assert!(a.allowed && b.allowed, "{a:?} {b:?}");
+    // the same work, but billing-worker was skipped
+    e.chain = vec![wl("orders-api"), wl("order-worker")];
+    e.depth = 1;
+    let (a, _) = decide(&pdp, &e).await;
+    assert!(!a.allowed);
+    assert_eq!(a.policies, vec!["chains.notify-only-via-billing"]);
+    // a direct publish by a trusted producer is not delegated work: unaffected
+    e.chain = vec![wl("orders-api")];
+    e.depth = 0;
+    let (a, _) = decide(&pdp, &e).await;
+    assert!(a.allowed, "{a:?}");
+}

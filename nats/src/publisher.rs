@@ -5,9 +5,11 @@
 use async_nats::Client;
 use async_nats::jetstream::{self, publish::PublishAck};
 use bytes::Bytes;
-use elevate_core::OutboundMessage;
-use elevate_core::producer::{PreparedMessage, ProducerGuard, PublishError, PublishRequest};
+use elevate_core::producer::{
+    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest,
+};
 use elevate_core::strip::Finding;
+use elevate_core::{AuthContext, OutboundMessage};
 
 use crate::headers::{NATS_MSG_ID, to_nats_headers};
 
@@ -98,7 +100,36 @@ impl NatsPublisher {
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> Result<Receipt, PublishError> {
-        let (mut prepared, message_id) = self.prepare(subject, req, msg).await?;
+        let (prepared, message_id) = self.prepare(subject, req, msg).await?;
+        self.send_jetstream(subject, prepared, message_id).await
+    }
+
+    /// JetStream publish from a permitted handler: the reference is derived
+    /// from `auth` (this workload joins the `act` chain, scope may only narrow,
+    /// see [`ProducerGuard::prepare_derived`]) and bound to `subject`
+    /// (`next.destination` is ignored).
+    pub async fn publish_derived_jetstream(
+        &self,
+        subject: &str,
+        auth: &AuthContext,
+        next: &DerivedPublish<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        let next = DerivedPublish {
+            destination: subject,
+            ..next.clone()
+        };
+        let prepared = self.guard.prepare_derived(auth, &next, msg).await?;
+        let (prepared, message_id) = with_message_id(prepared);
+        self.send_jetstream(subject, prepared, message_id).await
+    }
+
+    async fn send_jetstream(
+        &self,
+        subject: &str,
+        mut prepared: PreparedMessage,
+        message_id: String,
+    ) -> Result<Receipt, PublishError> {
         let headers =
             to_nats_headers(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
         let ack = self
@@ -133,17 +164,22 @@ impl NatsPublisher {
             destination: subject,
             ..req.clone()
         };
-        let mut prepared = self.guard.prepare(&req, msg).await?;
-        let message_id = match prepared.headers.get_str(NATS_MSG_ID) {
-            Some(id) if !id.trim().is_empty() => id.to_string(),
-            _ => {
-                let id = prepared.reference.claims.jti.clone();
-                prepared.headers.insert(NATS_MSG_ID, id.as_str());
-                id
-            }
-        };
-        Ok((prepared, message_id))
+        let prepared = self.guard.prepare(&req, msg).await?;
+        Ok(with_message_id(prepared))
     }
+}
+
+/// Keeps the application's `Nats-Msg-Id`, else uses the reference id.
+fn with_message_id(mut prepared: PreparedMessage) -> (PreparedMessage, String) {
+    let message_id = match prepared.headers.get_str(NATS_MSG_ID) {
+        Some(id) if !id.trim().is_empty() => id.to_string(),
+        _ => {
+            let id = prepared.reference.claims.jti.clone();
+            prepared.headers.insert(NATS_MSG_ID, id.as_str());
+            id
+        }
+    };
+    (prepared, message_id)
 }
 
 fn receipt(

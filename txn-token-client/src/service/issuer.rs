@@ -234,6 +234,37 @@ impl Issuer {
         self.registry.register(id, public_jwk, allowed_scopes)
     }
 
+    /// Removes a workload from the registry (its keys and allowance): it gets no
+    /// Txn-Token, and every exchange of a reference whose chain passes through
+    /// it is refused `invalid_grant` — messages already in flight included.
+    /// Returns false when it was not registered.
+    pub fn revoke_workload(&self, id: &str) -> bool {
+        let removed = self.registry.remove(id);
+        tracing::warn!(workload = %id, removed, "workload removed from the registry");
+        removed
+    }
+
+    /// Withdraws trust from a workload (keys kept, e.g. while investigating):
+    /// same effect on exchanges as [`Issuer::revoke_workload`] until
+    /// [`Issuer::reinstate_workload`]. Returns false when it is not registered.
+    pub fn suspend_workload(&self, id: &str) -> bool {
+        let suspended = self.registry.suspend(id);
+        tracing::warn!(workload = %id, suspended, "workload suspended");
+        suspended
+    }
+
+    /// Restores trust in a suspended workload. Returns false when it was not suspended.
+    pub fn reinstate_workload(&self, id: &str) -> bool {
+        let reinstated = self.registry.reinstate(id);
+        tracing::info!(workload = %id, reinstated, "workload reinstated");
+        reinstated
+    }
+
+    /// True when `id` is registered and not suspended.
+    pub fn is_trusted_workload(&self, id: &str) -> bool {
+        self.registry.is_trusted(id)
+    }
+
     /// Accepts user access tokens from this issuer (entry flow).
     pub fn set_user_issuer(&self, verifier: AccessTokenVerifier) {
         self.users.store(Some(Arc::new(verifier)));
@@ -307,8 +338,14 @@ impl Issuer {
                 "only token exchange is supported",
             ));
         }
-        // 2. client authentication
+        // 2. client authentication (a suspended workload authenticates but gets nothing)
         let requester = self.authenticate(form)?;
+        if !self.registry.is_trusted(&requester) {
+            return Err(invalid(
+                ErrorCode::UnauthorizedClient,
+                format!("workload {requester} is suspended"),
+            ));
+        }
         // 3. request shape
         let requested = form.require("requested_token_type")?;
         if requested != TOKEN_TYPE_TXN_TOKEN {
@@ -383,6 +420,31 @@ impl Issuer {
             .verify_unbound(token, requester)
             .map_err(|e| invalid(ErrorCode::InvalidGrant, format!("context reference: {e}")))?;
         let c = &verified.claims;
+        // Signatures were checked hop by hop against the registry's keys (a
+        // removed workload's hop no longer verifies); trust is checked here: a
+        // suspended workload anywhere in the chain poisons every later hop.
+        let chain = c.chain();
+        if let Some(w) = chain.iter().find(|w| !self.registry.is_trusted(w)) {
+            let why = if self.registry.is_suspended(w) {
+                "is suspended"
+            } else {
+                "is not registered"
+            };
+            return Err(invalid(
+                ErrorCode::InvalidGrant,
+                format!("context reference: workload {w} in the delegation chain {why}"),
+            ));
+        }
+        // The chain as the Txn-Token carries it: origin first, each hop with the
+        // scope it held (the current signer's is the reference's own scope).
+        let mut hops: Vec<serde_json::Value> = c
+            .act
+            .iter()
+            .flat_map(|a| a.iter())
+            .map(|a| serde_json::json!({"wl": a.sub, "scope": a.scope}))
+            .collect();
+        hops.reverse();
+        hops.push(serde_json::json!({"wl": c.iss, "scope": c.scope}));
         Ok(Subject {
             sub: c.sub.clone(),
             txn: c.txn.clone(),
@@ -392,7 +454,10 @@ impl Issuer {
                 "sub_kind": c.sub_kind.as_str(),
                 "producer": c.iss,
                 "destination": c.dst,
-                "chain": c.chain(),
+                "chain": chain,
+                "hops": hops,
+                "depth": c.depth,
+                "max_depth": c.max_depth,
                 "ref_sha256": verified.token_sha256,
             }),
         })

@@ -2,8 +2,12 @@
 //! key owner, so a key only ever speaks for its workload) and the scopes it may
 //! be granted. Shared with the context-reference verifier, so producer keys
 //! and requester keys are one set.
+//!
+//! A workload can be **removed** (its keys and allowance are gone: nothing it
+//! ever signed verifies any more) or **suspended** (keys kept, trust withdrawn:
+//! it gets no Txn-Token and no chain that passes through it is honoured).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,6 +22,7 @@ pub struct WorkloadRegistry {
     keys: Arc<ArcSwap<KeySet>>,
     scopes: RwLock<HashMap<String, Scope>>,
     extra_known: RwLock<Scope>,
+    suspended: RwLock<HashSet<String>>,
     write: Mutex<()>,
 }
 
@@ -27,6 +32,7 @@ impl Default for WorkloadRegistry {
             keys: Arc::new(ArcSwap::from_pointee(KeySet::new())),
             scopes: RwLock::new(HashMap::new()),
             extra_known: RwLock::new(Scope::default()),
+            suspended: RwLock::new(HashSet::new()),
             write: Mutex::new(()),
         }
     }
@@ -61,6 +67,49 @@ impl WorkloadRegistry {
         self.keys.store(Arc::new(set));
         self.scopes.write().insert(id.to_string(), allowed.clone());
         Ok(())
+    }
+
+    /// Removes a workload: every key it owns and its allowed scopes. Returns
+    /// false when it was not registered. References it signed no longer verify.
+    pub fn remove(&self, id: &str) -> bool {
+        let _w = self.write.lock();
+        let mut set = (**self.keys.load()).clone();
+        let owned: Vec<String> = set
+            .kids()
+            .filter(|kid| set.get(kid).and_then(|k| k.owner.as_deref()) == Some(id))
+            .map(str::to_string)
+            .collect();
+        for kid in &owned {
+            set.remove(kid);
+        }
+        self.keys.store(Arc::new(set));
+        self.suspended.write().remove(id);
+        self.scopes.write().remove(id).is_some() || !owned.is_empty()
+    }
+
+    /// Withdraws trust from a registered workload (keys kept). Returns false
+    /// when it is not registered.
+    pub fn suspend(&self, id: &str) -> bool {
+        if !self.scopes.read().contains_key(id) {
+            return false;
+        }
+        self.suspended.write().insert(id.to_string());
+        true
+    }
+
+    /// Restores trust in a suspended workload. Returns false when it was not suspended.
+    pub fn reinstate(&self, id: &str) -> bool {
+        self.suspended.write().remove(id)
+    }
+
+    /// True when `id` is registered and not suspended.
+    pub fn is_trusted(&self, id: &str) -> bool {
+        self.scopes.read().contains_key(id) && !self.suspended.read().contains(id)
+    }
+
+    /// True when `id` is registered and suspended.
+    pub fn is_suspended(&self, id: &str) -> bool {
+        self.suspended.read().contains(id)
     }
 
     /// Adds scopes that are known (valid to ask for) without being allowed to anyone yet.
@@ -117,5 +166,32 @@ mod tests {
         assert!(r.is_known_scope("z"));
         assert_eq!(r.allowed("spiffe://d/a"), Some(Scope::parse("x y")));
         assert_eq!(r.allowed("spiffe://d/b"), None);
+    }
+
+    #[test]
+    fn remove_drops_keys_and_suspend_keeps_them() {
+        let r = WorkloadRegistry::new();
+        let a = SigningKey::generate(SigningAlg::ES256, "a-1").unwrap();
+        let b = SigningKey::generate(SigningAlg::EdDSA, "b-1").unwrap();
+        r.register("spiffe://d/a", a.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        r.register("spiffe://d/b", b.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        assert!(r.is_trusted("spiffe://d/a"));
+        assert!(r.suspend("spiffe://d/a"));
+        assert!(!r.is_trusted("spiffe://d/a"));
+        assert!(
+            r.keys().load().get("a-1").is_some(),
+            "suspension keeps keys"
+        );
+        assert!(r.reinstate("spiffe://d/a"));
+        assert!(r.is_trusted("spiffe://d/a"));
+        assert!(!r.suspend("spiffe://d/nobody"));
+        assert!(r.remove("spiffe://d/a"));
+        assert!(r.keys().load().get("a-1").is_none());
+        assert!(r.keys().load().get("b-1").is_some());
+        assert!(!r.is_trusted("spiffe://d/a"));
+        assert_eq!(r.allowed("spiffe://d/a"), None);
+        assert!(!r.remove("spiffe://d/a"));
     }
 }

@@ -313,3 +313,151 @@ async fn rotation_keeps_old_tokens_verifying() {
     assert!(v.verify(before.token.expose()).await.is_ok());
     assert!(v.verify(after.token.expose()).await.is_ok());
 }
+
+/// orders → billing → relay → notify: a three-signer chain ending at `notify`.
+struct ChainWorld {
+    w: World,
+    notify: InProcessTts,
+    final_ref: String,
+}
+
+const RELAY: &str = "spiffe://example.org/relay";
+const NOTIFY: &str = "spiffe://example.org/notify";
+
+fn chain_world() -> ChainWorld {
+    let w = world();
+    let relay_key = SigningKey::generate(SigningAlg::EdDSA, "relay-1").unwrap();
+    let notify_key = SigningKey::generate(SigningAlg::ES256, "notify-1").unwrap();
+    let read = Scope::parse("orders.read");
+    w.issuer
+        .register_workload(RELAY, relay_key.public_jwk(), &read)
+        .unwrap();
+    w.issuer
+        .register_workload(NOTIFY, notify_key.public_jwk(), &read)
+        .unwrap();
+    let origin = w
+        .producer
+        .mint(&MintRequest {
+            subject: "alice",
+            sub_kind: SubjectKind::Human,
+            audience: &[CONSUMER.to_string()],
+            scope: &Scope::parse("orders.read orders.write"),
+            txn: "txn-chain",
+            destination: "orders",
+            payload: b"o",
+        })
+        .unwrap();
+    let billing = ContextRefMinter::new(CONSUMER, w.consumer_key.clone(), Duration::from_secs(300));
+    let hop1 = billing
+        .derive(
+            &origin.claims,
+            &origin.token,
+            Some(&read),
+            &[RELAY.to_string()],
+            "relay",
+            b"r",
+        )
+        .unwrap();
+    let relay = ContextRefMinter::new(RELAY, relay_key, Duration::from_secs(300));
+    let hop2 = relay
+        .derive(
+            &hop1.claims,
+            &hop1.token,
+            None,
+            &[NOTIFY.to_string()],
+            "notify",
+            b"n",
+        )
+        .unwrap();
+    ChainWorld {
+        notify: InProcessTts::new(w.issuer.clone(), NOTIFY, notify_key),
+        w,
+        final_ref: hop2.token,
+    }
+}
+
+async fn exchange_final(c: &ChainWorld) -> Result<elevate_core::token::TxnToken, TokenError> {
+    c.notify
+        .exchange(
+            &c.final_ref,
+            TOKEN_TYPE_JWT,
+            &Scope::parse("orders.read"),
+            &serde_json::json!({}),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn chain_is_validated_and_carried_in_tctx() {
+    let c = chain_world();
+    let t = exchange_final(&c).await.unwrap();
+    let tctx = t.claims.tctx.unwrap();
+    assert_eq!(
+        tctx["chain"],
+        serde_json::json!([PRODUCER, CONSUMER, RELAY])
+    );
+    assert_eq!(tctx["depth"], 2);
+    assert_eq!(tctx["max_depth"], 3);
+    assert_eq!(
+        tctx["hops"],
+        serde_json::json!([
+            {"wl": PRODUCER, "scope": "orders.read orders.write"},
+            {"wl": CONSUMER, "scope": "orders.read"},
+            {"wl": RELAY, "scope": "orders.read"},
+        ])
+    );
+    assert_eq!(t.claims.req_wl, NOTIFY);
+}
+
+#[tokio::test]
+async fn suspended_middle_workload_denies_every_downstream_exchange() {
+    let c = chain_world();
+    assert!(c.w.issuer.suspend_workload(CONSUMER));
+    assert!(!c.w.issuer.is_trusted_workload(CONSUMER));
+    let err = exchange_final(&c).await.unwrap_err();
+    match &err {
+        TokenError::Denied { code, description } => {
+            assert_eq!(code, "invalid_grant");
+            assert!(
+                description
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("suspended"),
+                "{err}"
+            );
+        }
+        other => panic!("expected invalid_grant, got {other:?}"),
+    }
+    // the suspended workload itself gets no token either
+    let own = consumer(&c.w);
+    let r = reference(&c.w, CONSUMER, "orders.read");
+    let code = denied_code(
+        own.exchange(
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &Scope::parse("orders.read"),
+            &serde_json::json!({}),
+        )
+        .await,
+    );
+    assert_eq!(code, "unauthorized_client");
+    // trust restored: the same message in flight is accepted again
+    assert!(c.w.issuer.reinstate_workload(CONSUMER));
+    assert!(exchange_final(&c).await.is_ok());
+}
+
+#[tokio::test]
+async fn removed_middle_workload_denies_messages_in_flight() {
+    let c = chain_world();
+    assert!(exchange_final(&c).await.is_ok());
+    assert!(c.w.issuer.revoke_workload(CONSUMER));
+    assert!(!c.w.issuer.revoke_workload(CONSUMER), "already gone");
+    assert_eq!(denied_code(exchange_final(&c).await), "invalid_grant");
+}
+
+#[tokio::test]
+async fn removed_origin_producer_denies_the_whole_chain() {
+    let c = chain_world();
+    assert!(c.w.issuer.revoke_workload(PRODUCER));
+    assert_eq!(denied_code(exchange_final(&c).await), "invalid_grant");
+}
