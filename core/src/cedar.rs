@@ -22,7 +22,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use cedar_policy::{
     Authorizer, Context, Decision, Entities, EntityId, EntityTypeName, EntityUid, PolicyId,
-    PolicySet, Request, Schema, ValidationMode, Validator,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use sha2::{Digest, Sha256};
 
@@ -391,7 +391,41 @@ impl Bundle {
         authorizer: &Authorizer,
         req: &AccessRequest,
     ) -> Result<AccessDecision, PdpError> {
-        let request = self.request(req)?;
+        self.decide_with(authorizer, req, fast_context(&req.context))
+    }
+
+    /// Evaluates several requests against this bundle; requests that share
+    /// their context JSON (both halves of trust elevation do) share its
+    /// conversion.
+    pub fn decide_all(
+        &self,
+        authorizer: &Authorizer,
+        reqs: &[AccessRequest],
+    ) -> Result<Vec<AccessDecision>, PdpError> {
+        let mut shared: Option<(&serde_json::Value, Option<Context>)> = None;
+        reqs.iter()
+            .map(|r| {
+                let context = match &shared {
+                    Some((json, built)) if **json == r.context => built.clone(),
+                    _ => {
+                        let built = fast_context(&r.context);
+                        shared = Some((&r.context, built.clone()));
+                        built
+                    }
+                };
+                self.decide_with(authorizer, r, context)
+            })
+            .collect()
+    }
+
+    /// Evaluates one request, with its context already converted when the fast path could.
+    fn decide_with(
+        &self,
+        authorizer: &Authorizer,
+        req: &AccessRequest,
+        context: Option<Context>,
+    ) -> Result<AccessDecision, PdpError> {
+        let request = self.request(req, context)?;
         let response = authorizer.is_authorized(&request, &self.policies, &self.entities);
         let mut policies: Vec<String> = response
             .diagnostics()
@@ -413,22 +447,40 @@ impl Bundle {
 
     /// Builds a schema-checked Cedar request; anything that does not fit is
     /// `InvalidRequest`.
-    fn request(&self, req: &AccessRequest) -> Result<Request, PdpError> {
+    fn request(&self, req: &AccessRequest, fast: Option<Context>) -> Result<Request, PdpError> {
         let action = self
             .actions
             .get(&req.action)
             .ok_or_else(|| PdpError::InvalidRequest(format!("unknown action {:?}", req.action)))?;
         let principal = self.entity(&req.subject)?;
         let resource = self.entity(&req.resource)?;
-        let fits = self
-            .applies
-            .get(&req.action)
-            .is_some_and(|(p, r)| p.contains(principal.type_name()) && r.contains(resource.type_name()));
+        let fits = self.applies.get(&req.action).is_some_and(|(p, r)| {
+            p.contains(principal.type_name()) && r.contains(resource.type_name())
+        });
         if !fits {
             return Err(PdpError::InvalidRequest(format!(
                 "action {:?} does not apply to principal {} and resource {}",
                 req.action, req.subject.kind, req.resource.kind
             )));
+        }
+        // Fast path: plain JSON (strings, booleans, integers, sets, records)
+        // becomes Cedar values directly, and `Request::new` checks the whole
+        // request, context types included, against the schema. Whatever the
+        // fast path cannot take or the check refuses (entity or extension
+        // values, a wrongly-typed context) goes through Cedar's
+        // schema-directed JSON parser and the same check, which decide — and
+        // explain — exactly as before.
+        if let Some(request) = fast.and_then(|context| {
+            Request::new(
+                principal.clone(),
+                action.clone(),
+                resource.clone(),
+                context,
+                Some(&self.schema),
+            )
+            .ok()
+        }) {
+            return Ok(request);
         }
         let context = Context::from_json_value(req.context.clone(), Some((&self.schema, action)))
             .map_err(|e| {
@@ -438,9 +490,13 @@ impl Bundle {
                 error_chain(&e)
             ))
         })?;
-        // The schema check of the whole request is what rejects a context of the
-        // wrong shape (deny by default); it costs a few microseconds.
-        Request::new(principal, action.clone(), resource, context, Some(&self.schema))
+        Request::new(
+            principal,
+            action.clone(),
+            resource,
+            context,
+            Some(&self.schema),
+        )
         .map_err(|e| PdpError::InvalidRequest(error_chain(&e)))
     }
 
@@ -454,6 +510,47 @@ impl Bundle {
             EntityId::new(&e.id),
         ))
     }
+}
+
+/// The context as a Cedar context built without the JSON parser, when it is plain JSON.
+fn fast_context(context: &serde_json::Value) -> Option<Context> {
+    Context::from_pairs(context_pairs(context)?).ok()
+}
+
+/// The context object as Cedar (name, value) pairs, when every value is plain
+/// JSON (no `__entity`/`__extn` escapes, no floats or nulls); else `None`.
+fn context_pairs(context: &serde_json::Value) -> Option<Vec<(String, RestrictedExpression)>> {
+    context
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k.clone(), restricted(v)?)))
+        .collect()
+}
+
+/// One plain JSON value as a Cedar restricted expression (see [`context_pairs`]).
+fn restricted(v: &serde_json::Value) -> Option<RestrictedExpression> {
+    use serde_json::Value;
+    Some(match v {
+        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Number(n) => RestrictedExpression::new_long(n.as_i64()?),
+        Value::Array(items) => {
+            RestrictedExpression::new_set(items.iter().map(restricted).collect::<Option<Vec<_>>>()?)
+        }
+        Value::Object(fields) => {
+            if fields.contains_key("__entity") || fields.contains_key("__extn") {
+                return None;
+            }
+            RestrictedExpression::new_record(
+                fields
+                    .iter()
+                    .map(|(k, v)| Some((k.clone(), restricted(v)?)))
+                    .collect::<Option<Vec<_>>>()?,
+            )
+            .ok()?
+        }
+        Value::Null => return None,
+    })
 }
 
 /// Parses one policy file; each policy gets its `@id` or `<file>:<index>`.
@@ -709,10 +806,7 @@ impl PolicyDecisionPoint for CedarPdp {
 
     async fn evaluate_all(&self, reqs: &[AccessRequest]) -> Result<Vec<AccessDecision>, PdpError> {
         // One snapshot for every request: a reload cannot split the answer.
-        let bundle = self.current.load();
-        reqs.iter()
-            .map(|r| bundle.decide(&self.authorizer, r))
-            .collect()
+        self.current.load().decide_all(&self.authorizer, reqs)
     }
 
     fn policy_version(&self) -> String {
