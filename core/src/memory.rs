@@ -82,7 +82,10 @@ impl MemoryBroker {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = q.notify.notified();
-            if let Some(mut m) = q.ready.lock().pop_front() {
+            // Never hold `ready` and `unacked` at once (requeue takes them in the
+            // other order): take the message out first, then record it.
+            let next = q.ready.lock().pop_front();
+            if let Some(mut m) = next {
                 m.deliveries += 1;
                 q.unacked.lock().insert(m.seq, m.clone());
                 let msg = InboundMessage {
@@ -144,7 +147,8 @@ pub struct MemoryDelivery {
 
 impl MemoryDelivery {
     fn requeue(queue: &Arc<Queue>, seq: u64, front: bool) {
-        if let Some(m) = queue.unacked.lock().remove(&seq) {
+        let taken = queue.unacked.lock().remove(&seq);
+        if let Some(m) = taken {
             if front {
                 queue.ready.lock().push_front(m);
             } else {
@@ -201,5 +205,49 @@ impl DeadLetterPublisher for MemoryDeadLetters {
         self.broker
             .publish(&self.queue, letter.headers.clone(), letter.payload.clone());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receives racing delayed redeliveries must not deadlock (they take the
+    /// queue's two locks; they must never hold both at once). Runs on its own
+    /// thread so a deadlock fails the test instead of hanging it.
+    #[test]
+    fn receive_and_redeliver_race_without_deadlock() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let broker = MemoryBroker::new();
+                for i in 0..64u32 {
+                    broker.publish("q", Headers::new(), i.to_be_bytes().to_vec());
+                }
+                let mut acked = 0;
+                while acked < 64 {
+                    let Some(d) = broker.receive("q", Duration::from_secs(5)).await else {
+                        panic!("message lost");
+                    };
+                    if d.message().delivery_attempt < 4 {
+                        d.redeliver(Duration::ZERO).await.unwrap();
+                    } else {
+                        d.ack().await.unwrap();
+                        acked += 1;
+                    }
+                }
+                assert_eq!(broker.unacked_len("q"), 0);
+                assert_eq!(broker.ready_len("q"), 0);
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("receive and redeliver deadlocked (or the worker panicked)");
     }
 }
