@@ -386,9 +386,6 @@ impl Recorder {
 
     /// Waits until at least `n` calls, or the timeout.
     pub async fn wait_for(&self, n: usize, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.count() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        crate::wait::poll_until(timeout, Duration::from_millis(25), || self.count() >= n).await;
     }
 }

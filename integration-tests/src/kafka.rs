@@ -39,6 +39,15 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+impl From<Record> for RawMessage {
+    fn from(r: Record) -> Self {
+        RawMessage {
+            headers: r.headers,
+            payload: r.payload,
+        }
+    }
+}
+
 /// A Kafka fixture: the real broker or the embedded mock cluster.
 pub struct KafkaBinding {
     name: &'static str,
@@ -436,10 +445,7 @@ impl BrokerBinding for KafkaBinding {
             .read_records(&ep.dead_letter, expected, timeout)
             .await?
             .into_iter()
-            .map(|r| RawMessage {
-                headers: r.headers,
-                payload: r.payload,
-            })
+            .map(RawMessage::from)
             .collect())
     }
 
@@ -453,10 +459,7 @@ impl BrokerBinding for KafkaBinding {
             .read_records(&ep.name, expected, timeout)
             .await?
             .into_iter()
-            .map(|r| RawMessage {
-                headers: r.headers,
-                payload: r.payload,
-            })
+            .map(RawMessage::from)
             .collect())
     }
 }

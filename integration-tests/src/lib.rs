@@ -1,6 +1,6 @@
 //! Elevate integration tests: the broker-neutral conformance suite
 //! ([`conformance`], written against [`binding::BrokerBinding`]), the shared
-//! test environment ([`env`]) and one binding per broker.
+//! test environment ([`env`]), waiting helpers ([`wait`]) and one binding per broker.
 
 pub mod amqp;
 pub mod binding;
@@ -11,3 +11,4 @@ pub mod memory;
 pub mod nats;
 pub mod tts;
 pub mod tts_env;
+pub mod wait;

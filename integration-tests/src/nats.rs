@@ -46,6 +46,15 @@ pub struct StreamRecord {
     pub payload: Vec<u8>,
 }
 
+impl From<StreamRecord> for RawMessage {
+    fn from(r: StreamRecord) -> Self {
+        RawMessage {
+            headers: r.headers,
+            payload: r.payload,
+        }
+    }
+}
+
 /// How a test consumer is set up.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -449,10 +458,7 @@ impl BrokerBinding for NatsBinding {
             .read_stream(&dlq, expected, timeout)
             .await?
             .into_iter()
-            .map(|r| RawMessage {
-                headers: r.headers,
-                payload: r.payload,
-            })
+            .map(RawMessage::from)
             .collect())
     }
 
@@ -466,10 +472,7 @@ impl BrokerBinding for NatsBinding {
             .read_stream(&ep.name, expected, timeout)
             .await?
             .into_iter()
-            .map(|r| RawMessage {
-                headers: r.headers,
-                payload: r.payload,
-            })
+            .map(RawMessage::from)
             .collect())
     }
 }

@@ -14,6 +14,7 @@ use elevate_core::settle::Processor;
 use elevate_core::{CTX_REF_HEADER, Coordinates, Headers, OutboundMessage};
 use elevate_integration_tests::amqp::{AmqpBinding, connect, scenario_queue_args};
 use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, Recorder, TestEnv};
+use elevate_integration_tests::wait::poll_until;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -628,10 +629,10 @@ async fn tts_outage_mid_stream_delays_and_loses_nothing() {
     );
     env.start_tts().await;
     pace.await.expect("publisher");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while rec.distinct_payloads() < n && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(TIMEOUT, Duration::from_millis(50), || {
+        rec.distinct_payloads() >= n
+    })
+    .await;
     worker.stop().await.expect("clean stop");
     assert_eq!(
         rec.distinct_payloads(),
@@ -725,10 +726,10 @@ async fn interrupted_stream(interrupt: impl AsyncFnOnce(Worker)) {
     );
     let second = Worker::start(&q, env.processor(rec.handler()), 16).await;
     let letters = get_all(&admin, &q.dead_letter, n - expected_handled, TIMEOUT).await;
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while rec.distinct_payloads() < expected_handled && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(TIMEOUT, Duration::from_millis(50), || {
+        rec.distinct_payloads() >= expected_handled
+    })
+    .await;
     second.stop().await.expect("clean stop");
     let distinct_letters: HashSet<Vec<u8>> = letters.iter().map(|l| l.payload.clone()).collect();
     eprintln!(
@@ -812,17 +813,14 @@ async fn retry_copy_keeps_attempt_and_destination_through_a_named_exchange() {
         )
         .await
         .expect("publish");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while env
-        .decisions()
-        .iter()
-        .filter(|d| d.reason.code() == "tts-unavailable")
-        .count()
-        < 3
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(TIMEOUT, Duration::from_millis(50), || {
+        env.decisions()
+            .iter()
+            .filter(|d| d.reason.code() == "tts-unavailable")
+            .count()
+            >= 3
+    })
+    .await;
     env.start_tts().await;
     rec.wait_for(1, TIMEOUT).await;
     consumer.stop().await;

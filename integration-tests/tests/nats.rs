@@ -15,6 +15,7 @@ use elevate_core::{
 use elevate_integration_tests::binding::BrokerBinding;
 use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
 use elevate_integration_tests::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
+use elevate_integration_tests::wait::poll_until;
 use futures::StreamExt;
 use parking_lot::Mutex;
 
@@ -95,10 +96,7 @@ impl Calls {
     }
 
     async fn wait_distinct(&self, n: usize, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.distinct() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        poll_until(timeout, Duration::from_millis(25), || self.distinct() >= n).await;
     }
 }
 

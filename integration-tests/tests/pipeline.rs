@@ -25,8 +25,6 @@ use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, MemorySink};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::producer::{DerivedPublish, ProducerGuard, PublishRequest, SubjectContext};
-use elevate_core::replay::ReplayGuard;
-use elevate_core::replay_redis::RedisReplayGuard;
 use elevate_core::scope::Scope;
 use elevate_core::settle::{HandlerError, Processor, UnboundDeadLetters};
 use elevate_core::{
@@ -39,6 +37,7 @@ use elevate_integration_tests::env::{Recorder, TestEnv, policy_dir};
 use elevate_integration_tests::kafka::KafkaBinding;
 use elevate_integration_tests::nats::{NatsBinding, WorkerConfig};
 use elevate_integration_tests::tts_env::LoopbackTts;
+use elevate_integration_tests::wait::{poll_until, redis_seen_set};
 use parking_lot::Mutex;
 
 const ORDERS_API: &str = "spiffe://elevate.example/orders-api";
@@ -365,10 +364,10 @@ impl Pipeline {
     }
 
     async fn wait_arrived(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.arrived.lock().len() < n && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_until(WAIT, Duration::from_millis(50), || {
+            self.arrived.lock().len() >= n
+        })
+        .await;
     }
 }
 
@@ -673,22 +672,6 @@ async fn revoked_middle_workload_denies_messages_in_flight() {
     }
 }
 
-async fn redis() -> Arc<dyn ReplayGuard> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let prefix = format!("elevate-test:{}:", uuid::Uuid::new_v4().simple());
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        RedisReplayGuard::connect(&url, prefix),
-    )
-    .await
-    {
-        Ok(Ok(g)) => Arc::new(g),
-        other => panic!(
-            "Redis is not reachable at {url} ({other:?}); start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no"
-        ),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_group_shares_the_redis_seen_set() {
     let env = TestEnv::start().await;
@@ -697,7 +680,7 @@ async fn jetstream_group_shares_the_redis_seen_set() {
         .setup("replay_group")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let seen = redis().await;
+    let seen = redis_seen_set().await;
     let cfg = WorkerConfig {
         concurrency: 4,
         ack_wait: Duration::from_secs(2),
@@ -741,10 +724,10 @@ async fn jetstream_group_shares_the_redis_seen_set() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !started.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(WAIT, Duration::from_millis(20), || {
+        started.load(Ordering::SeqCst)
+    })
+    .await;
     assert!(started.load(Ordering::SeqCst), "instance A got the message");
     a.kill();
 

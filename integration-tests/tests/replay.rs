@@ -7,33 +7,16 @@ use std::time::Duration;
 
 use elevate_core::deadletter::H_REASON;
 use elevate_core::memory::MemoryBroker;
-use elevate_core::replay::ReplayGuard;
-use elevate_core::replay_redis::RedisReplayGuard;
 use elevate_core::settle::{Delivery, Outcome};
 use elevate_core::{Headers, OutboundMessage};
 use elevate_integration_tests::env::{Recorder, TestEnv};
-
-async fn redis() -> Arc<dyn ReplayGuard> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let prefix = format!("elevate-test:{}:", uuid::Uuid::new_v4().simple());
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        RedisReplayGuard::connect(&url, prefix),
-    )
-    .await
-    {
-        Ok(Ok(g)) => Arc::new(g),
-        other => panic!(
-            "Redis is not reachable at {url} ({other:?}); start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no"
-        ),
-    }
-}
+use elevate_integration_tests::wait::redis_seen_set;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_seen_set() {
     let env = TestEnv::start().await;
     let broker = MemoryBroker::new();
-    let seen = redis().await;
+    let seen = redis_seen_set().await;
     let rec = Recorder::new();
     // two consumer instances of one group: separate guards, one shared seen-set
     let a = env

@@ -10,40 +10,31 @@
 //! differently than the policy says it must.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
 use elevate_amqp::{
     AmqpDeadLetters, AmqpPublisher, ConfirmChannel, GuardedConsumer, declare_queues,
 };
-use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy};
-use elevate_core::deadletter::{H_REASON, H_SOURCE, H_VERDICT};
+use elevate_core::OutboundMessage;
 use elevate_core::decision::TracingSink;
-use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
-use elevate_core::producer::{ProducerGuard, PublishRequest};
-use elevate_core::scope::Scope;
+use elevate_core::keys::SigningAlg;
+use elevate_core::producer::PublishRequest;
 use elevate_core::settle::Processor;
-use elevate_core::{
-    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
-    handler_fn,
-};
+use elevate_examples::wiring::{self, ORDERS_API as PRODUCER, TrustDomain, USERS};
+use elevate_examples::worker::{Running, permit_printer, print_dead_letter, report};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
 
-const TRUST_DOMAIN: &str = "elevate.example";
-const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const WORKER: &str = "spiffe://elevate.example/invoice-worker";
 const ACTION: &str = "invoice.create";
 const ROUTING_KEY: &str = "invoice.create";
 
-type AppResult<T> = Result<T, Box<dyn std::error::Error>>;
+type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Invoice jobs over RabbitMQ with a guarded worker.
 #[derive(Parser, Debug)]
@@ -75,12 +66,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> AppResult<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
-        )
-        .init();
+    wiring::init_tracing();
 
     let conn = Connection::connect(
         &args.amqp_url,
@@ -126,19 +112,11 @@ async fn run(args: Args) -> AppResult<()> {
     );
 
     // Policy and identities.
-    let pdp = Arc::new(CedarPdp::load_dir(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-    )?);
-    let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let worker_key = SigningKey::generate(SigningAlg::EdDSA, "invoice-worker-1")?;
-    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
-    let scopes = Scope::parse(ACTION);
-    tts.register_workload(PRODUCER, producer_key.public_jwk(), &scopes)?;
-    tts.register_workload(WORKER, worker_key.public_jwk(), &scopes)?;
-    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
-    tts.set_user_issuer(idp.verifier());
-    let producer_tts = InProcessTts::new(tts.clone(), PRODUCER, producer_key.clone());
-    let worker_tts = Arc::new(InProcessTts::new(tts.clone(), WORKER, worker_key.clone()));
+    let mut domain = TrustDomain::new()?;
+    domain
+        .register(PRODUCER, SigningAlg::ES256, ACTION)?
+        .register(WORKER, SigningAlg::EdDSA, ACTION)?;
+    let producer_tts = domain.tts_for(PRODUCER)?;
 
     // The worker: an ordinary lapin consumer (prefetch = concurrency), wrapped by the guard.
     let consumer_channel = conn.create_channel().await?;
@@ -153,33 +131,8 @@ async fn run(args: Args) -> AppResult<()> {
             FieldTable::default(),
         )
         .await?;
-    let mut producer_keys = KeySet::new();
-    producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
-    let guard = Guard::new(
-        WORKER,
-        ContextRefVerifier::new(producer_keys, VerifyPolicy::new(WORKER)),
-        worker_tts,
-        pdp.clone(),
-        Arc::new(TracingSink),
-        Arc::new(FixedAction::new(ACTION, "Destination")),
-    );
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counter = handled.clone();
-    let handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
-        let counter = counter.clone();
-        async move {
-            println!(
-                "  PERMIT  {} for {} from {} (txn {}, scope \"{}\")",
-                String::from_utf8_lossy(&msg.payload),
-                auth.subject,
-                msg.destination,
-                auth.txn,
-                auth.scope
-            );
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    });
+    let guard = domain.guard(WORKER, &[PRODUCER], ACTION, Arc::new(TracingSink))?;
+    let (handled, handler) = permit_printer(|msg| format!("from {}", msg.destination));
     let confirms = ConfirmChannel::new(conn.create_channel().await?).await?;
     let dead_letters =
         AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &queues.dead_letter);
@@ -190,39 +143,22 @@ async fn run(args: Args) -> AppResult<()> {
     ));
     let worker =
         GuardedConsumer::new(consumer, processor, confirms).concurrency(usize::from(args.prefetch));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.
     println!(
         "\n== publish: user token -> Txn-Token for orders-api -> invoice job with no token, confirmed by the broker"
     );
-    let publisher = AmqpPublisher::new(
-        conn.create_channel().await?,
-        ProducerGuard::new(
-            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(3600)),
-            pdp.clone(),
-        ),
-    )
-    .await?;
-    let users = ["alice", "bob", "carol", "mallory"];
+    let publisher =
+        AmqpPublisher::new(conn.create_channel().await?, domain.producer(PRODUCER)?).await?;
     let mut expected_handled = 0;
     for i in 0..args.jobs {
-        let user = users[i % users.len()];
-        let user_token = idp.issue_access_token(user, ACTION, Duration::from_secs(300))?;
-        let txn_token = producer_tts
-            .exchange_access_token(
-                &user_token,
-                &Scope::parse(ACTION),
-                &serde_json::json!({"http": "POST /invoices"}),
-            )
+        let user = USERS[i % USERS.len()];
+        let (user_token, subject) = domain
+            .sign_in(&producer_tts, user, ACTION, "POST /invoices")
             .await?;
-        let subject = subject_context(&txn_token.claims);
-        let mut headers = Headers::new();
         // a careless service forwards the user's token: the publisher strips it
-        headers.append("Authorization", format!("Bearer {user_token}"));
+        let headers = wiring::forwarded_token(&user_token);
         let invoice = format!("INV-{}", i + 1);
         let body = format!(
             r#"{{"invoice":"{invoice}","user":"{user}","amount":{}}}"#,
@@ -252,24 +188,10 @@ async fn run(args: Args) -> AppResult<()> {
         expected_handled += usize::from(matches!(user, "alice" | "carol"));
     }
     // An unguarded publisher with a forged reference.
-    let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
     let body = br#"{"invoice":"INV-X","user":"alice","amount":1}"#;
     let destination = elevate_amqp::destination(&exchange, ROUTING_KEY);
-    let forged =
-        ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(&MintRequest {
-            subject: "alice",
-            sub_kind: elevate_core::SubjectKind::Human,
-            audience: &[WORKER.to_string()],
-            scope: &Scope::parse(ACTION),
-            txn: "forged",
-            destination: &destination,
-            payload: body,
-        })?;
-    let table = elevate_amqp::headers::encode(
-        &[(CTX_REF_HEADER, forged.token)]
-            .into_iter()
-            .collect::<Headers>(),
-    )?;
+    let forged = wiring::forged_reference(PRODUCER, WORKER, ACTION, &destination, body)?;
+    let table = elevate_amqp::headers::encode(&forged)?;
     admin
         .basic_publish(
             exchange.as_str().into(),
@@ -289,11 +211,7 @@ async fn run(args: Args) -> AppResult<()> {
         "\n== consume: verify -> Txn-Token for invoice-worker -> trust elevation -> handler + ack, or dead letter + ack"
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while handled.load(Ordering::SeqCst) < expected_handled
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    handled.wait_for(expected_handled, deadline).await;
     let mut letters = Vec::new();
     while letters.len() < expected_dead && tokio::time::Instant::now() < deadline {
         match admin
@@ -313,18 +231,11 @@ async fn run(args: Args) -> AppResult<()> {
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let _ = stop.send(());
-    worker.await??;
+    worker.stop().await??;
 
     println!("\n== dead letters in {}", queues.dead_letter);
     for (headers, payload) in &letters {
-        println!(
-            "  {} / {}: {} (from {})",
-            headers.get_str(H_VERDICT).unwrap_or("?"),
-            headers.get_str(H_REASON).unwrap_or("?"),
-            String::from_utf8_lossy(payload),
-            headers.get_str(H_SOURCE).unwrap_or("?")
-        );
+        print_dead_letter(headers, payload);
     }
     if !args.keep {
         for q in [&queues.work, &queues.retry, &queues.dead_letter] {
@@ -337,13 +248,5 @@ async fn run(args: Args) -> AppResult<()> {
             .await?;
     }
     let _ = conn.close(200, "done".into()).await;
-    let handled = handled.load(Ordering::SeqCst);
-    println!(
-        "\npublished {published}, handled {handled}, dead-lettered {}",
-        letters.len()
-    );
-    if handled != expected_handled || letters.len() != expected_dead {
-        return Err(format!("unexpected outcome: expected {expected_handled} handled and {expected_dead} dead-lettered").into());
-    }
-    Ok(())
+    report(published, handled.get(), letters.len(), expected_handled)
 }

@@ -10,29 +10,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::{H_REASON, H_VERDICT};
 use elevate_core::decision::{FileSink, TeeSink, TracingSink};
-use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
+use elevate_core::keys::SigningAlg;
 use elevate_core::memory::MemoryBroker;
-use elevate_core::producer::{ProducerGuard, PublishRequest};
-use elevate_core::scope::Scope;
+use elevate_core::producer::PublishRequest;
 use elevate_core::settle::{Delivery, Outcome, Processor};
-use elevate_core::{
-    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
-    handler_fn,
-};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
+use elevate_core::{AuthContext, Headers, InboundMessage, OutboundMessage, handler_fn};
+use elevate_examples::wiring::{self, ORDERS_API as PRODUCER, TrustDomain};
 
-const TRUST_DOMAIN: &str = "elevate.example";
-const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const WORKER: &str = "spiffe://elevate.example/invoice-worker";
 const QUEUE: &str = "invoices";
 const DLQ: &str = "invoices.dlq";
 const ACTION: &str = "invoice.create";
 
-type DemoResult<T> = Result<T, Box<dyn std::error::Error>>;
+type DemoResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 #[tokio::main]
 async fn main() {
@@ -43,40 +35,25 @@ async fn main() {
 }
 
 async fn run() -> DemoResult<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
-        )
-        .init();
+    wiring::init_tracing();
 
-    // Policy: the example bundle (see examples/policies/*.cedar).
-    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let pdp = Arc::new(CedarPdp::load_dir(&bundle)?);
+    // Policy (the example bundle, see examples/policies/*.cedar) and identities:
+    // workload keys, the TTS, a user-token issuer.
+    let mut domain = TrustDomain::new()?;
     println!(
         "policy bundle {} (version {})",
-        bundle.display(),
-        pdp.version()
+        wiring::policy_bundle().display(),
+        domain.pdp.version()
     );
-
-    // Identities: workload keys, the TTS, a user-token issuer.
-    let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let worker_key = SigningKey::generate(SigningAlg::EdDSA, "invoice-worker-1")?;
-    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
-    let scopes = Scope::parse("invoice.create order.process");
-    tts.register_workload(PRODUCER, producer_key.public_jwk(), &scopes)?;
-    tts.register_workload(WORKER, worker_key.public_jwk(), &scopes)?;
-    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
-    tts.set_user_issuer(idp.verifier());
-    let producer_tts = InProcessTts::new(tts.clone(), PRODUCER, producer_key.clone());
-    let worker_tts = Arc::new(InProcessTts::new(tts.clone(), WORKER, worker_key.clone()));
+    let scopes = "invoice.create order.process";
+    domain
+        .register(PRODUCER, SigningAlg::ES256, scopes)?
+        .register(WORKER, SigningAlg::EdDSA, scopes)?;
+    let producer_tts = domain.tts_for(PRODUCER)?;
 
     // The producer service and the broker.
     let broker = MemoryBroker::new();
-    let producer = ProducerGuard::new(
-        ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(3600)),
-        pdp.clone(),
-    );
+    let producer = domain.producer(PRODUCER)?;
 
     // The guarded worker, logging decisions to a JSON Lines file.
     let log_path = std::env::temp_dir().join("elevate-demo-decisions.jsonl");
@@ -85,16 +62,7 @@ async fn run() -> DemoResult<()> {
         Arc::new(FileSink::open(&log_path)?),
         Arc::new(TracingSink),
     ]));
-    let mut producer_keys = KeySet::new();
-    producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
-    let guard = Guard::new(
-        WORKER,
-        ContextRefVerifier::new(producer_keys, VerifyPolicy::new(WORKER)),
-        worker_tts,
-        pdp.clone(),
-        log,
-        Arc::new(FixedAction::new(ACTION, "Destination")),
-    );
+    let guard = domain.guard(WORKER, &[PRODUCER], ACTION, log)?;
     let handler = handler_fn(|msg: InboundMessage, auth: AuthContext| async move {
         println!(
             "    handler: creating invoice {} for {} (txn {}, scope \"{}\", token sha256:{}…)",
@@ -129,16 +97,9 @@ async fn run() -> DemoResult<()> {
     ];
     let mut expected_handled = 0;
     for (i, (user, body, permitted)) in jobs.iter().enumerate() {
-        let user_token =
-            idp.issue_access_token(user, "invoice.create", Duration::from_secs(300))?;
-        let txn_token = producer_tts
-            .exchange_access_token(
-                &user_token,
-                &Scope::parse("invoice.create"),
-                &serde_json::json!({"http": "POST /invoices"}),
-            )
+        let (user_token, subject) = domain
+            .sign_in(&producer_tts, user, ACTION, "POST /invoices")
             .await?;
-        let subject = subject_context(&txn_token.claims);
         let mut headers = Headers::new();
         if i == 1 {
             // a careless service forwards the user's token: it is stripped
@@ -186,25 +147,9 @@ async fn run() -> DemoResult<()> {
         expected_handled += usize::from(*permitted);
     }
     // A message from an unguarded producer with a forged reference.
-    let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let forged = ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(
-        &elevate_core::ctxref::MintRequest {
-            subject: "alice",
-            sub_kind: elevate_core::SubjectKind::Human,
-            audience: &[WORKER.to_string()],
-            scope: &Scope::parse("invoice.create"),
-            txn: "forged",
-            destination: QUEUE,
-            payload: b"{\"invoice\":\"INV-X\"}",
-        },
-    )?;
-    broker.publish(
-        QUEUE,
-        [(CTX_REF_HEADER, forged.token)]
-            .into_iter()
-            .collect::<Headers>(),
-        &b"{\"invoice\":\"INV-X\"}"[..],
-    );
+    let forged_body = b"{\"invoice\":\"INV-X\"}";
+    let forged = wiring::forged_reference(PRODUCER, WORKER, ACTION, QUEUE, forged_body)?;
+    broker.publish(QUEUE, forged, &forged_body[..]);
     println!("  (attacker) forged reference for alice");
 
     println!(

@@ -8,22 +8,16 @@
 //! Exits non-zero if any order ends differently than the policy says it must.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy};
-use elevate_core::deadletter::{H_REASON, H_SOURCE, H_VERDICT};
 use elevate_core::decision::TracingSink;
-use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
-use elevate_core::producer::{ProducerGuard, PublishRequest};
-use elevate_core::scope::Scope;
+use elevate_core::keys::SigningAlg;
+use elevate_core::producer::PublishRequest;
 use elevate_core::settle::Processor;
-use elevate_core::{
-    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
-    handler_fn,
-};
+use elevate_core::{Headers, OutboundMessage};
+use elevate_examples::wiring::{self, ORDERS_API as PRODUCER, TrustDomain, USERS};
+use elevate_examples::worker::{Running, permit_printer, print_dead_letter, report};
 use elevate_kafka::headers::{from_kafka, to_kafka};
 use elevate_kafka::{EmbeddedKafka, GuardedConsumer, KafkaDeadLetters, KafkaProducer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -31,14 +25,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
 
-const TRUST_DOMAIN: &str = "elevate.example";
-const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const WORKER: &str = "spiffe://elevate.example/order-worker";
 const ACTION: &str = "order.process";
 
-type AppResult<T> = Result<T, Box<dyn std::error::Error>>;
+type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Order events over Kafka with a guarded worker.
 #[derive(Parser, Debug)]
@@ -94,12 +85,7 @@ async fn create_topics(
 }
 
 async fn run(args: Args) -> AppResult<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
-        )
-        .init();
+    wiring::init_tracing();
 
     // Kafka: the embedded mock cluster, or the broker given.
     let embedded = match &args.bootstrap {
@@ -135,19 +121,11 @@ async fn run(args: Args) -> AppResult<()> {
     );
 
     // Policy and identities.
-    let pdp = Arc::new(CedarPdp::load_dir(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-    )?);
-    let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let worker_key = SigningKey::generate(SigningAlg::EdDSA, "order-worker-1")?;
-    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
-    let scopes = Scope::parse(ACTION);
-    tts.register_workload(PRODUCER, producer_key.public_jwk(), &scopes)?;
-    tts.register_workload(WORKER, worker_key.public_jwk(), &scopes)?;
-    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
-    tts.set_user_issuer(idp.verifier());
-    let producer_tts = InProcessTts::new(tts.clone(), PRODUCER, producer_key.clone());
-    let worker_tts = Arc::new(InProcessTts::new(tts.clone(), WORKER, worker_key.clone()));
+    let mut domain = TrustDomain::new()?;
+    domain
+        .register(PRODUCER, SigningAlg::ES256, ACTION)?
+        .register(WORKER, SigningAlg::EdDSA, ACTION)?;
+    let producer_tts = domain.tts_for(PRODUCER)?;
 
     // The guarded worker: wraps a StreamConsumer configured as usual, plus enable.auto.offset.store=false.
     let consumer: StreamConsumer = client_config(&bootstrap)
@@ -157,33 +135,8 @@ async fn run(args: Args) -> AppResult<()> {
         .set("session.timeout.ms", "6000")
         .create()?;
     consumer.subscribe(&[topic.as_str()])?;
-    let mut producer_keys = KeySet::new();
-    producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
-    let guard = Guard::new(
-        WORKER,
-        ContextRefVerifier::new(producer_keys, VerifyPolicy::new(WORKER)),
-        worker_tts,
-        pdp.clone(),
-        Arc::new(TracingSink),
-        Arc::new(FixedAction::new(ACTION, "Destination")),
-    );
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counter = handled.clone();
-    let handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
-        let counter = counter.clone();
-        async move {
-            println!(
-                "  PERMIT  {} for {} at {} (txn {}, scope \"{}\")",
-                String::from_utf8_lossy(&msg.payload),
-                auth.subject,
-                msg.coordinates,
-                auth.txn,
-                auth.scope
-            );
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    });
+    let guard = domain.guard(WORKER, &[PRODUCER], ACTION, Arc::new(TracingSink))?;
+    let (handled, handler) = permit_printer(|msg| format!("at {}", msg.coordinates));
     let dead_letters = KafkaDeadLetters::from_config(&client_config(&bootstrap))?;
     let processor = Arc::new(Processor::new(
         Arc::new(guard),
@@ -191,37 +144,20 @@ async fn run(args: Args) -> AppResult<()> {
         Arc::new(dead_letters),
     ));
     let worker = GuardedConsumer::new(consumer, processor)?.concurrency(4);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.
     println!("\n== produce: user token -> Txn-Token for orders-api -> order event with no token");
     let plain: FutureProducer = client_config(&bootstrap).set("acks", "all").create()?;
-    let producer = KafkaProducer::new(
-        plain.clone(),
-        ProducerGuard::new(
-            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(3600)),
-            pdp.clone(),
-        ),
-    );
-    let users = ["alice", "bob", "carol", "mallory"];
+    let producer = KafkaProducer::new(plain.clone(), domain.producer(PRODUCER)?);
     let mut expected_handled = 0;
     for i in 0..args.orders {
-        let user = users[i % users.len()];
-        let user_token = idp.issue_access_token(user, ACTION, Duration::from_secs(300))?;
-        let txn_token = producer_tts
-            .exchange_access_token(
-                &user_token,
-                &Scope::parse(ACTION),
-                &serde_json::json!({"http": "POST /orders"}),
-            )
+        let user = USERS[i % USERS.len()];
+        let (user_token, subject) = domain
+            .sign_in(&producer_tts, user, ACTION, "POST /orders")
             .await?;
-        let subject = subject_context(&txn_token.claims);
-        let mut headers = Headers::new();
         // a careless service forwards the user's token: the producer strips it
-        headers.append("Authorization", format!("Bearer {user_token}"));
+        let headers = wiring::forwarded_token(&user_token);
         let order = format!("ORD-{}", i + 1);
         let body = format!(
             r#"{{"order":"{order}","user":"{user}","amount":{}}}"#,
@@ -254,19 +190,8 @@ async fn run(args: Args) -> AppResult<()> {
         expected_handled += usize::from(matches!(user, "alice" | "bob"));
     }
     // An unguarded producer with a forged reference.
-    let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
     let body = br#"{"order":"ORD-X","user":"alice","amount":1}"#;
-    let forged =
-        ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(&MintRequest {
-            subject: "alice",
-            sub_kind: elevate_core::SubjectKind::Human,
-            audience: &[WORKER.to_string()],
-            scope: &Scope::parse(ACTION),
-            txn: "forged",
-            destination: &topic,
-            payload: body,
-        })?;
-    let forged_headers: Headers = [(CTX_REF_HEADER, forged.token)].into_iter().collect();
+    let forged_headers = wiring::forged_reference(PRODUCER, WORKER, ACTION, &topic, body)?;
     plain
         .send(
             FutureRecord::<[u8], [u8]>::to(&topic)
@@ -284,34 +209,15 @@ async fn run(args: Args) -> AppResult<()> {
         "\n== consume: verify -> Txn-Token for order-worker -> trust elevation -> dispatch or dead-letter"
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while handled.load(Ordering::SeqCst) < expected_handled
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    handled.wait_for(expected_handled, deadline).await;
     let letters = read_dead_letters(&bootstrap, &dlq, expected_dead, deadline).await?;
-    let _ = stop.send(());
-    worker.await??;
+    worker.stop().await??;
 
     println!("\n== dead letters in {dlq}");
     for (headers, payload) in &letters {
-        println!(
-            "  {} / {}: {} (from {})",
-            headers.get_str(H_VERDICT).unwrap_or("?"),
-            headers.get_str(H_REASON).unwrap_or("?"),
-            String::from_utf8_lossy(payload),
-            headers.get_str(H_SOURCE).unwrap_or("?")
-        );
+        print_dead_letter(headers, payload);
     }
-    let handled = handled.load(Ordering::SeqCst);
-    println!(
-        "\npublished {published}, handled {handled}, dead-lettered {}",
-        letters.len()
-    );
-    if handled != expected_handled || letters.len() != expected_dead {
-        return Err(format!("unexpected outcome: expected {expected_handled} handled and {expected_dead} dead-lettered").into());
-    }
-    Ok(())
+    report(published, handled.get(), letters.len(), expected_handled)
 }
 
 /// Reads the dead-letter topic from the start with a plain consumer until `expected` arrived or the deadline.

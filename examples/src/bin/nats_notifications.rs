@@ -9,34 +9,25 @@
 //! Exits non-zero if any notification ends differently than the policy says.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use clap::Parser;
-use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy};
-use elevate_core::deadletter::{H_REASON, H_SOURCE, H_VERDICT};
+use elevate_core::OutboundMessage;
 use elevate_core::decision::TracingSink;
-use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
-use elevate_core::producer::{ProducerGuard, PublishRequest};
-use elevate_core::scope::Scope;
+use elevate_core::keys::SigningAlg;
+use elevate_core::producer::PublishRequest;
 use elevate_core::settle::Processor;
-use elevate_core::{
-    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
-    handler_fn,
-};
+use elevate_examples::wiring::{self, ORDERS_API as PRODUCER, TrustDomain, USERS};
+use elevate_examples::worker::{Running, permit_printer, print_dead_letter, report};
 use elevate_nats::{
     GuardedConsumer, NatsDeadLetters, NatsPublisher, from_nats_headers, to_nats_headers,
 };
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
 
-const TRUST_DOMAIN: &str = "elevate.example";
-const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const WORKER: &str = "spiffe://elevate.example/notify-worker";
 const ACTION: &str = "notification.send";
 
-type AppResult<T> = Result<T, Box<dyn std::error::Error>>;
+type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Notifications over NATS JetStream with a guarded worker.
 #[derive(Parser, Debug)]
@@ -61,12 +52,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> AppResult<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
-        )
-        .init();
+    wiring::init_tracing();
 
     // NATS: the server given, one stream for notifications, one for dead letters.
     let client = tokio::time::timeout(
@@ -131,19 +117,11 @@ async fn demo(
     dlq_subject: &str,
 ) -> AppResult<()> {
     // Policy and identities.
-    let pdp = Arc::new(CedarPdp::load_dir(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-    )?);
-    let producer_key = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
-    let worker_key = SigningKey::generate(SigningAlg::EdDSA, "notify-worker-1")?;
-    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
-    let scopes = Scope::parse(ACTION);
-    tts.register_workload(PRODUCER, producer_key.public_jwk(), &scopes)?;
-    tts.register_workload(WORKER, worker_key.public_jwk(), &scopes)?;
-    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
-    tts.set_user_issuer(idp.verifier());
-    let producer_tts = InProcessTts::new(tts.clone(), PRODUCER, producer_key.clone());
-    let worker_tts = Arc::new(InProcessTts::new(tts.clone(), WORKER, worker_key.clone()));
+    let mut domain = TrustDomain::new()?;
+    domain
+        .register(PRODUCER, SigningAlg::ES256, ACTION)?
+        .register(WORKER, SigningAlg::EdDSA, ACTION)?;
+    let producer_tts = domain.tts_for(PRODUCER)?;
 
     // The guarded worker wraps a durable, explicit-ack pull consumer created as usual.
     // max_deliver stays unlimited (-1): Elevate's retry policy bounds redeliveries.
@@ -160,33 +138,8 @@ async fn demo(
             },
         )
         .await?;
-    let mut producer_keys = KeySet::new();
-    producer_keys.insert_workload_key(PRODUCER, &producer_key)?;
-    let guard = Guard::new(
-        WORKER,
-        ContextRefVerifier::new(producer_keys, VerifyPolicy::new(WORKER)),
-        worker_tts,
-        pdp.clone(),
-        Arc::new(TracingSink),
-        Arc::new(FixedAction::new(ACTION, "Destination")),
-    );
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counter = handled.clone();
-    let handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
-        let counter = counter.clone();
-        async move {
-            println!(
-                "  PERMIT  {} for {} at {} (txn {}, scope \"{}\")",
-                String::from_utf8_lossy(&msg.payload),
-                auth.subject,
-                msg.coordinates,
-                auth.txn,
-                auth.scope
-            );
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    });
+    let guard = domain.guard(WORKER, &[PRODUCER], ACTION, Arc::new(TracingSink))?;
+    let (handled, handler) = permit_printer(|msg| format!("at {}", msg.coordinates));
     let dead_letters = NatsDeadLetters::jetstream(js.clone(), dlq_subject);
     let processor = Arc::new(Processor::new(
         Arc::new(guard),
@@ -194,38 +147,21 @@ async fn demo(
         Arc::new(dead_letters),
     ));
     let worker = GuardedConsumer::new(pull, processor).concurrency(4);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.
     println!("\n== produce: user token -> Txn-Token for orders-api -> notification with no token");
-    let publisher = NatsPublisher::new(
-        client.clone(),
-        ProducerGuard::new(
-            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(3600)),
-            pdp.clone(),
-        ),
-    );
-    let users = ["alice", "bob", "carol", "mallory"];
+    let publisher = NatsPublisher::new(client.clone(), domain.producer(PRODUCER)?);
     let channels = ["email", "sms", "push"];
     let mut expected_handled = 0;
     for i in 0..args.notifications {
-        let user = users[i % users.len()];
+        let user = USERS[i % USERS.len()];
         let channel = channels[i % channels.len()];
-        let user_token = idp.issue_access_token(user, ACTION, Duration::from_secs(300))?;
-        let txn_token = producer_tts
-            .exchange_access_token(
-                &user_token,
-                &Scope::parse(ACTION),
-                &serde_json::json!({"http": "POST /orders"}),
-            )
+        let (user_token, subject_ctx) = domain
+            .sign_in(&producer_tts, user, ACTION, "POST /orders")
             .await?;
-        let subject_ctx = subject_context(&txn_token.claims);
-        let mut headers = Headers::new();
         // a careless service forwards the user's token: the publisher strips it
-        headers.append("Authorization", format!("Bearer {user_token}"));
+        let headers = wiring::forwarded_token(&user_token);
         let subject = format!("{prefix}.send.{channel}");
         let body = format!(
             r#"{{"notification":"N-{}","user":"{user}","channel":"{channel}","text":"your order shipped"}}"#,
@@ -259,20 +195,9 @@ async fn demo(
         expected_handled += usize::from(user == "alice");
     }
     // An unguarded publisher with a forged reference.
-    let forger = SigningKey::generate(SigningAlg::ES256, "orders-api-1")?;
     let subject = format!("{prefix}.send.email");
     let body = br#"{"notification":"N-X","user":"alice","channel":"email","text":"click here"}"#;
-    let forged =
-        ContextRefMinter::new(PRODUCER, forger, Duration::from_secs(60)).mint(&MintRequest {
-            subject: "alice",
-            sub_kind: elevate_core::SubjectKind::Human,
-            audience: &[WORKER.to_string()],
-            scope: &Scope::parse(ACTION),
-            txn: "forged",
-            destination: &subject,
-            payload: body,
-        })?;
-    let forged_headers: Headers = [(CTX_REF_HEADER, forged.token)].into_iter().collect();
+    let forged_headers = wiring::forged_reference(PRODUCER, WORKER, ACTION, &subject, body)?;
     js.publish_with_headers(
         subject,
         to_nats_headers(&forged_headers)?,
@@ -291,15 +216,14 @@ async fn demo(
     let dlq = js.get_stream(dlq_stream).await?;
     loop {
         let dead = dlq.get_info().await?.state.messages as usize;
-        if (handled.load(Ordering::SeqCst) >= expected_handled && dead >= expected_dead)
+        if (handled.get() >= expected_handled && dead >= expected_dead)
             || tokio::time::Instant::now() >= deadline
         {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = stop.send(());
-    worker.await??;
+    worker.stop().await??;
 
     println!("\n== dead letters in {dlq_stream}");
     let state = dlq.get_info().await?.state;
@@ -310,18 +234,7 @@ async fn demo(
         };
         let headers = from_nats_headers(Some(&m.headers));
         letters += 1;
-        println!(
-            "  {} / {}: {} (from {})",
-            headers.get_str(H_VERDICT).unwrap_or("?"),
-            headers.get_str(H_REASON).unwrap_or("?"),
-            String::from_utf8_lossy(&m.payload),
-            headers.get_str(H_SOURCE).unwrap_or("?")
-        );
+        print_dead_letter(&headers, &m.payload);
     }
-    let handled = handled.load(Ordering::SeqCst);
-    println!("\npublished {published}, handled {handled}, dead-lettered {letters}");
-    if handled != expected_handled || letters != expected_dead {
-        return Err(format!("unexpected outcome: expected {expected_handled} handled and {expected_dead} dead-lettered").into());
-    }
-    Ok(())
+    report(published, handled.get(), letters, expected_handled)
 }

@@ -30,19 +30,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::Parser;
 use elevate_amqp::{AmqpDeadLetters, AmqpPublisher, ConfirmChannel, declare_queues_with};
-use elevate_core::cedar::CedarPdp;
-use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, FileSink, MemorySink, TeeSink};
-use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
-use elevate_core::producer::{DerivedPublish, ProducerGuard, PublishRequest};
+use elevate_core::keys::SigningAlg;
+use elevate_core::producer::{DerivedPublish, PublishRequest};
 use elevate_core::replay::InMemoryReplayGuard;
 use elevate_core::scope::Scope;
 use elevate_core::settle::{HandlerError, Processor};
 use elevate_core::{
-    AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
-    handler_fn,
+    AuthContext, CTX_REF_HEADER, Guard, Headers, InboundMessage, OutboundMessage, handler_fn,
 };
+use elevate_examples::wiring::{self, ORDERS_API, TrustDomain, short};
 use elevate_kafka::headers::from_kafka;
 use elevate_kafka::{EmbeddedKafka, KafkaDeadLetters, KafkaProducer};
 use elevate_nats::{NatsDeadLetters, NatsPublisher, from_nats_headers};
@@ -55,10 +53,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
+use txn_token_client::{InProcessTts, subject_context};
 
-const TRUST_DOMAIN: &str = "elevate.example";
-const ORDERS_API: &str = "spiffe://elevate.example/orders-api";
 const ORDER_WORKER: &str = "spiffe://elevate.example/order-worker";
 const BILLING_WORKER: &str = "spiffe://elevate.example/billing-worker";
 const NOTIFY_WORKER: &str = "spiffe://elevate.example/notify-worker";
@@ -123,41 +119,28 @@ fn ref_len(msg: &InboundMessage) -> usize {
         .unwrap_or(0)
 }
 
-fn short(workload: &str) -> &str {
-    workload.rsplit('/').next().unwrap_or(workload)
-}
+/// The workloads of the pipeline and their key algorithms; each trusts references from all of them.
+const WORKLOADS: [(&str, SigningAlg); 4] = [
+    (ORDERS_API, SigningAlg::ES256),
+    (ORDER_WORKER, SigningAlg::EdDSA),
+    (BILLING_WORKER, SigningAlg::ES256),
+    (NOTIFY_WORKER, SigningAlg::EdDSA),
+];
 
-/// Who holds which key, and the registry that trusts them.
+/// The trust domain, plus where the pipeline's decisions go.
 struct Identities {
-    pdp: Arc<CedarPdp>,
-    tts: Arc<Issuer>,
-    keys: BTreeMap<&'static str, SigningKey>,
-    keyset: KeySet,
+    domain: TrustDomain,
     log: Arc<TeeSink>,
     memory: MemorySink,
 }
 
 impl Identities {
-    fn minter(&self, id: &str) -> AppResult<ContextRefMinter> {
-        let key = self.keys.get(id).ok_or("unknown workload")?.clone();
-        Ok(ContextRefMinter::new(id, key, Duration::from_secs(3600)))
-    }
-
-    fn producer(&self, id: &str) -> AppResult<ProducerGuard> {
-        Ok(ProducerGuard::new(self.minter(id)?, self.pdp.clone()))
-    }
-
-    fn guard(&self, id: &'static str, action: &str) -> AppResult<Guard> {
-        let key = self.keys.get(id).ok_or("unknown workload")?.clone();
-        Ok(Guard::new(
-            id,
-            ContextRefVerifier::new(self.keyset.clone(), VerifyPolicy::new(id)),
-            Arc::new(InProcessTts::new(self.tts.clone(), id, key)),
-            self.pdp.clone(),
-            self.log.clone(),
-            Arc::new(FixedAction::new(action, "Destination")),
-        )
-        .with_replay_guard(Arc::new(InMemoryReplayGuard::new())))
+    fn guard(&self, id: &str, action: &str) -> AppResult<Guard> {
+        let trusted = WORKLOADS.map(|(w, _)| w);
+        Ok(self
+            .domain
+            .guard(id, &trusted, action, self.log.clone())?
+            .with_replay_guard(Arc::new(InMemoryReplayGuard::new())))
     }
 }
 
@@ -225,34 +208,14 @@ async fn post_order(
 }
 
 async fn run(args: Args) -> AppResult<bool> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
-        )
-        .init();
+    wiring::init_tracing();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
 
     // ---- identities, registry, policy
-    let pdp = Arc::new(CedarPdp::load_dir(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-    )?);
-    let tts = Issuer::generate(IssuerSettings::new(TRUST_DOMAIN))?;
-    let mut keys = BTreeMap::new();
-    let mut keyset = KeySet::new();
-    for (id, alg) in [
-        (ORDERS_API, SigningAlg::ES256),
-        (ORDER_WORKER, SigningAlg::EdDSA),
-        (BILLING_WORKER, SigningAlg::ES256),
-        (NOTIFY_WORKER, SigningAlg::EdDSA),
-    ] {
-        let key = SigningKey::generate(alg, format!("{}-1", short(id)))?;
-        tts.register_workload(id, key.public_jwk(), &Scope::parse(ORIGIN_SCOPE))?;
-        keyset.insert_workload_key(id, &key)?;
-        keys.insert(id, key);
+    let mut domain = TrustDomain::new()?;
+    for (id, alg) in WORKLOADS {
+        domain.register(id, alg, ORIGIN_SCOPE)?;
     }
-    let idp = TestIssuer::new("https://idp.elevate.example", TRUST_DOMAIN)?;
-    tts.set_user_issuer(idp.verifier());
     let log_path = std::env::temp_dir().join(format!("elevate-pipeline-{run_id}.jsonl"));
     let memory = MemorySink::new();
     let log = Arc::new(TeeSink::new(vec![
@@ -260,16 +223,13 @@ async fn run(args: Args) -> AppResult<bool> {
         Arc::new(memory.clone()),
     ]));
     let ids = Arc::new(Identities {
-        pdp: pdp.clone(),
-        tts: tts.clone(),
-        keys,
-        keyset,
+        domain,
         log,
         memory,
     });
     println!(
         "policy bundle version {}; decision log {}",
-        pdp.version(),
+        ids.domain.pdp.version(),
         log_path.display()
     );
 
@@ -399,8 +359,8 @@ async fn run(args: Args) -> AppResult<bool> {
 
     // ---- billing-worker (NATS JetStream): derives the notification reference
     let amqp_publisher =
-        AmqpPublisher::with_confirm_channel(confirms.clone(), ids.producer(BILLING_WORKER)?);
-    let billing_minter = ids.minter(BILLING_WORKER)?;
+        AmqpPublisher::with_confirm_channel(confirms.clone(), ids.domain.producer(BILLING_WORKER)?);
+    let billing_minter = ids.domain.minter(BILLING_WORKER)?;
     let compromised = args.compromised_middle_hop;
     let notify_queue = notifications.work.clone();
     let billing_handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
@@ -498,7 +458,7 @@ async fn run(args: Args) -> AppResult<bool> {
     );
 
     // ---- order-worker (Kafka): derives the billing reference
-    let nats_publisher = NatsPublisher::new(nats.clone(), ids.producer(ORDER_WORKER)?);
+    let nats_publisher = NatsPublisher::new(nats.clone(), ids.domain.producer(ORDER_WORKER)?);
     let subject = billing_subject.clone();
     let order_handler = handler_fn(move |msg: InboundMessage, auth: AuthContext| {
         let publisher = nats_publisher.clone();
@@ -553,12 +513,8 @@ async fn run(args: Args) -> AppResult<bool> {
     // ---- the producer service: an HTTP endpoint on loopback
     let plain: FutureProducer = kafka_config(&bootstrap).set("acks", "all").create()?;
     let front = Front {
-        tts: Arc::new(InProcessTts::new(
-            tts.clone(),
-            ORDERS_API,
-            ids.keys.get(ORDERS_API).ok_or("key")?.clone(),
-        )),
-        producer: Arc::new(KafkaProducer::new(plain, ids.producer(ORDERS_API)?)),
+        tts: Arc::new(ids.domain.tts_for(ORDERS_API)?),
+        producer: Arc::new(KafkaProducer::new(plain, ids.domain.producer(ORDERS_API)?)),
         topic: topic.clone(),
     };
     let app = axum::Router::new()
@@ -607,7 +563,7 @@ async fn run(args: Args) -> AppResult<bool> {
             .post(&url)
             .body(serde_json::json!({"order": order, "amount": 42}).to_string());
         if let Some(u) = user {
-            req = req.bearer_auth(idp.issue_access_token(
+            req = req.bearer_auth(ids.domain.idp.issue_access_token(
                 u,
                 ORIGIN_SCOPE,
                 Duration::from_secs(300),
