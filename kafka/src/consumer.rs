@@ -128,6 +128,8 @@ struct Worker {
     paused: bool,
     /// Offset of the last record dispatched in this assignment.
     last_offset: Option<i64>,
+    /// Offset gaps seen in this assignment.
+    gaps: u64,
 }
 
 /// Wraps the `StreamConsumer` the application configured (group, subscription)
@@ -151,9 +153,13 @@ fn conf_value<C: ConsumerContext>(consumer: &StreamConsumer<C>, name: &str) -> O
     let name = CString::new(name).ok()?;
     let mut buf = vec![0u8; 256];
     let mut size = buf.len();
-    // SAFETY: `rd_kafka_conf` returns the live handle's own configuration,
-    // valid while `consumer` is borrowed; `rd_kafka_conf_get` writes at most
-    // `size` bytes, NUL-terminated, into `buf` and updates `size`.
+    // SAFETY: `native_ptr` is the live `rd_kafka_t` owned by `consumer`, which is
+    // borrowed for this whole block. `rd_kafka_conf` returns `&rk->rk_conf`, a
+    // read-only view owned by that handle (nothing is copied or freed here), and
+    // the properties read are fixed at creation. `rd_kafka_conf_get` copies at
+    // most `size - 1` bytes plus a NUL into `buf` (truncating longer values, see
+    // `rd_kafka_anyconf_get0` in librdkafka 2.12.1) and only then sets `size` to the
+    // full length; `buf` stays NUL-terminated, so `from_bytes_until_nul` is bounded.
     let res = unsafe {
         let conf = rdkafka::bindings::rd_kafka_conf(consumer.client().native_ptr());
         rdkafka::bindings::rd_kafka_conf_get(
@@ -323,6 +329,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
                 worker.pending = old.pending;
                 worker.paused = old.paused;
                 worker.last_offset = old.last_offset;
+                worker.gaps = old.gaps;
             }
             workers.insert(key.clone(), worker);
         }
@@ -336,8 +343,17 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
             return;
         }
         if let Some(last) = worker.last_offset.filter(|last| item.offset > last + 1) {
-            // Legitimate after compaction or transaction markers; logged for diagnosis.
-            tracing::debug!(topic = %key.0, partition = key.1, after = last, offset = item.offset, "offset gap");
+            // Legitimate after compaction or transaction markers; otherwise the broker
+            // skipped records (tansu 0.6: a fetch starting inside a stored batch, as after
+            // a resume). Loud but bounded: warned at the 1st, 2nd, 4th, 8th... gap.
+            worker.gaps += 1;
+            let skipped = item.offset - last - 1;
+            if worker.gaps.is_power_of_two() {
+                tracing::warn!(topic = %key.0, partition = key.1, after = last, offset = item.offset, skipped, gaps = worker.gaps,
+                    "offset gap: the broker did not deliver these offsets; unless the topic is compacted or transactional this is a broker fault and the records are lost to this consumer");
+            } else {
+                tracing::debug!(topic = %key.0, partition = key.1, after = last, offset = item.offset, skipped, gaps = worker.gaps, "offset gap");
+            }
         }
         worker.last_offset = Some(item.offset);
         if !worker.pending.is_empty() {
@@ -466,6 +482,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
             pending: VecDeque::new(),
             paused: false,
             last_offset: None,
+            gaps: 0,
         }
     }
 }
