@@ -317,108 +317,88 @@ impl Processor {
                     detail: Some("permit without context".into()),
                 },
             };
-            match step {
+            // Either the message is settled (return) or it goes back for a later
+            // attempt: to the broker, or in place (loop again on the same delivery).
+            let (reason, delay) = match step {
                 Step::DeadLetter {
                     reason,
                     verdict,
                     detail,
-                } => {
-                    if reason != decision.reason {
-                        // A disposition distinct from the guard's decision gets its own record.
-                        if let Err(e) = self.guard.record_disposition(
-                            delivery.message(),
-                            &id,
-                            reason,
-                            detail,
-                            attempt,
-                        ) {
-                            tracing::error!(decision_id = %id, error = %e, "cannot record disposition");
-                            let delay = self.retry.delay(attempt, None);
-                            match self
-                                .give_back(
-                                    delivery,
-                                    delay,
-                                    &mut attempt,
-                                    Reason::DecisionLogUnavailable,
-                                    &id,
-                                )
-                                .await?
-                            {
-                                Some(d) => {
-                                    delivery = d;
-                                    continue;
-                                }
-                                None => {
-                                    return Ok(Outcome::Redelivering {
-                                        decision_id: id,
-                                        reason: Reason::DecisionLogUnavailable,
-                                        delay,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    let letter = DeadLetter::build(
-                        delivery.message(),
+                } => match self
+                    .dead_letter(
+                        &delivery,
                         &id,
-                        verdict,
+                        decision.reason,
                         reason,
-                        self.guard.credentials(),
-                    );
-                    match self.dead_letters.publish(&letter).await {
-                        Ok(()) => {
-                            return delivery
-                                .ack_dead_lettered()
-                                .await
-                                .map(|_| Outcome::DeadLettered {
-                                    decision_id: id,
-                                    reason,
-                                })
-                                .map_err(|error| ProcessError { reason, error });
-                        }
-                        Err(e) => {
-                            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
-                            let delay = self.retry.delay(attempt, None);
-                            match self
-                                .give_back(delivery, delay, &mut attempt, reason, &id)
-                                .await?
-                            {
-                                Some(d) => {
-                                    delivery = d;
-                                    continue;
-                                }
-                                None => {
-                                    return Ok(Outcome::Redelivering {
-                                        decision_id: id,
-                                        reason,
-                                        delay,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-                Step::Retry { reason, delay } => {
-                    match self
-                        .give_back(delivery, delay, &mut attempt, reason, &id)
-                        .await?
-                    {
-                        Some(d) => {
-                            // in place: decide again on the same delivery
-                            delivery = d;
-                            continue;
-                        }
-                        None => {
-                            return Ok(Outcome::Redelivering {
+                        verdict,
+                        detail,
+                        attempt,
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        return delivery
+                            .ack_dead_lettered()
+                            .await
+                            .map(|_| Outcome::DeadLettered {
                                 decision_id: id,
                                 reason,
-                                delay,
-                            });
-                        }
+                            })
+                            .map_err(|error| ProcessError { reason, error });
                     }
+                    Err(kept_because) => (kept_because, self.retry.delay(attempt, None)),
+                },
+                Step::Retry { reason, delay } => (reason, delay),
+            };
+            match self
+                .give_back(delivery, delay, &mut attempt, reason, &id)
+                .await?
+            {
+                Some(d) => delivery = d,
+                None => {
+                    return Ok(Outcome::Redelivering {
+                        decision_id: id,
+                        reason,
+                        delay,
+                    });
                 }
             }
         }
+    }
+
+    /// Records a disposition distinct from the guard's decision, then publishes
+    /// the dead letter and waits for the broker's confirmation. On failure the
+    /// message must be kept: returns the reason to redeliver it with.
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter<D: Delivery>(
+        &self,
+        delivery: &D,
+        id: &str,
+        decided: Reason,
+        reason: Reason,
+        verdict: Verdict,
+        detail: Option<String>,
+        attempt: u32,
+    ) -> Result<(), Reason> {
+        if reason != decided
+            && let Err(e) =
+                self.guard
+                    .record_disposition(delivery.message(), id, reason, detail, attempt)
+        {
+            tracing::error!(decision_id = %id, error = %e, "cannot record disposition: message kept for redelivery");
+            return Err(Reason::DecisionLogUnavailable);
+        }
+        let letter = DeadLetter::build(
+            delivery.message(),
+            id,
+            verdict,
+            reason,
+            self.guard.credentials(),
+        );
+        self.dead_letters.publish(&letter).await.map_err(|e| {
+            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
+            reason
+        })
     }
 
     /// Gives the delivery back: to the broker (returns None), or waits in place
