@@ -130,10 +130,10 @@ pub struct TracingSink;
 impl DecisionSink for TracingSink {
     fn record(&self, rec: &DecisionRecord) -> Result<(), SinkError> {
         let json = serde_json::to_string(rec).unwrap_or_default();
-        match rec.verdict {
-            Verdict::Permit => tracing::info!(target: "elevate::decision", decision = %json),
-            Verdict::Retry => tracing::warn!(target: "elevate::decision", decision = %json),
-            _ => tracing::warn!(target: "elevate::decision", decision = %json),
+        if rec.verdict == Verdict::Permit {
+            tracing::info!(target: "elevate::decision", decision = %json);
+        } else {
+            tracing::warn!(target: "elevate::decision", decision = %json);
         }
         Ok(())
     }
