@@ -124,12 +124,33 @@ pub async fn declare_queues(channel: &Channel, queue: &str) -> Result<Queues, Er
     declare_queues_with(channel, queue, FieldTable::default()).await
 }
 
-/// As [`declare_queues`], with extra arguments for all three queues (e.g.
-/// `x-queue-type`, `x-expires`).
+/// As [`declare_queues`], with extra arguments for the work queue (e.g.
+/// `x-queue-type`, `x-max-priority`). The retry and dead-letter queues take
+/// only its `x-queue-type`: they have no consumers, so `x-expires`, a message
+/// TTL or a length limit there would delete parked retries and confirmed
+/// dead letters.
 pub async fn declare_queues_with(
     channel: &Channel,
     queue: &str,
     arguments: FieldTable,
+) -> Result<Queues, Error> {
+    // The retry and dead-letter queues keep only the queue type of the work queue.
+    let mut side_args = FieldTable::default();
+    if let Some(kind) = arguments.inner().get("x-queue-type") {
+        side_args.insert(ShortString::from("x-queue-type"), kind.clone());
+    }
+    declare_queue_set(channel, queue, arguments, side_args).await
+}
+
+/// As [`declare_queues_with`], with the arguments of the retry and dead-letter
+/// queues given explicitly (`side_args`). For throw-away queues (tests, demos)
+/// an `x-expires` there cleans up; in production it would delete parked
+/// retries and dead letters, so leave it out.
+pub async fn declare_queue_set(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+    side_args: FieldTable,
 ) -> Result<Queues, Error> {
     let q = Queues {
         work: queue.to_string(),
@@ -147,7 +168,7 @@ pub async fn declare_queues_with(
             arguments.clone(),
         )
         .await?;
-    let mut retry_args = arguments.clone();
+    let mut retry_args = side_args.clone();
     retry_args.insert(
         ShortString::from("x-dead-letter-exchange"),
         AMQPValue::LongString(LongString::from("")),
@@ -160,7 +181,7 @@ pub async fn declare_queues_with(
         .queue_declare(publish::short("queue", &q.retry)?, durable, retry_args)
         .await?;
     channel
-        .queue_declare(publish::short("queue", &q.dead_letter)?, durable, arguments)
+        .queue_declare(publish::short("queue", &q.dead_letter)?, durable, side_args)
         .await?;
     Ok(q)
 }

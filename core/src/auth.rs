@@ -3,10 +3,12 @@
 use crate::ctxref::{ContextRefClaims, ContextRefMinter, MintError, MintedRef, SubjectKind};
 use crate::pdp::EntityRef;
 use crate::scope::Scope;
-use crate::token::TxnToken;
+use crate::token::{Redacted, TxnToken};
 
 /// Who the handler acts for and with what authority; built only on Permit.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` shows the tokens it holds as SHA-256 prefixes only.
+#[derive(Clone)]
 pub struct AuthContext {
     /// The decision that permitted this dispatch.
     pub decision_id: String,
@@ -34,6 +36,26 @@ pub struct AuthContext {
     pub reference: ContextRefClaims,
     /// The verified reference itself (carried as proof in derived references).
     pub reference_token: String,
+}
+
+impl std::fmt::Debug for AuthContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthContext")
+            .field("decision_id", &self.decision_id)
+            .field("subject", &self.subject)
+            .field("sub_kind", &self.sub_kind)
+            .field("workload", &self.workload)
+            .field("producer", &self.producer)
+            .field("txn", &self.txn)
+            .field("scope", &self.scope)
+            .field("chain", &self.chain)
+            .field("action", &self.action)
+            .field("resource", &self.resource)
+            .field("txn_token", &self.txn_token)
+            .field("reference", &self.reference)
+            .field("reference_token", &Redacted(&self.reference_token))
+            .finish()
+    }
 }
 
 impl AuthContext {

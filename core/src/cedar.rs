@@ -433,13 +433,15 @@ impl Bundle {
             .map(ToString::to_string)
             .collect();
         policies.sort();
-        let errors = response
+        let errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| error_chain(e))
             .collect();
+        // Cedar skips a policy whose evaluation errors, so an erroring `forbid`
+        // would no longer block a `permit`: any evaluation error denies.
         Ok(AccessDecision {
-            allowed: response.decision() == Decision::Allow,
+            allowed: response.decision() == Decision::Allow && errors.is_empty(),
             policies,
             errors,
         })

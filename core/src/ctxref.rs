@@ -14,12 +14,16 @@ use serde::{Deserialize, Serialize};
 use crate::jws::{self, JwsError};
 use crate::keys::{KeySet, SigningKey, sha256_b64url, sha256_hex};
 use crate::scope::Scope;
+use crate::token::Redacted;
 use crate::verdict::Reason;
 
 /// The header that carries the context reference on every broker.
 pub const CTX_REF_HEADER: &str = "ztauth-ctx-ref";
 /// The JOSE `typ` of a context reference.
 pub const CTX_REF_TYP: &str = "ctx-ref+jwt";
+
+/// The most clock leeway any verifier grants, whatever it is configured with.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(30);
 
 /// Whether the target identity is a person or a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -45,7 +49,7 @@ impl SubjectKind {
 ///
 /// `sub` is the workload that signed the previous reference and `scope` the
 /// scope that reference carried; the current hop is the reference's `iss`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
     /// Workload id of the prior hop's signer.
     pub sub: String,
@@ -58,6 +62,17 @@ pub struct Actor {
     /// it proves the history — each hop is verified against its signer's key.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor")
+            .field("sub", &self.sub)
+            .field("scope", &self.scope)
+            .field("act", &self.act)
+            .field("reference", &self.reference.as_deref().map(Redacted))
+            .finish()
+    }
 }
 
 impl Actor {
@@ -171,8 +186,8 @@ pub struct MintRequest<'a> {
     pub payload: &'a [u8],
 }
 
-/// A freshly signed reference and its claims.
-#[derive(Debug, Clone)]
+/// A freshly signed reference and its claims (`Debug` shows the JWS as a hash).
+#[derive(Clone)]
 pub struct MintedRef {
     /// The compact JWS for the `ztauth-ctx-ref` header.
     pub token: String,
@@ -431,8 +446,8 @@ impl VerifyPolicy {
     }
 }
 
-/// A reference that passed every check, with its claims.
-#[derive(Debug, Clone)]
+/// A reference that passed every check, with its claims (`Debug` shows the JWS as a hash).
+#[derive(Clone)]
 pub struct VerifiedRef {
     /// The verified claims.
     pub claims: ContextRefClaims,
@@ -440,6 +455,24 @@ pub struct VerifiedRef {
     pub token: String,
     /// SHA-256 (hex) of the compact JWS: how logs name it.
     pub token_sha256: String,
+}
+
+impl std::fmt::Debug for MintedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintedRef")
+            .field("token", &Redacted(&self.token))
+            .field("claims", &self.claims)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for VerifiedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedRef")
+            .field("claims", &self.claims)
+            .field("token_sha256", &self.token_sha256)
+            .finish()
+    }
 }
 
 /// Verifies context references against a swappable set of producer keys.
@@ -528,9 +561,9 @@ impl ContextRefVerifier {
         let key = parsed.verify(&keys)?;
         let claims: ContextRefClaims = parsed.claims()?;
         // decide: issuer binding, audience, time, binding, chain
-        if let Some(owner) = &key.owner
-            && owner != &claims.iss
-        {
+        // Deny by default: a reference key must name the workload that owns it
+        // (`KeySet::insert_workload_key`); an unowned key could sign for any `iss`.
+        if key.owner.as_deref() != Some(claims.iss.as_str()) {
             return Err(RefError::IssuerMismatch {
                 iss: claims.iss,
                 kid: parsed.header.kid.unwrap_or_default(),
@@ -542,14 +575,20 @@ impl ContextRefVerifier {
                 expected: audience.to_string(),
             });
         }
-        let leeway = self.policy.leeway.as_secs() as i64;
-        if claims.iat > now + leeway {
+        let leeway = self.policy.leeway.min(MAX_LEEWAY).as_secs() as i64;
+        if claims.iat <= 0 || claims.exp < claims.iat {
+            return Err(RefError::Jws(JwsError::Malformed(format!(
+                "iat {} and exp {} are not a time window",
+                claims.iat, claims.exp
+            ))));
+        }
+        if claims.iat > now.saturating_add(leeway) {
             return Err(RefError::NotYetValid {
                 iat: claims.iat,
                 now,
             });
         }
-        if claims.exp + leeway <= now {
+        if claims.exp.saturating_add(leeway) <= now {
             return Err(RefError::Expired {
                 exp: claims.exp,
                 now,
@@ -630,8 +669,8 @@ impl ContextRefVerifier {
                 actor.sub
             )));
         }
-        let leeway = self.policy.leeway.as_secs() as i64;
-        if parent.exp + leeway <= now {
+        let leeway = self.policy.leeway.min(MAX_LEEWAY).as_secs() as i64;
+        if parent.exp.saturating_add(leeway) <= now {
             return Err(invalid(format!("hop {:?} expired", actor.sub)));
         }
         let mut expected_rest = actor.act.clone();

@@ -501,8 +501,14 @@ pub fn replay_position(msg: &InboundMessage) -> String {
             stream_seq: Some(_),
             ..
         } => msg.coordinates.to_string(),
-        // core NATS never redelivers: every sight is its own position
-        Coordinates::Nats { subject, .. } => format!("nats:{subject}#{}", uuid::Uuid::new_v4()),
+        // core NATS never redelivers: every receipt is its own position, kept
+        // across the in-place retries of that receipt
+        Coordinates::Nats {
+            subject, receipt, ..
+        } => match receipt {
+            Some(r) => format!("nats:{subject}#{r}"),
+            None => format!("nats:{subject}#{}", uuid::Uuid::new_v4()),
+        },
         // AMQP delivery tags change on redelivery: the publisher's message id is the
         // only stable handle (documented limitation: a verbatim copy with the same
         // message id looks like a redelivery)

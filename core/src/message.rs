@@ -5,10 +5,30 @@ use serde::{Deserialize, Serialize};
 
 /// Ordered, multi-valued message headers (Kafka, AMQP tables and NATS all allow duplicates).
 ///
-/// Names compare case-insensitively; values are raw bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Names compare case-insensitively; values are raw bytes. `Debug` shows
+/// every value the default credential policy would flag (and the context
+/// reference) as a SHA-256 prefix, so logging headers never leaks a token.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
     entries: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let policy = crate::strip::default_policy();
+        let mut list = f.debug_list();
+        for (name, value) in &self.entries {
+            let text = String::from_utf8_lossy(value);
+            if name.eq_ignore_ascii_case(crate::ctxref::CTX_REF_HEADER)
+                || policy.flags_header(name, value)
+            {
+                list.entry(&(name, crate::token::Redacted(&text)));
+            } else {
+                list.entry(&(name, text));
+            }
+        }
+        list.finish()
+    }
 }
 
 impl Headers {
@@ -122,6 +142,10 @@ pub enum Coordinates {
         /// Stream sequence (JetStream only).
         #[serde(skip_serializing_if = "Option::is_none")]
         stream_seq: Option<u64>,
+        /// Core NATS only: an id the subscriber gives each receipt, so that
+        /// in-place retries of one receipt keep one replay position.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<String>,
     },
     /// The in-memory transport.
     Memory {
@@ -149,6 +173,7 @@ impl std::fmt::Display for Coordinates {
                 subject,
                 stream,
                 stream_seq,
+                ..
             } => match (stream, stream_seq) {
                 (Some(s), Some(q)) => write!(f, "nats:{s}/{q}/{subject}"),
                 _ => write!(f, "nats:{subject}"),
@@ -184,4 +209,27 @@ pub struct OutboundMessage {
     pub headers: Headers,
     /// Payload bytes (configured JSON credential paths are removed by the guard).
     pub payload: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_a_credential_or_the_reference() {
+        let jwt = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz";
+        let h: Headers = [
+            ("Authorization", "Bearer secret-opaque-value"),
+            ("x-custom", jwt),
+            (crate::ctxref::CTX_REF_HEADER, jwt),
+            ("content-type", "application/json"),
+        ]
+        .into_iter()
+        .collect();
+        let shown = format!("{h:?}");
+        assert!(!shown.contains("secret-opaque-value"), "{shown}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+        assert!(shown.contains("application/json"), "{shown}");
+        assert_eq!(shown.matches("sha256:").count(), 3, "{shown}");
+    }
 }

@@ -82,6 +82,13 @@ pub trait Delivery: Send + Sync + Sized {
 pub trait DeadLetterPublisher: Send + Sync {
     /// Publishes and waits for the broker's confirmation.
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError>;
+
+    /// Whether a confirmed publish is stored by the broker (a stream, a
+    /// durable queue, a topic), not merely received. An at-least-once guard
+    /// refuses to settle messages on a publisher that says no.
+    fn durable(&self) -> bool {
+        true
+    }
 }
 
 /// A dead-letter publisher that refuses every publish: the safe placeholder
@@ -250,9 +257,38 @@ impl Processor {
         self.keep_alive_every
     }
 
+    /// Whether the dead-letter publisher stores what it confirms (see
+    /// [`DeadLetterPublisher::durable`]).
+    pub fn dead_letters_durable(&self) -> bool {
+        self.dead_letters.durable()
+    }
+
     /// The guard.
     pub fn guard(&self) -> &Arc<Guard> {
         &self.guard
+    }
+
+    /// Runs the handler; a panic is a permanent handler failure (dead letter
+    /// `handler-failed`), never an unwind through the consumer loop that would
+    /// leave the message, or a Kafka partition, unsettled.
+    async fn run_handler(
+        &self,
+        msg: &InboundMessage,
+        auth: &AuthContext,
+    ) -> Result<(), HandlerError> {
+        use futures::FutureExt;
+        std::panic::AssertUnwindSafe(self.handler.handle(msg, auth))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                tracing::error!(decision_id = %auth.decision_id, panic = %what, "handler panicked");
+                Err(HandlerError::Permanent(format!("handler panicked: {what}")))
+            })
     }
 
     /// Decides, dispatches or dead-letters, and settles one delivery.
@@ -267,7 +303,7 @@ impl Processor {
             let step = match (decision.verdict, decision.auth) {
                 (Verdict::Permit, Some(auth)) => {
                     match self
-                        .while_alive(&delivery, self.handler.handle(delivery.message(), &auth))
+                        .while_alive(&delivery, self.run_handler(delivery.message(), &auth))
                         .await
                     {
                         Ok(()) => {

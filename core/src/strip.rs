@@ -93,11 +93,26 @@ impl Default for CredentialPolicy {
     }
 }
 
+/// The default policy, built once (for `Debug` redaction and other read-only uses).
+pub fn default_policy() -> &'static CredentialPolicy {
+    static DEFAULT: std::sync::LazyLock<CredentialPolicy> =
+        std::sync::LazyLock::new(CredentialPolicy::default);
+    &DEFAULT
+}
+
 fn parse_path(p: &str) -> Vec<String> {
     p.split('.').map(str::to_string).collect()
 }
 
 const AUTH_SCHEMES: [&str; 3] = ["bearer ", "basic ", "dpop "];
+
+/// ASCII case-insensitive prefix test on bytes: never slices a `str` inside a
+/// multi-byte character, whatever the header value holds.
+fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
+    text.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
+}
 
 impl CredentialPolicy {
     /// Adds a header name (any case) that always counts as a credential.
@@ -124,6 +139,11 @@ impl CredentialPolicy {
         self.mode
     }
 
+    /// Whether this header (name and value) counts as a credential.
+    pub fn flags_header(&self, name: &str, value: &[u8]) -> bool {
+        self.header_finding(name, value).is_some()
+    }
+
     fn header_finding(&self, name: &str, value: &[u8]) -> Option<CredentialKind> {
         if name.eq_ignore_ascii_case(CTX_REF_HEADER) {
             return None;
@@ -139,12 +159,14 @@ impl CredentialPolicy {
         let trimmed = text.trim_start();
         if AUTH_SCHEMES
             .iter()
-            .any(|s| trimmed.len() > s.len() && trimmed[..s.len()].eq_ignore_ascii_case(s))
+            .any(|s| starts_with_ignore_case(trimmed, s) && trimmed.len() > s.len())
         {
             return Some(CredentialKind::AuthScheme);
         }
+        // A JWT hides behind any prefix or wrapper (`jwt:…`, `(…)`, `cb#…`):
+        // test every run of the JWS alphabet, not only whitespace-separated words.
         if text
-            .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '=' | '"' | '\''))
+            .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
             .any(looks_like_jwt)
         {
             return Some(CredentialKind::Jwt);
@@ -344,6 +366,42 @@ mod tests {
             serde_json::json!({"order": {"id": 7, "auth": {}}, "items": [{}], "note": "keep me"})
         );
         assert!(policy.scan(&h, &payload).is_empty());
+    }
+
+    #[test]
+    fn multibyte_header_values_are_scanned_without_panicking() {
+        let policy = CredentialPolicy::default();
+        // A multi-byte character straddling the length of every auth-scheme prefix.
+        for v in [
+            "abcdé-value",
+            "béarer x",
+            "日本語のヘッダー",
+            "\u{1F600}\u{1F600}",
+        ] {
+            let h: Headers = [("x-note", v)].into_iter().collect();
+            assert!(policy.scan(&h, b"{}").is_empty(), "{v}");
+        }
+        let h: Headers = [("x-raw", &b"bear\xff\xfe token"[..])]
+            .into_iter()
+            .collect();
+        assert!(policy.scan(&h, b"").is_empty());
+    }
+
+    #[test]
+    fn jwts_behind_prefixes_and_wrappers_are_found() {
+        let t = jwt();
+        let policy = CredentialPolicy::default();
+        for v in [
+            format!("jwt:{t}"),
+            format!("({t})"),
+            format!("cb#{t}"),
+            format!("[\"{t}\"]"),
+        ] {
+            let h: Headers = [("x-custom", v.as_str())].into_iter().collect();
+            let found = policy.scan(&h, b"");
+            assert_eq!(found.len(), 1, "{v}");
+            assert_eq!(found[0].kind, CredentialKind::Jwt);
+        }
     }
 
     #[test]

@@ -47,6 +47,20 @@ impl std::fmt::Display for SecretToken {
     }
 }
 
+/// A token shown in `Debug` output as its SHA-256 prefix only, so that a
+/// `?value` in a log line never leaks a reference or a credential.
+pub struct Redacted<'a>(pub &'a str);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sha256:{}",
+            &crate::keys::sha256_hex(self.0.as_bytes())[..16]
+        )
+    }
+}
+
 /// Claims of a verified Txn-Token (draft-ietf-oauth-transaction-tokens).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxnTokenClaims {

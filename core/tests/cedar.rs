@@ -542,3 +542,36 @@ async fn notify_worker_acts_on_delegated_work_only_via_billing_worker() {
     let (a, _) = decide(&pdp, &e).await;
     assert!(a.allowed, "{a:?}");
 }
+
+#[tokio::test]
+async fn a_forbid_that_errors_still_denies() {
+    // Cedar skips a policy whose evaluation errors: here the forbid reads an
+    // attribute of a user absent from the entities, so only the permit is
+    // left standing. Deny by default: any evaluation error is a denial.
+    let pdp = CedarPdp::from_sources(
+        "@id(\"all\") permit (principal, action, resource);\n\
+         @id(\"inactive\") forbid (principal, action, resource) when { !principal.active };",
+        SCHEMA_INLINE,
+        r#"[{"uid":{"type":"User","id":"alice"},"attrs":{"active":true},"parents":[]}]"#,
+    )
+    .unwrap();
+    let req = |who: &str| AccessRequest {
+        subject: user(who),
+        action: "read".to_string(),
+        resource: EntityRef::new("Destination", "d"),
+        context: serde_json::json!({}),
+    };
+    let known = pdp.evaluate(&req("alice")).await.unwrap();
+    assert!(known.allowed && known.errors.is_empty(), "{known:?}");
+    let unknown = pdp.evaluate(&req("ghost")).await.unwrap();
+    assert!(!unknown.errors.is_empty(), "{unknown:?}");
+    assert_eq!(
+        unknown.policies,
+        vec!["all"],
+        "only the permit was satisfied"
+    );
+    assert!(
+        !unknown.allowed,
+        "an erroring forbid must not let the permit through"
+    );
+}

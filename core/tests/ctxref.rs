@@ -175,9 +175,47 @@ fn expired_is_denied() {
 fn expiry_within_leeway_is_accepted() {
     let f = fixture(SigningAlg::ES256);
     let (_, mut claims) = mint(&f);
+    claims.iat = unix_now() - 100;
     claims.exp = unix_now() - 10; // leeway is 30 s
     let t = resign(&f, claims);
     assert!(f.verifier.verify(&t, DST, PAYLOAD).is_ok());
+}
+
+#[test]
+fn a_window_that_is_not_a_window_is_malformed() {
+    let f = fixture(SigningAlg::ES256);
+    let (_, claims) = mint(&f);
+    let now = unix_now();
+    for (iat, exp) in [
+        (now, now - 10),
+        (0, now + 60),
+        (-5, i64::MAX),
+        (now, i64::MIN),
+    ] {
+        let t = resign(
+            &f,
+            ContextRefClaims {
+                iat,
+                exp,
+                ..claims.clone()
+            },
+        );
+        assert_eq!(
+            reason_of(&f, &t, DST, PAYLOAD),
+            Reason::MalformedReference,
+            "iat {iat} exp {exp}"
+        );
+    }
+    // A far-future exp is refused by the horizon check, not wrapped around.
+    let t = resign(
+        &f,
+        ContextRefClaims {
+            iat: now,
+            exp: i64::MAX,
+            ..claims
+        },
+    );
+    assert_eq!(reason_of(&f, &t, DST, PAYLOAD), Reason::HorizonTooLong);
 }
 
 #[test]

@@ -140,6 +140,9 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
         let h = h.clone();
         let fail = fail_handler.clone();
         async move {
+            if msg.payload.as_ref() == b"panic" {
+                panic!("handler bug on {}", auth.subject);
+            }
             if let Some(e) = fail {
                 return Err(e);
             }
@@ -397,6 +400,35 @@ async fn transient_handler_errors_retry_then_dead_letter() {
             ..
         }]
     ));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_dead_letters_instead_of_unwinding() {
+    let e = env(None);
+    publish(&e, "alice", "panic", Headers::new()).await;
+    publish(&e, "alice", "after", Headers::new()).await;
+    let out = run_until_idle(&e).await;
+    assert!(
+        matches!(
+            &out[..],
+            [
+                Outcome::DeadLettered {
+                    reason: Reason::HandlerFailed,
+                    ..
+                },
+                Outcome::Handled { .. }
+            ]
+        ),
+        "{out:?}"
+    );
+    let letters = e.broker.drain(DLQ);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(e.broker.unacked_len(Q), 0);
+    assert_eq!(
+        e.handled.lock().len(),
+        1,
+        "the next message is still handled"
+    );
 }
 
 #[tokio::test]

@@ -172,9 +172,14 @@ impl BrokerBinding for AmqpBinding {
             )
             .await
             .map_err(err)?;
-        let q = elevate_amqp::declare_queues_with(&self.admin, &queue, scenario_queue_args())
-            .await
-            .map_err(err)?;
+        let q = elevate_amqp::declare_queue_set(
+            &self.admin,
+            &queue,
+            scenario_queue_args(),
+            scenario_queue_args(),
+        )
+        .await
+        .map_err(err)?;
         let mut tap_args = scenario_queue_args();
         tap_args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
         self.admin

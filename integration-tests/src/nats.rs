@@ -259,7 +259,9 @@ impl NatsBinding {
             .map_err(nats_err)?;
         // the subscription is registered on the server before anything is published
         conn.flush().await.map_err(nats_err)?;
-        let dead_letters = NatsDeadLetters::auto(conn.clone(), dead_letter_subject).await;
+        let dead_letters = NatsDeadLetters::auto(conn.clone(), dead_letter_subject)
+            .await
+            .map_err(nats_err)?;
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
         let guarded = GuardedSubscriber::new(subscriber, processor).concurrency(concurrency);
         Ok(spawn(move |stopped| async move {

@@ -147,7 +147,7 @@ async fn depth(ch: &Channel, queue: &str) -> u32 {
 /// Declares the work, retry and dead-letter queues (durable; they expire 10 minutes
 /// after last use, so a failed run leaves nothing behind for long).
 async fn declare(ch: &Channel, queue: &str) -> Queues {
-    elevate_amqp::declare_queues_with(ch, queue, scenario_queue_args())
+    elevate_amqp::declare_queue_set(ch, queue, scenario_queue_args(), scenario_queue_args())
         .await
         .expect("declare")
 }

@@ -155,6 +155,7 @@ pub fn inbound_from_core(msg: &async_nats::Message) -> InboundMessage {
             subject: msg.subject.to_string(),
             stream: None,
             stream_seq: None,
+            receipt: Some(uuid::Uuid::now_v7().to_string()),
         },
         destination: msg.subject.to_string(),
         message_id,

@@ -54,19 +54,28 @@ impl NatsDeadLetters {
         }
     }
 
-    /// JetStream when a stream captures `subject`, else core NATS.
-    pub async fn auto(client: Client, subject: impl Into<String>) -> Self {
+    /// JetStream when a stream captures `subject`; core NATS only when the
+    /// server answered that no stream does. Any other failure of the lookup
+    /// (timeout, connection) is an error: a passing fault must not quietly
+    /// downgrade dead letters to at-most-once. A server without JetStream
+    /// answers with an error too: use [`NatsDeadLetters::core`] there.
+    pub async fn auto(
+        client: Client,
+        subject: impl Into<String>,
+    ) -> Result<Self, jetstream::context::GetStreamByNameError> {
+        use jetstream::context::GetStreamByNameErrorKind;
         let subject = subject.into();
         let js = jetstream::new(client.clone());
         match js.stream_by_subject(subject.clone()).await {
             Ok(stream) => {
                 tracing::info!(%subject, %stream, "dead letters go to a JetStream stream");
-                Self::jetstream(js, subject)
+                Ok(Self::jetstream(js, subject))
             }
-            Err(e) => {
-                tracing::warn!(%subject, error = %e, "no JetStream stream captures the dead-letter subject: publishing with core NATS (at-most-once)");
-                Self::core(client, subject)
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                tracing::warn!(%subject, "no JetStream stream captures the dead-letter subject: publishing with core NATS (at-most-once)");
+                Ok(Self::core(client, subject))
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -92,6 +101,10 @@ fn dead_letter_msg_id(letter: &DeadLetter) -> String {
 
 #[async_trait::async_trait]
 impl DeadLetterPublisher for NatsDeadLetters {
+    fn durable(&self) -> bool {
+        matches!(self.target, Target::JetStream(_))
+    }
+
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError> {
         const OP: &str = "dead-letter publish";
         let mut headers = letter.headers.clone();

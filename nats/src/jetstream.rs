@@ -112,6 +112,14 @@ impl GuardedConsumer {
                 info.name, info.stream_name, info.config.ack_policy
             )));
         }
+        if !self.processor.dead_letters_durable() {
+            return Err(Error::Config(format!(
+                "consumer {} on stream {}: dead letters must go to a JetStream stream \
+                 (NatsDeadLetters::jetstream); a core NATS subject would lose a letter \
+                 whose message is then terminated",
+                info.name, info.stream_name
+            )));
+        }
         check_limits(&info.config, &self.processor);
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
@@ -327,6 +335,7 @@ pub fn inbound_from_jetstream(msg: &jetstream::Message) -> Result<InboundMessage
             subject: msg.message.subject.to_string(),
             stream: Some(info.stream.to_string()),
             stream_seq: Some(info.stream_sequence),
+            receipt: None,
         },
         destination: msg.message.subject.to_string(),
         message_id,

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use elevate_core::ctxref::unix_now;
+use elevate_core::ctxref::{MAX_LEEWAY, unix_now};
 use elevate_core::jws::{self, JwsError};
 use elevate_core::keys::{KeySet, SigningKey};
 use parking_lot::Mutex;
@@ -126,7 +126,7 @@ impl AssertionVerifier {
     /// A verifier with clock `leeway` accepting assertions living at most `max_lifetime`.
     pub fn new(leeway: Duration, max_lifetime: Duration) -> Self {
         AssertionVerifier {
-            leeway: leeway.as_secs() as i64,
+            leeway: leeway.min(MAX_LEEWAY).as_secs() as i64,
             max_lifetime: max_lifetime.as_secs() as i64,
             seen: Mutex::new(ReplayCache::default()),
         }
@@ -154,13 +154,19 @@ impl AssertionVerifier {
             return Err(AssertionError::WrongAudience { aud: claims.aud });
         }
         let now = unix_now();
-        if claims.exp + self.leeway <= now {
+        if claims.iat <= 0 || claims.exp < claims.iat {
+            return Err(AssertionError::Time(format!(
+                "iat {} and exp {} are not a time window",
+                claims.iat, claims.exp
+            )));
+        }
+        if claims.exp.saturating_add(self.leeway) <= now {
             return Err(AssertionError::Time(format!("expired at {}", claims.exp)));
         }
-        if claims.iat > now + self.leeway {
+        if claims.iat > now.saturating_add(self.leeway) {
             return Err(AssertionError::Time("issued in the future".into()));
         }
-        if claims.exp - claims.iat > self.max_lifetime || claims.exp < claims.iat {
+        if claims.exp - claims.iat > self.max_lifetime {
             return Err(AssertionError::Time(format!(
                 "lifetime {}s exceeds {}s",
                 claims.exp - claims.iat,
@@ -170,7 +176,7 @@ impl AssertionVerifier {
         if claims.jti.is_empty() {
             return Err(AssertionError::Jws(JwsError::Malformed("empty jti".into())));
         }
-        let until = claims.exp + self.leeway;
+        let until = claims.exp.saturating_add(self.leeway);
         if !self
             .seen
             .lock()

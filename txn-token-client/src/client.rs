@@ -223,6 +223,34 @@ pub fn check_token_response(resp: TokenResponse) -> Result<String, TokenError> {
     Ok(resp.access_token)
 }
 
+/// Largest token-endpoint response body read (a Txn-Token is a few KB).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// Reads a response body, refusing one larger than `limit` (terminal: a TTS
+/// that answers with megabytes is misbehaving, not overloaded).
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, AttemptError> {
+    let too_large = || {
+        AttemptError::terminal(TokenError::Invalid(format!(
+            "response body larger than {limit} bytes"
+        )))
+    };
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| AttemptError::transient(format!("reading the response: {e}"), None))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 impl TtsClient {
     /// Builds the client: one keep-alive HTTP client shared by token and JWKS requests.
     pub fn new(config: TtsClientConfig, key: SigningKey) -> Result<Self, ClientBuildError> {
@@ -239,6 +267,9 @@ impl TtsClient {
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // Never follow a redirect: a 307/308 would re-send the client
+            // assertion and the context reference to another endpoint.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!(
                 "elevate-txn-token-client/",
                 env!("CARGO_PKG_VERSION")
@@ -391,10 +422,7 @@ impl TtsClient {
             return Err(AttemptError::transient(format!("HTTP {status}"), ra));
         }
         permit.success();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| AttemptError::transient(format!("reading the response: {e}"), None))?;
+        let body = read_capped(resp, MAX_RESPONSE_BYTES).await?;
         if status == StatusCode::OK {
             let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
                 AttemptError::terminal(TokenError::Invalid(format!(

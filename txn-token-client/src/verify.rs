@@ -21,7 +21,11 @@ use jsonwebtoken::jwk::Jwk;
 /// Claims every Txn-Token must carry.
 pub const REQUIRED_CLAIMS: [&str; 7] = ["iat", "exp", "aud", "txn", "sub", "scope", "req_wl"];
 /// Upper bound on clock leeway.
-pub const MAX_LEEWAY: Duration = Duration::from_secs(30);
+pub const MAX_LEEWAY: Duration = elevate_core::ctxref::MAX_LEEWAY;
+
+/// Longest `exp - iat` a Txn-Token may have (the TTS refuses to be configured
+/// past it): Txn-Tokens are short-lived by design.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why a Txn-Token was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -330,13 +334,26 @@ pub fn check_claims(
         });
     }
     let leeway = leeway.min(MAX_LEEWAY).as_secs() as i64;
-    if claims.exp + leeway <= now {
+    if claims.iat <= 0 || claims.exp < claims.iat {
+        return Err(VerifyError::Malformed(format!(
+            "iat {} and exp {} are not a time window",
+            claims.iat, claims.exp
+        )));
+    }
+    if claims.exp - claims.iat > MAX_TOKEN_LIFETIME.as_secs() as i64 {
+        return Err(VerifyError::Malformed(format!(
+            "lifetime {}s exceeds the {}s a Txn-Token may live",
+            claims.exp - claims.iat,
+            MAX_TOKEN_LIFETIME.as_secs()
+        )));
+    }
+    if claims.exp.saturating_add(leeway) <= now {
         return Err(VerifyError::Expired {
             exp: claims.exp,
             now,
         });
     }
-    if claims.iat > now + leeway || claims.iat > claims.exp {
+    if claims.iat > now.saturating_add(leeway) {
         return Err(VerifyError::NotYetValid {
             iat: claims.iat,
             now,

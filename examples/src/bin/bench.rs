@@ -998,9 +998,10 @@ mod amqp {
                 )
                 .await
                 .map_err(aerr)?;
-            let guarded = elevate_amqp::declare_queues_with(
+            let guarded = elevate_amqp::declare_queue_set(
                 &self.admin,
                 &format!("elevate-bench-{row}-{id}"),
+                queue_args(),
                 queue_args(),
             )
             .await

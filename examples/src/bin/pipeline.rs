@@ -29,7 +29,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::Parser;
-use elevate_amqp::{AmqpDeadLetters, AmqpPublisher, ConfirmChannel, declare_queues_with};
+use elevate_amqp::{AmqpDeadLetters, AmqpPublisher, ConfirmChannel, declare_queue_set};
 use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, FileSink, MemorySink, TeeSink};
 use elevate_core::keys::SigningAlg;
@@ -296,8 +296,13 @@ async fn run(args: Args) -> AppResult<bool> {
     let admin = amqp.create_channel().await?;
     let mut expiring = FieldTable::default();
     expiring.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    let notifications =
-        declare_queues_with(&admin, &format!("notifications-{run_id}"), expiring).await?;
+    let notifications = declare_queue_set(
+        &admin,
+        &format!("notifications-{run_id}"),
+        expiring.clone(),
+        expiring,
+    )
+    .await?;
     println!(
         "kafka {} ({bootstrap}) topic {topic}; NATS JetStream subject {billing_subject}; RabbitMQ queue {}",
         if embedded.is_some() {

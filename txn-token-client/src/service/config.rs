@@ -163,7 +163,9 @@ impl ServiceConfig {
                 "token_endpoint_path must start with '/'".into(),
             ));
         }
-        if cfg.token_lifetime_secs == 0 || cfg.token_lifetime_secs > 3600 {
+        if cfg.token_lifetime_secs == 0
+            || cfg.token_lifetime_secs > crate::verify::MAX_TOKEN_LIFETIME.as_secs()
+        {
             return Err(ConfigError::Invalid(
                 "token_lifetime_secs must be between 1 and 3600".into(),
             ));

@@ -69,7 +69,7 @@ impl IssuerSettings {
 
     /// Sets the Txn-Token lifetime.
     pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
-        self.token_lifetime = lifetime;
+        self.token_lifetime = lifetime.min(crate::verify::MAX_TOKEN_LIFETIME);
         self
     }
 }
