@@ -92,6 +92,10 @@ pub enum Error {
     /// The channel is not in confirm mode.
     #[error("publisher confirms are not enabled on the channel")]
     ConfirmsOff,
+    /// The confirming channel used for retry copies closed: nothing can be
+    /// settled through it any more, so the worker stops (reconnect and run again).
+    #[error("the confirming channel for retries and dead letters is closed")]
+    ConfirmChannelClosed,
     /// A name longer than AMQP's 255-byte short-string limit.
     #[error("{what} of {len} bytes exceeds AMQP's 255-byte limit")]
     InvalidName {

@@ -134,6 +134,12 @@ impl GuardedConsumer {
         tokio::pin!(shutdown);
         let result = loop {
             while tasks.try_join_next().is_some() {}
+            // Without its confirming channel no Deny, Quarantine or Retry can be
+            // settled: every such delivery would be requeued again and again.
+            // Stop and let the caller reconnect (unacked messages go back).
+            if !ctx.retry.channel().status().connected() {
+                break Err(Error::ConfirmChannelClosed);
+            }
             let permit = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),

@@ -1,8 +1,11 @@
-//! One warm Cedar trust-elevation decision: `evaluate_all` of the two requests.
+//! One warm Cedar trust-elevation decision: `evaluate_all` of the two requests,
+//! evaluated by Cedar, and answered by `CachingPdp` (same request, same policy version).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use elevate_core::cedar::CedarPdp;
 use elevate_core::pdp::{ElevationRequest, EntityRef, PolicyDecisionPoint};
+use elevate_core::pdp_cache::CachingPdp;
+use std::sync::Arc;
 
 const BUNDLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies");
 
@@ -29,6 +32,17 @@ fn decision(c: &mut Criterion) {
             d
         })
     });
+    let cached = CachingPdp::new(Arc::new(pdp), 1024);
+    c.bench_function(
+        "one cached trust-elevation decision (CachingPdp hit)",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let d = cached.evaluate_all(&reqs).await.expect("decision");
+                assert!(d[0].allowed && d[1].allowed);
+                d
+            })
+        },
+    );
 }
 
 criterion_group!(benches, decision);

@@ -18,6 +18,7 @@ pub mod keys;
 pub mod memory;
 pub mod message;
 pub mod pdp;
+pub mod pdp_cache;
 pub mod producer;
 pub mod replay;
 #[cfg(feature = "redis")]

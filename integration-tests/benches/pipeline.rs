@@ -14,6 +14,8 @@ use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::{DecisionRecord, DecisionSink, SinkError};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::memory::MemoryBroker;
+use elevate_core::pdp::PolicyDecisionPoint;
+use elevate_core::pdp_cache::CachingPdp;
 use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::settle::{Outcome, Processor};
@@ -86,7 +88,9 @@ fn pipeline(c: &mut Criterion) {
         ))
         .expect("prepare");
 
-    for cached in [true, false] {
+    // (cached Txn-Token, cached decisions): the repeated-context setup;
+    // (cached Txn-Token, Cedar every time); (exchange per message, Cedar every time).
+    for (cached, cached_pdp) in [(true, true), (true, false), (false, false)] {
         let tts: Arc<dyn TokenSource> = Arc::new(InProcessTts::new(
             issuer.clone(),
             CONSUMER,
@@ -101,7 +105,11 @@ fn pipeline(c: &mut Criterion) {
             CONSUMER,
             ContextRefVerifier::new(keys.clone(), VerifyPolicy::new(CONSUMER)),
             tokens,
-            pdp.clone(),
+            if cached_pdp {
+                Arc::new(CachingPdp::new(pdp.clone(), 1024)) as Arc<dyn PolicyDecisionPoint>
+            } else {
+                pdp.clone()
+            },
             Arc::new(SerializingSink),
             Arc::new(FixedAction::new("test.process", "Destination")),
         );
@@ -111,10 +119,12 @@ fn pipeline(c: &mut Criterion) {
             Arc::new(handler_fn(|_, _| async { Ok(()) })),
             Arc::new(broker.dead_letter_queue("bench.dlq")),
         );
-        let name = if cached {
-            "pipeline pass, memory transport, cached Txn-Token (repeated context)"
-        } else {
-            "pipeline pass, memory transport, in-process TTS exchange per message"
+        let name = match (cached, cached_pdp) {
+            (true, true) => {
+                "pipeline pass, memory transport, cached Txn-Token and decisions (repeated context)"
+            }
+            (true, false) => "pipeline pass, memory transport, cached Txn-Token, Cedar every time",
+            _ => "pipeline pass, memory transport, in-process TTS exchange per message",
         };
         c.bench_function(name, |b| {
             b.to_async(&rt).iter(|| async {

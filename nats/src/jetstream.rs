@@ -120,7 +120,7 @@ impl GuardedConsumer {
                 info.name, info.stream_name
             )));
         }
-        check_limits(&info.config, &self.processor);
+        check_limits(&info.config, &self.processor)?;
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
@@ -213,17 +213,24 @@ impl GuardedConsumer {
     }
 }
 
-fn check_limits(config: &async_nats::jetstream::consumer::Config, processor: &Processor) {
+/// Refuses a `max_deliver` the retry policy can outlive (the server would stop
+/// redelivering a message before it is dead-lettered: it would sit unacked in
+/// the stream, a silent drop); warns about a keep-alive slower than `ack_wait`.
+fn check_limits(
+    config: &async_nats::jetstream::consumer::Config,
+    processor: &Processor,
+) -> Result<(), Error> {
     let needed = processor
         .retry_policy()
         .max_attempts
         .max(processor.handler_retry_policy().max_attempts);
     if config.max_deliver > 0 && config.max_deliver as u64 <= u64::from(needed) {
-        tracing::warn!(
-            max_deliver = config.max_deliver,
-            retry_max_attempts = needed,
-            "consumer max_deliver is not above the retry policy's max_attempts: the server may stop redelivering a message before it is dead-lettered `retries-exhausted` (it would stay unacked in the stream)"
-        );
+        return Err(Error::Config(format!(
+            "consumer max_deliver {} is not above the retry policy's max_attempts {needed}: \
+             the server would stop redelivering before the message is dead-lettered; \
+             leave max_deliver unlimited (-1) or raise it",
+            config.max_deliver
+        )));
     }
     if config.ack_wait > Duration::ZERO && processor.keep_alive_every() >= config.ack_wait {
         tracing::warn!(
@@ -232,6 +239,7 @@ fn check_limits(config: &async_nats::jetstream::consumer::Config, processor: &Pr
             "processor keep-alive interval is not shorter than the consumer's ack_wait: slow messages may be redelivered while still in progress"
         );
     }
+    Ok(())
 }
 
 fn reap(tasks: &mut JoinSet<()>) {

@@ -33,6 +33,7 @@ use elevate_core::decision::FileSink;
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::memory::MemoryBroker;
 use elevate_core::pdp::PolicyDecisionPoint;
+use elevate_core::pdp_cache::CachingPdp;
 use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::settle::{DeadLetterPublisher, Processor, TransportError};
@@ -459,7 +460,9 @@ impl Env {
             Duration::from_secs(30),
         ));
         let pdp: Arc<dyn PolicyDecisionPoint> = match sc.pdp {
-            PdpMode::Local => self.pdp.clone(),
+            // The embedded Cedar PDP behind its per-version answer cache
+            // (elevate_core::pdp_cache): one context's messages ask the same two questions.
+            PdpMode::Local => Arc::new(CachingPdp::new(self.pdp.clone(), 10_000)),
             PdpMode::Remote => Arc::new(
                 RemotePdp::new(&self.remote_pdp_url, self.pdp.version())
                     .map_err(|e| e.to_string())?,
@@ -1684,7 +1687,9 @@ const NOTES: &str = r#"## How to read it
   and core's `Processor`: credential scan, context-reference verification
   (ES256), Txn-Token (per-context cache in front of the in-process TTS or the
   HTTP client on loopback), trust elevation on the embedded Cedar PDP (both
-  checks), a JSON Lines decision record written and flushed to a file, then
+  checks; behind `CachingPdp`, which reuses the answer to the same two
+  questions under the same policy version, so one context's messages cost
+  one Cedar evaluation), a JSON Lines decision record written and flushed to a file, then
   the same handler, then settlement.
 - **msgs/s** is drain throughput over a backlog of N messages (first to last
   handler call). **ratio** = guarded / raw.
