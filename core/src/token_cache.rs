@@ -17,9 +17,14 @@ use crate::ctxref::unix_now;
 use crate::token::{TokenError, TokenRequest, TokenSource, TxnToken};
 
 /// A [`TokenSource`] wrapper that reuses a fresh Txn-Token per origin context.
+///
+/// Single flight: when several messages of one context miss at once (a
+/// consumer with 32 in flight meets a new context), one of them exchanges and
+/// the others wait for its token instead of each asking the TTS.
 pub struct CachingTokenSource {
     inner: Arc<dyn TokenSource>,
     entries: Mutex<HashMap<[u8; 32], TxnToken>>,
+    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     capacity: usize,
     min_remaining: Duration,
 }
@@ -31,6 +36,7 @@ impl CachingTokenSource {
         CachingTokenSource {
             inner,
             entries: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             min_remaining,
         }
@@ -65,17 +71,34 @@ impl CachingTokenSource {
     }
 }
 
+impl CachingTokenSource {
+    /// The cached token of `key`, while it has `min_remaining` of its life left.
+    fn fresh(&self, key: &[u8; 32]) -> Option<TxnToken> {
+        let fresh_until = unix_now() + self.min_remaining.as_secs() as i64;
+        self.entries
+            .lock()
+            .get(key)
+            .filter(|t| t.claims.exp > fresh_until)
+            .cloned()
+    }
+}
+
 #[async_trait::async_trait]
 impl TokenSource for CachingTokenSource {
     async fn acquire(&self, req: &TokenRequest<'_>) -> Result<TxnToken, TokenError> {
         let key = Self::key(req);
-        let fresh_until = unix_now() + self.min_remaining.as_secs() as i64;
-        if let Some(t) = self.entries.lock().get(&key)
-            && t.claims.exp > fresh_until
-        {
-            return Ok(t.clone());
+        if let Some(t) = self.fresh(&key) {
+            return Ok(t);
         }
-        let token = self.inner.acquire(req).await?;
+        // One exchange per context at a time; latecomers take its token.
+        let gate = self.in_flight.lock().entry(key).or_default().clone();
+        let _turn = gate.lock().await;
+        if let Some(t) = self.fresh(&key) {
+            return Ok(t);
+        }
+        let result = self.inner.acquire(req).await;
+        self.in_flight.lock().remove(&key);
+        let token = result?;
         let mut entries = self.entries.lock();
         if entries.len() >= self.capacity {
             let now = unix_now();

@@ -598,3 +598,68 @@ async fn one_txn_token_per_context_never_across_contexts() {
     assert_ne!(tokens[0].token, tokens[3].token);
     assert_eq!(tokens[3].claims.txn, "t2");
 }
+
+/// A token source that takes its time, so that concurrent misses overlap.
+struct SlowTokens(FakeTokens);
+
+#[async_trait::async_trait]
+impl TokenSource for SlowTokens {
+    async fn acquire(&self, req: &TokenRequest<'_>) -> Result<TxnToken, TokenError> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.0.acquire(req).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_context_make_one_exchange() {
+    use elevate_core::token_cache::CachingTokenSource;
+    let key = SigningKey::generate(SigningAlg::ES256, "p1").unwrap();
+    let mut keys = KeySet::new();
+    keys.insert_workload_key(PRODUCER, &key).unwrap();
+    let minter = ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300));
+    let verifier = ContextRefVerifier::new(keys, VerifyPolicy::new(WORKER));
+    let inner = Arc::new(SlowTokens(FakeTokens::default()));
+    let cache = Arc::new(CachingTokenSource::new(
+        inner.clone(),
+        100,
+        Duration::from_secs(5),
+    ));
+    let scope = Scope::parse("job.run");
+    let mut tasks = vec![];
+    for i in 0..16 {
+        let txn = if i < 12 { "t1" } else { "t2" };
+        let body = format!("m{i}");
+        let r = minter
+            .mint(&elevate_core::ctxref::MintRequest {
+                subject: "alice",
+                sub_kind: SubjectKind::Human,
+                audience: &[WORKER.to_string()],
+                scope: &scope,
+                txn,
+                destination: Q,
+                payload: body.as_bytes(),
+            })
+            .unwrap();
+        let v = verifier.verify(&r.token, Q, body.as_bytes()).unwrap();
+        let (cache, scope) = (cache.clone(), scope.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = TokenRequest {
+                reference: &v,
+                scope: &scope,
+                request_details: serde_json::Value::Null,
+            };
+            cache.acquire(&req).await.unwrap()
+        }));
+    }
+    let mut tokens = vec![];
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    assert_eq!(
+        inner.0.calls.load(Ordering::SeqCst),
+        2,
+        "16 concurrent messages of two contexts: two exchanges"
+    );
+    assert!(tokens[..12].iter().all(|t| t.claims.txn == "t1"));
+    assert!(tokens[12..].iter().all(|t| t.claims.txn == "t2"));
+}

@@ -24,15 +24,13 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 
 use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 
-/// Default broker address.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 /// Prefetch and concurrency of the binding's guarded consumers.
 pub const PREFETCH: u16 = 32;
 
-/// The broker address: `AMQP_URL`, else the local RabbitMQ.
+/// The broker address: `AMQP_URL`, else the local RabbitMQ, else a container
+/// where Docker runs (see [`crate::fixture`]).
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string())
+    crate::fixture::address(crate::fixture::Service::RabbitMq)
 }
 
 fn err(e: impl std::fmt::Display) -> String {

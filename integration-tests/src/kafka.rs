@@ -63,8 +63,7 @@ fn kafka_err(e: impl std::fmt::Display) -> String {
 impl KafkaBinding {
     /// The real broker at `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`); panics with how to start it if unreachable.
     pub async fn real() -> Self {
-        let bootstrap =
-            std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let bootstrap = crate::fixture::address(crate::fixture::Service::Kafka);
         let first = bootstrap.split(',').next().unwrap_or_default().to_string();
         let reachable = match first.to_socket_addrs() {
             Ok(mut addrs) => addrs

@@ -88,9 +88,10 @@ fn nats_err(e: impl std::fmt::Display) -> String {
     format!("nats: {e}")
 }
 
-/// The server URL from `NATS_URL` (default `nats://127.0.0.1:4222`).
+/// The server URL: `NATS_URL`, else the local server, else a container where
+/// Docker runs (see [`crate::fixture`]).
 pub fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    crate::fixture::address(crate::fixture::Service::Nats)
 }
 
 /// Connects to `url`; panics with how to start the local server if it cannot.

@@ -28,7 +28,7 @@ pub async fn poll_until(
 /// A Redis seen-set under a fresh key prefix (`REDIS_URL`, default the local server);
 /// panics with how to start Redis when it is not reachable.
 pub async fn redis_seen_set() -> Arc<dyn ReplayGuard> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = crate::fixture::address(crate::fixture::Service::Redis);
     let prefix = format!("elevate-test:{}:", uuid::Uuid::new_v4().simple());
     match tokio::time::timeout(
         Duration::from_secs(5),
