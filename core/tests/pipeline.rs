@@ -556,32 +556,43 @@ async fn producer_strips_tokens_before_the_wire() {
     ));
 }
 
-#[tokio::test]
-async fn one_txn_token_per_context_never_across_contexts() {
-    use elevate_core::token_cache::CachingTokenSource;
+/// Verified references for alice on `Q`, one per entry of `txns` (the
+/// origin transaction of each), as a consumer would hand them to its token source.
+fn verified_refs(txns: &[&str]) -> Vec<elevate_core::ctxref::VerifiedRef> {
     let key = SigningKey::generate(SigningAlg::ES256, "p1").unwrap();
     let mut keys = KeySet::new();
     keys.insert_workload_key(PRODUCER, &key).unwrap();
     let minter = ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300));
     let verifier = ContextRefVerifier::new(keys, VerifyPolicy::new(WORKER));
+    let scope = Scope::parse("job.run");
+    txns.iter()
+        .enumerate()
+        .map(|(i, txn)| {
+            let body = format!("m{i}");
+            let r = minter
+                .mint(&elevate_core::ctxref::MintRequest {
+                    subject: "alice",
+                    sub_kind: SubjectKind::Human,
+                    audience: &[WORKER.to_string()],
+                    scope: &scope,
+                    txn,
+                    destination: Q,
+                    payload: body.as_bytes(),
+                })
+                .unwrap();
+            verifier.verify(&r.token, Q, body.as_bytes()).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_txn_token_per_context_never_across_contexts() {
+    use elevate_core::token_cache::CachingTokenSource;
     let inner = Arc::new(FakeTokens::default());
     let cache = CachingTokenSource::new(inner.clone(), 100, Duration::from_secs(5));
     let scope = Scope::parse("job.run");
     let mut tokens = vec![];
-    for (i, txn) in ["t1", "t1", "t1", "t2"].iter().enumerate() {
-        let body = format!("m{i}");
-        let r = minter
-            .mint(&elevate_core::ctxref::MintRequest {
-                subject: "alice",
-                sub_kind: SubjectKind::Human,
-                audience: &[WORKER.to_string()],
-                scope: &scope,
-                txn,
-                destination: Q,
-                payload: body.as_bytes(),
-            })
-            .unwrap();
-        let v = verifier.verify(&r.token, Q, body.as_bytes()).unwrap();
+    for v in verified_refs(&["t1", "t1", "t1", "t2"]) {
         let req = TokenRequest {
             reference: &v,
             scope: &scope,
@@ -613,11 +624,6 @@ impl TokenSource for SlowTokens {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_of_one_context_make_one_exchange() {
     use elevate_core::token_cache::CachingTokenSource;
-    let key = SigningKey::generate(SigningAlg::ES256, "p1").unwrap();
-    let mut keys = KeySet::new();
-    keys.insert_workload_key(PRODUCER, &key).unwrap();
-    let minter = ContextRefMinter::new(PRODUCER, key, Duration::from_secs(300));
-    let verifier = ContextRefVerifier::new(keys, VerifyPolicy::new(WORKER));
     let inner = Arc::new(SlowTokens(FakeTokens::default()));
     let cache = Arc::new(CachingTokenSource::new(
         inner.clone(),
@@ -625,22 +631,9 @@ async fn concurrent_misses_of_one_context_make_one_exchange() {
         Duration::from_secs(5),
     ));
     let scope = Scope::parse("job.run");
+    let txns: Vec<&str> = (0..16).map(|i| if i < 12 { "t1" } else { "t2" }).collect();
     let mut tasks = vec![];
-    for i in 0..16 {
-        let txn = if i < 12 { "t1" } else { "t2" };
-        let body = format!("m{i}");
-        let r = minter
-            .mint(&elevate_core::ctxref::MintRequest {
-                subject: "alice",
-                sub_kind: SubjectKind::Human,
-                audience: &[WORKER.to_string()],
-                scope: &scope,
-                txn,
-                destination: Q,
-                payload: body.as_bytes(),
-            })
-            .unwrap();
-        let v = verifier.verify(&r.token, Q, body.as_bytes()).unwrap();
+    for v in verified_refs(&txns) {
         let (cache, scope) = (cache.clone(), scope.clone());
         tasks.push(tokio::spawn(async move {
             let req = TokenRequest {
