@@ -33,6 +33,19 @@ pub enum Error {
     /// librdkafka reported a fatal error.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A partition worker ended unexpectedly (a bug: handler panics are caught
+    /// by the processor). The records it held are unstored; rather than store
+    /// later offsets past them, the consumer stops: restart it, and the group
+    /// re-reads from the committed offsets.
+    #[error("the worker of {topic}/{partition} died: {reason}")]
+    WorkerDied {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// What is known of why.
+        reason: String,
+    },
 }
 
 type PartitionKey = (String, i32);
@@ -266,7 +279,9 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
                 _ = tick.tick() => {
                     self.flush_pending(&mut workers);
                     self.drop_revoked(&mut workers);
-                    while tasks.try_join_next().is_some() {}
+                    if let Some(died) = reap_workers(&mut tasks) {
+                        break Err(died);
+                    }
                     if self.manual_commit && last_commit.elapsed() >= self.commit_interval {
                         last_commit = tokio::time::Instant::now();
                         self.commit(CommitMode::Async);
@@ -277,7 +292,9 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
                         let (key, item) = to_item(&m);
                         tracing::trace!(topic = %key.0, partition = key.1, offset = item.offset, "received");
                         drop(m);
-                        self.dispatch(key, item, &mut workers, &mut tasks, &semaphore, &stopping);
+                        if let Err(died) = self.dispatch(key, item, &mut workers, &mut tasks, &semaphore, &stopping) {
+                            break Err(died);
+                        }
                     }
                     Err(e) => {
                         if let Some((code, reason)) = self.consumer.client().fatal_error() {
@@ -321,26 +338,28 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         tasks: &mut JoinSet<()>,
         semaphore: &Arc<Semaphore>,
         stopping: &Arc<AtomicBool>,
-    ) {
-        let alive = workers.get(&key).is_some_and(|w| !w.tx.is_closed());
-        if !alive {
-            let mut worker = self.spawn_worker(&key, tasks, semaphore, stopping);
-            if let Some(old) = workers.remove(&key) {
-                worker.pending = old.pending;
-                worker.paused = old.paused;
-                worker.last_offset = old.last_offset;
-                worker.gaps = old.gaps;
-            }
+    ) -> Result<(), Error> {
+        // A worker still in the map (not revoked) whose channel closed has died:
+        // the records it held are unstored, so nothing later may be stored.
+        if workers.get(&key).is_some_and(|w| w.tx.is_closed()) {
+            return Err(Error::WorkerDied {
+                topic: key.0,
+                partition: key.1,
+                reason: "its channel closed while the partition was assigned".into(),
+            });
+        }
+        if !workers.contains_key(&key) {
+            let worker = self.spawn_worker(&key, tasks, semaphore, stopping);
             workers.insert(key.clone(), worker);
         }
         let Some(worker) = workers.get_mut(&key) else {
-            return;
+            return Ok(());
         };
         // Offsets only grow within an assignment: a record at or below the last one
         // dispatched is a duplicate from the client or broker (already queued here).
         if worker.last_offset.is_some_and(|last| item.offset <= last) {
             tracing::debug!(topic = %key.0, partition = key.1, offset = item.offset, "duplicate record skipped");
-            return;
+            return Ok(());
         }
         if let Some(last) = worker.last_offset.filter(|last| item.offset > last + 1) {
             // Legitimate after compaction or transaction markers; otherwise the broker
@@ -358,7 +377,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         worker.last_offset = Some(item.offset);
         if !worker.pending.is_empty() {
             worker.pending.push_back(item);
-            return;
+            return Ok(());
         }
         match worker.tx.try_send(item) {
             Ok(()) => {}
@@ -378,6 +397,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
                 }
             }
         }
+        Ok(())
     }
 
     fn flush_pending(&self, workers: &mut HashMap<PartitionKey, Worker>) {
@@ -485,6 +505,23 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
             gaps: 0,
         }
     }
+}
+
+/// Collects finished worker tasks; a panicked one is reported as a dead worker.
+fn reap_workers(tasks: &mut JoinSet<()>) -> Option<Error> {
+    while let Some(done) = tasks.try_join_next() {
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "a partition worker panicked: stopping the consumer");
+            return Some(Error::WorkerDied {
+                topic: String::new(),
+                partition: -1,
+                reason: format!("panicked: {e}"),
+            });
+        }
+    }
+    None
 }
 
 fn single(key: &PartitionKey) -> TopicPartitionList {
