@@ -97,17 +97,19 @@ impl TokenSource for CachingTokenSource {
             return Ok(t);
         }
         let result = self.inner.acquire(req).await;
-        self.in_flight.lock().remove(&key);
-        let token = result?;
-        let mut entries = self.entries.lock();
-        if entries.len() >= self.capacity {
-            let now = unix_now();
-            entries.retain(|_, t| t.claims.exp > now);
+        if let Ok(token) = &result {
+            let mut entries = self.entries.lock();
             if entries.len() >= self.capacity {
-                entries.clear();
+                let now = unix_now();
+                entries.retain(|_, t| t.claims.exp > now);
+                if entries.len() >= self.capacity {
+                    entries.clear();
+                }
             }
+            entries.insert(key, token.clone());
         }
-        entries.insert(key, token.clone());
-        Ok(token)
+        // Cached before the gate goes: a newcomer finds the token, not an open gate.
+        self.in_flight.lock().remove(&key);
+        result
     }
 }
