@@ -109,6 +109,14 @@ pub enum Error {
     HeaderName(#[from] headers::HeaderNameTooLong),
 }
 
+/// The user name in an AMQP URI (`amqp://user:pass@host/vhost`), for
+/// [`GuardedConsumer::retry_user`]: the broker user the worker connects as.
+pub fn uri_user(url: &str) -> Option<String> {
+    url.parse::<lapin::uri::AMQPUri>()
+        .ok()
+        .map(|u| u.authority.userinfo.username)
+}
+
 /// The queues a guarded worker uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queues {

@@ -43,6 +43,7 @@ pub struct GuardedConsumer {
     retry: ConfirmChannel,
     queue: String,
     retry_queue: String,
+    retry_user: Option<String>,
     concurrency: usize,
     requeue_delay: Duration,
     drain_timeout: Duration,
@@ -71,6 +72,7 @@ impl GuardedConsumer {
             processor,
             retry,
             concurrency: 16,
+            retry_user: None,
             requeue_delay: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
         }
@@ -85,6 +87,23 @@ impl GuardedConsumer {
     /// Uses another retry queue than `<queue>.retry`.
     pub fn retry_queue(mut self, name: impl Into<String>) -> Self {
         self.retry_queue = name.into();
+        self
+    }
+
+    /// Authenticates retry copies by the broker user this worker connects as.
+    ///
+    /// A retry copy carries the destination the message was first delivered
+    /// through (`x-elevate-destination`), since it comes back through the
+    /// default exchange. Headers can be forged by anyone who may publish to
+    /// the work queue; the AMQP `user-id` property cannot: RabbitMQ refuses a
+    /// publish whose `user-id` is not the connection's user. With this set,
+    /// retry copies are published with `user-id = user` and a returning
+    /// copy's destination is believed only when its `user-id` matches;
+    /// anything else is checked against the exchange and routing key it
+    /// really arrived by. Without it, the header is believed on any message
+    /// that shows the retry queue in `x-death` (a warning says so at start).
+    pub fn retry_user(mut self, user: impl Into<String>) -> Self {
+        self.retry_user = Some(user.into());
         self
     }
 
@@ -119,14 +138,19 @@ impl GuardedConsumer {
             retry,
             queue,
             retry_queue,
+            retry_user,
             concurrency,
             requeue_delay,
             drain_timeout,
         } = self;
+        if retry_user.is_none() {
+            tracing::warn!(%queue, "retry copies are not authenticated: a publisher to the work queue could claim another destination; set GuardedConsumer::retry_user");
+        }
         let ctx = Arc::new(Ctx {
             retry,
             queue,
             retry_queue,
+            retry_user,
             requeue_delay,
         });
         let slots = Arc::new(Semaphore::new(concurrency));
@@ -209,6 +233,7 @@ struct Ctx {
     retry: ConfirmChannel,
     queue: String,
     retry_queue: String,
+    retry_user: Option<String>,
     requeue_delay: Duration,
 }
 
@@ -250,6 +275,9 @@ impl AmqpDelivery {
                 table,
                 &ctx.queue,
                 &ctx.retry_queue,
+                ctx.retry_user
+                    .as_deref()
+                    .is_none_or(|u| properties.user_id().as_ref().map(|id| id.as_str()) == Some(u)),
             ),
             coordinates: Coordinates::Amqp {
                 queue: ctx.queue.clone(),
@@ -300,10 +328,14 @@ impl AmqpDelivery {
             AMQPValue::LongString(LongString::from(self.msg.destination.as_bytes())),
         );
         let ms = delay.as_millis().min(u128::from(u32::MAX)).to_string();
-        Ok(carried_properties(o)
+        let props = carried_properties(o)
             .with_headers(table)
             .with_expiration(ShortString::from(ms))
-            .with_delivery_mode(o.delivery_mode().unwrap_or(crate::publish::PERSISTENT)))
+            .with_delivery_mode(o.delivery_mode().unwrap_or(crate::publish::PERSISTENT));
+        Ok(match &self.ctx.retry_user {
+            Some(user) => props.with_user_id(ShortString::from(user.as_str())),
+            None => props,
+        })
     }
 }
 
@@ -355,17 +387,19 @@ impl Delivery for AmqpDelivery {
 
 /// The destination a delivery was read from. A retry copy coming back from
 /// `<queue>.retry` (default exchange, routing key = the queue, an `x-death` entry for
-/// the retry queue) keeps the destination recorded in `x-elevate-destination` when it
-/// was parked; anything else is `<exchange>/<routing_key>` or the routing key alone.
+/// the retry queue, and `copy_authentic`: its `user-id` is the worker's, when one is
+/// configured) keeps the destination recorded in `x-elevate-destination` when it was
+/// parked; anything else is `<exchange>/<routing_key>` or the routing key alone.
 fn inbound_destination(
     exchange: &str,
     routing_key: &str,
     table: Option<&FieldTable>,
     queue: &str,
     retry_queue: &str,
+    copy_authentic: bool,
 ) -> String {
     let direct = destination(exchange, routing_key);
-    if !exchange.is_empty() || routing_key != queue {
+    if !exchange.is_empty() || routing_key != queue || !copy_authentic {
         return direct;
     }
     let Some(table) = table else {
@@ -437,18 +471,26 @@ mod tests {
             AMQPValue::LongString("billing/invoice".into()),
         );
         // a plain publish claiming a destination is not believed
-        assert_eq!(inbound_destination("", "q", Some(&t), "q", "q.retry"), "q");
+        assert_eq!(
+            inbound_destination("", "q", Some(&t), "q", "q.retry", true),
+            "q"
+        );
         t.insert(
             X_DEATH.into(),
             AMQPValue::FieldArray(vec![death("q.retry", "expired", 1)].into()),
         );
         assert_eq!(
-            inbound_destination("", "q", Some(&t), "q", "q.retry"),
+            inbound_destination("", "q", Some(&t), "q", "q.retry", true),
             "billing/invoice"
+        );
+        // the same headers on a copy whose user-id is not the worker's: not believed
+        assert_eq!(
+            inbound_destination("", "q", Some(&t), "q", "q.retry", false),
+            "q"
         );
         // arriving through a named exchange: the broker's facts win
         assert_eq!(
-            inbound_destination("x", "rk", Some(&t), "q", "q.retry"),
+            inbound_destination("x", "rk", Some(&t), "q", "q.retry", true),
             "x/rk"
         );
     }

@@ -277,8 +277,11 @@ impl BrokerBinding for AmqpBinding {
         let dead_letters =
             AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
-        let worker = GuardedConsumer::new(consumer, processor, confirms.clone())
+        let mut worker = GuardedConsumer::new(consumer, processor, confirms.clone())
             .concurrency(usize::from(PREFETCH));
+        if let Some(user) = elevate_amqp::uri_user(&amqp_url()) {
+            worker = worker.retry_user(user);
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             if let Err(e) = worker

@@ -66,6 +66,10 @@ impl Worker {
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dl)));
         let worker =
             GuardedConsumer::new(consumer, processor, confirms).concurrency(usize::from(prefetch));
+        let worker = match elevate_amqp::uri_user(&elevate_integration_tests::amqp::amqp_url()) {
+            Some(user) => worker.retry_user(user),
+            None => worker,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             worker
@@ -510,6 +514,20 @@ async fn plain_publisher_messages_never_reach_the_handler() {
     t.insert(
         elevate_amqp::H_DESTINATION.into(),
         AMQPValue::LongString("billing/invoice.create".into()),
+    );
+    hostile.push(("wrong-destination".into(), t.clone(), body.clone()));
+    // The same, with a forged x-death entry for the retry queue: a retry copy
+    // in every header, but without the worker's broker-checked user-id.
+    let mut death = FieldTable::default();
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(q.retry.as_str().into()),
+    );
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    t.insert(
+        elevate_amqp::X_DEATH.into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
     );
     hostile.push(("wrong-destination".into(), t, body.clone()));
 

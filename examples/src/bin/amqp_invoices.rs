@@ -141,8 +141,11 @@ async fn run(args: Args) -> AppResult<()> {
         Arc::new(handler),
         Arc::new(dead_letters),
     ));
-    let worker =
+    let mut worker =
         GuardedConsumer::new(consumer, processor, confirms).concurrency(usize::from(args.prefetch));
+    if let Some(user) = elevate_amqp::uri_user(&args.amqp_url) {
+        worker = worker.retry_user(user); // retry copies authenticated by the broker's user-id check
+    }
     let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.

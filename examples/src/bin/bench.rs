@@ -950,6 +950,7 @@ mod amqp {
         conn: Connection,
         admin: Channel,
         publish: Channel,
+        user: Option<String>,
     }
 
     fn aerr(e: impl std::fmt::Display) -> String {
@@ -980,6 +981,7 @@ mod amqp {
                 conn,
                 admin,
                 publish,
+                user: elevate_amqp::uri_user(url),
             })
         }
     }
@@ -1142,8 +1144,11 @@ mod amqp {
                 )
                 .await
                 .map_err(aerr)?;
-            let guarded =
+            let mut guarded =
                 GuardedConsumer::new(consumer, processor, confirms).concurrency(concurrency);
+            if let Some(user) = &self.user {
+                guarded = guarded.retry_user(user.clone());
+            }
             Ok(Running::spawn(|stop| async move {
                 if let Err(e) = guarded.run(stopped(stop)).await {
                     tracing::error!(error = %e, "guarded consumer ended");

@@ -354,13 +354,15 @@ async fn run(args: Args) -> AppResult<bool> {
         )
         .await?;
     let (stop_notify, notify_stopped) = tokio::sync::oneshot::channel::<()>();
-    let notify_task = tokio::spawn(
+    let mut notify_worker =
         elevate_amqp::GuardedConsumer::new(consumer, Arc::new(notify_processor), confirms.clone())
-            .concurrency(8)
-            .run(async {
-                let _ = notify_stopped.await;
-            }),
-    );
+            .concurrency(8);
+    if let Some(user) = elevate_amqp::uri_user(&args.amqp_url) {
+        notify_worker = notify_worker.retry_user(user);
+    }
+    let notify_task = tokio::spawn(notify_worker.run(async {
+        let _ = notify_stopped.await;
+    }));
 
     // ---- billing-worker (NATS JetStream): derives the notification reference
     let amqp_publisher =
