@@ -69,9 +69,7 @@ impl CachingTokenSource {
         }
         h.finalize().into()
     }
-}
 
-impl CachingTokenSource {
     /// The cached token of `key`, while it has `min_remaining` of its life left.
     fn fresh(&self, key: &[u8; 32]) -> Option<TxnToken> {
         let fresh_until = unix_now() + self.min_remaining.as_secs() as i64;
