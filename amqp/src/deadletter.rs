@@ -1,6 +1,12 @@
 //! Dead-letter publishing with confirms.
+//!
+//! Letters always fit: [`AmqpDeadLetters`] measures a letter's content header
+//! frame against the connection's `frame_max` (the body is split into frames
+//! by the client, so only the header frame is bounded), and core trims its
+//! headers until it fits. A publish the broker refuses for good (unroutable,
+//! too large) is reported as permanent, and core sends the minimal letter.
 
-use elevate_core::deadletter::DeadLetter;
+use elevate_core::deadletter::{DeadLetter, Excess};
 use elevate_core::settle::{DeadLetterPublisher, TransportError};
 use lapin::{BasicProperties, Channel};
 
@@ -94,15 +100,35 @@ impl AmqpDeadLetters {
     }
 }
 
+fn transport(e: Error) -> TransportError {
+    const OP: &str = "dead-letter publish";
+    if e.is_permanent() {
+        TransportError::permanent(OP, e)
+    } else {
+        TransportError::new(OP, e)
+    }
+}
+
 #[async_trait::async_trait]
 impl DeadLetterPublisher for AmqpDeadLetters {
+    fn measure(&self, letter: &DeadLetter) -> Excess {
+        let frame_max = self.channel.frame_max() as usize;
+        let size = match self.properties(letter) {
+            Ok(props) => crate::publish::header_frame_len(&props, letter.payload.len()),
+            // A header name AMQP cannot carry: shrink until it is gone.
+            Err(_) => frame_max.saturating_add(1),
+        };
+        Excess {
+            headers: size.saturating_sub(frame_max),
+            total: 0,
+        }
+    }
+
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError> {
-        let props = self
-            .properties(letter)
-            .map_err(|e| TransportError::new("dead-letter publish", e))?;
+        let props = self.properties(letter).map_err(transport)?;
         self.channel
             .publish(&self.exchange, &self.routing_key, &letter.payload, props)
             .await
-            .map_err(|e| TransportError::new("dead-letter publish", e))
+            .map_err(transport)
     }
 }

@@ -44,6 +44,7 @@
 pub mod deadletter;
 pub mod headers;
 pub mod publish;
+pub mod supervised;
 pub mod worker;
 
 use lapin::Channel;
@@ -52,6 +53,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 pub use deadletter::AmqpDeadLetters;
 pub use publish::{AmqpPublisher, ConfirmChannel, Receipt, destination};
+pub use supervised::{WorkerConfig, supervise_worker};
 pub use worker::{AmqpDelivery, GuardedConsumer};
 
 /// Header: the delivery attempt a retry copy is for (2 for the first retry).
@@ -107,6 +109,36 @@ pub enum Error {
     /// A header name too long for AMQP.
     #[error(transparent)]
     HeaderName(#[from] headers::HeaderNameTooLong),
+    /// The message's content header frame would exceed the connection's
+    /// `frame_max`; it was not sent (the broker would close the connection).
+    #[error("header frame of {size} bytes exceeds the connection's frame_max {frame_max}")]
+    HeaderFrameTooLarge {
+        /// Encoded size of the header frame.
+        size: usize,
+        /// The connection's limit.
+        frame_max: u32,
+    },
+    /// No confirm (or ack) arrived in time: the connection may be gone.
+    #[error("no answer from the broker within {0:?}")]
+    ConfirmTimeout(std::time::Duration),
+    /// The broker cancelled the consumer (queue deleted, node lost, `basic.cancel`):
+    /// unlike a shutdown, nothing stopped it on purpose.
+    #[error("the broker cancelled the consumer of queue {0}")]
+    ConsumerCancelled(String),
+}
+
+impl Error {
+    /// Whether the same publish would be refused again (too large, unroutable,
+    /// a name too long): such a dead letter is replaced by the minimal one.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Error::HeaderFrameTooLarge { .. }
+                | Error::Unroutable { .. }
+                | Error::InvalidName { .. }
+                | Error::HeaderName(_)
+        )
+    }
 }
 
 /// The user name in an AMQP URI (`amqp://user:pass@host/vhost`), for
@@ -126,6 +158,17 @@ pub struct Queues {
     pub retry: String,
     /// The dead-letter queue (`<work>.dlq`).
     pub dead_letter: String,
+}
+
+impl Queues {
+    /// The names of the queue set of `queue`, without declaring anything.
+    pub fn named(queue: &str) -> Self {
+        Queues {
+            work: queue.to_string(),
+            retry: retry_queue_name(queue),
+            dead_letter: dead_letter_queue_name(queue),
+        }
+    }
 }
 
 /// Declares (idempotently, all durable) the work queue `queue`, its retry queue

@@ -8,6 +8,7 @@ use elevate_core::{AuthContext, OutboundMessage};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
+use std::time::Duration;
 
 use crate::Error;
 use crate::headers;
@@ -29,19 +30,93 @@ pub(crate) fn short(what: &'static str, s: &str) -> Result<ShortString, Error> {
     ShortString::try_new(s).map_err(|_| Error::InvalidName { what, len: s.len() })
 }
 
-/// A channel in publisher-confirm mode; every publish is `mandatory` and waits for its confirm.
+/// RabbitMQ's default `frame_max` (128 KiB), assumed when the connection's is not known.
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+
+/// How long a publish may wait for its confirm before it counts as failed
+/// (the connection may be gone without lapin noticing yet).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of the content header frame that carries `properties` (frame
+/// header and end octet included), as lapin will send it.
+pub fn header_frame_len(properties: &BasicProperties, body_len: usize) -> usize {
+    use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame};
+    let frame = AMQPFrame::Header(
+        1,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: body_len as u64,
+            properties: properties.clone(),
+        },
+    );
+    cookie_factory::gen_simple(gen_frame(&frame), Vec::new())
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+/// A channel in publisher-confirm mode; every publish is `mandatory` and waits
+/// for its confirm (bounded by a timeout), and no publish whose header frame
+/// exceeds the connection's `frame_max` is ever sent (RabbitMQ answers one by
+/// closing the whole connection with FRAME_ERROR).
 #[derive(Clone, Debug)]
 pub struct ConfirmChannel {
     channel: Channel,
+    frame_max: u32,
+    confirm_timeout: Duration,
 }
 
 impl ConfirmChannel {
-    /// Puts `channel` in confirm mode (`confirm.select`; harmless if it already is).
+    /// Puts `channel` in confirm mode (`confirm.select`; harmless if it
+    /// already is). Its connection's `frame_max` is assumed to be RabbitMQ's
+    /// default ([`DEFAULT_FRAME_MAX`]): prefer [`ConfirmChannel::open`], which
+    /// reads the negotiated one, or set it with [`ConfirmChannel::with_frame_max`].
     pub async fn new(channel: Channel) -> Result<Self, Error> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(ConfirmChannel { channel })
+        Ok(ConfirmChannel {
+            channel,
+            frame_max: DEFAULT_FRAME_MAX,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        })
+    }
+
+    /// Opens a channel on `connection` in confirm mode, sized for the
+    /// connection's negotiated `frame_max`.
+    pub async fn open(connection: &lapin::Connection) -> Result<Self, Error> {
+        let frame_max = connection.configuration().frame_max();
+        Ok(Self::new(connection.create_channel().await?)
+            .await?
+            .with_frame_max(frame_max))
+    }
+
+    /// The connection's negotiated `frame_max` (0 means unlimited).
+    pub fn with_frame_max(mut self, frame_max: u32) -> Self {
+        self.frame_max = if frame_max == 0 { u32::MAX } else { frame_max };
+        self
+    }
+
+    /// Bounds the wait for each confirm (default [`DEFAULT_CONFIRM_TIMEOUT`]).
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// The largest content header frame this channel sends.
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max
+    }
+
+    /// Whether a message with `properties` and a body of `body_len` bytes can be sent.
+    pub fn header_fits(&self, properties: &BasicProperties, body_len: usize) -> Result<(), Error> {
+        let size = header_frame_len(properties, body_len);
+        if size > self.frame_max as usize {
+            return Err(Error::HeaderFrameTooLarge {
+                size,
+                frame_max: self.frame_max,
+            });
+        }
+        Ok(())
     }
 
     /// The underlying lapin channel.
@@ -58,20 +133,26 @@ impl ConfirmChannel {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), Error> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                short("exchange", exchange)?,
-                short("routing key", routing_key)?,
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                payload,
-                properties,
-            )
-            .await?
-            .await?;
+        self.header_fits(&properties, payload.len())?;
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    short("exchange", exchange)?,
+                    short("routing key", routing_key)?,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    payload,
+                    properties,
+                )
+                .await?
+                .await
+                .map_err(Error::from)
+        };
+        let confirm = tokio::time::timeout(self.confirm_timeout, publish)
+            .await
+            .map_err(|_| Error::ConfirmTimeout(self.confirm_timeout))??;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

@@ -47,6 +47,7 @@ pub struct GuardedConsumer {
     concurrency: usize,
     requeue_delay: Duration,
     drain_timeout: Duration,
+    ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for GuardedConsumer {
@@ -75,7 +76,16 @@ impl GuardedConsumer {
             retry_user: None,
             requeue_delay: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// How long an ack or nack may wait for the broker (default 5 s). On a
+    /// connection that died silently it never completes; past this the
+    /// delivery counts as unsettled and the broker redelivers it.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
     }
 
     /// Maximum deliveries processed at once (default 16; match the channel's prefetch).
@@ -126,11 +136,16 @@ impl GuardedConsumer {
         &self.queue
     }
 
-    /// Processes deliveries until `shutdown` completes, the consumer is cancelled, or the
-    /// channel fails (returned as an error: unacked messages are back with the broker;
-    /// reconnect and run again). On shutdown, in-flight deliveries finish (up to
-    /// [`drain_timeout`](Self::drain_timeout)) and buffered ones are handed back
-    /// (`basic_nack(requeue)`); close the channel afterwards.
+    /// Processes deliveries until `shutdown` completes (`Ok`), or the
+    /// consumer is cancelled by the broker ([`Error::ConsumerCancelled`]) or
+    /// the channel or connection fails (returned as an error: unacked
+    /// messages are back with the broker; reconnect and run again, or use
+    /// [`crate::supervise`], which does). On shutdown, in-flight deliveries
+    /// finish (up to [`drain_timeout`](Self::drain_timeout)) and buffered ones
+    /// are handed back (`basic_nack(requeue)`); on a lost connection, in-flight
+    /// deliveries are abandoned at once (the broker already requeued them).
+    /// During a dependency outage it takes one delivery at a time as a probe
+    /// ([`Processor::admission`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let GuardedConsumer {
             mut consumer,
@@ -142,6 +157,7 @@ impl GuardedConsumer {
             concurrency,
             requeue_delay,
             drain_timeout,
+            ack_timeout,
         } = self;
         if retry_user.is_none() {
             tracing::warn!(%queue, "retry copies are not authenticated: a publisher to the work queue could claim another destination; set GuardedConsumer::retry_user");
@@ -152,6 +168,7 @@ impl GuardedConsumer {
             retry_queue,
             retry_user,
             requeue_delay,
+            ack_timeout,
         });
         let slots = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
@@ -172,13 +189,18 @@ impl GuardedConsumer {
                     Err(_) => break Ok(()),
                 },
             };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                _ = processor.admission().wait() => {}
+            }
             let next = tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
                 n = consumer.next() => n,
             };
             let delivery = match next {
-                None => break Ok(()),
+                None => break Err(Error::ConsumerCancelled(ctx.queue.clone())),
                 Some(Err(e)) => break Err(Error::Lapin(e)),
                 Some(Ok(d)) => d,
             };
@@ -212,10 +234,13 @@ impl GuardedConsumer {
                     .await;
             }
         }
-        let drained = tokio::time::timeout(drain_timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        // A dead channel settles nothing: what is in flight is the broker's again.
+        let grace = match &result {
+            Err(Error::Lapin(_) | Error::ConfirmChannelClosed) => Duration::ZERO,
+            _ => drain_timeout,
+        };
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(
                 in_flight = tasks.len(),
@@ -235,6 +260,7 @@ struct Ctx {
     retry_queue: String,
     retry_user: Option<String>,
     requeue_delay: Duration,
+    ack_timeout: Duration,
 }
 
 /// One AMQP delivery awaiting settlement.
@@ -266,6 +292,12 @@ impl AmqpDelivery {
             ..
         } = d;
         let table = properties.headers().as_ref();
+        // A retry copy is believed (its destination, its attempt count) only
+        // when its user-id is the worker's: RabbitMQ checks that property.
+        let authentic = ctx
+            .retry_user
+            .as_deref()
+            .is_none_or(|u| properties.user_id().as_ref().map(|id| id.as_str()) == Some(u));
         let msg = InboundMessage {
             headers: headers::decode(table),
             payload: Bytes::from(data),
@@ -275,9 +307,7 @@ impl AmqpDelivery {
                 table,
                 &ctx.queue,
                 &ctx.retry_queue,
-                ctx.retry_user
-                    .as_deref()
-                    .is_none_or(|u| properties.user_id().as_ref().map(|id| id.as_str()) == Some(u)),
+                authentic,
             ),
             coordinates: Coordinates::Amqp {
                 queue: ctx.queue.clone(),
@@ -286,7 +316,7 @@ impl AmqpDelivery {
                 delivery_tag,
             },
             message_id: properties.message_id().as_ref().map(|m| m.to_string()),
-            delivery_attempt: attempt(table, &ctx.retry_queue),
+            delivery_attempt: attempt(table, &ctx.retry_queue, authentic),
             published_at_ms: properties
                 .timestamp()
                 .and_then(|t| i64::try_from(t).ok())
@@ -308,19 +338,25 @@ impl AmqpDelivery {
 
     async fn settle_ack(&mut self) -> Result<(), TransportError> {
         self.settled = true;
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(TransportError::new(
+        let ack = self.acker.ack(BasicAckOptions::default());
+        match tokio::time::timeout(self.ctx.ack_timeout, ack).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(TransportError::new(
                 "ack",
                 "channel closed (the broker will redeliver)",
             )),
-            Err(e) => Err(TransportError::new("ack", e)),
+            Ok(Err(e)) => Err(TransportError::new("ack", e)),
+            Err(_) => Err(TransportError::new(
+                "ack",
+                "no answer in time: the connection is probably gone (the broker will redeliver)",
+            )),
         }
     }
 
     fn retry_properties(&self, delay: Duration) -> Result<BasicProperties, Error> {
         let o = &self.properties;
         let mut table = o.headers().clone().unwrap_or_default();
+        // Informational only: the attempt is read back from the broker's x-death.
         let next = i64::from(self.msg.delivery_attempt.max(1)) + 1;
         table.insert(ShortString::from(H_ATTEMPT), AMQPValue::LongLongInt(next));
         table.insert(
@@ -376,6 +412,22 @@ impl Delivery for AmqpDelivery {
         let props = self
             .retry_properties(delay)
             .map_err(|e| TransportError::new("retry publish", e))?;
+        if let Err(e) = self.ctx.retry.header_fits(&props, self.msg.payload.len()) {
+            // A copy with the retry headers would not fit the connection's
+            // frame_max: wait here instead and hand the original back.
+            tracing::debug!(source = %self.msg.coordinates, error = %e, ?delay, "retry copy would not fit: waiting in place, then requeueing the original");
+            tokio::time::sleep(delay).await;
+            self.settled = true;
+            let nack = self.acker.nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            });
+            return match tokio::time::timeout(self.ctx.ack_timeout, nack).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(TransportError::new("nack", e)),
+                Err(_) => Err(TransportError::new("nack", "no answer in time")),
+            };
+        }
         self.ctx
             .retry
             .publish("", &self.ctx.retry_queue, &self.msg.payload, props)
@@ -426,16 +478,20 @@ fn deaths(table: &FieldTable) -> impl Iterator<Item = &FieldTable> {
     })
 }
 
-/// Delivery attempt: `x-elevate-attempt`, or 1 + the broker's `x-death` count for the
-/// retry queue, whichever is higher; 1 for a first delivery.
-fn attempt(table: Option<&FieldTable>, retry_queue: &str) -> u32 {
-    let Some(table) = table else { return 1 };
-    let header = table.inner().get(H_ATTEMPT).and_then(as_u64).unwrap_or(1);
+/// Delivery attempt: 1 + the broker's `x-death` count of expiries in the retry
+/// queue, on an authentic copy (see [`GuardedConsumer::retry_user`]); 1 for a
+/// first delivery or anything a publisher could have written. Never the
+/// `x-elevate-attempt` header: a publisher could set it to exhaust retries.
+fn attempt(table: Option<&FieldTable>, retry_queue: &str, authentic: bool) -> u32 {
+    let Some(table) = table.filter(|_| authentic) else {
+        return 1;
+    };
     let expired = deaths(table)
         .filter(|d| d.inner().get("queue").and_then(as_str) == Some(retry_queue))
+        .filter(|d| d.inner().get("reason").and_then(as_str) == Some("expired"))
         .filter_map(|d| d.inner().get("count").and_then(as_u64))
         .sum::<u64>();
-    u32::try_from(header.max(expired.saturating_add(1)).max(1)).unwrap_or(u32::MAX)
+    u32::try_from(expired.saturating_add(1)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -451,16 +507,21 @@ mod tests {
     }
 
     #[test]
-    fn attempts() {
-        assert_eq!(attempt(None, "q.retry"), 1);
+    fn attempts_come_from_the_brokers_count_only() {
+        assert_eq!(attempt(None, "q.retry", true), 1);
         let mut t = FieldTable::default();
-        t.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(3));
-        assert_eq!(attempt(Some(&t), "q.retry"), 3);
+        // a publisher-set attempt header is never believed
+        t.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(99));
+        assert_eq!(attempt(Some(&t), "q.retry", true), 1);
         t.insert(
             X_DEATH.into(),
-            AMQPValue::FieldArray(vec![death("q.retry", "expired", 4)].into()),
+            AMQPValue::FieldArray(
+                vec![death("q.retry", "expired", 4), death("q", "rejected", 7)].into(),
+            ),
         );
-        assert_eq!(attempt(Some(&t), "q.retry"), 5);
+        assert_eq!(attempt(Some(&t), "q.retry", true), 5);
+        // nor is an x-death on a copy that is not the worker's own
+        assert_eq!(attempt(Some(&t), "q.retry", false), 1);
     }
 
     #[test]

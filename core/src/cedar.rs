@@ -746,8 +746,9 @@ impl CedarPdp {
             ticker.tick().await;
             // Content hash of a bundle that failed to load: not retried until it changes.
             let mut failed_hash: Option<String> = None;
-            // Last error logged: an unchanged error is not logged again every tick.
-            let mut last_error: Option<String> = None;
+            // Last failure logged (content hash, error): the same broken bundle is
+            // not logged again every tick, but every new breakage is.
+            let mut last_error: Option<(Option<String>, String)> = None;
             loop {
                 ticker.tick().await;
                 let Some(pdp) = weak.upgrade() else {
@@ -764,14 +765,15 @@ impl CedarPdp {
                         tracing::info!(version, "Cedar policy bundle reloaded");
                     }
                     Ok(Err((hash, e))) => {
-                        failed_hash = hash;
-                        let msg = e.to_string();
-                        if last_error.as_deref() != Some(msg.as_str()) {
+                        failed_hash = hash.clone();
+                        let failure = (hash, e.to_string());
+                        if last_error.as_ref() != Some(&failure) {
                             tracing::error!(
-                                error = %msg,
+                                error = %failure.1,
+                                content_hash = failure.0.as_deref().unwrap_or("unreadable"),
                                 "Cedar policy bundle reload failed; keeping the bundle in force"
                             );
-                            last_error = Some(msg);
+                            last_error = Some(failure);
                         }
                     }
                     Err(e) => {

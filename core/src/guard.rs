@@ -266,10 +266,27 @@ impl Guard {
                 .iter()
                 .map(|f| serde_json::to_string(&f.location).unwrap_or_default())
                 .collect();
-            return Err(Rejection::new(
-                Reason::CredentialInMessage,
-                format!("credential found at {}", at.join(", ")),
-            ));
+            let credential = findings
+                .iter()
+                .any(|f| f.kind != crate::strip::CredentialKind::Uninspectable);
+            return Err(if credential {
+                Rejection::new(
+                    Reason::CredentialInMessage,
+                    format!("credential found at {}", at.join(", ")),
+                )
+            } else {
+                Rejection::new(
+                    Reason::UninspectablePayload,
+                    format!(
+                        "payload cannot be inspected for credentials: {}",
+                        findings
+                            .iter()
+                            .filter_map(|f| f.detail.as_deref())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                )
+            });
         }
         // 2. Exactly one context reference, verified.
         let mut refs = msg.headers.get_all(CTX_REF_HEADER);

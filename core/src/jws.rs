@@ -177,7 +177,8 @@ pub fn sign_with<T: Serialize>(
 /// whose first decodes to a JSON object with an `alg` member.
 pub fn looks_like_jwt(value: &str) -> bool {
     let v = value.trim();
-    if v.len() < 16 || v.len() > 64 * 1024 {
+    // No upper bound: a long token is still a token (the scan fails closed).
+    if v.len() < 16 {
         return false;
     }
     let mut parts = v.split('.');

@@ -7,6 +7,7 @@
 //! are dead-lettered ([`settle`]). Broker crates implement two small traits,
 //! [`settle::Delivery`] and [`settle::DeadLetterPublisher`], and nothing else.
 
+pub mod admission;
 pub mod auth;
 pub mod cedar;
 pub mod ctxref;
@@ -27,6 +28,7 @@ pub mod retry;
 pub mod scope;
 pub mod settle;
 pub mod strip;
+pub mod supervise;
 pub mod token;
 pub mod token_cache;
 pub mod verdict;

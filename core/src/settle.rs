@@ -11,8 +11,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::Admission;
 use crate::auth::AuthContext;
-use crate::deadletter::DeadLetter;
+use crate::deadletter::{DeadLetter, Excess, PayloadAt};
 use crate::guard::Guard;
 use crate::message::InboundMessage;
 use crate::retry::RetryPolicy;
@@ -20,21 +21,39 @@ use crate::verdict::{Reason, Verdict};
 
 /// A broker operation failed (settle or dead-letter publish).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{op} failed: {reason}")]
+#[error("{op} failed{}: {reason}", if *permanent { " for good" } else { "" })]
 pub struct TransportError {
     /// The operation (`ack`, `nack`, `dead-letter publish`...).
     pub op: &'static str,
     /// What the broker or client said.
     pub reason: String,
+    /// The broker refused the operation itself (too large, invalid, not
+    /// authorized): repeating it cannot succeed. Otherwise it may (a timeout,
+    /// a lost connection).
+    pub permanent: bool,
 }
 
 impl TransportError {
-    /// Builds a transport error.
+    /// A transient failure: the same operation may succeed later.
     pub fn new(op: &'static str, reason: impl std::fmt::Display) -> Self {
         TransportError {
             op,
             reason: reason.to_string(),
+            permanent: false,
         }
+    }
+
+    /// A permanent refusal: the same operation will fail again.
+    pub fn permanent(op: &'static str, reason: impl std::fmt::Display) -> Self {
+        TransportError {
+            permanent: true,
+            ..Self::new(op, reason)
+        }
+    }
+
+    /// Whether repeating the operation cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 
@@ -80,8 +99,29 @@ pub trait Delivery: Send + Sync + Sized {
 /// Publishes dead letters; returns only once the broker has confirmed the publish.
 #[async_trait::async_trait]
 pub trait DeadLetterPublisher: Send + Sync {
-    /// Publishes and waits for the broker's confirmation.
+    /// Publishes and waits for the broker's confirmation. A refusal that a
+    /// retry cannot change (too large, invalid header, not authorized) must
+    /// be a [`TransportError::permanent`]: core then publishes the minimal letter.
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError>;
+
+    /// How far `letter`, as this publisher would encode it, is over the
+    /// broker's real limits (RabbitMQ `frame_max` for the header frame, NATS
+    /// `max_payload`, Kafka `message.max.bytes`). Core shrinks the letter
+    /// until this says it fits (see [`crate::deadletter::fit`]).
+    fn measure(&self, _letter: &DeadLetter) -> Excess {
+        Excess::default()
+    }
+
+    /// Stores the payload of a letter too large for the broker (a claim
+    /// check) and says where; [`DeadLetter::claim_payload`] is the payload,
+    /// [`DeadLetter::idempotency_key`] a stable name for it. The default has
+    /// no store: the payload is then withheld (length and SHA-256 kept).
+    async fn store_claim(&self, _letter: &DeadLetter) -> Result<PayloadAt, TransportError> {
+        Err(TransportError::permanent(
+            "claim check",
+            "this dead-letter publisher has no claim-check store",
+        ))
+    }
 
     /// Whether a confirmed publish is stored by the broker (a stream, a
     /// durable queue, a topic), not merely received. An at-least-once guard
@@ -193,6 +233,40 @@ pub struct Processor {
     retry: RetryPolicy,
     handler_retry: RetryPolicy,
     keep_alive_every: Duration,
+    admission: Arc<Admission>,
+    /// When each message handed back to the broker during an outage first
+    /// failed, so its time budget survives redeliveries (per process; a
+    /// redelivery to another instance starts its clock again, bounded by the
+    /// reference's expiry).
+    outages: moka::sync::Cache<String, std::time::Instant>,
+}
+
+/// Most messages whose outage clock is kept at once.
+const MAX_OUTAGE_CLOCKS: u64 = 200_000;
+
+fn outage_clocks(retry: &RetryPolicy) -> moka::sync::Cache<String, std::time::Instant> {
+    let ttl = retry
+        .max_elapsed
+        .unwrap_or(crate::retry::DEFAULT_OUTAGE_BUDGET)
+        .saturating_add(Duration::from_secs(60));
+    moka::sync::Cache::builder()
+        .max_capacity(MAX_OUTAGE_CLOCKS)
+        .time_to_live(ttl)
+        .build()
+}
+
+/// The key of a message's outage clock: its stable position, and the
+/// reference's hash where the position alone is not unique (AMQP without a
+/// message id).
+fn outage_key(msg: &InboundMessage) -> String {
+    let position = crate::guard::replay_position(msg);
+    match (&msg.coordinates, &msg.message_id) {
+        (crate::message::Coordinates::Amqp { .. }, None) => format!(
+            "{position}#{}",
+            crate::keys::sha256_hex(msg.headers.get(crate::CTX_REF_HEADER).unwrap_or_default())
+        ),
+        _ => position,
+    }
 }
 
 impl Processor {
@@ -207,11 +281,10 @@ impl Processor {
             handler,
             dead_letters,
             retry: RetryPolicy::default(),
-            handler_retry: RetryPolicy {
-                max_attempts: 3,
-                ..RetryPolicy::default()
-            },
+            handler_retry: RetryPolicy::handler_default(),
             keep_alive_every: Duration::from_secs(5),
+            admission: Arc::new(Admission::new(RetryPolicy::default())),
+            outages: outage_clocks(&RetryPolicy::default()),
         }
     }
 
@@ -224,10 +297,20 @@ impl Processor {
         }
     }
 
-    /// Bounds Retry verdicts (TTS/PDP outages).
+    /// Bounds Retry verdicts (TTS/PDP outages); its delays also pace the
+    /// backpressure gate's probes.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self.admission = Arc::new(Admission::new(retry));
+        self.outages = outage_clocks(&retry);
         self
+    }
+
+    /// The backpressure gate: a consumer loop awaits [`Admission::wait`]
+    /// before taking each new delivery, so that during an outage it takes
+    /// one probe at a time instead of spending every message's retries.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Bounds transient handler errors.
@@ -294,11 +377,20 @@ impl Processor {
     /// Decides, dispatches or dead-letters, and settles one delivery.
     pub async fn process<D: Delivery>(&self, delivery: D) -> Result<Outcome, ProcessError> {
         let mut attempt = delivery.message().delivery_attempt.max(1);
+        let clock = outage_key(delivery.message());
+        // When this message first met an outage (kept across broker redeliveries).
+        let mut first_failure = self.outages.get(&clock);
         let mut delivery = delivery;
         loop {
             let decision = self
                 .while_alive(&delivery, self.guard.decide(delivery.message(), attempt))
                 .await;
+            if decision.verdict == Verdict::Retry {
+                self.admission
+                    .unavailable(decision.reason, decision.retry_after);
+            } else {
+                self.admission.available();
+            }
             let id = decision.decision_id.clone();
             let step = match (decision.verdict, decision.auth) {
                 (Verdict::Permit, Some(auth)) => {
@@ -307,6 +399,7 @@ impl Processor {
                         .await
                     {
                         Ok(()) => {
+                            self.forget_outage(&clock, first_failure);
                             return delivery
                                 .ack()
                                 .await
@@ -337,15 +430,30 @@ impl Processor {
                     verdict: decision.verdict,
                     detail: None,
                 },
-                (Verdict::Retry, _) if self.retry.exhausted(attempt) => Step::DeadLetter {
-                    reason: Reason::RetriesExhausted,
-                    verdict: Verdict::Deny,
-                    detail: Some(format!("last: {}", decision.reason)),
-                },
-                (Verdict::Retry, _) => Step::Retry {
-                    reason: decision.reason,
-                    delay: self.retry.delay(attempt, decision.retry_after),
-                },
+                (Verdict::Retry, _) => {
+                    let since = *first_failure.get_or_insert_with(std::time::Instant::now);
+                    if self.retry.exhausted_after(attempt, since.elapsed()) {
+                        Step::DeadLetter {
+                            reason: Reason::RetriesExhausted,
+                            verdict: Verdict::Deny,
+                            detail: Some(format!(
+                                "unavailable for {:?} over {attempt} attempt(s); last: {}{}",
+                                since.elapsed(),
+                                decision.reason,
+                                decision
+                                    .detail
+                                    .as_deref()
+                                    .map(|d| format!(" ({d})"))
+                                    .unwrap_or_default()
+                            )),
+                        }
+                    } else {
+                        Step::Retry {
+                            reason: decision.reason,
+                            delay: self.retry.delay(attempt, decision.retry_after),
+                        }
+                    }
+                }
                 // A Permit without an AuthContext cannot be built by the guard; treat as Deny.
                 (Verdict::Permit, None) => Step::DeadLetter {
                     reason: Reason::PolicyError,
@@ -373,6 +481,7 @@ impl Processor {
                     .await
                 {
                     Ok(()) => {
+                        self.forget_outage(&clock, first_failure);
                         return delivery
                             .ack_dead_lettered()
                             .await
@@ -386,6 +495,9 @@ impl Processor {
                 },
                 Step::Retry { reason, delay } => (reason, delay),
             };
+            if let Some(since) = first_failure {
+                self.outages.insert(clock.clone(), since);
+            }
             match self
                 .give_back(delivery, delay, &mut attempt, reason, &id)
                 .await?
@@ -402,9 +514,16 @@ impl Processor {
         }
     }
 
+    fn forget_outage(&self, clock: &str, first_failure: Option<std::time::Instant>) {
+        if first_failure.is_some() {
+            self.outages.invalidate(clock);
+        }
+    }
+
     /// Records a disposition distinct from the guard's decision, then publishes
-    /// the dead letter and waits for the broker's confirmation. On failure the
-    /// message must be kept: returns the reason to redeliver it with.
+    /// the dead letter — shrunk to fit the broker, and as the minimal letter
+    /// after a permanent refusal — and waits for the broker's confirmation.
+    /// On failure the message must be kept: returns the reason to redeliver it with.
     #[allow(clippy::too_many_arguments)]
     async fn dead_letter<D: Delivery>(
         &self,
@@ -424,6 +543,11 @@ impl Processor {
             tracing::error!(decision_id = %id, error = %e, "cannot record disposition: message kept for redelivery");
             return Err(Reason::DecisionLogUnavailable);
         }
+        let publisher = &*self.dead_letters;
+        let kept = |e: TransportError| {
+            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
+            reason
+        };
         let letter = DeadLetter::build(
             delivery.message(),
             id,
@@ -431,14 +555,26 @@ impl Processor {
             reason,
             self.guard.credentials(),
         );
-        self.dead_letters.publish(&letter).await.map_err(|e| {
-            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
-            reason
-        })
+        let letter = crate::deadletter::fit(letter, publisher)
+            .await
+            .map_err(kept)?;
+        match publisher.publish(&letter).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(decision_id = %id, error = %e, "dead letter refused for good: publishing the minimal letter");
+                let minimal = crate::deadletter::minimal(letter, publisher)
+                    .await
+                    .map_err(kept)?;
+                publisher.publish(&minimal).await.map_err(kept)
+            }
+            Err(e) => Err(kept(e)),
+        }
     }
 
     /// Gives the delivery back: to the broker (returns None), or waits in place
-    /// (returns the delivery for another round, attempt incremented).
+    /// (returns the delivery for another round, attempt incremented). In place,
+    /// the next attempt also waits for the backpressure gate, so that during an
+    /// outage one probe at a time goes out, whatever number of records wait.
     async fn give_back<D: Delivery>(
         &self,
         delivery: D,
@@ -457,7 +593,13 @@ impl Processor {
             }
             RedeliveryMode::InPlace => {
                 tracing::debug!(decision_id = %id, ?delay, "waiting in place before the next attempt");
-                self.while_alive(&delivery, tokio::time::sleep(delay)).await;
+                self.while_alive(&delivery, async {
+                    tokio::time::sleep(delay).await;
+                    if reason.verdict() == Verdict::Retry {
+                        self.admission.wait().await;
+                    }
+                })
+                .await;
                 *attempt += 1;
                 Ok(Some(delivery))
             }

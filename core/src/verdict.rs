@@ -77,6 +77,12 @@ pub enum Reason {
     Replayed,
     /// A credential (bearer token, JWT, secret header or payload field) is still in the message.
     CredentialInMessage,
+    /// The payload cannot be fully inspected for credentials (JSON that does
+    /// not parse or nests too deep, an unknown content encoding): fail closed.
+    UninspectablePayload,
+    /// The broker delivered bytes the binding cannot map to a message
+    /// (a header its client library refuses, missing broker metadata).
+    MalformedMessage,
     /// The Transaction Token Service refused the exchange.
     TokenDenied,
     /// The Txn-Token returned did not verify or does not match the reference.
@@ -115,7 +121,7 @@ impl Reason {
             AmbiguousContext | MalformedReference | AlgorithmNotAllowed | MissingKid
             | UnknownKey | BadSignature | WrongType | WrongAudience | IssuerMismatch
             | WrongDestination | DigestMismatch | ScopeWidened | ChainInvalid | Replayed
-            | CredentialInMessage => Verdict::Quarantine,
+            | CredentialInMessage | UninspectablePayload | MalformedMessage => Verdict::Quarantine,
             TtsUnavailable | PdpUnavailable | DecisionLogUnavailable | ReplayStoreUnavailable => {
                 Verdict::Retry
             }
@@ -160,6 +166,8 @@ impl Reason {
             ChainInvalid => "chain-invalid",
             Replayed => "replayed",
             CredentialInMessage => "credential-in-message",
+            UninspectablePayload => "uninspectable-payload",
+            MalformedMessage => "malformed-message",
             TokenDenied => "token-denied",
             TokenInvalid => "token-invalid",
             ScopeInsufficient => "scope-insufficient",

@@ -154,6 +154,7 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
     let broker = MemoryBroker::new();
     let fast = RetryPolicy {
         max_attempts: 4,
+        max_elapsed: None,
         min_delay: Duration::from_millis(5),
         max_delay: Duration::from_millis(20),
         factor: 2.0,

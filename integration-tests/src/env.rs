@@ -173,6 +173,7 @@ impl TestEnv {
     pub fn patient_retry() -> RetryPolicy {
         RetryPolicy {
             max_attempts: 40,
+            max_elapsed: None,
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(800),
             factor: 2.0,
@@ -184,6 +185,7 @@ impl TestEnv {
     pub fn short_retry() -> RetryPolicy {
         RetryPolicy {
             max_attempts: 3,
+            max_elapsed: None,
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(300),
             factor: 2.0,

@@ -89,6 +89,19 @@ impl GuardedSubscriber {
                     Err(_) => break,
                 },
             };
+            // Backpressure during a dependency outage: one message at a time.
+            if !draining {
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        draining = true;
+                        if let Err(e) = subscriber.drain().await {
+                            tracing::warn!(error = %e, "cannot drain the subscription: stopping now");
+                            break;
+                        }
+                    }
+                    _ = processor.admission().wait() => {}
+                }
+            }
             let msg = tokio::select! {
                 _ = &mut shutdown, if !draining => {
                     draining = true;

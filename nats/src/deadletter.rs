@@ -1,17 +1,34 @@
 //! Dead-letter publishing: to a JetStream dead-letter stream (waits for the
 //! stream's ack) or, where no JetStream is available, to a plain subject
 //! (waits for the server to have received it; core NATS cannot confirm more).
+//!
+//! Letters always fit: [`NatsDeadLetters::measure`] sizes a letter against
+//! the server's `max_payload` (headers and payload together) and the header
+//! block limit, and core trims it (`elevate_core::deadletter::fit`); a
+//! payload too large for a letter goes to a JetStream Object Store bucket
+//! (the claim check, default [`DEFAULT_CLAIM_BUCKET`]) under the letter's
+//! idempotency key. Each letter's `Nats-Msg-Id` is its idempotency key, so
+//! the stream's duplicate window drops a second letter of the same original.
 
 use async_nats::Client;
 use async_nats::jetstream;
-use elevate_core::deadletter::DeadLetter;
-use elevate_core::message::Coordinates;
+use async_nats::jetstream::context::PublishErrorKind;
+use elevate_core::Headers;
+use elevate_core::deadletter::{DeadLetter, Excess, PayloadAt};
 use elevate_core::settle::{DeadLetterPublisher, TransportError};
+use tokio::sync::OnceCell;
 
 use crate::headers::{NATS_MSG_ID, to_nats_headers};
 
 /// Header: the original message's `Nats-Msg-Id`, kept when the dead letter gets its own.
 pub const H_ORIGINAL_MSG_ID: &str = "ztauth-original-msg-id";
+
+/// The Object Store bucket that takes payloads too large for a dead letter.
+pub const DEFAULT_CLAIM_BUCKET: &str = "ELEVATE_CLAIMS";
+
+/// The largest header block a letter may have: a stored JetStream message
+/// keeps its header length in 16 bits.
+pub const MAX_HEADER_BLOCK: usize = 65_535;
 
 #[derive(Clone)]
 enum Target {
@@ -24,6 +41,8 @@ enum Target {
 pub struct NatsDeadLetters {
     target: Target,
     subject: String,
+    claim_bucket: String,
+    claims: std::sync::Arc<OnceCell<jetstream::object_store::ObjectStore>>,
 }
 
 impl std::fmt::Debug for NatsDeadLetters {
@@ -31,27 +50,39 @@ impl std::fmt::Debug for NatsDeadLetters {
         f.debug_struct("NatsDeadLetters")
             .field("subject", &self.subject)
             .field("jetstream", &matches!(self.target, Target::JetStream(_)))
+            .field("claim_bucket", &self.claim_bucket)
             .finish()
     }
 }
 
 impl NatsDeadLetters {
+    fn with_target(target: Target, subject: String) -> Self {
+        NatsDeadLetters {
+            target,
+            subject,
+            claim_bucket: DEFAULT_CLAIM_BUCKET.to_string(),
+            claims: Default::default(),
+        }
+    }
+
     /// Dead letters go to `subject`, which a JetStream stream must capture; each
     /// publish waits for the stream's ack.
     pub fn jetstream(jetstream: jetstream::Context, subject: impl Into<String>) -> Self {
-        NatsDeadLetters {
-            target: Target::JetStream(jetstream),
-            subject: subject.into(),
-        }
+        Self::with_target(Target::JetStream(jetstream), subject.into())
     }
 
     /// Dead letters go to a core NATS `subject` (at-most-once: a publish is
     /// "confirmed" once the server received it, not once anyone stored it).
     pub fn core(client: Client, subject: impl Into<String>) -> Self {
-        NatsDeadLetters {
-            target: Target::Core(client),
-            subject: subject.into(),
-        }
+        Self::with_target(Target::Core(client), subject.into())
+    }
+
+    /// Stores oversized payloads in this Object Store bucket (created on first
+    /// use, file storage) instead of [`DEFAULT_CLAIM_BUCKET`].
+    pub fn with_claim_bucket(mut self, bucket: impl Into<String>) -> Self {
+        self.claim_bucket = bucket.into();
+        self.claims = Default::default();
+        self
     }
 
     /// JetStream when a stream captures `subject`; core NATS only when the
@@ -83,20 +114,62 @@ impl NatsDeadLetters {
     pub fn subject(&self) -> &str {
         &self.subject
     }
+
+    fn client(&self) -> Client {
+        match &self.target {
+            Target::JetStream(js) => js.client(),
+            Target::Core(c) => c.clone(),
+        }
+    }
+
+    async fn claim_store(&self) -> Result<&jetstream::object_store::ObjectStore, TransportError> {
+        const OP: &str = "claim check";
+        let Target::JetStream(js) = &self.target else {
+            return Err(TransportError::permanent(
+                OP,
+                "core NATS dead letters have no claim-check store",
+            ));
+        };
+        self.claims
+            .get_or_try_init(|| async {
+                match js.get_object_store(&self.claim_bucket).await {
+                    Ok(store) => Ok(store),
+                    Err(_) => js
+                        .create_object_store(jetstream::object_store::Config {
+                            bucket: self.claim_bucket.clone(),
+                            description: Some(
+                                "Elevate dead-letter payloads too large for a letter".into(),
+                            ),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| TransportError::new(OP, e)),
+                }
+            })
+            .await
+    }
 }
 
-/// A de-duplication id unique to the source message, so that a message
-/// dead-lettered twice (its settle failed after the dead letter was stored)
-/// leaves one entry in the dead-letter stream.
-fn dead_letter_msg_id(letter: &DeadLetter) -> String {
-    match &letter.source {
-        Coordinates::Nats {
-            stream: Some(stream),
-            stream_seq: Some(seq),
-            ..
-        } => format!("ztauth-dl:{stream}:{seq}"),
-        _ => format!("ztauth-dl:{}", letter.decision_id),
+/// The headers a letter goes out with: the original `Nats-Msg-Id`s moved
+/// aside, the letter's idempotency key as its own.
+fn wire_headers(letter: &DeadLetter) -> Headers {
+    let mut headers = letter.headers.clone();
+    let original: Vec<Vec<u8>> = headers.get_all(NATS_MSG_ID).map(<[u8]>::to_vec).collect();
+    headers.remove(NATS_MSG_ID);
+    for id in original {
+        headers.append(H_ORIGINAL_MSG_ID, id);
     }
+    headers.append(NATS_MSG_ID, format!("ztauth-dl:{}", letter.idempotency_key));
+    headers
+}
+
+/// Bytes of the NATS header block for `headers` (`NATS/1.0\r\n`, one
+/// `name: value\r\n` per value, `\r\n`), as the client serializes it.
+fn header_block_len(headers: &Headers) -> usize {
+    12 + headers
+        .iter()
+        .map(|(n, v)| n.len() + 2 + v.len() + 2)
+        .sum::<usize>()
 }
 
 #[async_trait::async_trait]
@@ -105,24 +178,49 @@ impl DeadLetterPublisher for NatsDeadLetters {
         matches!(self.target, Target::JetStream(_))
     }
 
+    fn measure(&self, letter: &DeadLetter) -> Excess {
+        let block = header_block_len(&wire_headers(letter));
+        let max_payload = self.client().server_info().max_payload.max(1);
+        Excess {
+            headers: block.saturating_sub(MAX_HEADER_BLOCK),
+            total: (block + letter.payload.len()).saturating_sub(max_payload),
+        }
+    }
+
+    async fn store_claim(&self, letter: &DeadLetter) -> Result<PayloadAt, TransportError> {
+        let store = self.claim_store().await?;
+        let name = format!("ztauth-dl-{}", letter.idempotency_key);
+        let mut data: &[u8] = letter.claim_payload();
+        let info = store
+            .put(name.as_str(), &mut data)
+            .await
+            .map_err(|e| TransportError::new("claim check", e))?;
+        Ok(PayloadAt::ClaimCheck {
+            store: "nats-object-store".into(),
+            location: format!("{}/{}", self.claim_bucket, info.name),
+            chunks: u32::try_from(info.chunks).unwrap_or(u32::MAX),
+        })
+    }
+
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError> {
         const OP: &str = "dead-letter publish";
-        let mut headers = letter.headers.clone();
-        let original: Vec<Vec<u8>> = headers.get_all(NATS_MSG_ID).map(<[u8]>::to_vec).collect();
-        headers.remove(NATS_MSG_ID);
-        for id in original {
-            headers.append(H_ORIGINAL_MSG_ID, id);
-        }
-        headers.append(NATS_MSG_ID, dead_letter_msg_id(letter));
-        let map = to_nats_headers(&headers).map_err(|e| TransportError::new(OP, e))?;
+        // A header NATS cannot carry is a refusal a retry cannot change.
+        let map =
+            to_nats_headers(&wire_headers(letter)).map_err(|e| TransportError::permanent(OP, e))?;
         match &self.target {
             Target::JetStream(js) => {
-                let ack = js
-                    .publish_with_headers(self.subject.clone(), map, letter.payload.clone())
-                    .await
-                    .map_err(|e| TransportError::new(OP, e))?
-                    .await
-                    .map_err(|e| TransportError::new(OP, e))?;
+                let sent =
+                    js.publish_with_headers(self.subject.clone(), map, letter.payload.clone())
+                        .await
+                        .map_err(|e| match e.kind() {
+                            PublishErrorKind::MaxPayloadExceeded
+                            | PublishErrorKind::StreamNotFound => TransportError::permanent(OP, e),
+                            _ => TransportError::new(OP, e),
+                        })?;
+                let ack = sent.await.map_err(|e| match e.kind() {
+                    PublishErrorKind::StreamNotFound => TransportError::permanent(OP, e),
+                    _ => TransportError::new(OP, e),
+                })?;
                 tracing::debug!(decision_id = %letter.decision_id, stream = %ack.stream, seq = ack.sequence, duplicate = ack.duplicate, "dead letter stored");
                 Ok(())
             }
@@ -130,7 +228,10 @@ impl DeadLetterPublisher for NatsDeadLetters {
                 client
                     .publish_with_headers(self.subject.clone(), map, letter.payload.clone())
                     .await
-                    .map_err(|e| TransportError::new(OP, e))?;
+                    .map_err(|e| match e.kind() {
+                        async_nats::client::PublishErrorKind::Send => TransportError::new(OP, e),
+                        _ => TransportError::permanent(OP, e),
+                    })?;
                 client
                     .flush()
                     .await

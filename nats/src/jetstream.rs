@@ -9,12 +9,18 @@
 //! lost connection, failed ack) is redelivered by the server after `ack_wait`.
 //! The delivery count is the server's (`delivered` in the message info).
 //!
-//! Limits: the consumer's `max_deliver` must be larger than the processor's
-//! retry policies' `max_attempts` (or unlimited, `-1`): core dead-letters
-//! `retries-exhausted` at its own maximum. If the server hits `max_deliver`
-//! first it stops redelivering: the message stays in the stream, unacked and
-//! not dead-lettered (the server only emits a `MAX_DELIVERIES` advisory). The
-//! guard warns at start when the consumer is configured that way.
+//! Limits: the consumer's `max_deliver` must be larger than the number of
+//! deliveries the processor's retry policies can use (or unlimited, `-1`):
+//! core dead-letters `retries-exhausted` at its own bound (a count, or for
+//! outages a duration, see [`elevate_core::retry::RetryPolicy`]). If the
+//! server hit `max_deliver` first it would stop redelivering: the message
+//! would stay in the stream, unacked and not dead-lettered (the server only
+//! emits a `MAX_DELIVERIES` advisory). [`GuardedConsumer::run`] refuses to
+//! start on such a consumer.
+//!
+//! Backpressure: while a dependency of the guard is down
+//! ([`elevate_core::Processor::admission`]) the guard pulls one message at a
+//! time, as a probe, instead of a batch.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
+use elevate_core::admission::Admit;
 use elevate_core::message::{Coordinates, InboundMessage};
 use elevate_core::settle::{Delivery, Processor, TransportError};
 use futures::StreamExt;
@@ -128,6 +135,11 @@ impl GuardedConsumer {
         tracing::info!(consumer = %info.name, stream = %info.stream_name, concurrency = self.concurrency, "JetStream guard started");
         'pull: loop {
             reap(&mut tasks);
+            let admit = tokio::select! {
+                _ = &mut shutdown => break 'pull,
+                a = self.processor.admission().wait() => a,
+            };
+            let batch_size = if admit == Admit::Open { self.batch } else { 1 };
             let first = tokio::select! {
                 _ = &mut shutdown => break 'pull,
                 p = permits.clone().acquire_owned() => match p {
@@ -136,7 +148,7 @@ impl GuardedConsumer {
                 },
             };
             let mut slots = vec![first];
-            while slots.len() < self.batch {
+            while slots.len() < batch_size {
                 match permits.clone().try_acquire_owned() {
                     Ok(p) => slots.push(p),
                     Err(_) => break,
@@ -222,12 +234,12 @@ fn check_limits(
 ) -> Result<(), Error> {
     let needed = processor
         .retry_policy()
-        .max_attempts
-        .max(processor.handler_retry_policy().max_attempts);
-    if config.max_deliver > 0 && config.max_deliver as u64 <= u64::from(needed) {
+        .deliveries_needed()
+        .saturating_add(processor.handler_retry_policy().deliveries_needed());
+    if config.max_deliver > 0 && config.max_deliver as u64 <= needed {
         return Err(Error::Config(format!(
-            "consumer max_deliver {} is not above the retry policy's max_attempts {needed}: \
-             the server would stop redelivering before the message is dead-lettered; \
+            "consumer max_deliver {} is not above the {needed} deliveries the retry policies \
+             can use: the server would stop redelivering before the message is dead-lettered; \
              leave max_deliver unlimited (-1) or raise it",
             config.max_deliver
         )));
