@@ -109,6 +109,11 @@ pub struct ContextRefClaims {
     pub iat: i64,
     /// Expiry: the async horizon (seconds since the epoch).
     pub exp: i64,
+    /// Not before (seconds since the epoch, RFC 7519 §4.1.5), when present: the
+    /// reference is refused as `not-yet-valid` until then (with the same capped
+    /// leeway as `iat`). Minted references carry none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     /// Destination (topic, exchange/routing key, subject) the message was published to.
     pub dst: String,
     /// base64url SHA-256 of the payload.
@@ -244,6 +249,7 @@ impl ContextRefMinter {
             jti: uuid::Uuid::now_v7().to_string(),
             iat: now,
             exp: now + self.ttl.as_secs() as i64,
+            nbf: None,
             dst: req.destination.to_string(),
             dig: sha256_b64url(req.payload),
             act: None,
@@ -294,6 +300,7 @@ impl ContextRefMinter {
             jti: uuid::Uuid::now_v7().to_string(),
             iat: now,
             exp: (now + self.ttl.as_secs() as i64).min(parent.exp.max(now)),
+            nbf: None,
             dst: destination.to_string(),
             dig: sha256_b64url(payload),
             act: Some(Actor {
@@ -357,6 +364,14 @@ pub enum RefError {
         /// Verification time.
         now: i64,
     },
+    /// `nbf` after now plus leeway: not valid yet (same reason as a future `iat`).
+    #[error("not valid before {nbf} (now {now})")]
+    NotBefore {
+        /// Not before.
+        nbf: i64,
+        /// Verification time.
+        now: i64,
+    },
     /// `exp - iat` longer than the configured maximum horizon.
     #[error("lifetime {lifetime}s exceeds the maximum async horizon {max}s")]
     HorizonTooLong {
@@ -410,7 +425,7 @@ impl RefError {
             RefError::IssuerMismatch { .. } => Reason::IssuerMismatch,
             RefError::WrongAudience { .. } => Reason::WrongAudience,
             RefError::Expired { .. } => Reason::Expired,
-            RefError::NotYetValid { .. } => Reason::NotYetValid,
+            RefError::NotYetValid { .. } | RefError::NotBefore { .. } => Reason::NotYetValid,
             RefError::HorizonTooLong { .. } => Reason::HorizonTooLong,
             RefError::WrongDestination { .. } => Reason::WrongDestination,
             RefError::DigestMismatch => Reason::DigestMismatch,
@@ -426,7 +441,7 @@ impl RefError {
 pub struct VerifyPolicy {
     /// This consumer's audience (its workload id); must be in `aud`.
     pub audience: String,
-    /// Clock leeway for `exp` and `iat`.
+    /// Clock leeway for `exp`, `iat` and `nbf` (capped at [`MAX_LEEWAY`]).
     pub leeway: Duration,
     /// Longest accepted `exp - iat`.
     pub max_horizon: Duration,
@@ -588,6 +603,11 @@ impl ContextRefVerifier {
                 now,
             });
         }
+        if let Some(nbf) = claims.nbf
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(RefError::NotBefore { nbf, now });
+        }
         if claims.exp.saturating_add(leeway) <= now {
             return Err(RefError::Expired {
                 exp: claims.exp,
@@ -740,4 +760,118 @@ pub fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod nbf_tests {
+    use super::*;
+    use crate::keys::SigningAlg;
+
+    const PRODUCER: &str = "spiffe://example.org/orders";
+    const CONSUMER: &str = "spiffe://example.org/billing";
+    const DST: &str = "orders";
+    const PAYLOAD: &[u8] = b"{}";
+
+    fn setup() -> (ContextRefMinter, ContextRefVerifier, ContextRefClaims) {
+        let key = SigningKey::generate(SigningAlg::ES256, "orders-1").unwrap();
+        let mut keys = KeySet::new();
+        keys.insert_workload_key(PRODUCER, &key).unwrap();
+        let minter = ContextRefMinter::new(PRODUCER, key, Duration::from_secs(600));
+        let verifier = ContextRefVerifier::new(keys, VerifyPolicy::new(CONSUMER));
+        let claims = minter
+            .mint(&MintRequest {
+                subject: "alice",
+                sub_kind: SubjectKind::Human,
+                audience: &[CONSUMER.to_string()],
+                scope: &Scope::parse("orders.read"),
+                txn: "txn-1",
+                destination: DST,
+                payload: PAYLOAD,
+            })
+            .unwrap()
+            .claims;
+        (minter, verifier, claims)
+    }
+
+    fn verify_at(
+        minter: &ContextRefMinter,
+        verifier: &ContextRefVerifier,
+        claims: &ContextRefClaims,
+        now: i64,
+    ) -> Result<VerifiedRef, RefError> {
+        let token = minter.sign(claims.clone()).unwrap().token;
+        verifier.verify_at(&token, DST, PAYLOAD, now)
+    }
+
+    #[test]
+    fn minted_references_carry_no_nbf() {
+        let (minter, _, claims) = setup();
+        assert_eq!(claims.nbf, None);
+        let token = minter.sign(claims).unwrap().token;
+        let parsed = jws::parse(&token, CTX_REF_TYP).unwrap();
+        let raw: serde_json::Value = parsed.claims().unwrap();
+        assert!(raw.get("nbf").is_none(), "absent nbf is not serialized");
+    }
+
+    #[test]
+    fn future_nbf_beyond_leeway_is_not_yet_valid() {
+        let (minter, verifier, mut claims) = setup();
+        let now = claims.iat;
+        claims.nbf = Some(now + 31);
+        let err = verify_at(&minter, &verifier, &claims, now).unwrap_err();
+        assert_eq!(err, RefError::NotBefore { nbf: now + 31, now });
+        assert_eq!(err.reason(), Reason::NotYetValid);
+        assert_eq!(err.reason().code(), "not-yet-valid");
+        // within the 30 s leeway, and once the time has come, it verifies
+        claims.nbf = Some(now + 30);
+        assert!(verify_at(&minter, &verifier, &claims, now).is_ok());
+        claims.nbf = Some(now + 31);
+        assert!(verify_at(&minter, &verifier, &claims, now + 1).is_ok());
+        // a past nbf is fine
+        claims.nbf = Some(now - 100);
+        assert!(verify_at(&minter, &verifier, &claims, now).is_ok());
+    }
+
+    #[test]
+    fn leeway_for_nbf_is_capped_at_30_seconds() {
+        let (minter, verifier, mut claims) = setup();
+        let mut policy = verifier.policy().clone();
+        policy.leeway = Duration::from_secs(3600);
+        let lenient = ContextRefVerifier::with_shared_keys(verifier.keys().clone(), policy);
+        let now = claims.iat;
+        claims.nbf = Some(now + 31);
+        assert!(matches!(
+            verify_at(&minter, &lenient, &claims, now),
+            Err(RefError::NotBefore { .. })
+        ));
+    }
+
+    #[test]
+    fn extreme_nbf_values_do_not_overflow() {
+        let (minter, verifier, mut claims) = setup();
+        let now = claims.iat;
+        claims.nbf = Some(i64::MAX);
+        assert!(matches!(
+            verify_at(&minter, &verifier, &claims, now),
+            Err(RefError::NotBefore { .. })
+        ));
+        // even when "now" itself is at the end of time
+        assert!(matches!(
+            verify_at(&minter, &verifier, &claims, i64::MAX),
+            Err(RefError::Expired { .. })
+        ));
+        claims.nbf = Some(i64::MIN);
+        assert!(verify_at(&minter, &verifier, &claims, now).is_ok());
+    }
+
+    #[test]
+    fn unbound_verification_honours_nbf_too() {
+        let (minter, verifier, mut claims) = setup();
+        claims.nbf = Some(unix_now() + 300);
+        let token = minter.sign(claims).unwrap().token;
+        assert!(matches!(
+            verifier.verify_unbound(&token, CONSUMER),
+            Err(RefError::NotBefore { .. })
+        ));
+    }
 }

@@ -15,9 +15,11 @@ use elevate_integration_tests::tts::{
     TTS_TRUST_DOMAIN, TestWorkload, TtsConfigDir, TtsProcess, client, client_config, write_config,
 };
 use txn_token_client::assertion::sign_assertion;
+use txn_token_client::assertion::{ASSERTION_TYP, AssertionClaims};
 use txn_token_client::breaker::{BreakerConfig, BreakerState};
 use txn_token_client::protocol::{
-    ExchangeForm, TOKEN_TYPE_JWT, exchange_form, with_client_assertion,
+    ExchangeForm, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, exchange_form, is_description_char,
+    with_client_assertion,
 };
 use txn_token_client::{TestIssuer, TtsClient, TxnTokenVerifier};
 
@@ -147,8 +149,12 @@ async fn happy_path_token_verifies_with_published_jwks_alone() {
     let tctx = t.claims.tctx.clone().unwrap_or_default();
     assert_eq!(tctx["producer"], s.producer.id.as_str());
     assert_eq!(tctx["destination"], "orders");
+    // request_details feed tctx (under their own member), request_context rctx
+    assert_eq!(tctx["request_details"]["source"]["offset"], 7);
     let rctx = t.claims.rctx.clone().unwrap_or_default();
-    assert_eq!(rctx["request_details"]["source"]["offset"], 7);
+    assert_eq!(rctx["req_wl"], s.consumer.id.as_str());
+    assert_eq!(rctx["request_context"]["mode"], "async");
+    assert!(rctx.get("request_details").is_none());
 
     // A verifier that knows nothing but the JWKS URL.
     let fresh =
@@ -530,4 +536,500 @@ async fn outage_gives_fast_retry_then_recovers_on_restart() {
         }
     }
     assert_eq!(c.breaker_state(), BreakerState::Closed);
+}
+
+// ---- conformance: RFC 7523 §3 (nbf), RFC 6749 §5.2 (WWW-Authenticate,
+// error_description), RFC 9110 §8.3.1 (media types), the draft's tctx/rctx
+// mapping, and key retention across rotations ----
+
+/// A raw answer of the token endpoint.
+struct Raw {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: serde_json::Value,
+}
+
+impl Raw {
+    fn challenges(&self) -> Vec<String> {
+        self.headers
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// POSTs `form` urlencoded, with `content_type` instead of the usual one when given.
+async fn post_form(url: &str, form: &ExchangeForm, content_type: Option<&str>) -> Raw {
+    let http = reqwest::Client::new();
+    let pairs: Vec<(&str, &str)> = form.pairs().collect();
+    let mut req = http
+        .post(url)
+        .form(&pairs)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(ct) = content_type {
+        let v = reqwest::header::HeaderValue::from_str(ct).unwrap_or_else(|e| panic!("{e}"));
+        req.headers_mut().insert(reqwest::header::CONTENT_TYPE, v);
+    }
+    let resp = http
+        .execute(req)
+        .await
+        .unwrap_or_else(|e| panic!("POST: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    Raw {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A client assertion with explicit time claims.
+fn assertion_at(s: &Setup, iat: i64, exp: i64, nbf: Option<i64>) -> String {
+    elevate_core::jws::sign(
+        &s.consumer.key,
+        ASSERTION_TYP,
+        &AssertionClaims {
+            iss: s.consumer.id.clone(),
+            sub: s.consumer.id.clone(),
+            aud: vec![s.tts.token_endpoint()],
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp,
+            nbf,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn challenge() -> String {
+    format!("private_key_jwt realm=\"{TTS_TRUST_DOMAIN}\", error=\"invalid_client\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbf_in_the_future_is_refused_for_assertions_and_references() {
+    let s = setup();
+    let url = s.tts.token_endpoint();
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    let now = unix_now();
+    // client assertion not valid for another 10 minutes: invalid_client (401)
+    let a = assertion_at(&s, now, now + 60, Some(now + 600));
+    let raw = post_form(
+        &url,
+        &with_client_assertion(base_form(&r.token, "orders.read"), &a),
+        None,
+    )
+    .await;
+    assert_eq!(raw.status, 401, "{}", raw.body);
+    assert_eq!(raw.body["error"], "invalid_client");
+    assert_eq!(raw.challenges(), vec![challenge()]);
+    // ... accepted within the 30 s leeway
+    let a = assertion_at(&s, now, now + 60, Some(now + 20));
+    let raw = post_form(
+        &url,
+        &with_client_assertion(base_form(&r.token, "orders.read"), &a),
+        None,
+    )
+    .await;
+    assert_eq!(raw.status, 200, "{}", raw.body);
+    // a context reference not valid yet: invalid_grant
+    let mut claims = r.claims.clone();
+    claims.nbf = Some(now + 600);
+    let future = s
+        .producer
+        .minter(Duration::from_secs(300))
+        .sign(claims)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = client(&s.tts, &s.consumer);
+    match acquire(&c, &future, "orders.read").await {
+        Err(TokenError::Denied { code, description }) => {
+            assert_eq!(code, "invalid_grant");
+            assert!(
+                description.unwrap_or_default().contains("not valid before"),
+                "names the reason"
+            );
+        }
+        other => panic!("expected invalid_grant, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_401_carries_www_authenticate() {
+    let s = setup();
+    let url = s.tts.token_endpoint();
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    let base = || base_form(&r.token, "orders.read");
+    let now = unix_now();
+    let forger = SigningKey::generate(SigningAlg::ES256, s.consumer.key.kid())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let forged = sign_assertion(&forger, &s.consumer.id, &url, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let elsewhere = sign_assertion(
+        &s.consumer.key,
+        &s.consumer.id,
+        "http://127.0.0.1:1/token",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let replayed = assertion(&s, &s.consumer);
+    let first = post_form(&url, &with_client_assertion(base(), &replayed), None).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(first.challenges().is_empty(), "no challenge on a 200");
+    let cases = vec![
+        ("no client authentication", base()),
+        (
+            "unsupported assertion type",
+            with_client_assertion(base(), &assertion(&s, &s.consumer))
+                .set("client_assertion_type", "urn:x"),
+        ),
+        ("forged", with_client_assertion(base(), &forged)),
+        (
+            "another endpoint",
+            with_client_assertion(base(), &elsewhere),
+        ),
+        ("replayed", with_client_assertion(base(), &replayed)),
+        (
+            "expired",
+            with_client_assertion(base(), &assertion_at(&s, now - 300, now - 200, None)),
+        ),
+        (
+            "issued in the future",
+            with_client_assertion(base(), &assertion_at(&s, now + 600, now + 630, None)),
+        ),
+        (
+            "nbf in the future",
+            with_client_assertion(base(), &assertion_at(&s, now, now + 60, Some(now + 600))),
+        ),
+    ];
+    for (what, form) in &cases {
+        let raw = post_form(&url, form, None).await;
+        assert_eq!(raw.status, 401, "{what}: {}", raw.body);
+        assert_eq!(raw.body["error"], "invalid_client", "{what}");
+        assert_eq!(raw.challenges(), vec![challenge()], "{what}");
+    }
+    // RFC 6749 §5.2: a client that tried the Authorization header gets a
+    // challenge in the scheme it used, besides the one the service supports
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .basic_auth("client", Some("secret"))
+        .form(&base().pairs().collect::<Vec<_>>())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status().as_u16(), 401);
+    let got: Vec<String> = resp
+        .headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            format!("Basic realm=\"{TTS_TRUST_DOMAIN}\", error=\"invalid_client\""),
+            challenge()
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_descriptions_stay_within_the_rfc6749_character_set() {
+    let s = setup();
+    let url = s.tts.token_endpoint();
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    let good = || {
+        with_client_assertion(
+            base_form(&r.token, "orders.read"),
+            &assertion(&s, &s.consumer),
+        )
+    };
+    let nasty = "q\"b\\s\u{1}c\u{e9}\u{1F600}\nn";
+    let now = unix_now();
+    let mut expired = r.claims.clone();
+    expired.iat = now - 900;
+    expired.exp = now - 600;
+    let expired = s
+        .producer
+        .minter(Duration::from_secs(300))
+        .sign(expired)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .token;
+    let other = reference(&s, &s.other.id, "orders.read").token;
+    let not_owner = sign_assertion(&s.consumer.key, nasty, &url, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let elsewhere = sign_assertion(
+        &s.consumer.key,
+        &s.consumer.id,
+        nasty,
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cases: Vec<(&str, ExchangeForm, Option<&str>)> = vec![
+        (
+            "unsupported grant_type",
+            good().set("grant_type", nasty),
+            None,
+        ),
+        (
+            "no client authentication",
+            base_form(&r.token, "orders.read"),
+            None,
+        ),
+        (
+            "malformed assertion",
+            good().set("client_assertion", nasty),
+            None,
+        ),
+        (
+            "assertion issuer not key owner",
+            with_client_assertion(base_form(&r.token, "orders.read"), &not_owner),
+            None,
+        ),
+        (
+            "assertion for another endpoint",
+            with_client_assertion(base_form(&r.token, "orders.read"), &elsewhere),
+            None,
+        ),
+        ("client_id mismatch", good().set("client_id", nasty), None),
+        (
+            "nbf in the future",
+            with_client_assertion(
+                base_form(&r.token, "orders.read"),
+                &assertion_at(&s, now, now + 60, Some(now + 600)),
+            ),
+            None,
+        ),
+        (
+            "wrong requested_token_type",
+            good().set("requested_token_type", nasty),
+            None,
+        ),
+        ("wrong audience", good().set("audience", nasty), None),
+        (
+            "missing subject_token",
+            good().set("subject_token", ""),
+            None,
+        ),
+        (
+            "request_details not an object",
+            good().set("request_details", nasty),
+            None,
+        ),
+        (
+            "request_context too large",
+            good().set(
+                "request_context",
+                format!("{{\"k\":\"{}\"}}", "\\\"".repeat(2048)),
+            ),
+            None,
+        ),
+        (
+            "unsupported subject_token_type",
+            good().set("subject_token_type", nasty),
+            None,
+        ),
+        (
+            "malformed reference",
+            good().set("subject_token", nasty),
+            None,
+        ),
+        (
+            "expired reference",
+            good().set("subject_token", expired),
+            None,
+        ),
+        (
+            "reference for another workload",
+            good().set("subject_token", other),
+            None,
+        ),
+        (
+            "bad access token",
+            good()
+                .set("subject_token", nasty)
+                .set("subject_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+            None,
+        ),
+        ("unknown scope", good().set("scope", nasty), None),
+        (
+            "scope beyond the reference",
+            good().set("scope", "orders.read orders.write"),
+            None,
+        ),
+        ("not a form", good(), Some("application/json")),
+        ("bad media type", good(), Some("text/plain; charset=\"\\\"")),
+    ];
+    for (what, form, ct) in &cases {
+        let raw = post_form(&url, form, *ct).await;
+        assert!(
+            raw.status == 400 || raw.status == 401,
+            "{what}: {}",
+            raw.status
+        );
+        let d = raw.body["error_description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {}", raw.body));
+        assert!(!d.is_empty(), "{what}");
+        assert!(
+            d.chars().all(is_description_char),
+            "{what}: error_description outside RFC 6749 §5.2: {d:?}"
+        );
+        for v in raw.headers.get_all(reqwest::header::WWW_AUTHENTICATE) {
+            assert!(v.to_str().is_ok(), "{what}: challenge is visible ASCII");
+        }
+    }
+    // a repeated parameter whose name needs escaping
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .form(&[("a\"\\", "1"), ("a\"\\", "2")])
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let d = body["error_description"].as_str().unwrap_or_default();
+    assert!(
+        d.contains("repeated") && d.chars().all(is_description_char),
+        "{d:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_types_are_case_insensitive() {
+    let s = setup();
+    let url = s.tts.token_endpoint();
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    for ct in [
+        "Application/X-WWW-Form-Urlencoded; charset=UTF-8",
+        "APPLICATION/X-WWW-FORM-URLENCODED",
+        "application/x-www-form-urlencoded;CHARSET=utf-8",
+    ] {
+        let form = with_client_assertion(
+            base_form(&r.token, "orders.read"),
+            &assertion(&s, &s.consumer),
+        );
+        let raw = post_form(&url, &form, Some(ct)).await;
+        assert_eq!(raw.status, 200, "{ct}: {}", raw.body);
+        assert_eq!(raw.body["token_type"], "N_A");
+    }
+    for ct in [
+        "application/x-www-form-urlencodedx",
+        "application/json",
+        "application/x-www-form-urlencoded; charset=latin1",
+    ] {
+        let form = with_client_assertion(
+            base_form(&r.token, "orders.read"),
+            &assertion(&s, &s.consumer),
+        );
+        let raw = post_form(&url, &form, Some(ct)).await;
+        assert_eq!(raw.status, 400, "{ct}");
+        assert_eq!(raw.body["error"], "invalid_request", "{ct}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_details_cannot_overwrite_what_the_tts_puts_in_tctx() {
+    let s = setup();
+    let url = s.tts.token_endpoint();
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    let details = serde_json::json!({
+        "txn": "forged", "producer": "spiffe://tts.test.example/mallory",
+        "destination": "elsewhere", "chain": [], "hops": [], "depth": 3,
+        "source": {"topic": "orders"},
+    });
+    let context =
+        serde_json::json!({"req_wl": "spiffe://tts.test.example/mallory", "mode": "async"});
+    let form = with_client_assertion(
+        exchange_form(
+            TTS_TRUST_DOMAIN,
+            &Scope::parse("orders.read"),
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &context,
+            &details,
+        ),
+        &assertion(&s, &s.consumer),
+    );
+    let raw = post_form(&url, &form, None).await;
+    assert_eq!(raw.status, 200, "{}", raw.body);
+    let token = raw.body["access_token"].as_str().unwrap_or_default();
+    let verifier =
+        TxnTokenVerifier::remote(TTS_TRUST_DOMAIN, reqwest::Client::new(), &s.tts.jwks_url());
+    let claims = verifier
+        .verify(token)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tctx = claims.tctx.unwrap_or_default();
+    assert_eq!(tctx["txn"], "txn-tts-1");
+    assert_eq!(tctx["producer"], s.producer.id.as_str());
+    assert_eq!(tctx["destination"], "orders");
+    assert_eq!(tctx["chain"], serde_json::json!([s.producer.id]));
+    assert_eq!(tctx["depth"], 0);
+    assert_eq!(tctx["request_details"], details);
+    let rctx = claims.rctx.unwrap_or_default();
+    assert_eq!(rctx["req_wl"], s.consumer.id.as_str());
+    assert_eq!(rctx["request_context"], context);
+    // oversized details are refused, not truncated
+    let big = serde_json::json!({"blob": "x".repeat(4096)});
+    let form = with_client_assertion(
+        exchange_form(
+            TTS_TRUST_DOMAIN,
+            &Scope::parse("orders.read"),
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &context,
+            &big,
+        ),
+        &assertion(&s, &s.consumer),
+    );
+    let raw = post_form(&url, &form, None).await;
+    assert_eq!(raw.status, 400);
+    assert_eq!(raw.body["error"], "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_more_often_than_keep_previous_keeps_old_tokens_verifying() {
+    let s = setup();
+    assert_eq!(s.cfg.config.keep_previous_keys, 1);
+    let mut cfg = client_config(&s.tts, &s.consumer);
+    cfg.jwks_min_refresh = Duration::ZERO; // the client refetches the JWKS for the new kid
+    let c = TtsClient::new(cfg, s.consumer.key.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let r = reference(&s, &s.consumer.id, "orders.read");
+    let before = acquire(&c, &r, "orders.read")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // three rotations within the token's lifetime (keep_previous_keys = 1)
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let resp = http
+            .post(s.tts.rotate_url())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let jwks: serde_json::Value = http
+        .get(s.tts.jwks_url())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(4), "{jwks}");
+    // a verifier that knows only the published JWKS still accepts the old token
+    let fresh =
+        TxnTokenVerifier::remote(TTS_TRUST_DOMAIN, reqwest::Client::new(), &s.tts.jwks_url());
+    let claims = fresh
+        .verify(before.token.expose())
+        .await
+        .unwrap_or_else(|e| panic!("token signed before the rotations: {e}"));
+    assert_eq!(claims.sub, "alice");
+    // and new tokens still come and verify
+    let after = acquire(&c, &r, "orders.read")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(fresh.verify(after.token.expose()).await.is_ok());
 }

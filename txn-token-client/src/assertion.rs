@@ -33,6 +33,10 @@ pub struct AssertionClaims {
     pub iat: i64,
     /// Expiry.
     pub exp: i64,
+    /// Not before (RFC 7523 §3 item 6), when present: the assertion is refused
+    /// until then, with the same leeway as `iat`. [`sign_assertion`] sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// Signs a fresh client assertion for `workload` addressed to `token_endpoint`.
@@ -51,6 +55,7 @@ pub fn sign_assertion(
         jti: uuid::Uuid::new_v4().to_string(),
         iat: now,
         exp: now + ttl,
+        nbf: None,
     };
     jws::sign(key, ASSERTION_TYP, &claims)
 }
@@ -123,7 +128,8 @@ impl Default for AssertionVerifier {
 }
 
 impl AssertionVerifier {
-    /// A verifier with clock `leeway` accepting assertions living at most `max_lifetime`.
+    /// A verifier with clock `leeway` (for `exp`, `iat` and `nbf`, capped at 30 s)
+    /// accepting assertions living at most `max_lifetime`.
     pub fn new(leeway: Duration, max_lifetime: Duration) -> Self {
         AssertionVerifier {
             leeway: leeway.min(MAX_LEEWAY).as_secs() as i64,
@@ -165,6 +171,11 @@ impl AssertionVerifier {
         }
         if claims.iat > now.saturating_add(self.leeway) {
             return Err(AssertionError::Time("issued in the future".into()));
+        }
+        if let Some(nbf) = claims.nbf
+            && nbf > now.saturating_add(self.leeway)
+        {
+            return Err(AssertionError::Time(format!("not valid before {nbf}")));
         }
         if claims.exp - claims.iat > self.max_lifetime {
             return Err(AssertionError::Time(format!(
@@ -247,26 +258,63 @@ mod tests {
         );
     }
 
+    fn signed(key: &SigningKey, iat: i64, exp: i64, nbf: Option<i64>) -> String {
+        jws::sign(
+            key,
+            ASSERTION_TYP,
+            &AssertionClaims {
+                iss: WL.into(),
+                sub: WL.into(),
+                aud: vec![EP.into()],
+                jti: uuid::Uuid::new_v4().to_string(),
+                iat,
+                exp,
+                nbf,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rejects_nbf_in_the_future_beyond_the_capped_leeway() {
+        let (key, ks) = setup();
+        let now = unix_now();
+        // the leeway asked for is 10 min; 30 s is what applies
+        let v = AssertionVerifier::new(Duration::from_secs(600), Duration::from_secs(300));
+        for nbf in [now + 60, now + 3600, i64::MAX] {
+            assert!(
+                matches!(
+                    v.verify(
+                        &signed(&key, now, now + 60, Some(nbf)),
+                        None,
+                        &ks,
+                        &[EP.into()]
+                    ),
+                    Err(AssertionError::Time(_))
+                ),
+                "nbf {nbf}"
+            );
+        }
+        // within the leeway, in the past, or absent: accepted
+        for nbf in [Some(now + 10), Some(now - 60), Some(i64::MIN), None] {
+            assert_eq!(
+                v.verify(&signed(&key, now, now + 60, nbf), None, &ks, &[EP.into()]),
+                Ok(WL.to_string()),
+                "nbf {nbf:?}"
+            );
+        }
+        // sign_assertion sets no nbf
+        let a = sign_assertion(&key, WL, EP, MAX_ASSERTION_TTL).unwrap();
+        let claims: serde_json::Value = jws::parse(&a, ASSERTION_TYP).unwrap().claims().unwrap();
+        assert!(claims.get("nbf").is_none());
+    }
+
     #[test]
     fn rejects_expired_and_long_lived() {
         let (key, ks) = setup();
         let v = AssertionVerifier::default();
         let now = unix_now();
-        let mk = |iat: i64, exp: i64| {
-            jws::sign(
-                &key,
-                ASSERTION_TYP,
-                &AssertionClaims {
-                    iss: WL.into(),
-                    sub: WL.into(),
-                    aud: vec![EP.into()],
-                    jti: uuid::Uuid::new_v4().to_string(),
-                    iat,
-                    exp,
-                },
-            )
-            .unwrap()
-        };
+        let mk = |iat: i64, exp: i64| signed(&key, iat, exp, None);
         assert!(matches!(
             v.verify(&mk(now - 200, now - 100), None, &ks, &[EP.into()]),
             Err(AssertionError::Time(_))

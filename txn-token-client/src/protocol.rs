@@ -79,23 +79,64 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// Longest `error_description` the token endpoint sends, in characters; a
+/// longer one is cut and ends with `...` (descriptions may quote request values).
+pub const MAX_DESCRIPTION_LEN: usize = 256;
+
+/// True for the characters RFC 6749 §5.2 allows in `error_description`:
+/// `%x20-21 / %x23-5B / %x5D-7E` (printable ASCII without `"` and `\`).
+pub fn is_description_char(c: char) -> bool {
+    matches!(c, '\x20'..='\x21' | '\x23'..='\x5B' | '\x5D'..='\x7E')
+}
+
+/// Maps any text onto the RFC 6749 §5.2 `error_description` character set:
+/// `"` becomes `'`, `\` becomes `/`, whitespace controls become a space, any
+/// other character outside the set becomes `?`; the result is at most
+/// [`MAX_DESCRIPTION_LEN`] characters. Descriptions quote values taken from
+/// the request (an audience, a scope, a parameter name), often through `{:?}`,
+/// which adds quotes and backslash escapes: every description passes here.
+pub fn sanitize_description(text: &str) -> String {
+    let mapped = text.chars().map(|c| match c {
+        '"' => '\'',
+        '\\' => '/',
+        '\t' | '\n' | '\r' => ' ',
+        c if is_description_char(c) => c,
+        _ => '?',
+    });
+    let mut out: String = mapped.clone().take(MAX_DESCRIPTION_LEN + 1).collect();
+    if out.chars().count() > MAX_DESCRIPTION_LEN {
+        out = mapped.take(MAX_DESCRIPTION_LEN - 3).collect();
+        out.push_str("...");
+    }
+    out
+}
+
 /// A refusal by the token endpoint: code plus a human-readable description.
+///
+/// The only way to build one is [`OAuthError::new`], which passes the
+/// description through [`sanitize_description`]: whatever a refusal quotes,
+/// the `error_description` sent on the wire stays within RFC 6749 §5.2.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {description}")]
 pub struct OAuthError {
     /// The error code.
     pub code: ErrorCode,
-    /// `error_description` (never contains a token).
-    pub description: String,
+    /// `error_description` (sanitized; never contains a token).
+    description: String,
 }
 
 impl OAuthError {
-    /// Builds an error.
-    pub fn new(code: ErrorCode, description: impl Into<String>) -> Self {
+    /// Builds an error; `description` is sanitized ([`sanitize_description`]).
+    pub fn new(code: ErrorCode, description: impl AsRef<str>) -> Self {
         OAuthError {
             code,
-            description: description.into(),
+            description: sanitize_description(description.as_ref()),
         }
+    }
+
+    /// The sanitized `error_description`.
+    pub fn description(&self) -> &str {
+        &self.description
     }
 
     /// The RFC 6749 §5.2 JSON body.
@@ -189,6 +230,12 @@ impl ExchangeForm {
         Ok(ExchangeForm { params })
     }
 
+    /// Builds a form from an `application/x-www-form-urlencoded` body
+    /// (RFC 6749 Appendix B); a repeated parameter is `invalid_request`.
+    pub fn from_urlencoded(body: &[u8]) -> Result<Self, OAuthError> {
+        Self::from_pairs(form_urlencoded::parse(body).into_owned().collect())
+    }
+
     /// Sets a parameter.
     pub fn set(mut self, name: &str, value: impl Into<String>) -> Self {
         self.params.insert(name.to_string(), value.into());
@@ -219,8 +266,50 @@ impl ExchangeForm {
     }
 }
 
+/// Checks a token request's `Content-Type`: it must be
+/// `application/x-www-form-urlencoded` (RFC 6749 §3.2), compared
+/// case-insensitively as RFC 9110 §8.3.1 requires for type, subtype and
+/// parameter names, with no `charset` or `charset=utf-8` (any case).
+/// Anything else is `invalid_request`.
+pub fn check_form_content_type(value: Option<&[u8]>) -> Result<(), OAuthError> {
+    let refuse = |why: &str| {
+        OAuthError::new(
+            ErrorCode::InvalidRequest,
+            format!("body must be application/x-www-form-urlencoded: {why}"),
+        )
+    };
+    let value = value.ok_or_else(|| refuse("no Content-Type"))?;
+    let text = std::str::from_utf8(value).map_err(|_| refuse("Content-Type is not ASCII"))?;
+    let parsed: mime::Mime = text
+        .parse()
+        .map_err(|_| refuse("Content-Type does not parse"))?;
+    if parsed.type_() != mime::APPLICATION
+        || parsed.subtype() != mime::WWW_FORM_URLENCODED
+        || parsed.suffix().is_some()
+    {
+        return Err(refuse("another media type"));
+    }
+    match parsed.get_param(mime::CHARSET) {
+        None => Ok(()),
+        Some(cs) if cs == mime::UTF_8 => Ok(()),
+        Some(_) => Err(refuse("the charset must be UTF-8")),
+    }
+}
+
+/// Largest `request_context` or `request_details` value the service accepts,
+/// in bytes of JSON text: both end up inside the Txn-Token (`rctx`, `tctx`),
+/// which travels in a header.
+pub const MAX_CONTEXT_PARAM_BYTES: usize = 2048;
+
+/// Deepest nesting accepted in `request_context` or `request_details` (the
+/// object itself is depth 1).
+pub const MAX_CONTEXT_PARAM_DEPTH: usize = 8;
+
 /// The Txn-Token request parameters (without client authentication), built
 /// the same way by the HTTP client and the in-process mode.
+///
+/// `request_context` and `request_details` are sent when they are not JSON
+/// `null` (the service expects a JSON object or nothing; `null` means "none").
 pub fn exchange_form(
     trust_domain: &str,
     scope: &elevate_core::scope::Scope,
@@ -229,15 +318,22 @@ pub fn exchange_form(
     request_context: &serde_json::Value,
     request_details: &serde_json::Value,
 ) -> ExchangeForm {
-    ExchangeForm::new()
+    let mut form = ExchangeForm::new()
         .set("grant_type", GRANT_TYPE_TOKEN_EXCHANGE)
         .set("requested_token_type", TOKEN_TYPE_TXN_TOKEN)
         .set("audience", trust_domain)
         .set("scope", scope.to_string())
         .set("subject_token", subject_token)
-        .set("subject_token_type", subject_token_type)
-        .set("request_context", request_context.to_string())
-        .set("request_details", request_details.to_string())
+        .set("subject_token_type", subject_token_type);
+    for (name, value) in [
+        ("request_context", request_context),
+        ("request_details", request_details),
+    ] {
+        if !value.is_null() {
+            form = form.set(name, value.to_string());
+        }
+    }
+    form
 }
 
 /// Adds RFC 7523 client authentication to a request.

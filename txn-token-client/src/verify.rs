@@ -63,6 +63,14 @@ pub enum VerifyError {
         /// Verification time.
         now: i64,
     },
+    /// `nbf` after now plus leeway (RFC 7519 §4.1.5).
+    #[error("not valid before {nbf} (now {now})")]
+    NotBefore {
+        /// Not before.
+        nbf: i64,
+        /// Verification time.
+        now: i64,
+    },
     /// The key for this `kid` could not be fetched (TTS down, or refresh rate-limited).
     #[error("signing keys unavailable: {reason}")]
     KeysUnavailable {
@@ -307,7 +315,8 @@ impl TxnTokenVerifier {
     }
 }
 
-/// The claims step: required set, audience, time window. Pure, for tests.
+/// The claims step: required set, audience, time window (`iat`, `exp`, and
+/// `nbf` when present, with the leeway capped at 30 s). Pure, for tests.
 pub fn check_claims(
     value: serde_json::Value,
     trust_domain: &str,
@@ -325,6 +334,13 @@ pub fn check_claims(
     {
         return Err(VerifyError::MissingClaim(missing));
     }
+    let nbf = match value.get("nbf") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| VerifyError::Malformed("nbf is not an integer".into()))?,
+        ),
+    };
     let claims: TxnTokenClaims =
         serde_json::from_value(value).map_err(|e| VerifyError::Malformed(e.to_string()))?;
     if !claims.aud.iter().any(|a| a == trust_domain) {
@@ -358,6 +374,11 @@ pub fn check_claims(
             iat: claims.iat,
             now,
         });
+    }
+    if let Some(nbf) = nbf
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err(VerifyError::NotBefore { nbf, now });
     }
     for (name, v) in [
         ("txn", &claims.txn),
@@ -413,6 +434,30 @@ mod tests {
         assert!(matches!(
             check_claims(claims(now), TD, Duration::from_secs(600), now + 91),
             Err(VerifyError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn nbf_is_honoured_with_the_capped_leeway() {
+        let now = 1_000_000;
+        let with_nbf = |nbf: serde_json::Value| {
+            let mut v = claims(now);
+            v["nbf"] = nbf;
+            v
+        };
+        let lenient = Duration::from_secs(600);
+        assert!(check_claims(with_nbf(json!(now + 30)), TD, lenient, now).is_ok());
+        assert!(check_claims(with_nbf(json!(now - 30)), TD, lenient, now).is_ok());
+        assert!(check_claims(with_nbf(json!(null)), TD, lenient, now).is_ok());
+        for nbf in [now + 31, i64::MAX] {
+            assert_eq!(
+                check_claims(with_nbf(json!(nbf)), TD, lenient, now),
+                Err(VerifyError::NotBefore { nbf, now })
+            );
+        }
+        assert!(matches!(
+            check_claims(with_nbf(json!("soon")), TD, lenient, now),
+            Err(VerifyError::Malformed(_))
         ));
     }
 

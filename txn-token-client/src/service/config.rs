@@ -100,7 +100,9 @@ pub struct ServiceConfig {
     /// `kid` of that key; default: derived from its public key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_kid: Option<String>,
-    /// How many previous signing keys stay published after rotation (default 1).
+    /// How many previous signing keys stay published after rotation (default 1),
+    /// on top of every key retired less than `token_lifetime_secs` + 30 s ago
+    /// (those stay whatever this says, so tokens they signed keep verifying).
     #[serde(default = "default_keep_previous")]
     pub keep_previous_keys: usize,
     /// Enables `POST /admin/rotate-keys` (accepted from loopback peers only).

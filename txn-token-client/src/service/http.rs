@@ -5,21 +5,32 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::FormRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::issuer::Issuer;
-use crate::protocol::{ErrorCode, ExchangeForm, JWKS_PATH, OAuthError};
+use crate::protocol::{
+    ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, check_form_content_type, sanitize_description,
+};
 
 /// Path of the key-rotation admin endpoint.
 pub const ROTATE_PATH: &str = "/admin/rotate-keys";
 /// Largest accepted token request body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// The authentication scheme a 401 challenge names: the one client
+/// authentication method the token endpoint supports (RFC 7523 client
+/// assertion, `private_key_jwt` in the OAuth Token Endpoint Authentication
+/// Methods registry). See the README for why not `Bearer`.
+pub const CLIENT_AUTH_SCHEME: &str = "private_key_jwt";
+/// Longest `Authorization` scheme echoed back in a challenge.
+const MAX_ECHOED_SCHEME: usize = 32;
 
 #[derive(Clone)]
 struct AppState {
@@ -34,30 +45,102 @@ fn no_store(mut resp: Response) -> Response {
     resp
 }
 
+/// The RFC 6749 §5.2 response for `e`; the code rides along as a response
+/// extension so the challenge layer can name it in `WWW-Authenticate`.
 fn error_response(e: &OAuthError) -> Response {
     let status =
         StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    no_store((status, axum::Json(e.body())).into_response())
+    let mut resp = no_store((status, axum::Json(e.body())).into_response());
+    resp.extensions_mut().insert(e.code);
+    resp
+}
+
+/// The token request as the endpoint receives it: the media type is checked
+/// case-insensitively (RFC 9110 §8.3.1), then the urlencoded body is decoded.
+fn token_request(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<ExchangeForm, OAuthError> {
+    check_form_content_type(headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes))?;
+    let body = body.map_err(|rej| {
+        OAuthError::new(
+            ErrorCode::InvalidRequest,
+            format!("request body not read: {rej}"),
+        )
+    })?;
+    ExchangeForm::from_urlencoded(&body)
 }
 
 async fn token(
     State(state): State<AppState>,
-    form: Result<Form<Vec<(String, String)>>, FormRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let pairs = match form {
-        Ok(Form(p)) => p,
-        Err(rej) => {
-            return error_response(&OAuthError::new(
-                ErrorCode::InvalidRequest,
-                format!("body must be application/x-www-form-urlencoded: {rej}"),
-            ));
-        }
-    };
-    let result = ExchangeForm::from_pairs(pairs).and_then(|f| state.issuer.exchange(&f));
+    let result = token_request(&headers, body).and_then(|f| state.issuer.exchange(&f));
     match result {
         Ok(issued) => no_store((StatusCode::OK, axum::Json(issued.response)).into_response()),
         Err(e) => error_response(&e),
     }
+}
+
+/// True for an RFC 9110 `token` (an auth-scheme).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The scheme of an `Authorization` request header, when it is a valid token.
+fn authorization_scheme(value: &HeaderValue) -> Option<String> {
+    let text = value.to_str().ok()?;
+    let scheme = text.trim_start().split(' ').next()?;
+    (is_token(scheme) && scheme.len() <= MAX_ECHOED_SCHEME).then(|| scheme.to_string())
+}
+
+/// The `WWW-Authenticate` challenges of a 401 (RFC 9110 §11.6.1, RFC 6749 §5.2):
+/// one naming [`CLIENT_AUTH_SCHEME`], preceded by one in the scheme the client
+/// used when it tried the `Authorization` header (RFC 6749 §5.2 requires a
+/// challenge "matching the authentication scheme used by the client").
+/// `realm` is the trust domain; `code` is added as `error="..."`.
+pub fn challenges(
+    realm: &str,
+    used_scheme: Option<&str>,
+    code: Option<ErrorCode>,
+) -> Vec<HeaderValue> {
+    let realm = sanitize_description(realm);
+    let params = match code {
+        Some(c) => format!("realm=\"{realm}\", error=\"{}\"", c.as_str()),
+        None => format!("realm=\"{realm}\""),
+    };
+    let mut schemes = Vec::with_capacity(2);
+    if let Some(used) = used_scheme.filter(|s| is_token(s))
+        && !used.eq_ignore_ascii_case(CLIENT_AUTH_SCHEME)
+    {
+        schemes.push(used);
+    }
+    schemes.push(CLIENT_AUTH_SCHEME);
+    schemes
+        .into_iter()
+        .filter_map(|scheme| HeaderValue::from_str(&format!("{scheme} {params}")).ok())
+        .collect()
+}
+
+/// Adds the challenges to every 401 that has none, whichever route produced it.
+async fn www_authenticate(State(realm): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let used = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(authorization_scheme);
+    let mut resp = next.run(req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED
+        && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
+    {
+        let code = resp.extensions().get::<ErrorCode>().copied();
+        for value in challenges(&realm, used.as_deref(), code) {
+            resp.headers_mut().append(header::WWW_AUTHENTICATE, value);
+        }
+    }
+    resp
 }
 
 async fn jwks(State(state): State<AppState>) -> Response {
@@ -92,15 +175,18 @@ async fn rotate(
 }
 
 /// The service's routes: `POST {token_path}`, `GET /.well-known/jwks.json`,
-/// `GET /healthz`, and `POST /admin/rotate-keys` when `admin` is true.
+/// `GET /healthz`, and `POST /admin/rotate-keys` when `admin` is true. Every
+/// 401 carries `WWW-Authenticate` ([`challenges`]).
 pub fn router(issuer: Arc<Issuer>, admin: bool) -> Router {
     let path = issuer.settings().token_path.clone();
+    let realm: Arc<str> = issuer.trust_domain().into();
     Router::new()
         .route(&path, post(token))
         .route(JWKS_PATH, get(jwks))
         .route("/healthz", get(|| async { "ok" }))
         .route(ROTATE_PATH, post(rotate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(realm, www_authenticate))
         .with_state(AppState { issuer, admin })
 }
 

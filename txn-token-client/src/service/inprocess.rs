@@ -31,12 +31,12 @@ pub struct InProcessTts {
 pub fn oauth_to_token_error(e: OAuthError) -> TokenError {
     match e.code {
         ErrorCode::ServerError => TokenError::Unavailable {
-            reason: e.description,
+            reason: e.description().to_string(),
             retry_after: None,
         },
         code => TokenError::Denied {
             code: code.as_str().to_string(),
-            description: Some(e.description),
+            description: Some(e.description().to_string()),
         },
     }
 }

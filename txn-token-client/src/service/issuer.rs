@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use elevate_core::ctxref::{ContextRefVerifier, VerifyPolicy, unix_now};
+use elevate_core::ctxref::{ContextRefVerifier, MAX_LEEWAY, VerifyPolicy, unix_now};
 use elevate_core::jws;
 use elevate_core::keys::{KeyError, KeySet, SigningAlg, SigningKey, sha256_hex};
 use elevate_core::scope::Scope;
@@ -23,8 +23,8 @@ use super::user_issuer::AccessTokenVerifier;
 use crate::assertion::AssertionVerifier;
 use crate::protocol::{
     CLIENT_ASSERTION_TYPE_JWT_BEARER, ErrorCode, ExchangeForm, GRANT_TYPE_TOKEN_EXCHANGE,
-    OAuthError, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN,
-    TokenResponse,
+    MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError, TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse,
 };
 use crate::verify::JwksProvider;
 
@@ -48,7 +48,8 @@ pub struct IssuerSettings {
     pub max_reference_horizon: Duration,
     /// Local cap on delegation chain depth.
     pub max_depth: u32,
-    /// Previous signing keys kept in the JWKS after rotation.
+    /// Previous signing keys kept in the JWKS after rotation, on top of those
+    /// kept for [`IssuerSettings::key_retention`].
     pub keep_previous_keys: usize,
 }
 
@@ -65,6 +66,13 @@ impl IssuerSettings {
             max_depth: 4,
             keep_previous_keys: 1,
         }
+    }
+
+    /// How long a retired signing key stays in the JWKS at least: the longest a
+    /// Txn-Token it signed can be accepted, i.e. the token lifetime (as minted,
+    /// at least 1 s) plus the most leeway any verifier grants ([`MAX_LEEWAY`]).
+    pub fn key_retention(&self) -> Duration {
+        self.token_lifetime.max(Duration::from_secs(1)) + MAX_LEEWAY
     }
 
     /// Sets the Txn-Token lifetime.
@@ -93,9 +101,12 @@ pub struct MintedClaims {
     pub req_wl: String,
     /// Token id.
     pub jti: String,
-    /// Transaction context.
+    /// Transaction context: what the TTS asserts (`txn`, `producer`, `chain`,
+    /// ...), plus the requester's `request_details` object under
+    /// [`TCTX_REQUEST_DETAILS`] when it sent one.
     pub tctx: serde_json::Value,
-    /// Requester context.
+    /// Requester context: `req_wl` (asserted by the TTS), plus the requester's
+    /// `request_context` object under [`RCTX_REQUEST_CONTEXT`] when it sent one.
     pub rctx: serde_json::Value,
 }
 
@@ -137,7 +148,7 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
-fn invalid(code: ErrorCode, d: impl Into<String>) -> OAuthError {
+fn invalid(code: ErrorCode, d: impl AsRef<str>) -> OAuthError {
     OAuthError::new(code, d)
 }
 
@@ -155,7 +166,11 @@ impl Issuer {
             None => format!("{IN_PROCESS_ENDPOINT}{}", settings.token_path),
         };
         Ok(Arc::new(Issuer {
-            ring: KeyRing::new(signing_key, settings.keep_previous_keys)?,
+            ring: KeyRing::new(
+                signing_key,
+                settings.keep_previous_keys,
+                settings.key_retention(),
+            )?,
             assertions: AssertionVerifier::new(settings.leeway, Duration::from_secs(300)),
             settings,
             registry,
@@ -311,7 +326,8 @@ impl Issuer {
         self.ring.current().kid().to_string()
     }
 
-    /// Rotates to a fresh ES256 key; the old key stays published. Returns the new `kid`.
+    /// Rotates to a fresh ES256 key; the old key stays published for at least
+    /// [`IssuerSettings::key_retention`], however often keys rotate. Returns the new `kid`.
     pub fn rotate_keys(&self) -> Result<String, KeyError> {
         let kid = self.ring.rotate()?;
         tracing::info!(kid = %kid, "signing key rotated");
@@ -323,7 +339,7 @@ impl Issuer {
         match self.exchange_inner(form) {
             Ok(issued) => Ok(issued),
             Err(e) => {
-                tracing::info!(code = %e.code, reason = %e.description, "txn-token request refused");
+                tracing::info!(code = %e.code, reason = %e.description(), "txn-token request refused");
                 Err(e)
             }
         }
@@ -367,7 +383,7 @@ impl Issuer {
         let request_context = json_object_param(form, "request_context")?;
         let request_details = json_object_param(form, "request_details")?;
         // 4. subject token
-        let subject = match subject_token_type {
+        let mut subject = match subject_token_type {
             TOKEN_TYPE_JWT => self.context_reference(subject_token, &requester)?,
             TOKEN_TYPE_ACCESS_TOKEN => self.user_token(subject_token)?,
             other => {
@@ -380,12 +396,15 @@ impl Issuer {
         // 5. scope: requested ⊆ subject ceiling ∩ registry allowance, all known
         let requested_scope = Scope::parse(scope_param);
         let granted = self.decide_scope(&requested_scope, &subject.ceiling, &requester)?;
-        // 6. mint
-        let rctx = serde_json::json!({
-            "req_wl": requester,
-            "request_context": request_context,
-            "request_details": request_details,
-        });
+        // 6. mint: the requester's objects each go under one member of their
+        // own, beside what the TTS asserts, so they can never stand in for it.
+        if let (Some(details), Some(tctx)) = (request_details, subject.tctx.as_object_mut()) {
+            tctx.insert(TCTX_REQUEST_DETAILS.to_string(), details);
+        }
+        let mut rctx = serde_json::json!({ "req_wl": requester });
+        if let (Some(context), Some(r)) = (request_context, rctx.as_object_mut()) {
+            r.insert(RCTX_REQUEST_CONTEXT.to_string(), context);
+        }
         self.mint(subject, granted, requester, rctx)
     }
 
@@ -568,17 +587,44 @@ impl Issuer {
     }
 }
 
-/// An optional parameter that must be a JSON object when present.
-fn json_object_param(form: &ExchangeForm, name: &str) -> Result<serde_json::Value, OAuthError> {
+/// The `tctx` member that carries the requester's `request_details` object.
+pub const TCTX_REQUEST_DETAILS: &str = "request_details";
+/// The `rctx` member that carries the requester's `request_context` object.
+pub const RCTX_REQUEST_CONTEXT: &str = "request_context";
+
+/// Nesting depth of a JSON value (a scalar is 0, `{}` is 1).
+fn json_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// An optional parameter that must be a JSON object when present, of at most
+/// [`MAX_CONTEXT_PARAM_BYTES`] and [`MAX_CONTEXT_PARAM_DEPTH`] levels.
+fn json_object_param(
+    form: &ExchangeForm,
+    name: &str,
+) -> Result<Option<serde_json::Value>, OAuthError> {
     let Some(raw) = form.get(name) else {
-        return Ok(serde_json::Value::Null);
+        return Ok(None);
     };
+    let refuse = |why: String| invalid(ErrorCode::InvalidRequest, format!("{name} {why}"));
+    if raw.len() > MAX_CONTEXT_PARAM_BYTES {
+        return Err(refuse(format!(
+            "is {} bytes, more than the {MAX_CONTEXT_PARAM_BYTES} accepted",
+            raw.len()
+        )));
+    }
+    // serde_json refuses nesting past 128 levels itself, so the depth walk is bounded.
     match serde_json::from_str::<serde_json::Value>(raw) {
-        Ok(v) if v.is_object() => Ok(v),
-        _ => Err(invalid(
-            ErrorCode::InvalidRequest,
-            format!("{name} must be a JSON object"),
-        )),
+        Ok(v) if !v.is_object() => Err(refuse("must be a JSON object".into())),
+        Ok(v) if json_depth(&v) > MAX_CONTEXT_PARAM_DEPTH => Err(refuse(format!(
+            "nests deeper than {MAX_CONTEXT_PARAM_DEPTH} levels"
+        ))),
+        Ok(v) => Ok(Some(v)),
+        Err(e) => Err(refuse(format!("is not JSON: {e}"))),
     }
 }
 

@@ -1,25 +1,38 @@
 //! The service's signing keys: one current key signs, the previous ones stay
 //! published in the JWKS so tokens in flight keep verifying after a rotation.
+//!
+//! A retired key stays published while a token it signed can still be
+//! accepted (the ring's *retention*: token lifetime plus verifier leeway),
+//! however many rotations happen meanwhile; `keep_previous` only adds keys
+//! kept beyond that.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use elevate_core::keys::{KeyError, KeySet, SigningAlg, SigningKey};
 use parking_lot::Mutex;
 
+/// A key that no longer signs, and when it stopped.
+#[derive(Debug, Clone)]
+struct Retired {
+    key: SigningKey,
+    at: Instant,
+}
+
 #[derive(Debug)]
 struct Ring {
     current: SigningKey,
-    previous: Vec<SigningKey>,
+    previous: Vec<Retired>,
     jwks: serde_json::Value,
     keyset: KeySet,
 }
 
 impl Ring {
-    fn build(current: SigningKey, previous: Vec<SigningKey>) -> Result<Self, KeyError> {
+    fn build(current: SigningKey, previous: Vec<Retired>) -> Result<Self, KeyError> {
         let mut keyset = KeySet::new();
         let mut jwks = Vec::with_capacity(previous.len() + 1);
-        for k in std::iter::once(&current).chain(previous.iter()) {
+        for k in std::iter::once(&current).chain(previous.iter().map(|r| &r.key)) {
             keyset.insert_signing_key(k)?;
             jwks.push(
                 serde_json::to_value(k.public_jwk()).map_err(|e| KeyError::InvalidJwk {
@@ -42,6 +55,7 @@ impl Ring {
 pub struct KeyRing {
     ring: ArcSwap<Ring>,
     keep_previous: usize,
+    retention: Duration,
     write: Mutex<()>,
 }
 
@@ -68,13 +82,26 @@ pub fn generate_key() -> Result<SigningKey, KeyError> {
 }
 
 impl KeyRing {
-    /// A ring with `current` signing and up to `keep_previous` older keys published.
-    pub fn new(current: SigningKey, keep_previous: usize) -> Result<Self, KeyError> {
+    /// A ring with `current` signing. After a rotation a retired key stays
+    /// published for at least `retention` (give it the longest a token can be
+    /// accepted: token lifetime plus verifier leeway), and the `keep_previous`
+    /// most recently retired keys stay published even longer.
+    pub fn new(
+        current: SigningKey,
+        keep_previous: usize,
+        retention: Duration,
+    ) -> Result<Self, KeyError> {
         Ok(KeyRing {
             ring: ArcSwap::from_pointee(Ring::build(current, Vec::new())?),
             keep_previous,
+            retention,
             write: Mutex::new(()),
         })
+    }
+
+    /// How long a retired key stays published at least.
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     /// The key that signs new tokens.
@@ -82,7 +109,7 @@ impl KeyRing {
         self.ring.load().current.clone()
     }
 
-    /// The published JWKS document (current first, then previous keys).
+    /// The published JWKS document (current first, then previous keys, newest first).
     pub fn jwks(&self) -> serde_json::Value {
         self.ring.load().jwks.clone()
     }
@@ -92,15 +119,28 @@ impl KeyRing {
         self.ring.load().keyset.clone()
     }
 
-    /// Makes `next` the signing key; the old one stays published. Returns the new `kid`.
+    /// Makes `next` the signing key; the old one stays published (see
+    /// [`KeyRing::new`] for how long). Returns the new `kid`.
     pub fn rotate_to(&self, next: SigningKey) -> Result<String, KeyError> {
+        self.rotate_to_at(next, Instant::now())
+    }
+
+    /// [`KeyRing::rotate_to`] at an explicit time (tests move the clock).
+    fn rotate_to_at(&self, next: SigningKey, now: Instant) -> Result<String, KeyError> {
         let _w = self.write.lock();
         let old = self.ring.load_full();
-        let mut previous = Vec::with_capacity(self.keep_previous);
-        if self.keep_previous > 0 {
-            previous.push(old.current.clone());
-            previous.extend(old.previous.iter().take(self.keep_previous - 1).cloned());
-        }
+        let retired = std::iter::once(Retired {
+            key: old.current.clone(),
+            at: now,
+        })
+        .chain(old.previous.iter().cloned());
+        let previous: Vec<Retired> = retired
+            .enumerate()
+            .filter(|(i, r)| {
+                *i < self.keep_previous || now.saturating_duration_since(r.at) < self.retention
+            })
+            .map(|(_, r)| r)
+            .collect();
         let kid = next.kid().to_string();
         self.ring.store(Arc::new(Ring::build(next, previous)?));
         Ok(kid)
@@ -116,9 +156,19 @@ impl KeyRing {
 mod tests {
     use super::*;
 
+    fn kids(ring: &KeyRing) -> Vec<String> {
+        ring.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     #[test]
-    fn rotation_keeps_previous() {
-        let ring = KeyRing::new(generate_key().unwrap(), 1).unwrap();
+    fn rotation_keeps_previous_beyond_the_retention() {
+        // No retention: keep_previous alone decides, as before.
+        let ring = KeyRing::new(generate_key().unwrap(), 1, Duration::ZERO).unwrap();
         let k0 = ring.current().kid().to_string();
         let k1 = ring.rotate().unwrap();
         assert_ne!(k0, k1);
@@ -127,7 +177,49 @@ mod tests {
         let k2 = ring.rotate().unwrap();
         let ks = ring.keyset();
         assert!(ks.get(&k0).is_none() && ks.get(&k1).is_some() && ks.get(&k2).is_some());
-        assert_eq!(ring.jwks()["keys"].as_array().unwrap().len(), 2);
-        assert_eq!(ring.jwks()["keys"][0]["kid"], k2);
+        assert_eq!(kids(&ring), vec![k2, k1]);
+        let none = KeyRing::new(generate_key().unwrap(), 0, Duration::ZERO).unwrap();
+        let k = none.rotate().unwrap();
+        assert_eq!(kids(&none), vec![k]);
+    }
+
+    #[test]
+    fn retired_keys_stay_for_the_retention_whatever_keep_previous_says() {
+        let retention = Duration::from_secs(90);
+        for keep in [0, 2] {
+            let ring = KeyRing::new(generate_key().unwrap(), keep, retention).unwrap();
+            let t0 = Instant::now();
+            let k0 = ring.current().kid().to_string();
+            let mut all = vec![k0];
+            // three rotations within one retention: every key stays published
+            for i in 0..3u64 {
+                let k = ring
+                    .rotate_to_at(generate_key().unwrap(), t0 + Duration::from_secs(i))
+                    .unwrap();
+                all.push(k);
+            }
+            let mut newest_first = all.clone();
+            newest_first.reverse();
+            assert_eq!(kids(&ring), newest_first, "keep_previous {keep}");
+            // k0 retired at t0, k1 at t0+1, k2 at t0+2: at t0+91 the first two
+            // are past the retention, k2 (89 s) and k3 (just retired) are not
+            let k4 = ring
+                .rotate_to_at(generate_key().unwrap(), t0 + Duration::from_secs(91))
+                .unwrap();
+            assert_eq!(
+                kids(&ring),
+                vec![k4.clone(), all[3].clone(), all[2].clone()],
+                "keep_previous {keep}"
+            );
+            // long after: the key just retired, plus keep_previous beyond it
+            let k5 = ring
+                .rotate_to_at(generate_key().unwrap(), t0 + Duration::from_secs(500))
+                .unwrap();
+            let mut expected = vec![k5, k4];
+            if keep == 2 {
+                expected.push(all[3].clone());
+            }
+            assert_eq!(kids(&ring), expected, "keep_previous {keep}");
+        }
     }
 }

@@ -106,9 +106,10 @@ async fn happy_path_and_claims() {
     assert_eq!(tctx["producer"], PRODUCER);
     assert_eq!(tctx["destination"], "orders");
     assert_eq!(tctx["chain"], serde_json::json!([PRODUCER]));
+    assert_eq!(tctx["request_details"]["source"]["topic"], "orders");
     assert_eq!(
-        t.claims.rctx.unwrap()["request_details"]["source"]["topic"],
-        "orders"
+        t.claims.rctx.unwrap()["request_context"]["mode"],
+        "in-process"
     );
     assert!(t.claims.exp - t.claims.iat == 60);
 }
@@ -460,4 +461,681 @@ async fn removed_origin_producer_denies_the_whole_chain() {
     let c = chain_world();
     assert!(c.w.issuer.revoke_workload(PRODUCER));
     assert_eq!(denied_code(exchange_final(&c).await), "invalid_grant");
+}
+
+// ---- conformance: RFC 7523 §3 nbf, RFC 6749 §5.2, RFC 9110, the draft's context mapping ----
+
+use crate::assertion::{ASSERTION_TYP, AssertionClaims};
+use crate::protocol::{
+    ExchangeForm, MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError, is_description_char,
+};
+
+/// A client assertion for `CONSUMER` with explicit `iat`/`exp`/`nbf`.
+fn assertion_with(w: &World, iat: i64, exp: i64, nbf: Option<i64>) -> String {
+    elevate_core::jws::sign(
+        &w.consumer_key,
+        ASSERTION_TYP,
+        &AssertionClaims {
+            iss: CONSUMER.into(),
+            sub: CONSUMER.into(),
+            aud: vec![w.issuer.token_endpoint()],
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp,
+            nbf,
+        },
+    )
+    .unwrap()
+}
+
+fn fresh_assertion(w: &World) -> String {
+    sign_assertion(
+        &w.consumer_key,
+        CONSUMER,
+        &w.issuer.token_endpoint(),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+fn good_form(w: &World, reference: &str) -> ExchangeForm {
+    with_client_assertion(
+        exchange_form(
+            TD,
+            &Scope::parse("orders.read"),
+            reference,
+            TOKEN_TYPE_JWT,
+            &serde_json::json!({"mode": "test"}),
+            &serde_json::json!({"message_id": "m1"}),
+        ),
+        &fresh_assertion(w),
+    )
+}
+
+#[test]
+fn assertion_with_future_nbf_is_invalid_client() {
+    let w = world();
+    let r = reference(&w, CONSUMER, "orders.read");
+    let now = unix_now();
+    let form = |nbf| {
+        with_client_assertion(
+            exchange_form(
+                TD,
+                &Scope::parse("orders.read"),
+                &r.token,
+                TOKEN_TYPE_JWT,
+                &serde_json::Value::Null,
+                &serde_json::Value::Null,
+            ),
+            &assertion_with(&w, now, now + 60, nbf),
+        )
+    };
+    for nbf in [now + 31, now + 3600, i64::MAX] {
+        let e = w.issuer.exchange(&form(Some(nbf))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidClient, "nbf {nbf}: {e}");
+        assert!(e.description().contains("not valid before"), "{e}");
+    }
+    for nbf in [Some(now + 29), Some(now - 10), None] {
+        assert!(w.issuer.exchange(&form(nbf)).is_ok(), "nbf {nbf:?}");
+    }
+}
+
+#[test]
+fn reference_with_future_nbf_is_invalid_grant() {
+    let w = world();
+    let mut claims = reference(&w, CONSUMER, "orders.read").claims;
+    claims.nbf = Some(unix_now() + 120);
+    let future = w.producer.sign(claims.clone()).unwrap();
+    let e = w
+        .issuer
+        .exchange(&good_form(&w, &future.token))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidGrant, "{e}");
+    assert!(e.description().contains("not valid before"), "{e}");
+    claims.nbf = Some(unix_now() - 1);
+    let past = w.producer.sign(claims).unwrap();
+    assert!(w.issuer.exchange(&good_form(&w, &past.token)).is_ok());
+}
+
+#[test]
+fn request_details_feed_tctx_and_request_context_feeds_rctx() {
+    let w = world();
+    let r = reference(&w, CONSUMER, "orders.read");
+    let details = serde_json::json!({
+        "source": {"topic": "orders", "offset": 7},
+        // attempts to speak for the TTS: they stay inside request_details
+        "txn": "forged", "producer": "spiffe://example.org/mallory",
+        "chain": ["spiffe://example.org/mallory"], "depth": 0,
+    });
+    let context = serde_json::json!({"mode": "async", "req_wl": "spiffe://example.org/mallory"});
+    let form = with_client_assertion(
+        exchange_form(
+            TD,
+            &Scope::parse("orders.read"),
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &context,
+            &details,
+        ),
+        &fresh_assertion(&w),
+    );
+    let issued = w.issuer.exchange(&form).unwrap();
+    let tctx = &issued.claims.tctx;
+    assert_eq!(tctx[super::issuer::TCTX_REQUEST_DETAILS], details);
+    assert_eq!(tctx["txn"], "txn-1");
+    assert_eq!(tctx["producer"], PRODUCER);
+    assert_eq!(tctx["chain"], serde_json::json!([PRODUCER]));
+    assert_eq!(tctx["depth"], 0);
+    let rctx = &issued.claims.rctx;
+    assert_eq!(rctx["req_wl"], CONSUMER);
+    assert_eq!(rctx["request_context"], context);
+    assert!(
+        rctx.get("request_details").is_none(),
+        "details moved to tctx"
+    );
+
+    // absent parameters leave no trace
+    let bare = with_client_assertion(
+        exchange_form(
+            TD,
+            &Scope::parse("orders.read"),
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &serde_json::Value::Null,
+            &serde_json::Value::Null,
+        ),
+        &fresh_assertion(&w),
+    );
+    let issued = w.issuer.exchange(&bare).unwrap();
+    assert!(issued.claims.tctx.get("request_details").is_none());
+    assert_eq!(issued.claims.rctx, serde_json::json!({"req_wl": CONSUMER}));
+}
+
+#[test]
+fn context_parameters_are_bounded_objects() {
+    let w = world();
+    let r = reference(&w, CONSUMER, "orders.read");
+    let big = format!(r#"{{"k":"{}"}}"#, "x".repeat(MAX_CONTEXT_PARAM_BYTES));
+    let mut deep = String::from("1");
+    for _ in 0..MAX_CONTEXT_PARAM_DEPTH {
+        deep = format!(r#"{{"a":{deep}}}"#);
+    }
+    let too_deep = format!(r#"{{"b":{deep}}}"#);
+    for name in ["request_details", "request_context"] {
+        for bad in ["[1]", "\"s\"", "null", "{", big.as_str(), too_deep.as_str()] {
+            let e = w
+                .issuer
+                .exchange(&good_form(&w, &r.token).set(name, bad))
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{name}={bad:.40}: {e}");
+            assert!(e.description().starts_with(name), "{e}");
+        }
+        let max_size = format!(r#"{{"k":"{}"}}"#, "x".repeat(MAX_CONTEXT_PARAM_BYTES - 8));
+        for fine in [deep.as_str(), max_size.as_str(), "{}"] {
+            w.issuer
+                .exchange(&good_form(&w, &r.token).set(name, fine))
+                .unwrap_or_else(|e| panic!("{name}={fine:.40}: {e}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn null_request_details_are_not_sent() {
+    // TokenRequest::request_details may be JSON null (no coordinates): the
+    // client omits the parameter instead of sending the string "null".
+    let w = world();
+    let r = reference(&w, CONSUMER, "orders.read");
+    let form = exchange_form(
+        TD,
+        &Scope::parse("orders.read"),
+        &r.token,
+        TOKEN_TYPE_JWT,
+        &serde_json::Value::Null,
+        &serde_json::Value::Null,
+    );
+    assert!(form.get("request_details").is_none());
+    assert!(form.get("request_context").is_none());
+    let t = consumer(&w)
+        .acquire(&TokenRequest {
+            reference: &r,
+            scope: &Scope::parse("orders.read"),
+            request_details: serde_json::Value::Null,
+        })
+        .await
+        .unwrap();
+    assert!(t.claims.tctx.unwrap().get("request_details").is_none());
+}
+
+/// Every refusal the issuer can be driven to, with values chosen to carry
+/// quotes, backslashes, control and non-ASCII characters into descriptions.
+fn every_refusal(w: &World) -> Vec<(&'static str, ExchangeForm)> {
+    let r = reference(w, CONSUMER, "orders.read");
+    let good = || good_form(w, &r.token);
+    let now = unix_now();
+    let nasty = "a\"b\\c\u{7}d\u{e9}\u{1F600}\ne";
+    let mut expired = r.claims.clone();
+    expired.iat = now - 600;
+    expired.exp = now - 300;
+    let expired = w.producer.sign(expired).unwrap().token;
+    let mut not_before = r.claims.clone();
+    not_before.nbf = Some(now + 600);
+    let not_before = w.producer.sign(not_before).unwrap().token;
+    let for_other = reference(w, OTHER, "orders.read").token;
+    let wide = reference(w, CONSUMER, "orders.read orders.write").token;
+    let narrow = reference(w, CONSUMER, "orders.write").token;
+    let forger = SigningKey::generate(SigningAlg::ES256, "billing-1").unwrap();
+    let forged = sign_assertion(
+        &forger,
+        CONSUMER,
+        &w.issuer.token_endpoint(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let elsewhere =
+        sign_assertion(&w.consumer_key, CONSUMER, nasty, Duration::from_secs(30)).unwrap();
+    let not_owner = sign_assertion(
+        &w.consumer_key,
+        nasty,
+        &w.issuer.token_endpoint(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let replayed = fresh_assertion(w);
+    assert!(
+        w.issuer
+            .exchange(&with_client_assertion(good(), &replayed))
+            .is_ok()
+    );
+    let rogue_idp = TestIssuer::new("https://idp.example.org", "elevate").unwrap();
+    let rogue_at = rogue_idp
+        .issue_access_token("mallory", "orders.read", Duration::from_secs(60))
+        .unwrap();
+    let at_form = |at: &str| {
+        good().set("subject_token", at).set(
+            "subject_token_type",
+            crate::protocol::TOKEN_TYPE_ACCESS_TOKEN,
+        )
+    };
+    vec![
+        ("missing grant_type", good().set("grant_type", "")),
+        ("unsupported grant_type", good().set("grant_type", nasty)),
+        (
+            "no client authentication",
+            good().set("client_assertion", ""),
+        ),
+        (
+            "unsupported assertion type",
+            good().set("client_assertion_type", nasty),
+        ),
+        ("malformed assertion", good().set("client_assertion", nasty)),
+        ("forged assertion", with_client_assertion(good(), &forged)),
+        (
+            "assertion for another endpoint",
+            with_client_assertion(good(), &elsewhere),
+        ),
+        (
+            "assertion issuer not key owner",
+            with_client_assertion(good(), &not_owner),
+        ),
+        ("client_id mismatch", good().set("client_id", nasty)),
+        (
+            "replayed assertion",
+            with_client_assertion(good(), &replayed),
+        ),
+        (
+            "expired assertion",
+            with_client_assertion(good(), &assertion_with(w, now - 200, now - 100, None)),
+        ),
+        (
+            "long-lived assertion",
+            with_client_assertion(good(), &assertion_with(w, now, now + 3600, None)),
+        ),
+        (
+            "assertion issued in the future",
+            with_client_assertion(good(), &assertion_with(w, now + 600, now + 660, None)),
+        ),
+        (
+            "assertion nbf in the future",
+            with_client_assertion(good(), &assertion_with(w, now, now + 60, Some(now + 600))),
+        ),
+        (
+            "missing requested_token_type",
+            good().set("requested_token_type", ""),
+        ),
+        (
+            "wrong requested_token_type",
+            good().set("requested_token_type", nasty),
+        ),
+        ("missing audience", good().set("audience", "")),
+        ("wrong audience", good().set("audience", nasty)),
+        ("missing subject_token", good().set("subject_token", "")),
+        (
+            "missing subject_token_type",
+            good().set("subject_token_type", ""),
+        ),
+        ("missing scope", good().set("scope", "")),
+        (
+            "request_context not an object",
+            good().set("request_context", nasty),
+        ),
+        (
+            "request_details not an object",
+            good().set("request_details", "[\"\\\\\"]"),
+        ),
+        (
+            "request_details too large",
+            good().set(
+                "request_details",
+                format!("{{\"k\":\"{}\"}}", "\\\"".repeat(MAX_CONTEXT_PARAM_BYTES)),
+            ),
+        ),
+        (
+            "unsupported subject_token_type",
+            good().set("subject_token_type", nasty),
+        ),
+        ("malformed reference", good().set("subject_token", nasty)),
+        ("expired reference", good().set("subject_token", expired)),
+        (
+            "reference not yet valid",
+            good().set("subject_token", not_before),
+        ),
+        (
+            "reference for another workload",
+            good().set("subject_token", for_other),
+        ),
+        ("bad access token", at_form(nasty)),
+        ("access token of another issuer", at_form(&rogue_at)),
+        ("unknown scope", good().set("scope", nasty)),
+        (
+            "scope beyond the registry",
+            good()
+                .set("subject_token", wide)
+                .set("scope", "orders.write"),
+        ),
+        (
+            "scope beyond the reference",
+            good().set("subject_token", narrow),
+        ),
+    ]
+}
+
+fn assert_description_charset(what: &str, e: &OAuthError) {
+    let d = e.description();
+    assert!(!d.is_empty(), "{what}: empty description");
+    assert!(
+        d.chars().all(is_description_char),
+        "{what}: error_description outside RFC 6749 §5.2: {d:?}"
+    );
+    let body = serde_json::to_value(e.body()).unwrap();
+    assert_eq!(body["error_description"], d, "{what}");
+}
+
+#[test]
+fn every_error_description_is_within_the_rfc6749_character_set() {
+    let w = world();
+    let mut codes = std::collections::HashSet::new();
+    for (what, form) in every_refusal(&w) {
+        let e = w.issuer.exchange(&form).expect_err(what);
+        assert_description_charset(what, &e);
+        codes.insert(e.code);
+    }
+    // the form layer: repeated parameter, bad media type
+    let e = ExchangeForm::from_pairs(vec![
+        ("a\"\\\u{1}".into(), "1".into()),
+        ("a\"\\\u{1}".into(), "2".into()),
+    ])
+    .unwrap_err();
+    assert_description_charset("repeated parameter", &e);
+    let e =
+        crate::protocol::check_form_content_type(Some(b"text/plain; charset=\"\\\"")).unwrap_err();
+    assert_description_charset("bad media type", &e);
+    // a suspended workload authenticates and gets unauthorized_client
+    assert!(w.issuer.suspend_workload(CONSUMER));
+    let r = reference(&w, CONSUMER, "orders.read");
+    let e = w.issuer.exchange(&good_form(&w, &r.token)).unwrap_err();
+    assert_description_charset("suspended workload", &e);
+    codes.insert(e.code);
+    // every code but server_error (a signing failure) was driven
+    for code in [
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidClient,
+        ErrorCode::InvalidGrant,
+        ErrorCode::UnauthorizedClient,
+        ErrorCode::UnsupportedGrantType,
+        ErrorCode::InvalidScope,
+        ErrorCode::InvalidTarget,
+    ] {
+        assert!(codes.contains(&code), "{code} never triggered");
+    }
+}
+
+#[test]
+fn the_constructor_sanitizes_any_text() {
+    let all: String = (0u32..0x3000).filter_map(char::from_u32).collect();
+    for chunk in all.chars().collect::<Vec<_>>().chunks(200) {
+        let text: String = chunk.iter().collect();
+        let e = OAuthError::new(ErrorCode::InvalidRequest, &text);
+        assert!(e.description().chars().all(is_description_char), "{text:?}");
+    }
+    let e = OAuthError::new(ErrorCode::InvalidRequest, "say \"hi\" \\ now\n");
+    assert_eq!(e.description(), "say 'hi' / now ");
+    let long = OAuthError::new(ErrorCode::InvalidRequest, "x".repeat(10_000));
+    assert_eq!(
+        long.description().len(),
+        crate::protocol::MAX_DESCRIPTION_LEN
+    );
+    assert!(long.description().ends_with("..."));
+    let exact = "y".repeat(crate::protocol::MAX_DESCRIPTION_LEN);
+    assert_eq!(
+        OAuthError::new(ErrorCode::InvalidRequest, &exact).description(),
+        exact
+    );
+}
+
+#[tokio::test]
+async fn rotating_more_often_than_keep_previous_keeps_tokens_verifying() {
+    let w = world();
+    assert_eq!(w.issuer.settings().keep_previous_keys, 1);
+    let tts = consumer(&w);
+    let r = reference(&w, CONSUMER, "orders.read");
+    let before = tts
+        .exchange(
+            &r.token,
+            TOKEN_TYPE_JWT,
+            &Scope::parse("orders.read"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    let first_kid = w.issuer.current_kid();
+    for _ in 0..4 {
+        w.issuer.rotate_keys().unwrap();
+    }
+    assert_eq!(w.issuer.jwks()["keys"].as_array().unwrap().len(), 5);
+    let v = crate::verify::TxnTokenVerifier::from_keys(TD, w.issuer.public_keys());
+    assert!(v.verify(before.token.expose()).await.is_ok());
+    assert!(w.issuer.public_keys().get(&first_kid).is_some());
+    assert_eq!(
+        w.issuer.settings().key_retention(),
+        Duration::from_secs(60 + 30)
+    );
+}
+
+// ---- over HTTP (axum on loopback) ----
+
+struct Http {
+    w: World,
+    running: RunningTts,
+    http: reqwest::Client,
+}
+
+async fn http_world() -> Http {
+    let w = world();
+    let running = RunningTts::start(w.issuer.clone(), "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    Http {
+        w,
+        running,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Http {
+    fn assertion(&self) -> String {
+        sign_assertion(
+            &self.w.consumer_key,
+            CONSUMER,
+            &self.running.token_endpoint(),
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    }
+
+    fn body(&self, form: &ExchangeForm) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.pairs())
+            .finish()
+    }
+
+    async fn post(
+        &self,
+        content_type: Option<&str>,
+        body: String,
+        authorization: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self.http.post(self.running.token_endpoint()).body(body);
+        if let Some(ct) = content_type {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if let Some(a) = authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+fn challenges_of(resp: &reqwest::Response) -> Vec<String> {
+    resp.headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn media_type_is_case_insensitive() {
+    let h = http_world().await;
+    let r = reference(&h.w, CONSUMER, "orders.read");
+    let form = || {
+        with_client_assertion(
+            exchange_form(
+                TD,
+                &Scope::parse("orders.read"),
+                &r.token,
+                TOKEN_TYPE_JWT,
+                &serde_json::json!({}),
+                &serde_json::json!({}),
+            ),
+            &h.assertion(),
+        )
+    };
+    for ct in [
+        "application/x-www-form-urlencoded",
+        "Application/X-WWW-Form-Urlencoded; charset=UTF-8",
+        "APPLICATION/X-WWW-FORM-URLENCODED;CHARSET=utf-8",
+        "application/x-www-form-urlencoded; Charset=\"UTF-8\"",
+    ] {
+        let resp = h.post(Some(ct), h.body(&form()), None).await;
+        let status = resp.status().as_u16();
+        assert_eq!(status, 200, "{ct}: {}", resp.text().await.unwrap());
+    }
+    for ct in [
+        None,
+        Some("application/json"),
+        Some("application/x-www-form-urlencodedX"),
+        Some("application/x-www-form-urlencoded-extra"),
+        Some("text/x-www-form-urlencoded"),
+        Some("application/x-www-form-urlencoded; charset=iso-8859-1"),
+        Some("not a media type"),
+    ] {
+        let resp = h.post(ct, h.body(&form()), None).await;
+        assert_eq!(resp.status().as_u16(), 400, "{ct:?}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request", "{ct:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_401_carries_www_authenticate() {
+    let h = http_world().await;
+    let r = reference(&h.w, CONSUMER, "orders.read");
+    let base = exchange_form(
+        TD,
+        &Scope::parse("orders.read"),
+        &r.token,
+        TOKEN_TYPE_JWT,
+        &serde_json::json!({}),
+        &serde_json::json!({}),
+    );
+    let replayed = h.assertion();
+    let ok = h
+        .post(
+            Some("application/x-www-form-urlencoded"),
+            h.body(&with_client_assertion(base.clone(), &replayed)),
+            None,
+        )
+        .await;
+    assert_eq!(ok.status().as_u16(), 200);
+    assert!(challenges_of(&ok).is_empty(), "no challenge on success");
+    let now = unix_now();
+    let future_nbf = elevate_core::jws::sign(
+        &h.w.consumer_key,
+        ASSERTION_TYP,
+        &AssertionClaims {
+            iss: CONSUMER.into(),
+            sub: CONSUMER.into(),
+            aud: vec![h.running.token_endpoint()],
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat: now,
+            exp: now + 60,
+            nbf: Some(now + 600),
+        },
+    )
+    .unwrap();
+    let cases = [
+        ("no client authentication", base.clone()),
+        (
+            "garbage assertion",
+            with_client_assertion(base.clone(), "x.y.z"),
+        ),
+        (
+            "replayed assertion",
+            with_client_assertion(base.clone(), &replayed),
+        ),
+        (
+            "assertion nbf in the future",
+            with_client_assertion(base.clone(), &future_nbf),
+        ),
+    ];
+    let want = format!("private_key_jwt realm=\"{TD}\", error=\"invalid_client\"");
+    for (what, form) in &cases {
+        let resp = h
+            .post(
+                Some("application/x-www-form-urlencoded"),
+                h.body(form),
+                None,
+            )
+            .await;
+        assert_eq!(resp.status().as_u16(), 401, "{what}");
+        assert_eq!(challenges_of(&resp), vec![want.clone()], "{what}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_client", "{what}");
+    }
+    // a client that tried the Authorization header gets a challenge in its scheme too
+    let resp = h
+        .post(
+            Some("application/x-www-form-urlencoded"),
+            h.body(&base),
+            Some("Basic Y2xpZW50OnNlY3JldA=="),
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(
+        challenges_of(&resp),
+        vec![
+            format!("Basic realm=\"{TD}\", error=\"invalid_client\""),
+            want.clone()
+        ]
+    );
+    // a scheme that is not an RFC 9110 token is not echoed
+    let resp = h
+        .post(
+            Some("application/x-www-form-urlencoded"),
+            h.body(&base),
+            Some("Ba\"sic x"),
+        )
+        .await;
+    assert_eq!(challenges_of(&resp), vec![want]);
+    h.running.shutdown().await.unwrap();
+}
+
+#[test]
+fn challenges_are_valid_header_values_for_any_realm() {
+    let c = super::http::challenges(
+        "td\"\\\u{1}é",
+        Some("Bearer"),
+        Some(ErrorCode::InvalidClient),
+    );
+    let c: Vec<&str> = c.iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(
+        c,
+        vec![
+            "Bearer realm=\"td'/??\", error=\"invalid_client\"",
+            "private_key_jwt realm=\"td'/??\", error=\"invalid_client\""
+        ]
+    );
+    let c = super::http::challenges("td", Some("PRIVATE_KEY_JWT"), None);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].to_str().unwrap(), "private_key_jwt realm=\"td\"");
 }

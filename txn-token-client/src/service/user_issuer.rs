@@ -29,6 +29,9 @@ pub struct UserClaims {
     /// Issued at.
     #[serde(default)]
     pub iat: Option<i64>,
+    /// Not before (RFC 7519 §4.1.5), when present.
+    #[serde(default)]
+    pub nbf: Option<i64>,
     /// Granted scope (space-delimited).
     #[serde(default)]
     pub scope: Option<String>,
@@ -53,7 +56,7 @@ pub enum AccessTokenError {
     /// `aud` does not include the configured audience.
     #[error("audience does not include {0:?}")]
     WrongAudience(String),
-    /// Expired or issued in the future.
+    /// Expired, issued in the future or not valid yet (`nbf`).
     #[error("access token outside its validity window")]
     Time,
     /// Empty `sub`.
@@ -125,12 +128,64 @@ impl AccessTokenVerifier {
             return Err(AccessTokenError::WrongAudience(self.audience.clone()));
         }
         let now = unix_now();
-        if claims.exp + self.leeway <= now || claims.iat.is_some_and(|i| i > now + self.leeway) {
+        let future = |t: Option<i64>| t.is_some_and(|t| t > now.saturating_add(self.leeway));
+        if claims.exp.saturating_add(self.leeway) <= now || future(claims.iat) || future(claims.nbf)
+        {
             return Err(AccessTokenError::Time);
         }
         if claims.sub.is_empty() {
             return Err(AccessTokenError::NoSubject);
         }
         Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elevate_core::keys::{SigningAlg, SigningKey};
+
+    fn token(key: &SigningKey, extra: serde_json::Value) -> String {
+        let now = unix_now();
+        let mut claims = serde_json::json!({
+            "iss": "https://idp.test", "sub": "alice", "aud": "elevate",
+            "iat": now, "exp": now + 60, "scope": "orders.read",
+        });
+        if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        jws::sign(key, "at+jwt", &claims).unwrap()
+    }
+
+    #[test]
+    fn time_window_honours_nbf_and_does_not_overflow() {
+        let key = SigningKey::generate(SigningAlg::ES256, "idp-1").unwrap();
+        let mut ks = KeySet::new();
+        ks.insert_signing_key(&key).unwrap();
+        let v = AccessTokenVerifier::new("https://idp.test", "elevate", ks)
+            .with_leeway(Duration::from_secs(600));
+        let now = unix_now();
+        assert!(v.verify(&token(&key, serde_json::json!({}))).is_ok());
+        assert!(
+            v.verify(&token(&key, serde_json::json!({"nbf": now - 5})))
+                .is_ok()
+        );
+        for extra in [
+            serde_json::json!({"nbf": now + 31}),
+            serde_json::json!({"nbf": i64::MAX}),
+            serde_json::json!({"iat": i64::MAX}),
+            serde_json::json!({"exp": now - 31}),
+        ] {
+            assert_eq!(
+                v.verify(&token(&key, extra.clone())).unwrap_err(),
+                AccessTokenError::Time,
+                "{extra}"
+            );
+        }
+        // a far-future exp is not wrapped into the past
+        assert!(
+            v.verify(&token(&key, serde_json::json!({"exp": i64::MAX})))
+                .is_ok()
+        );
     }
 }
