@@ -543,11 +543,6 @@ impl Processor {
             tracing::error!(decision_id = %id, error = %e, "cannot record disposition: message kept for redelivery");
             return Err(Reason::DecisionLogUnavailable);
         }
-        let publisher = &*self.dead_letters;
-        let kept = |e: TransportError| {
-            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
-            reason
-        };
         let letter = DeadLetter::build(
             delivery.message(),
             id,
@@ -555,20 +550,58 @@ impl Processor {
             reason,
             self.guard.credentials(),
         );
-        let letter = crate::deadletter::fit(letter, publisher)
-            .await
-            .map_err(kept)?;
+        self.publish_letter(letter).await.map_err(|e| {
+            tracing::error!(decision_id = %id, error = %e, "dead-letter publish failed: message kept for redelivery");
+            reason
+        })
+    }
+
+    /// Publishes a letter shrunk to fit the broker, and the minimal letter
+    /// after a permanent refusal; returns once the broker confirmed one.
+    async fn publish_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
+        let publisher = &*self.dead_letters;
+        let letter = crate::deadletter::fit(letter, publisher).await?;
         match publisher.publish(&letter).await {
-            Ok(()) => Ok(()),
             Err(e) if e.is_permanent() => {
-                tracing::warn!(decision_id = %id, error = %e, "dead letter refused for good: publishing the minimal letter");
-                let minimal = crate::deadletter::minimal(letter, publisher)
-                    .await
-                    .map_err(kept)?;
-                publisher.publish(&minimal).await.map_err(kept)
+                tracing::warn!(decision_id = %letter.decision_id, error = %e, "dead letter refused for good: publishing the minimal letter");
+                let minimal = crate::deadletter::minimal(letter, publisher).await?;
+                publisher.publish(&minimal).await
             }
-            Err(e) => Err(kept(e)),
+            other => other,
         }
+    }
+
+    /// Dead-letters a message that a binding read out of band because its
+    /// client library cannot receive it (e.g. a header async-nats refuses):
+    /// records a `malformed-message` decision with `detail`, publishes the
+    /// letter (with `detail` in [`crate::deadletter::H_MALFORMED`]) and
+    /// returns the decision id once the broker confirmed it. The binding
+    /// settles the original only after `Ok`.
+    ///
+    /// # Errors
+    /// The decision could not be recorded, or the letter was not confirmed.
+    pub async fn dead_letter_malformed(
+        &self,
+        msg: &InboundMessage,
+        detail: &str,
+    ) -> Result<String, TransportError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let reason = Reason::MalformedMessage;
+        self.guard
+            .record_disposition(
+                msg,
+                &id,
+                reason,
+                Some(detail.to_string()),
+                msg.delivery_attempt,
+            )
+            .map_err(|e| TransportError::new("decision log", e))?;
+        let mut letter =
+            DeadLetter::build(msg, &id, reason.verdict(), reason, self.guard.credentials());
+        letter
+            .headers
+            .insert(crate::deadletter::H_MALFORMED, detail);
+        self.publish_letter(letter).await.map(|()| id)
     }
 
     /// Gives the delivery back: to the broker (returns None), or waits in place

@@ -238,7 +238,8 @@ impl NatsBinding {
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
         let guarded = GuardedConsumer::new(consumer, processor)
             .concurrency(cfg.concurrency)
-            .fetch_expires(Duration::from_millis(500));
+            .fetch_expires(Duration::from_millis(500))
+            .unreadable(elevate_nats::unreadable::UnreadableMessages::new(js));
         Ok(spawn(
             move |stopped| async move { guarded.run(stopped).await },
         ))

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_SOURCE, H_VERDICT};
@@ -16,6 +17,8 @@ use elevate_integration_tests::binding::BrokerBinding;
 use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
 use elevate_integration_tests::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
 use elevate_integration_tests::wait::poll_until;
+use elevate_nats::unreadable::{H_MALFORMED, MALFORMED_MESSAGE};
+use elevate_nats::{GuardedConsumer, NatsDeadLetters, UnreadableMessages};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
@@ -694,4 +697,503 @@ async fn publisher_returns_the_stream_ack_and_refusals_stay_local() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(raw.len(), 2, "the refused message is not in the stream");
     assert!(raw.iter().all(|m| m.subject == subject));
+}
+
+// ---------------------------------------------------------------------------
+// Messages async-nats cannot read (header blocks its parser refuses), published
+// raw by a hostile client: the server stores them without parsing the block.
+
+/// Publishes `block` (a whole header block) and `payload` to `subject` over a
+/// raw TCP connection speaking the NATS protocol (`HPUB`), with a reply inbox
+/// so that the stream's ack comes back; returns the stream sequence.
+async fn raw_hpub(url: &str, subject: &str, block: &[u8], payload: &[u8]) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("nats://");
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("raw connection to {addr}: {e}"));
+    let inbox = format!("_INBOX.raw.{}", uuid::Uuid::new_v4().simple());
+    let mut op = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\n\
+         SUB {inbox} 1\r\nHPUB {subject} {inbox} {} {}\r\n",
+        block.len(),
+        block.len() + payload.len()
+    )
+    .into_bytes();
+    op.extend_from_slice(block);
+    op.extend_from_slice(payload);
+    op.extend_from_slice(b"\r\n");
+    conn.write_all(&op)
+        .await
+        .unwrap_or_else(|e| panic!("raw HPUB: {e}"));
+    // read until the stream's ack: `MSG <inbox> 1 <n>\r\n{"stream":..,"seq":..}\r\n`
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(at) = text.find("-ERR") {
+            panic!("server refused the raw publish: {}", &text[at..]);
+        }
+        if let Some(at) = text.find("MSG ") {
+            let rest = &text[at..];
+            if let Some((line, body)) = rest.split_once("\r\n")
+                && let Some(n) = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok())
+                && body.len() >= n
+            {
+                let ack: serde_json::Value = serde_json::from_str(&body[..n])
+                    .unwrap_or_else(|e| panic!("stream ack {:?}: {e}", &body[..n]));
+                return ack["seq"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no stream sequence in the ack: {ack}"));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("no stream ack for the raw publish: {text:?}"))
+            .unwrap_or_else(|e| panic!("raw read: {e}"));
+        assert!(n > 0, "server closed the raw connection: {text:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A client that counts its `Disconnected` events.
+async fn counting_client(url: &str) -> (async_nats::Client, Arc<AtomicU64>) {
+    let disconnects = Arc::new(AtomicU64::new(0));
+    let d = disconnects.clone();
+    let client = async_nats::ConnectOptions::new()
+        .event_callback(move |e| {
+            let d = d.clone();
+            async move {
+                if matches!(e, async_nats::Event::Disconnected) {
+                    d.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    (client, disconnects)
+}
+
+/// A guarded JetStream worker on `client` that dead-letters unreadable messages.
+struct UnreadableWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), elevate_nats::Error>>,
+}
+
+async fn unreadable_worker(
+    client: &async_nats::Client,
+    s: &Streams,
+    processor: Arc<elevate_core::settle::Processor>,
+    every: Duration,
+) -> UnreadableWorker {
+    use async_nats::jetstream::{self, consumer};
+    let js = jetstream::new(client.clone());
+    let consumer: consumer::PullConsumer = js
+        .get_stream(&s.stream)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .get_or_create_consumer(
+            "worker",
+            consumer::pull::Config {
+                durable_name: Some("worker".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: WorkerConfig::default().ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dead_letters: Arc<dyn elevate_core::DeadLetterPublisher> = Arc::new(
+        NatsDeadLetters::jetstream(js.clone(), s.dlq_subject.clone()),
+    );
+    let processor = Arc::new(processor.with_dead_letters(dead_letters.clone()));
+    let guarded = GuardedConsumer::new(consumer, processor)
+        .fetch_expires(Duration::from_millis(500))
+        .unreadable(UnreadableMessages::new(js).every(every));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(guarded.run(async move {
+        let _ = stopped.await;
+    }));
+    UnreadableWorker { stop, task }
+}
+
+impl UnreadableWorker {
+    async fn stop(self) -> Result<(), elevate_nats::Error> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("guard task: {e}"),
+            Err(_) => panic!("guard did not stop"),
+        }
+    }
+}
+
+/// Checks one dead letter of an unreadable message.
+fn assert_malformed_letter(
+    env: &TestEnv,
+    s: &Streams,
+    letter: &StreamRecord,
+    seq: u64,
+    refusal: &str,
+) {
+    assert_eq!(letter.headers.get_str(H_REASON), Some(MALFORMED_MESSAGE));
+    assert_eq!(letter.headers.get_str(H_VERDICT), Some("quarantine"));
+    assert_eq!(
+        letter.headers.get_str("ztauth-reason-class"),
+        Some("invalid")
+    );
+    assert_eq!(source_seq(letter), (s.stream.clone(), seq));
+    let detail = letter.headers.get_str(H_MALFORMED).unwrap_or_default();
+    assert!(
+        detail.starts_with(MALFORMED_MESSAGE) && detail.contains(refusal),
+        "seq {seq}: {detail:?} should say {refusal:?}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&letter.payload).ok(),
+        Some(serde_json::json!({"seq": "raw", "secret": false})),
+        "the original payload is kept"
+    );
+    let id = letter.headers.get_str(H_DECISION_ID).unwrap_or_default();
+    let record = env
+        .decisions()
+        .into_iter()
+        .find(|d| d.decision_id == id)
+        .unwrap_or_else(|| panic!("decision {id} is in the decision log"));
+    assert!(
+        record
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with(MALFORMED_MESSAGE)),
+        "{record:?}"
+    );
+    assert!(
+        env.credentials()
+            .scan(&letter.headers, &letter.payload)
+            .is_empty()
+    );
+}
+
+const RAW_PAYLOAD: &[u8] = br#"{"seq":"raw","secret":false}"#;
+
+/// The reported attack and its class: header blocks async-nats 0.51 refuses
+/// with an I/O error (a non-UTF-8 value, a name with a space, a line without
+/// `:`), published raw, each followed by well-formed messages. Each is
+/// dead-lettered `malformed-message` with what async-nats refused, the
+/// messages behind them are handled, handled + dead-lettered = published, and
+/// the client reconnects at most once per unreadable message (its first
+/// delivery; before the fix: every `ack_wait`, forever). No periodic sweep:
+/// the reconnect triggers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_headers_are_dead_lettered_and_the_client_recovers() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "UNREADABLE").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let malformed: [(&[u8], &str); 3] = [
+        (
+            b"NATS/1.0\r\nX-Bad: \xff\r\nAuthorization: Bearer raw-secret\r\n\r\n",
+            "not UTF-8 (byte 0xff at offset 17)",
+        ),
+        (
+            b"NATS/1.0\r\nX Bad: v\r\n\r\n",
+            "\"X Bad\" is not a valid NATS header name",
+        ),
+        (b"NATS/1.0\r\nX-Bad\r\n\r\n", "header line 1 has no ':'"),
+    ];
+    let per_malformed = 8;
+    let mut bad_seqs = Vec::new();
+    let mut n = 0u64;
+    for (block, refusal) in malformed {
+        let seq = raw_hpub(b.url(), &subject, block, RAW_PAYLOAD).await;
+        bad_seqs.push((seq, refusal));
+        for _ in 0..per_malformed {
+            publish_json(
+                &b,
+                &env,
+                &subject,
+                "alice",
+                serde_json::json!({"n": n}),
+                Headers::new(),
+            )
+            .await;
+            n += 1;
+        }
+    }
+    let published = bad_seqs.len() + n as usize;
+
+    let (client, disconnects) = counting_client(b.url()).await;
+    let calls = Calls::default();
+    let worker = unreadable_worker(
+        &client,
+        &s,
+        env.processor(calls.handler(Duration::ZERO)),
+        Duration::from_secs(3600),
+    )
+    .await;
+    let letters = b
+        .read_stream(&s.dlq_stream, bad_seqs.len(), Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls
+        .wait_distinct(n as usize, Duration::from_secs(60))
+        .await;
+    let settled_disconnects = disconnects.load(Ordering::SeqCst);
+    // two more ack_waits: nothing is redelivered, nothing disconnects again
+    tokio::time::sleep(WorkerConfig::default().ack_wait * 2 + Duration::from_secs(1)).await;
+    let final_disconnects = disconnects.load(Ordering::SeqCst);
+    let stopped = worker.stop().await;
+    eprintln!(
+        "unreadable headers: {} dead-lettered, {} handled, {settled_disconnects} client reconnect(s), \
+         {final_disconnects} after two more ack_waits",
+        letters.len(),
+        calls.distinct()
+    );
+
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert_eq!(
+        letters.len(),
+        bad_seqs.len(),
+        "one dead letter per unreadable message"
+    );
+    for (seq, refusal) in &bad_seqs {
+        let letter = letters
+            .iter()
+            .find(|l| source_seq(l).1 == *seq)
+            .unwrap_or_else(|| panic!("no dead letter for stream sequence {seq}"));
+        assert_malformed_letter(&env, &s, letter, *seq, refusal);
+    }
+    // the non-UTF-8 value is kept percent-encoded; the credential beside it is stripped
+    let first = letters
+        .iter()
+        .find(|l| source_seq(l).1 == bad_seqs[0].0)
+        .unwrap_or_else(|| panic!("first letter"));
+    assert_eq!(first.headers.get_str("x-bad"), Some("%FF"));
+    assert!(first.headers.get("authorization").is_none());
+    assert_eq!(
+        calls.distinct(),
+        n as usize,
+        "every well-formed message handled"
+    );
+    assert_eq!(calls.count(), n as usize, "each once");
+    assert_eq!(
+        calls.distinct() + letters.len(),
+        published,
+        "handled + dead-lettered = published"
+    );
+    assert!(
+        (1..=bad_seqs.len() as u64).contains(&settled_disconnects),
+        "at most one reconnect per unreadable message, got {settled_disconnects}"
+    );
+    assert_eq!(
+        final_disconnects, settled_disconnects,
+        "no disconnect after dead-lettering"
+    );
+    assert_eq!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0), "everything settled");
+}
+
+/// A header block whose version line carries a status (`NATS/1.0 408 ...`):
+/// async-nats takes the message for the server ending the pull request, so
+/// it never disconnects and never hands the message out (the messages behind
+/// it in the batch are dropped too, every `ack_wait`). The periodic sweep
+/// dead-letters it; the messages behind it are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_line_impostor_is_dead_lettered_by_the_periodic_sweep() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "IMPOSTOR").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let seq = raw_hpub(
+        b.url(),
+        &subject,
+        b"NATS/1.0 408 Request Timeout\r\n\r\n",
+        RAW_PAYLOAD,
+    )
+    .await;
+    let n = 10u64;
+    for i in 0..n {
+        publish_json(
+            &b,
+            &env,
+            &subject,
+            "alice",
+            serde_json::json!({"n": i}),
+            Headers::new(),
+        )
+        .await;
+    }
+    let (client, disconnects) = counting_client(b.url()).await;
+    let calls = Calls::default();
+    let worker = unreadable_worker(
+        &client,
+        &s,
+        env.processor(calls.handler(Duration::ZERO)),
+        Duration::from_secs(2),
+    )
+    .await;
+    let letters = b
+        .read_stream(&s.dlq_stream, 1, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls
+        .wait_distinct(n as usize, Duration::from_secs(60))
+        .await;
+    let stopped = worker.stop().await;
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert_eq!(letters.len(), 1);
+    assert_malformed_letter(
+        &env,
+        &s,
+        &letters[0],
+        seq,
+        "carries a status: \"408 Request Timeout\"",
+    );
+    assert_eq!(calls.distinct(), n as usize);
+    assert_eq!(
+        calls.distinct() + letters.len(),
+        n as usize + 1,
+        "handled + dead-lettered = published"
+    );
+    assert_eq!(disconnects.load(Ordering::SeqCst), 0);
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0), "everything settled");
+}
+
+/// A bare CR in a header value makes async-nats 0.51 panic in its connection
+/// task: the client is dead for good. The guard ends with `ClientClosed`
+/// instead of retrying forever; a guard restarted on a new client dead-letters
+/// the message in its first sweep, before pulling, so the new client never
+/// receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_cr_kills_the_client_and_a_restarted_guard_dead_letters_it() {
+    let b = NatsBinding::jetstream().await;
+    let env = TestEnv::start().await;
+    let s = streams(&b, "BARECR").await;
+    let subject = format!("{}.in.x", s.subject_prefix);
+    let seq = raw_hpub(
+        b.url(),
+        &subject,
+        b"NATS/1.0\r\nX-Bad: a\rb\r\n\r\n",
+        RAW_PAYLOAD,
+    )
+    .await;
+    let n = 5u64;
+    for i in 0..n {
+        publish_json(
+            &b,
+            &env,
+            &subject,
+            "alice",
+            serde_json::json!({"n": i}),
+            Headers::new(),
+        )
+        .await;
+    }
+    let calls = Calls::default();
+    let (first, _) = counting_client(b.url()).await;
+    let worker = unreadable_worker(
+        &first,
+        &s,
+        env.processor(calls.handler(Duration::ZERO)),
+        Duration::from_secs(3600),
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), worker.task)
+        .await
+        .unwrap_or_else(|_| panic!("the guard on a dead client did not end"))
+        .unwrap_or_else(|e| panic!("guard task: {e}"));
+    assert!(
+        matches!(ended, Err(elevate_nats::Error::ClientClosed(_))),
+        "{ended:?}"
+    );
+    assert_eq!(calls.count(), 0);
+
+    let (second, disconnects) = counting_client(b.url()).await;
+    let worker = unreadable_worker(
+        &second,
+        &s,
+        env.processor(calls.handler(Duration::ZERO)),
+        Duration::from_secs(3600),
+    )
+    .await;
+    let letters = b
+        .read_stream(&s.dlq_stream, 1, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    calls
+        .wait_distinct(n as usize, Duration::from_secs(60))
+        .await;
+    let stopped = worker.stop().await;
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert_eq!(letters.len(), 1);
+    assert_malformed_letter(&env, &s, &letters[0], seq, "contains a bare CR");
+    assert_eq!(letters[0].headers.get_str("x-bad"), Some("a%0Db"));
+    assert_eq!(
+        calls.distinct() + letters.len(),
+        n as usize + 1,
+        "handled + dead-lettered = published"
+    );
+    assert_eq!(
+        disconnects.load(Ordering::SeqCst),
+        0,
+        "the new client never saw it"
+    );
+    let (ack_pending, pending, _) = consumer_state(&b, &s.stream, "worker").await;
+    assert_eq!((ack_pending, pending), (0, 0), "everything settled");
+}
+
+/// `elevate_nats::unreadable::refusal` mirrors async-nats's parser: on a real
+/// server, a core subscriber receives exactly the blocks it accepts (as plain
+/// messages, no status), and loses its connection (or its connection task) on
+/// the ones it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_agrees_with_async_nats() {
+    let b = NatsBinding::jetstream().await;
+    let s = streams(&b, "MIRROR").await;
+    let blocks: &[&[u8]] = &[
+        b"NATS/1.0\r\nX-A: 1\r\n\r\n",
+        b"NATS/1.0\r\nX: folded\r\n  line\r\n\r\n",
+        b"NATS/1.0\r\n: empty name\r\n\r\n",
+        b"NATS/1.0\r\nX: trailing cr\r\r\n\r\n",
+        "NATS/1.0\r\nX: caf\u{e9}\r\n\r\n".as_bytes(),
+        b"NATS/1.0\r\nX-Bad: \xff\r\n\r\n",
+        b"NATS/1.0\r\nX Bad: v\r\n\r\n",
+        b"NATS/1.0\r\nAuthorization : v\r\n\r\n",
+        b"NATS/1.0\r\nX-Bad\r\n\r\n",
+        b"NATS/2.0\r\nX: v\r\n\r\n",
+        b"NATS/1.0 abc\r\n\r\n",
+        b"NATS/1.0 408 Request Timeout\r\n\r\n",
+        b"NATS/1.0\r\nX: a\rb\r\n\r\n",
+    ];
+    for (i, block) in blocks.iter().enumerate() {
+        let subject = format!("{}.in.m{i}", s.subject_prefix);
+        let (client, disconnects) = counting_client(b.url()).await;
+        let mut sub = client
+            .subscribe(subject.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        client.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        raw_hpub(b.url(), &subject, block, b"x").await;
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
+        let delivered = matches!(&got, Ok(Some(m)) if m.status.is_none());
+        let refused = elevate_nats::unreadable::refusal(block);
+        assert_eq!(
+            delivered,
+            refused.is_none(),
+            "{:?}: async-nats delivered={delivered} (disconnects {}), refusal {refused:?}",
+            String::from_utf8_lossy(block),
+            disconnects.load(Ordering::SeqCst)
+        );
+    }
 }

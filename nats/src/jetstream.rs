@@ -21,6 +21,12 @@
 //! Backpressure: while a dependency of the guard is down
 //! ([`elevate_core::Processor::admission`]) the guard pulls one message at a
 //! time, as a probe, instead of a batch.
+//!
+//! Unreadable messages: a message whose header block async-nats cannot parse
+//! (not UTF-8, a bad name, no `:`, a status line, a bare CR) never reaches the
+//! guard; async-nats drops the connection on it (or, for a bare CR, panics).
+//! With [`GuardedConsumer::unreadable`] the guard reads such messages from the
+//! stream and dead-letters them `malformed-message` (see [`crate::unreadable`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +45,7 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::headers::{NATS_MSG_ID, from_nats_headers};
+use crate::unreadable::{Sweeper, UnreadableMessages};
 
 /// Guards a JetStream pull consumer.
 pub struct GuardedConsumer {
@@ -49,6 +56,7 @@ pub struct GuardedConsumer {
     fetch_expires: Duration,
     confirm_settlement: bool,
     settle_timeout: Duration,
+    unreadable: Option<UnreadableMessages>,
 }
 
 impl std::fmt::Debug for GuardedConsumer {
@@ -75,6 +83,7 @@ impl GuardedConsumer {
             fetch_expires: Duration::from_secs(1),
             confirm_settlement: true,
             settle_timeout: Duration::from_secs(5),
+            unreadable: None,
         }
     }
 
@@ -109,8 +118,20 @@ impl GuardedConsumer {
         self
     }
 
+    /// Dead-letters the messages async-nats cannot read, reading them from the
+    /// stream (at start, after each reconnect, and periodically; see
+    /// [`crate::unreadable`]). Without it, such a message is redelivered every
+    /// `ack_wait`, forever, and costs the client a reconnect each time. It also
+    /// makes [`GuardedConsumer::run`] end with [`Error::ClientClosed`] when the
+    /// client stopped for good (async-nats panicked), instead of retrying forever.
+    pub fn unreadable(mut self, unreadable: UnreadableMessages) -> Self {
+        self.unreadable = Some(unreadable);
+        self
+    }
+
     /// Runs until `shutdown` completes, then finishes the current pull and
-    /// waits for the messages in flight. Errors only on a misconfigured consumer.
+    /// waits for the messages in flight. Errors on a misconfigured consumer, and
+    /// (with [`GuardedConsumer::unreadable`]) when the client stopped for good.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let info = self.consumer.cached_info();
         if info.config.ack_policy != AckPolicy::Explicit {
@@ -128,6 +149,16 @@ impl GuardedConsumer {
             )));
         }
         check_limits(&info.config, &self.processor)?;
+        let mut sweeper = match self.unreadable.clone() {
+            Some(u) => Some(Sweeper::new(u)),
+            None => {
+                tracing::warn!(consumer = %info.name, stream = %info.stream_name,
+                    "no GuardedConsumer::unreadable: a message whose headers async-nats cannot parse \
+                     is redelivered forever and disconnects the client on each delivery");
+                None
+            }
+        };
+        let mut ended = Ok(());
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
@@ -135,6 +166,14 @@ impl GuardedConsumer {
         tracing::info!(consumer = %info.name, stream = %info.stream_name, concurrency = self.concurrency, "JetStream guard started");
         'pull: loop {
             reap(&mut tasks);
+            if let Some(s) = sweeper.as_mut()
+                && s.due()
+            {
+                tokio::select! {
+                    _ = &mut shutdown => break 'pull,
+                    _ = s.run(&self.consumer, &self.processor) => {}
+                }
+            }
             let admit = tokio::select! {
                 _ = &mut shutdown => break 'pull,
                 a = self.processor.admission().wait() => a,
@@ -165,6 +204,13 @@ impl GuardedConsumer {
                 b = request => match b {
                     Ok(b) => b,
                     Err(e) => {
+                        if let Some(s) = &sweeper
+                            && let Some(why) = s.client_closed().await
+                        {
+                            tracing::error!(error = %e, closed = %why, "the NATS client stopped for good: guard ending");
+                            ended = Err(Error::ClientClosed(why));
+                            break 'pull;
+                        }
                         tracing::warn!(error = %e, ?backoff, "pull request failed: retrying");
                         drop(slots);
                         tokio::select! {
@@ -205,6 +251,13 @@ impl GuardedConsumer {
             }
             if failed {
                 drop(slots);
+                if let Some(s) = &sweeper
+                    && let Some(why) = s.client_closed().await
+                {
+                    tracing::error!(closed = %why, "the NATS client stopped for good: guard ending");
+                    ended = Err(Error::ClientClosed(why));
+                    break 'pull;
+                }
                 tokio::select! {
                     _ = &mut shutdown => break 'pull,
                     _ = tokio::time::sleep(backoff) => {}
@@ -221,7 +274,7 @@ impl GuardedConsumer {
         while let Some(r) = tasks.join_next().await {
             log_join(r);
         }
-        Ok(())
+        ended
     }
 }
 

@@ -33,12 +33,14 @@ pub mod deadletter;
 pub mod headers;
 pub mod jetstream;
 pub mod publisher;
+pub mod unreadable;
 
 pub use core_nats::{CoreDelivery, GuardedSubscriber};
 pub use deadletter::NatsDeadLetters;
 pub use headers::{HeaderError, from_nats_headers, to_nats_headers};
 pub use jetstream::{GuardedConsumer, JetStreamDelivery};
 pub use publisher::{NatsPublisher, Receipt};
+pub use unreadable::UnreadableMessages;
 
 /// Errors of the NATS guards.
 #[derive(Debug, thiserror::Error)]
@@ -49,4 +51,9 @@ pub enum Error {
     /// A message without JetStream metadata where one was expected.
     #[error("not a JetStream message: {0}")]
     NotJetStream(String),
+    /// The client stopped for good (its connection task ended, e.g. async-nats
+    /// panicked on a message it could not parse): connect a new client and run
+    /// the guard again; its first sweep dead-letters the message.
+    #[error("the NATS client stopped: {0}")]
+    ClientClosed(String),
 }

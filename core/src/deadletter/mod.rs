@@ -55,10 +55,14 @@ pub const H_TRIMMED: &str = "ztauth-trimmed-headers";
 /// to a claim check, or withheld).
 pub const H_PAYLOAD: &str = "ztauth-payload";
 
+/// Header: what a binding could not read of a `malformed-message` (its
+/// client library's refusal), with unreadable bytes percent-encoded.
+pub const H_MALFORMED: &str = "ztauth-malformed";
+
 /// Every header the envelope adds (removed from an incoming message before
 /// its letter is built, so a publisher cannot forge them, and when a dead
 /// letter is replayed).
-pub const ENVELOPE_HEADERS: [&str; 12] = [
+pub const ENVELOPE_HEADERS: [&str; 13] = [
     H_DECISION_ID,
     H_VERDICT,
     H_REASON,
@@ -71,6 +75,7 @@ pub const ENVELOPE_HEADERS: [&str; 12] = [
     H_REMOVED,
     H_TRIMMED,
     H_PAYLOAD,
+    H_MALFORMED,
 ];
 
 /// How many entries [`H_REMOVED`] and [`H_TRIMMED`] list before summarising.
