@@ -22,7 +22,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 
 /// Prefetch and concurrency of the binding's guarded consumers.
 pub const PREFETCH: u16 = 32;
@@ -122,13 +122,9 @@ impl AmqpBinding {
             .create_channel()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let confirms = ConfirmChannel::new(
-            conn.create_channel()
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        let confirms = ConfirmChannel::open(&conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         AmqpBinding {
             conn: Arc::new(conn),
             admin,
@@ -151,6 +147,17 @@ impl AmqpBinding {
 impl BrokerBinding for AmqpBinding {
     fn name(&self) -> &'static str {
         "amqp"
+    }
+
+    fn limits(&self) -> InboundLimits {
+        // The header frame is bounded by frame_max; bodies are split into frames.
+        // An original this close to frame_max fits; its letter (+ the envelope) does not.
+        InboundLimits {
+            header_bytes: (self.confirms.frame_max() as usize).saturating_sub(400),
+            payload_bytes: None,
+            claim_check: false,
+            enforced: true,
+        }
     }
 
     async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
@@ -271,9 +278,7 @@ impl BrokerBinding for AmqpBinding {
             )
             .await
             .map_err(err)?;
-        let confirms = ConfirmChannel::new(self.conn.create_channel().await.map_err(err)?)
-            .await
-            .map_err(err)?;
+        let confirms = ConfirmChannel::open(&self.conn).await.map_err(err)?;
         let dead_letters =
             AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));

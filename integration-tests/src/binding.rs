@@ -57,11 +57,31 @@ pub struct RawMessage {
     pub payload: Vec<u8>,
 }
 
+/// How large a message a plain producer can publish to a binding's
+/// endpoints (the broker's limits), for the oversized-letter scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundLimits {
+    /// A header value this long (plus a small payload) is accepted.
+    pub header_bytes: usize,
+    /// A payload this long (with no other header) is accepted, when the
+    /// broker bounds the whole message (NATS `max_payload`, Kafka
+    /// `message.max.bytes`); `None` where only headers are bounded.
+    pub payload_bytes: Option<usize>,
+    /// Whether the binding's dead letters keep oversized payloads in a claim check.
+    pub claim_check: bool,
+    /// Whether the broker enforces these limits (a letter of an original at
+    /// them must be trimmed); false for the in-memory transport.
+    pub enforced: bool,
+}
+
 /// What a broker must provide to run the conformance suite.
 #[async_trait::async_trait]
 pub trait BrokerBinding: Send + Sync {
     /// Short name for reports (`memory`, `kafka`, `amqp`, `nats`).
     fn name(&self) -> &'static str;
+
+    /// The largest messages a plain producer can publish (see [`InboundLimits`]).
+    fn limits(&self) -> InboundLimits;
 
     /// Creates a fresh, empty destination and dead-letter destination for a scenario.
     async fn setup(&self, scenario: &str) -> BindResult<Endpoint>;

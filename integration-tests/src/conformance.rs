@@ -9,7 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_VERDICT};
+use elevate_core::deadletter::{
+    H_DECISION_ID, H_IDEMPOTENCY_KEY, H_PAYLOAD, H_REASON, H_REMOVED, H_SOURCE, H_TRIMMED,
+    H_VERDICT, PayloadAt, PayloadRef,
+};
 use elevate_core::{Headers, OutboundMessage};
 
 use crate::binding::{BrokerBinding, Endpoint, RawMessage};
@@ -341,6 +344,151 @@ pub async fn count_conservation(b: &dyn BrokerBinding) {
     );
 }
 
+/// Everything of a letter as text (headers and payload), to search for secrets.
+fn letter_text(l: &RawMessage) -> String {
+    let mut all = String::from_utf8_lossy(&l.payload).into_owned();
+    for (n, v) in l.headers.iter() {
+        all.push_str(n);
+        all.push(':');
+        all.push_str(&String::from_utf8_lossy(v));
+        all.push('\n');
+    }
+    all
+}
+
+/// Messages built to slip a credential past the scan (a scheme followed by
+/// a tab or another whitespace, a UTF-8 byte-order mark, JSON nested past the
+/// parser's limit, a JWT in any JSON value, a Txn-Token in the reference
+/// header) are dead-lettered with the precise reason, no credential reaches
+/// the handler or a dead letter (each removal listed by SHA-256), and the
+/// messages behind them are handled: handled + dead-lettered = published.
+pub async fn scan_fails_closed(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("evasive").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let evasive = env.evasive_messages(&ep.destination);
+    for m in &evasive {
+        b.publish_raw(&ep, m.headers.clone(), m.payload.clone())
+            .await
+            .unwrap_or_else(|e| panic!("[{}] {e}", b.name()));
+    }
+    for i in 0..3 {
+        publish_for(b, &env, &ep, "alice", &format!("behind-{i}"), Headers::new()).await;
+    }
+    let letters = b
+        .dead_letters(&ep, evasive.len(), SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec.wait_for(3, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    let mut expected: Vec<String> = evasive.iter().map(|m| m.reason.to_string()).collect();
+    expected.sort();
+    assert_eq!(reasons(&letters), expected, "[{}]", b.name());
+    assert_eq!(rec.count(), 3, "[{}] the messages behind are handled", b.name());
+    assert_eq!(rec.count() + letters.len(), evasive.len() + 3);
+    for h in rec.snapshot() {
+        assert!(h.payload.starts_with("behind-"), "[{}] {h:?}", b.name());
+    }
+    let all: String = letters.iter().map(letter_text).collect();
+    for m in &evasive {
+        assert!(
+            !all.contains(&m.secret),
+            "[{}] a credential reached a dead letter ({})",
+            b.name(),
+            m.reason
+        );
+        let sha = elevate_core::keys::sha256_hex(m.secret.as_bytes());
+        let listed = letters.iter().any(|l| {
+            l.headers
+                .get_str(H_REMOVED)
+                .is_some_and(|r| r.contains(&sha))
+                || l.headers.get_str(H_PAYLOAD).is_some()
+        });
+        assert!(listed, "[{}] {}: the removal is listed by SHA-256", b.name(), m.reason);
+    }
+}
+
+/// Originals at the broker's limits give dead letters that still fit: an
+/// oversized header is replaced by its name, length and SHA-256; an
+/// oversized payload moves to the claim check (where the binding has one);
+/// the envelope is always kept; the consumer goes on with the messages behind.
+pub async fn oversized_dead_letters(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("oversized").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let limits = b.limits();
+    let big = "h".repeat(limits.header_bytes);
+    let headers: Headers = [("x-big", big.clone())].into_iter().collect();
+    b.publish_raw(&ep, headers, br#"{"job":"big-header"}"#.to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("[{}] {e}", b.name()));
+    let payload = limits.payload_bytes.map(|n| vec![b'p'; n]);
+    if let Some(p) = &payload {
+        b.publish_raw(&ep, Headers::new(), p.clone())
+            .await
+            .unwrap_or_else(|e| panic!("[{}] {e}", b.name()));
+    }
+    for i in 0..2 {
+        publish_for(b, &env, &ep, "alice", &format!("behind-{i}"), Headers::new()).await;
+    }
+    let n = 1 + usize::from(payload.is_some());
+    let letters = b
+        .dead_letters(&ep, n, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec.wait_for(2, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    assert_eq!(rec.count(), 2, "[{}] the messages behind are handled", b.name());
+    assert_eq!(reasons(&letters), vec!["missing-context"; n], "[{}]", b.name());
+    for l in &letters {
+        for h in [H_DECISION_ID, H_REASON, H_VERDICT, H_SOURCE, H_IDEMPOTENCY_KEY] {
+            assert!(l.headers.get(h).is_some(), "[{}] {h} kept", b.name());
+        }
+    }
+    if !limits.enforced {
+        return;
+    }
+    let header_letter = letters
+        .iter()
+        .find(|l| l.headers.get("x-big").is_none() && l.headers.get(H_TRIMMED).is_some())
+        .unwrap_or_else(|| panic!("[{}] the big header was trimmed from its letter", b.name()));
+    let trimmed = header_letter.headers.get_str(H_TRIMMED).unwrap_or_default();
+    assert!(
+        trimmed.contains("x-big")
+            && trimmed.contains(&elevate_core::keys::sha256_hex(big.as_bytes()))
+            && trimmed.contains(&big.len().to_string()),
+        "[{}] {trimmed}",
+        b.name()
+    );
+    if let Some(p) = &payload {
+        let moved = letters
+            .iter()
+            .find_map(|l| {
+                l.headers
+                    .get(H_PAYLOAD)
+                    .and_then(|v| serde_json::from_slice::<PayloadRef>(v).ok())
+            })
+            .unwrap_or_else(|| panic!("[{}] the big payload left its letter", b.name()));
+        assert_eq!(moved.length, p.len());
+        assert_eq!(moved.sha256, elevate_core::keys::sha256_hex(p));
+        if limits.claim_check {
+            assert!(
+                matches!(moved.at, PayloadAt::ClaimCheck { .. }),
+                "[{}] {moved:?}",
+                b.name()
+            );
+        }
+    }
+}
+
 /// Runs every scenario in turn (for bindings that prefer one test).
 pub async fn run_all(b: Arc<dyn BrokerBinding>) {
     permit(b.as_ref()).await;
@@ -350,6 +498,8 @@ pub async fn run_all(b: Arc<dyn BrokerBinding>) {
     retries_exhausted(b.as_ref()).await;
     no_token_on_the_wire(b.as_ref()).await;
     count_conservation(b.as_ref()).await;
+    scan_fails_closed(b.as_ref()).await;
+    oversized_dead_letters(b.as_ref()).await;
 }
 
 /// Declares one `#[tokio::test]` per scenario for a binding constructor.
@@ -359,7 +509,7 @@ macro_rules! conformance_suite {
         mod conformance {
             #[allow(unused_imports)]
             use super::*;
-            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation);
+            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters);
         }
     };
     (@test $make:expr, $($name:ident),*) => {

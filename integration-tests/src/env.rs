@@ -234,6 +234,76 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A valid context reference from the producer for `payload` at `destination`.
+    pub fn signed_ref(&self, destination: &str, payload: &[u8]) -> String {
+        ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600))
+            .sign(self.origin_claims(destination, payload))
+            .map(|m| m.token)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Messages that try to slip a credential past the scan (the classes it
+    /// once failed open on), each with a valid reference, the reason the
+    /// guard must give it, and the secret that must reach neither the
+    /// handler nor the dead letter.
+    pub fn evasive_messages(&self, destination: &str) -> Vec<Evasive> {
+        let mut out = Vec::new();
+        let mut push = |reason: &'static str, secret: String, mut headers: Headers, payload: Vec<u8>| {
+            headers.append(CTX_REF_HEADER, self.signed_ref(destination, &payload));
+            out.push(Evasive {
+                reason,
+                secret,
+                headers,
+                payload,
+            });
+        };
+        let body = br#"{"job":"evasive"}"#.to_vec();
+        for (i, gap) in ["\t", "\u{a0}", "\u{3000}", "\u{b}"].into_iter().enumerate() {
+            let secret = format!("opaque-bearer-{i}-{}", uuid::Uuid::new_v4().simple());
+            let h: Headers = [("x-forwarded-auth", format!("Bearer{gap}{secret}"))]
+                .into_iter()
+                .collect();
+            push("credential-in-message", secret, h, body.clone());
+        }
+        let secret = format!("bom-token-{}", uuid::Uuid::new_v4().simple());
+        let mut bom = vec![0xef, 0xbb, 0xbf];
+        bom.extend_from_slice(format!(r#"{{"access_token":"{secret}"}}"#).as_bytes());
+        push("credential-in-message", secret, Headers::new(), bom);
+        let secret = format!("deep-token-{}", uuid::Uuid::new_v4().simple());
+        let deep = format!(
+            "{}{{\"access_token\":\"{secret}\"}}{}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        push("uninspectable-payload", secret, Headers::new(), deep.into_bytes());
+        let jwt = elevate_core::jws::sign(
+            &self.consumer_key,
+            "JWT",
+            &serde_json::json!({"sub": "alice", "scope": "everything"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        push(
+            "credential-in-message",
+            jwt.clone(),
+            Headers::new(),
+            serde_json::to_vec(&serde_json::json!({"job": 1, "note": jwt})).unwrap_or_default(),
+        );
+        // a Txn-Token sent in place of the context reference: refused, and not kept
+        let txn_token = elevate_core::jws::sign(
+            &self.consumer_key,
+            "txntoken+jwt",
+            &serde_json::json!({"sub": "alice", "txn": "t", "scope": "test.process"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        out.push(Evasive {
+            reason: "wrong-type",
+            secret: txn_token.clone(),
+            headers: [(CTX_REF_HEADER, txn_token)].into_iter().collect(),
+            payload: body.clone(),
+        });
+        out
+    }
+
     /// Messages a plain (unguarded, possibly hostile) producer sends, each with
     /// the reason code the guard must give it.
     pub fn hostile_messages(&self, destination: &str) -> Vec<(&'static str, Headers, Vec<u8>)> {
@@ -310,6 +380,19 @@ impl TestEnv {
         .unwrap_or_default();
         (headers, payload, secrets)
     }
+}
+
+/// A message built to slip a credential past the consumer's scan.
+#[derive(Debug, Clone)]
+pub struct Evasive {
+    /// The reason the guard must give it.
+    pub reason: &'static str,
+    /// The credential it carries: never in a handler call or a dead letter.
+    pub secret: String,
+    /// Headers (with a valid context reference, unless the case is about it).
+    pub headers: Headers,
+    /// Payload.
+    pub payload: Vec<u8>,
 }
 
 /// What a test handler saw for one message.

@@ -19,7 +19,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 
 /// Partitions of every scenario topic (dead-letter topics get one).
 pub const PARTITIONS: i32 = 3;
@@ -394,11 +394,25 @@ impl BrokerBinding for KafkaBinding {
         self.name
     }
 
+    fn limits(&self) -> InboundLimits {
+        // librdkafka's default message.max.bytes (1,000,000) bounds the whole record.
+        InboundLimits {
+            // originals just under it; their letters (+ the envelope) over it
+            header_bytes: 999_500,
+            payload_bytes: Some(999_000),
+            claim_check: true,
+            enforced: true,
+        }
+    }
+
     async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
         let name = format!("{scenario}-{}", uuid::Uuid::new_v4().simple());
         let dead_letter = format!("{name}.dlq");
         self.create_topic(&name, PARTITIONS).await?;
         self.create_topic(&dead_letter, 1).await?;
+        // tansu creates no topic on demand: the claim-check topic too
+        self.create_topic(&format!("{dead_letter}{}", elevate_kafka::deadletter::CLAIMS_SUFFIX), 1)
+            .await?;
         Ok(Endpoint {
             destination: name.clone(),
             dead_letter,

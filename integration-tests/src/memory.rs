@@ -8,7 +8,7 @@ use elevate_core::producer::{ProducerGuard, PublishRequest};
 use elevate_core::settle::Processor;
 use elevate_core::{Headers, OutboundMessage};
 
-use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 
 /// In-memory broker binding: a fresh broker per binding, one queue per scenario.
 #[derive(Clone, Default)]
@@ -44,6 +44,16 @@ impl MemoryBinding {
 impl BrokerBinding for MemoryBinding {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn limits(&self) -> InboundLimits {
+        // The in-memory transport bounds nothing: the letter fits as it is.
+        InboundLimits {
+            header_bytes: 200_000,
+            payload_bytes: None,
+            claim_check: false,
+            enforced: false,
+        }
     }
 
     async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {

@@ -19,7 +19,7 @@ use elevate_nats::{
     to_nats_headers,
 };
 
-use crate::binding::{BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 
 /// Prefix of every stream the tests create (old ones are swept at start).
 pub const STREAM_PREFIX: &str = "ELVT_";
@@ -369,6 +369,18 @@ impl BrokerBinding for NatsBinding {
         match self.mode {
             NatsMode::JetStream => "nats-jetstream",
             NatsMode::Core => "nats-core",
+        }
+    }
+
+    fn limits(&self) -> InboundLimits {
+        // max_payload bounds headers and payload together; a stored message's
+        // header block stays under 64 KiB.
+        InboundLimits {
+            // originals just under the limits; their letters (+ the envelope) over them
+            header_bytes: 65_000,
+            payload_bytes: Some(self.client.server_info().max_payload.saturating_sub(300)),
+            claim_check: true,
+            enforced: true,
         }
     }
 

@@ -39,8 +39,10 @@ pub mod deadletter;
 pub mod embedded;
 pub mod headers;
 pub mod producer;
+pub mod supervised;
 
 pub use consumer::{Error, GuardedConsumer, KafkaDelivery};
 pub use deadletter::{DEFAULT_DLQ_SUFFIX, KafkaDeadLetters};
 pub use embedded::EmbeddedKafka;
 pub use producer::{KafkaProducer, Receipt};
+pub use supervised::supervise_consumer;

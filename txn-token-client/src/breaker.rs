@@ -40,6 +40,35 @@ struct Inner {
     failures: u32,
     open_until: Option<Instant>,
     probing: bool,
+    /// The last failure's cause and when it happened (kept while the circuit is open).
+    last_cause: Option<(String, Instant)>,
+}
+
+/// Why a request was refused without being sent: the circuit is open.
+#[derive(Debug, Clone)]
+pub struct Open {
+    /// How long until a probe is allowed.
+    pub wait: Duration,
+    /// Consecutive failures so far.
+    pub failures: u32,
+    /// The last underlying failure (refused, timeout, 5xx, which endpoint).
+    pub last_cause: Option<String>,
+    /// How long ago it happened.
+    pub since: Option<Duration>,
+}
+
+impl std::fmt::Display for Open {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "circuit open after {} consecutive failure(s)",
+            self.failures
+        )?;
+        if let (Some(cause), Some(since)) = (&self.last_cause, self.since) {
+            write!(f, "; last: {cause} ({:.1} s ago)", since.as_secs_f32())?;
+        }
+        write!(f, "; next probe in {:.1} s", self.wait.as_secs_f32())
+    }
 }
 
 /// The breaker; share it behind the client.
@@ -67,9 +96,16 @@ impl Permit<'_> {
     }
 
     /// The service could not be reached or was overloaded.
-    pub fn failure(mut self) {
+    pub fn failure(self) {
+        self.failure_because("unspecified failure")
+    }
+
+    /// As [`Permit::failure`], keeping `cause` (what failed, at which
+    /// endpoint) for the refusals while the circuit is open.
+    pub fn failure_because(mut self, cause: impl Into<String>) {
         self.done = true;
         let mut s = self.breaker.inner.lock();
+        s.last_cause = Some((cause.into(), Instant::now()));
         s.failures = s.failures.saturating_add(1);
         if self.probe || s.failures >= self.breaker.config.threshold {
             s.open_until = Some(Instant::now() + self.breaker.config.cool_down);
@@ -95,8 +131,9 @@ impl CircuitBreaker {
         }
     }
 
-    /// Asks to send a request: a permit, or how long until a probe is allowed.
-    pub fn acquire(&self) -> Result<Permit<'_>, Duration> {
+    /// Asks to send a request: a permit, or why not ([`Open`]: how long
+    /// until a probe is allowed, and the last failure's cause).
+    pub fn acquire(&self) -> Result<Permit<'_>, Open> {
         let mut s = self.inner.lock();
         let Some(until) = s.open_until else {
             return Ok(Permit {
@@ -106,11 +143,17 @@ impl CircuitBreaker {
             });
         };
         let now = Instant::now();
+        let open = |wait| Open {
+            wait,
+            failures: s.failures,
+            last_cause: s.last_cause.as_ref().map(|(c, _)| c.clone()),
+            since: s.last_cause.as_ref().map(|(_, at)| now - *at),
+        };
         if now < until {
-            return Err(until - now);
+            return Err(open(until - now));
         }
         if s.probing {
-            return Err(self.config.cool_down.min(Duration::from_millis(100)));
+            return Err(open(self.config.cool_down.min(Duration::from_millis(100))));
         }
         s.probing = true;
         Ok(Permit {
@@ -155,6 +198,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         b.acquire().unwrap().success();
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn refusals_keep_the_last_cause() {
+        let b = CircuitBreaker::new(BreakerConfig {
+            threshold: 2,
+            cool_down: Duration::from_secs(5),
+        });
+        b.acquire().unwrap().failure_because("timeout at POST http://tts/token");
+        b.acquire()
+            .unwrap()
+            .failure_because("connection refused or unreachable at POST http://tts/token");
+        let open = b.acquire().unwrap_err();
+        assert_eq!(open.failures, 2);
+        let shown = open.to_string();
+        assert!(shown.contains("last: connection refused"), "{shown}");
+        assert!(shown.contains("http://tts/token"), "{shown}");
     }
 
     #[test]

@@ -380,10 +380,10 @@ impl TtsClient {
     }
 
     async fn attempt(&self, base: &ExchangeForm) -> Result<String, AttemptError> {
-        let permit = self.breaker.acquire().map_err(|wait| {
+        let permit = self.breaker.acquire().map_err(|open| {
             AttemptError::terminal(TokenError::Unavailable {
-                reason: "circuit open: the token service failed repeatedly".into(),
-                retry_after: Some(wait),
+                reason: open.to_string(),
+                retry_after: Some(open.wait),
             })
         })?;
         let assertion = sign_assertion(
@@ -406,20 +406,24 @@ impl TtsClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                permit.failure();
                 let what = if e.is_timeout() {
                     "timeout"
+                } else if e.is_connect() {
+                    "connection refused or unreachable"
                 } else {
                     "transport"
                 };
-                return Err(AttemptError::transient(format!("{what}: {e}"), None));
+                let cause = format!("{what} at POST {}: {e}", self.config.token_endpoint);
+                permit.failure_because(cause.clone());
+                return Err(AttemptError::transient(cause, None));
             }
         };
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            permit.failure();
+            let cause = format!("HTTP {status} at POST {}", self.config.token_endpoint);
+            permit.failure_because(cause.clone());
             let ra = retry_after(resp.headers());
-            return Err(AttemptError::transient(format!("HTTP {status}"), ra));
+            return Err(AttemptError::transient(cause, ra));
         }
         permit.success();
         let body = read_capped(resp, MAX_RESPONSE_BYTES).await?;
