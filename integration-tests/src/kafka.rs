@@ -399,7 +399,7 @@ impl BrokerBinding for KafkaBinding {
         InboundLimits {
             // originals just under it; their letters (+ the envelope) over it
             header_bytes: 999_500,
-            payload_bytes: Some(999_000),
+            payload_bytes: Some(999_800),
             claim_check: true,
             enforced: true,
         }
