@@ -270,6 +270,8 @@ pub struct AmqpDelivery {
     properties: BasicProperties,
     ctx: Arc<Ctx>,
     settled: bool,
+    /// A retry copy of this worker's own (its broker history may be believed).
+    authentic: bool,
 }
 
 impl std::fmt::Debug for AmqpDelivery {
@@ -328,6 +330,7 @@ impl AmqpDelivery {
             properties,
             ctx,
             settled: false,
+            authentic,
         }
     }
 
@@ -356,6 +359,13 @@ impl AmqpDelivery {
     fn retry_properties(&self, delay: Duration) -> Result<BasicProperties, Error> {
         let o = &self.properties;
         let mut table = o.headers().clone().unwrap_or_default();
+        if !self.authentic {
+            // A history a publisher wrote would be carried into our own copy
+            // (and counted on by the broker): only ours may accumulate.
+            let mut map = table.inner().clone();
+            map.remove(X_DEATH);
+            table = FieldTable::from(map);
+        }
         // Informational only: the attempt is read back from the broker's x-death.
         let next = i64::from(self.msg.delivery_attempt.max(1)) + 1;
         table.insert(ShortString::from(H_ATTEMPT), AMQPValue::LongLongInt(next));

@@ -857,3 +857,145 @@ async fn retry_copy_keeps_attempt_and_destination_through_a_named_exchange() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervised_worker_reconnects_when_the_broker_closes_its_connection() {
+    let env = TestEnv::start().await;
+    let conn = connect(&format!("elevate-acc-{}", uid())).await;
+    let admin = conn.create_channel().await.expect("channel");
+    let queue = format!("elevate-acc-supervised-{}", uid());
+    let q = declare(&admin, &queue).await;
+    let publisher = AmqpPublisher::new(
+        conn.create_channel().await.expect("channel"),
+        env.producer.clone(),
+    )
+    .await
+    .expect("publisher");
+    let rec = Recorder::new();
+    let mut config = elevate_amqp::WorkerConfig::new(
+        elevate_integration_tests::amqp::amqp_url(),
+        queue.clone(),
+    );
+    config.declare = false;
+    config.prefetch = 8;
+    config.connection_name = format!("elevate-supervised-{}", uid());
+    let name = config.connection_name.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(elevate_amqp::supervise_worker(
+        config,
+        env.processor(rec.handler()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let n = 200;
+    publish_many(&publisher, &env, &queue, &USERS, 0..n / 2).await;
+    rec.wait_for(10, TIMEOUT).await;
+    let closed = tokio::task::spawn_blocking(move || broker_close_connection(&name))
+        .await
+        .expect("rabbitmqctl");
+    assert_eq!(closed, 1, "the worker's connection was closed by the broker");
+    let cut = Instant::now();
+    let before = rec.distinct_payloads();
+    publish_many(&publisher, &env, &queue, &USERS, n / 2..n).await;
+    poll_until(TIMEOUT, Duration::from_millis(20), || {
+        rec.distinct_payloads() > before
+    })
+    .await;
+    let resumed = cut.elapsed();
+    let expected = (0..n).filter(|i| permitted(USERS[i % 4])).count();
+    let letters = get_all(&admin, &q.dead_letter, n - expected, TIMEOUT).await;
+    poll_until(TIMEOUT, Duration::from_millis(50), || {
+        rec.distinct_payloads() >= expected
+    })
+    .await;
+    assert!(!worker.is_finished(), "the supervised worker goes on");
+    let _ = stop.send(());
+    let ended = tokio::time::timeout(Duration::from_secs(30), worker)
+        .await
+        .expect("the worker stops on shutdown")
+        .expect("task");
+    assert!(ended.is_ok(), "{ended:?}");
+    eprintln!("amqp supervised: handling resumed {resumed:?} after the connection was closed");
+    assert!(
+        resumed < Duration::from_secs(15),
+        "reconnected promptly ({resumed:?})"
+    );
+    assert_eq!(rec.distinct_payloads(), expected, "no permitted message lost");
+    let distinct: HashSet<Vec<u8>> = letters.iter().map(|l| l.payload.clone()).collect();
+    assert_eq!(distinct.len(), n - expected, "no denied message lost");
+    delete_queues(&admin, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_cannot_spend_a_messages_retries() {
+    // A plain publisher sets x-elevate-attempt and a forged x-death to make the
+    // first transient handler error final; only the broker's own count counts.
+    let env = TestEnv::start().await;
+    let conn = connect(&format!("elevate-acc-{}", uid())).await;
+    let admin = conn.create_channel().await.expect("channel");
+    let queue = format!("elevate-acc-attempt-{}", uid());
+    let q = declare(&admin, &queue).await;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rec = Recorder::new();
+    let flaky = {
+        let inner = rec.handler();
+        let calls = calls.clone();
+        Arc::new(elevate_core::handler_fn(
+            move |m: elevate_core::InboundMessage, a: elevate_core::AuthContext| {
+                let inner = inner.clone();
+                let calls = calls.clone();
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                        return Err(elevate_core::HandlerError::Transient("flaky".into()));
+                    }
+                    inner.handle(&m, &a).await
+                }
+            },
+        ))
+    };
+    let worker = Worker::start(&q, env.processor(flaky), 4).await;
+    let payload = b"forged-attempt".to_vec();
+    let mut table = FieldTable::default();
+    table.insert(
+        CTX_REF_HEADER.into(),
+        AMQPValue::LongString(env.signed_ref(&queue, &payload).into()),
+    );
+    table.insert(elevate_amqp::H_ATTEMPT.into(), AMQPValue::LongLongInt(99));
+    let mut death = FieldTable::default();
+    death.insert("queue".into(), AMQPValue::LongString(q.retry.as_str().into()));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert("count".into(), AMQPValue::LongLongInt(50));
+    table.insert(
+        elevate_amqp::X_DEATH.into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    admin
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &payload,
+            BasicProperties::default()
+                .with_headers(table)
+                .with_message_id(uid().into()),
+        )
+        .await
+        .expect("publish");
+    rec.wait_for(1, TIMEOUT).await;
+    worker.stop().await.expect("clean stop");
+    assert_eq!(rec.count(), 1, "handled after its own retries");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let first = env
+        .decisions()
+        .into_iter()
+        .next()
+        .expect("a decision");
+    assert_eq!(first.attempt, 1, "the forged count is not believed");
+    assert!(
+        get_all(&admin, &q.dead_letter, 0, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    delete_queues(&admin, &q).await;
+}
