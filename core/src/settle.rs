@@ -129,6 +129,15 @@ pub trait DeadLetterPublisher: Send + Sync {
     fn durable(&self) -> bool {
         true
     }
+
+    /// Checked when a consumer starts, for messages read from `source`:
+    /// that their letters can be stored (the dead-letter destination and
+    /// claim-check store exist and keep what they confirm). An error stops
+    /// the consumer before it takes a message; a weaker setting it can
+    /// only warn about is logged.
+    async fn preflight(&self, _source: &str) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// A dead-letter publisher that refuses every publish: the safe placeholder
@@ -338,6 +347,15 @@ impl Processor {
     /// How often a slow message is kept alive (brokers check it against their ack deadline).
     pub fn keep_alive_every(&self) -> Duration {
         self.keep_alive_every
+    }
+
+    /// Runs the dead-letter publisher's start-time checks for `source` (see
+    /// [`DeadLetterPublisher::preflight`]).
+    ///
+    /// # Errors
+    /// Dead letters of `source` could not be stored.
+    pub async fn preflight(&self, source: &str) -> Result<(), TransportError> {
+        self.dead_letters.preflight(source).await
     }
 
     /// Whether the dead-letter publisher stores what it confirms (see

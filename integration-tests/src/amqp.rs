@@ -22,7 +22,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{
+    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+};
 
 /// Prefetch and concurrency of the binding's guarded consumers.
 pub const PREFETCH: u16 = 32;

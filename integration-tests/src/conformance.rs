@@ -377,7 +377,15 @@ pub async fn scan_fails_closed(b: &dyn BrokerBinding) {
             .unwrap_or_else(|e| panic!("[{}] {e}", b.name()));
     }
     for i in 0..3 {
-        publish_for(b, &env, &ep, "alice", &format!("behind-{i}"), Headers::new()).await;
+        publish_for(
+            b,
+            &env,
+            &ep,
+            "alice",
+            &format!("behind-{i}"),
+            Headers::new(),
+        )
+        .await;
     }
     let letters = b
         .dead_letters(&ep, evasive.len(), SETTLE_TIMEOUT)
@@ -388,7 +396,12 @@ pub async fn scan_fails_closed(b: &dyn BrokerBinding) {
     let mut expected: Vec<String> = evasive.iter().map(|m| m.reason.to_string()).collect();
     expected.sort();
     assert_eq!(reasons(&letters), expected, "[{}]", b.name());
-    assert_eq!(rec.count(), 3, "[{}] the messages behind are handled", b.name());
+    assert_eq!(
+        rec.count(),
+        3,
+        "[{}] the messages behind are handled",
+        b.name()
+    );
     assert_eq!(rec.count() + letters.len(), evasive.len() + 3);
     for h in rec.snapshot() {
         assert!(h.payload.starts_with("behind-"), "[{}] {h:?}", b.name());
@@ -408,7 +421,12 @@ pub async fn scan_fails_closed(b: &dyn BrokerBinding) {
                 .is_some_and(|r| r.contains(&sha))
                 || l.headers.get_str(H_PAYLOAD).is_some()
         });
-        assert!(listed, "[{}] {}: the removal is listed by SHA-256", b.name(), m.reason);
+        assert!(
+            listed,
+            "[{}] {}: the removal is listed by SHA-256",
+            b.name(),
+            m.reason
+        );
     }
 }
 
@@ -437,7 +455,15 @@ pub async fn oversized_dead_letters(b: &dyn BrokerBinding) {
             .unwrap_or_else(|e| panic!("[{}] {e}", b.name()));
     }
     for i in 0..2 {
-        publish_for(b, &env, &ep, "alice", &format!("behind-{i}"), Headers::new()).await;
+        publish_for(
+            b,
+            &env,
+            &ep,
+            "alice",
+            &format!("behind-{i}"),
+            Headers::new(),
+        )
+        .await;
     }
     let n = 1 + usize::from(payload.is_some());
     let letters = b
@@ -446,10 +472,26 @@ pub async fn oversized_dead_letters(b: &dyn BrokerBinding) {
         .unwrap_or_else(|e| panic!("{e}"));
     rec.wait_for(2, SETTLE_TIMEOUT).await;
     consumer.stop().await;
-    assert_eq!(rec.count(), 2, "[{}] the messages behind are handled", b.name());
-    assert_eq!(reasons(&letters), vec!["missing-context"; n], "[{}]", b.name());
+    assert_eq!(
+        rec.count(),
+        2,
+        "[{}] the messages behind are handled",
+        b.name()
+    );
+    assert_eq!(
+        reasons(&letters),
+        vec!["missing-context"; n],
+        "[{}]",
+        b.name()
+    );
     for l in &letters {
-        for h in [H_DECISION_ID, H_REASON, H_VERDICT, H_SOURCE, H_IDEMPOTENCY_KEY] {
+        for h in [
+            H_DECISION_ID,
+            H_REASON,
+            H_VERDICT,
+            H_SOURCE,
+            H_IDEMPOTENCY_KEY,
+        ] {
             assert!(l.headers.get(h).is_some(), "[{}] {h} kept", b.name());
         }
     }

@@ -236,10 +236,14 @@ impl TestEnv {
 
     /// A valid context reference from the producer for `payload` at `destination`.
     pub fn signed_ref(&self, destination: &str, payload: &[u8]) -> String {
-        ContextRefMinter::new(PRODUCER, self.producer_key.clone(), Duration::from_secs(600))
-            .sign(self.origin_claims(destination, payload))
-            .map(|m| m.token)
-            .unwrap_or_else(|e| panic!("{e}"))
+        ContextRefMinter::new(
+            PRODUCER,
+            self.producer_key.clone(),
+            Duration::from_secs(600),
+        )
+        .sign(self.origin_claims(destination, payload))
+        .map(|m| m.token)
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Messages that try to slip a credential past the scan (the classes it
@@ -248,17 +252,21 @@ impl TestEnv {
     /// handler nor the dead letter.
     pub fn evasive_messages(&self, destination: &str) -> Vec<Evasive> {
         let mut out = Vec::new();
-        let mut push = |reason: &'static str, secret: String, mut headers: Headers, payload: Vec<u8>| {
-            headers.append(CTX_REF_HEADER, self.signed_ref(destination, &payload));
-            out.push(Evasive {
-                reason,
-                secret,
-                headers,
-                payload,
-            });
-        };
+        let mut push =
+            |reason: &'static str, secret: String, mut headers: Headers, payload: Vec<u8>| {
+                headers.append(CTX_REF_HEADER, self.signed_ref(destination, &payload));
+                out.push(Evasive {
+                    reason,
+                    secret,
+                    headers,
+                    payload,
+                });
+            };
         let body = br#"{"job":"evasive"}"#.to_vec();
-        for (i, gap) in ["\t", "\u{a0}", "\u{3000}", "\u{b}"].into_iter().enumerate() {
+        for (i, gap) in ["\t", "\u{a0}", "\u{3000}", "\u{b}"]
+            .into_iter()
+            .enumerate()
+        {
             let secret = format!("opaque-bearer-{i}-{}", uuid::Uuid::new_v4().simple());
             let h: Headers = [("x-forwarded-auth", format!("Bearer{gap}{secret}"))]
                 .into_iter()
@@ -275,7 +283,12 @@ impl TestEnv {
             "[".repeat(200),
             "]".repeat(200)
         );
-        push("uninspectable-payload", secret, Headers::new(), deep.into_bytes());
+        push(
+            "uninspectable-payload",
+            secret,
+            Headers::new(),
+            deep.into_bytes(),
+        );
         let jwt = elevate_core::jws::sign(
             &self.consumer_key,
             "JWT",

@@ -19,7 +19,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{
+    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+};
 
 /// Partitions of every scenario topic (dead-letter topics get one).
 pub const PARTITIONS: i32 = 3;
@@ -411,8 +413,11 @@ impl BrokerBinding for KafkaBinding {
         self.create_topic(&name, PARTITIONS).await?;
         self.create_topic(&dead_letter, 1).await?;
         // tansu creates no topic on demand: the claim-check topic too
-        self.create_topic(&format!("{dead_letter}{}", elevate_kafka::deadletter::CLAIMS_SUFFIX), 1)
-            .await?;
+        self.create_topic(
+            &format!("{dead_letter}{}", elevate_kafka::deadletter::CLAIMS_SUFFIX),
+            1,
+        )
+        .await?;
         Ok(Endpoint {
             destination: name.clone(),
             dead_letter,

@@ -8,7 +8,9 @@ use elevate_core::producer::{ProducerGuard, PublishRequest};
 use elevate_core::settle::Processor;
 use elevate_core::{Headers, OutboundMessage};
 
-use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{
+    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+};
 
 /// In-memory broker binding: a fresh broker per binding, one queue per scenario.
 #[derive(Clone, Default)]

@@ -19,7 +19,9 @@ use elevate_nats::{
     to_nats_headers,
 };
 
-use crate::binding::{InboundLimits, BindResult, BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use crate::binding::{
+    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+};
 
 /// Prefix of every stream the tests create (old ones are swept at start).
 pub const STREAM_PREFIX: &str = "ELVT_";

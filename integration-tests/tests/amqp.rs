@@ -872,10 +872,8 @@ async fn supervised_worker_reconnects_when_the_broker_closes_its_connection() {
     .await
     .expect("publisher");
     let rec = Recorder::new();
-    let mut config = elevate_amqp::WorkerConfig::new(
-        elevate_integration_tests::amqp::amqp_url(),
-        queue.clone(),
-    );
+    let mut config =
+        elevate_amqp::WorkerConfig::new(elevate_integration_tests::amqp::amqp_url(), queue.clone());
     config.declare = false;
     config.prefetch = 8;
     config.connection_name = format!("elevate-supervised-{}", uid());
@@ -894,7 +892,10 @@ async fn supervised_worker_reconnects_when_the_broker_closes_its_connection() {
     let closed = tokio::task::spawn_blocking(move || broker_close_connection(&name))
         .await
         .expect("rabbitmqctl");
-    assert_eq!(closed, 1, "the worker's connection was closed by the broker");
+    assert_eq!(
+        closed, 1,
+        "the worker's connection was closed by the broker"
+    );
     let cut = Instant::now();
     let before = rec.distinct_payloads();
     publish_many(&publisher, &env, &queue, &USERS, n / 2..n).await;
@@ -921,7 +922,11 @@ async fn supervised_worker_reconnects_when_the_broker_closes_its_connection() {
         resumed < Duration::from_secs(15),
         "reconnected promptly ({resumed:?})"
     );
-    assert_eq!(rec.distinct_payloads(), expected, "no permitted message lost");
+    assert_eq!(
+        rec.distinct_payloads(),
+        expected,
+        "no permitted message lost"
+    );
     let distinct: HashSet<Vec<u8>> = letters.iter().map(|l| l.payload.clone()).collect();
     assert_eq!(distinct.len(), n - expected, "no denied message lost");
     delete_queues(&admin, &q).await;
@@ -963,7 +968,10 @@ async fn a_publisher_cannot_spend_a_messages_retries() {
     );
     table.insert(elevate_amqp::H_ATTEMPT.into(), AMQPValue::LongLongInt(99));
     let mut death = FieldTable::default();
-    death.insert("queue".into(), AMQPValue::LongString(q.retry.as_str().into()));
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(q.retry.as_str().into()),
+    );
     death.insert("reason".into(), AMQPValue::LongString("expired".into()));
     death.insert("count".into(), AMQPValue::LongLongInt(50));
     table.insert(
@@ -986,11 +994,7 @@ async fn a_publisher_cannot_spend_a_messages_retries() {
     worker.stop().await.expect("clean stop");
     assert_eq!(rec.count(), 1, "handled after its own retries");
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
-    let first = env
-        .decisions()
-        .into_iter()
-        .next()
-        .expect("a decision");
+    let first = env.decisions().into_iter().next().expect("a decision");
     assert_eq!(first.attempt, 1, "the forged count is not believed");
     assert!(
         get_all(&admin, &q.dead_letter, 0, Duration::from_millis(300))

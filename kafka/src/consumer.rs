@@ -273,6 +273,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
     /// unstored. At shutdown, records in progress get `shutdown_grace` to
     /// settle, then stored offsets are committed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        self.preflight().await?;
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
         let stopping = Arc::new(AtomicBool::new(false));
         let mut workers: HashMap<PartitionKey, Worker> = HashMap::new();
@@ -329,6 +330,33 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         }
         self.commit(CommitMode::Sync);
         result
+    }
+
+    /// Checks, for every subscribed topic (patterns excepted), that its dead
+    /// letters can be stored; a broker that cannot be asked now is a warning.
+    async fn preflight(&self) -> Result<(), Error> {
+        let topics: Vec<String> = match self.consumer.subscription() {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .map(|e| e.topic().to_string())
+                .filter(|t| !t.starts_with('^'))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the subscription: dead-letter topics not checked");
+                return Ok(());
+            }
+        };
+        for topic in topics {
+            match self.processor.preflight(&topic).await {
+                Ok(()) => {}
+                Err(e) if e.is_permanent() => return Err(Error::Config(e.to_string())),
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "dead-letter destination not checked at start")
+                }
+            }
+        }
+        Ok(())
     }
 
     fn commit(&self, mode: CommitMode) {

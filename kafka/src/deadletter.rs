@@ -22,7 +22,7 @@ use rdkafka::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::headers::to_kafka;
 
@@ -141,6 +141,7 @@ impl<C: ClientContext + 'static> KafkaDeadLetters<C> {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: OwnedHeaders,
+        permanent: fn(&KafkaError) -> bool,
     ) -> Result<(i32, i64), TransportError> {
         const OP: &str = "dead-letter publish";
         let mut record: FutureRecord<'_, [u8], [u8]> =
@@ -152,7 +153,7 @@ impl<C: ClientContext + 'static> KafkaDeadLetters<C> {
         let send = self.producer.send(record, self.timeout);
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-            Ok(Err((e, _))) if is_permanent(&e) => Err(TransportError::permanent(OP, e)),
+            Ok(Err((e, _))) if permanent(&e) => Err(TransportError::permanent(OP, e)),
             Ok(Err((e, _))) => Err(TransportError::new(OP, e)),
             Err(_) => Err(TransportError::new(
                 OP,
@@ -187,6 +188,18 @@ fn is_permanent(e: &KafkaError) -> bool {
     )
 }
 
+/// As [`is_permanent`], and a claim-check topic that does not exist (it will
+/// not appear by itself: the payload is withheld instead of retried forever).
+fn is_permanent_for_claims(e: &KafkaError) -> bool {
+    is_permanent(e)
+        || matches!(
+            e,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+            )
+        )
+}
+
 /// Bytes of `letter` as one record with the original key.
 fn record_len(letter: &DeadLetter, key_len: usize) -> usize {
     let headers: usize = letter
@@ -203,6 +216,40 @@ fn source_key() -> Option<Bytes> {
 
 #[async_trait::async_trait]
 impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
+    /// The dead-letter and claim-check topics of `source` must exist (tansu,
+    /// and Kafka with `auto.create.topics.enable=false`, create none).
+    async fn preflight(&self, source: &str) -> Result<(), TransportError> {
+        const OP: &str = "dead-letter preflight";
+        let topic = self.topic_for(source);
+        let claims = format!("{topic}{CLAIMS_SUFFIX}");
+        for t in [topic.clone(), claims.clone()] {
+            let producer = self.producer.clone();
+            let name = t.clone();
+            let meta = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&name), Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| TransportError::new(OP, e))?
+            .map_err(|e| TransportError::new(OP, e))?;
+            let missing = meta
+                .topics()
+                .iter()
+                .find(|m| m.name() == t)
+                .is_none_or(|m| m.error().is_some() || m.partitions().is_empty());
+            if missing && t == claims {
+                tracing::warn!(topic = %t, %source, "the claim-check topic does not exist: payloads too large for a dead letter will be withheld (length and SHA-256 kept); create it to keep them");
+            } else if missing {
+                return Err(TransportError::permanent(
+                    OP,
+                    format!("topic {t} does not exist: create it (letters of {source} go there)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn measure(&self, letter: &DeadLetter) -> Excess {
         let key = source_key().map_or(0, |k| k.len());
         Excess {
@@ -233,7 +280,9 @@ impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
                     key: H_CLAIM_CHUNK,
                     value: Some(chunk_header.as_bytes()),
                 });
-            last = self.send(&topic, Some(key), chunk, headers).await?;
+            last = self
+                .send(&topic, Some(key), chunk, headers, is_permanent_for_claims)
+                .await?;
             first.get_or_insert(last);
         }
         let (partition, first_offset) = first.unwrap_or(last);
@@ -252,6 +301,7 @@ impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
             key.as_deref(),
             &letter.payload,
             to_kafka(&letter.headers),
+            is_permanent,
         )
         .await
         .map(|_| ())

@@ -178,6 +178,42 @@ impl DeadLetterPublisher for NatsDeadLetters {
         matches!(self.target, Target::JetStream(_))
     }
 
+    /// A stream must capture the dead-letter subject (JetStream target); a
+    /// memory-storage stream keeps nothing across a server restart (warned).
+    async fn preflight(&self, source: &str) -> Result<(), TransportError> {
+        const OP: &str = "dead-letter preflight";
+        let Target::JetStream(js) = &self.target else {
+            return Ok(());
+        };
+        use jetstream::context::GetStreamByNameErrorKind;
+        let name = match js.stream_by_subject(self.subject.clone()).await {
+            Ok(name) => name,
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                return Err(TransportError::permanent(
+                    OP,
+                    format!(
+                        "no stream captures the dead-letter subject {} (letters of {source}): create one",
+                        self.subject
+                    ),
+                ));
+            }
+            Err(e) => return Err(TransportError::new(OP, e)),
+        };
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| TransportError::new(OP, e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| TransportError::new(OP, e))?;
+        if info.config.storage == jetstream::stream::StorageType::Memory {
+            tracing::warn!(stream = %name, subject = %self.subject,
+                "the dead-letter stream uses memory storage: its letters do not survive a server restart");
+        }
+        Ok(())
+    }
+
     fn measure(&self, letter: &DeadLetter) -> Excess {
         let block = header_block_len(&wire_headers(letter));
         let max_payload = self.client().server_info().max_payload.max(1);

@@ -149,6 +149,11 @@ impl GuardedConsumer {
             )));
         }
         check_limits(&info.config, &self.processor)?;
+        match self.processor.preflight(&info.stream_name).await {
+            Ok(()) => {}
+            Err(e) if e.is_permanent() => return Err(Error::Config(e.to_string())),
+            Err(e) => tracing::warn!(error = %e, "dead-letter destination not checked at start"),
+        }
         let mut sweeper = match self.unreadable.clone() {
             Some(u) => Some(Sweeper::new(u)),
             None => {

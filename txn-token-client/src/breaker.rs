@@ -206,7 +206,9 @@ mod tests {
             threshold: 2,
             cool_down: Duration::from_secs(5),
         });
-        b.acquire().unwrap().failure_because("timeout at POST http://tts/token");
+        b.acquire()
+            .unwrap()
+            .failure_because("timeout at POST http://tts/token");
         b.acquire()
             .unwrap()
             .failure_because("connection refused or unreachable at POST http://tts/token");

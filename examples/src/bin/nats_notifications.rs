@@ -148,7 +148,9 @@ async fn demo(
     ));
     let worker = GuardedConsumer::new(pull, processor)
         .concurrency(4)
-        .unreadable(elevate_nats::unreadable::UnreadableMessages::new(js.clone()));
+        .unreadable(elevate_nats::unreadable::UnreadableMessages::new(
+            js.clone(),
+        ));
     let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.

@@ -459,7 +459,9 @@ async fn run(args: Args) -> AppResult<bool> {
         elevate_nats::GuardedConsumer::new(pull, Arc::new(billing_processor))
             .concurrency(8)
             .fetch_expires(Duration::from_millis(500))
-            .unreadable(elevate_nats::unreadable::UnreadableMessages::new(js.clone()))
+            .unreadable(elevate_nats::unreadable::UnreadableMessages::new(
+                js.clone(),
+            ))
             .run(async {
                 let _ = billing_stopped.await;
             }),
