@@ -143,7 +143,8 @@ mod tests {
     }
 
     /// Fuzz finding (kafka_headers): a record whose header key is not UTF-8
-    /// (minimized input `01 02 ff 00`: one header, key `ff`, empty value) made
+    /// (seed `binary-key`; minimal form `02 02 ff 00`: one header, key `ff`,
+    /// empty value) made
     /// rdkafka's `try_get` panic inside `from_kafka`.
     #[test]
     fn non_utf8_keys_decode_lossily_instead_of_panicking() {
