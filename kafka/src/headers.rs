@@ -102,7 +102,6 @@ pub fn from_kafka<H: KafkaHeaders + ?Sized>(headers: Option<&H>) -> Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::Headers as _;
 
     #[test]
     fn round_trip_keeps_duplicates_order_and_bytes() {
@@ -144,8 +143,7 @@ mod tests {
 
     /// Fuzz finding (kafka_headers): a record whose header key is not UTF-8
     /// (seed `binary-key`; minimal form `02 02 ff 00`: one header, key `ff`,
-    /// empty value) made
-    /// rdkafka's `try_get` panic inside `from_kafka`.
+    /// empty value) made rdkafka's `try_get` panic inside `from_kafka`.
     #[test]
     fn non_utf8_keys_decode_lossily_instead_of_panicking() {
         let wire = wire_headers(&[
