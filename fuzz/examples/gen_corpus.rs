@@ -183,7 +183,7 @@ fn strip(dir: &Path, r: &Refs) {
     write(
         dir,
         "binary",
-        b"x-raw: bear\xff\xfe token\nx-b: \xe6\x97\xa5\n\nnot json".to_vec(),
+        b"x-raw: bear\xff\xfe token\nx-b: \xe6\x97\xa5\n\nnot json",
     );
 }
 
