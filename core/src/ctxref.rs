@@ -681,7 +681,8 @@ impl ContextRefVerifier {
             && parent.sub_kind == claims.sub_kind
             && parent.txn == claims.txn
             && parent.scope == actor.scope
-            && parent.depth + 1 == claims.depth
+            // checked: a signed parent may claim any depth, u32::MAX included
+            && parent.depth.checked_add(1) == Some(claims.depth)
             && parent.max_depth == claims.max_depth;
         if !consistent {
             return Err(invalid(format!(

@@ -111,3 +111,76 @@ async fn guarded_consumer_refuses_auto_offset_store() {
         .unwrap();
     assert!(elevate_kafka::consumer::check_config(&ok).is_ok());
 }
+
+/// Fuzz findings (kafka_headers) end to end through librdkafka's producer and
+/// fetch parser: a header key that is not UTF-8 (sent by any producer) no
+/// longer panics the consumer's header mapping, and a name with a NUL byte
+/// is not sent under a name the producer's scan never saw.
+#[tokio::test]
+async fn raw_header_keys_survive_the_consumer_mapping() {
+    use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_headers_t};
+    use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
+
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    kafka.create_topic("raw", 1).unwrap();
+    let producer: FutureProducer = config(kafka.bootstrap_servers()).create().unwrap();
+    // A foreign producer's record: rdkafka's API only takes `&str` keys, so
+    // add the raw key through librdkafka itself.
+    let raw = OwnedHeaders::new_with_capacity(2);
+    let native = raw.as_borrowed() as *const BorrowedHeaders as *mut rd_kafka_headers_t;
+    for (key, value) in [(&b"x-\xff\xfe"[..], &b"v"[..]), (b"ok", b"1")] {
+        // SAFETY: `native` is `raw`'s live list; librdkafka copies the bytes.
+        unsafe {
+            rd_kafka_header_add(
+                native,
+                key.as_ptr().cast(),
+                key.len() as isize,
+                value.as_ptr().cast(),
+                value.len() as isize,
+            );
+        }
+    }
+    let mut smuggled = Headers::new();
+    smuggled.append("cookie\0x", "session=abc");
+    smuggled.append("x-keep", "1");
+    for headers in [raw, to_kafka(&smuggled)] {
+        producer
+            .send(
+                FutureRecord::<[u8], [u8]>::to("raw")
+                    .payload(&b"p"[..])
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    let consumer: StreamConsumer = config(kafka.bootstrap_servers())
+        .set("group.id", "raw")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["raw"]).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let h = from_kafka(m.headers());
+        got.push(
+            h.iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        got,
+        vec![
+            vec![
+                ("x-\u{FFFD}\u{FFFD}".to_string(), b"v".to_vec()),
+                ("ok".to_string(), b"1".to_vec()),
+            ],
+            vec![("x-keep".to_string(), b"1".to_vec())],
+        ]
+    );
+}

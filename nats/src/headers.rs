@@ -4,6 +4,14 @@
 //! values are UTF-8 without CR/LF. Duplicate names are kept in order (values
 //! of one name keep their order; different names are emitted sorted by name,
 //! since `HeaderMap` does not keep the order between names).
+//!
+//! Receivers trim whitespace around a value (async-nats, like the other NATS
+//! clients, reads the block as MIME headers), so a value that starts or ends
+//! with whitespace arrives trimmed. [`to_nats_headers`] still accepts it:
+//! async-nats can hand a subscriber such a value (a folded continuation
+//! line), and whatever was received must stay publishable, since the
+//! dead-letter path republishes received headers (both found by the
+//! `nats_headers` fuzz target).
 
 use std::str::FromStr;
 
@@ -94,6 +102,24 @@ mod tests {
             to_nats_headers(&h),
             Err(HeaderError::InvalidValue(_))
         ));
+    }
+
+    /// Fuzz finding (nats_headers): a header line with an empty value and a
+    /// folded continuation (`X:\n   :0DSF`) reaches a subscriber as the value
+    /// `   :0DSF`; refusing surrounding whitespace on send would make such a
+    /// message impossible to dead-letter. Received values stay publishable.
+    #[test]
+    fn received_values_with_surrounding_whitespace_stay_publishable() {
+        let mut map = HeaderMap::new();
+        let folded = HeaderValue::from_str("   :0DSFVw-RfcYJmXTH4I40190 eNdl0nan").unwrap();
+        map.append(HeaderName::from_str("X").unwrap(), folded);
+        map.append(
+            HeaderName::from_str("").unwrap(),
+            HeaderValue::from_str("v ").unwrap(),
+        );
+        let received = from_nats_headers(Some(&map));
+        let resent = to_nats_headers(&received).unwrap();
+        assert_eq!(from_nats_headers(Some(&resent)), received);
     }
 
     #[test]
