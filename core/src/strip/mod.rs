@@ -200,8 +200,9 @@ impl CredentialPolicy {
         {
             return Some(CredentialKind::CredentialHeader);
         }
-        // A token is ASCII: invalid bytes around one (read as U+FFFD) hide nothing.
-        text::finding(&String::from_utf8_lossy(value))
+        // A token is ASCII: invalid bytes around one (read as U+FFFD) hide
+        // nothing. A header name can carry one too.
+        text::finding(&String::from_utf8_lossy(value)).or_else(|| text::finding(name))
     }
 
     /// Scans headers and payload; returns every credential found, and a
@@ -653,6 +654,12 @@ mod tests {
         }
         let h: Headers = [("x-raw", &b"Bearer\xffsecret"[..])].into_iter().collect();
         assert_eq!(policy.scan(&h, b"").len(), 1);
+    }
+
+    #[test]
+    fn a_token_as_a_header_name_is_found() {
+        let h: Headers = [(jwt().as_str(), "x")].into_iter().collect();
+        assert_eq!(CredentialPolicy::default().scan(&h, b"").len(), 1);
     }
 
     #[test]

@@ -81,25 +81,29 @@ pub(crate) fn jws_runs(text: &str) -> impl Iterator<Item = (usize, &str)> {
     out.into_iter()
 }
 
-/// Whether `text` opens with a strict scheme and credentials, or holds any
+/// Characters after which a value opens again: the start of a quoted
+/// string, an assignment, a list item (`{"auth":"Bearer x"}`, `a=Bearer x`).
+const OPENERS: [char; 10] = ['"', '\'', '`', ':', '=', ',', ';', '[', '{', '('];
+
+/// Whether `text` holds a strict scheme with credentials where a value
+/// opens (its start, or after a quote, `:`, `=`, `,`, `;`, a bracket), or any
 /// scheme followed by a credential-looking word anywhere.
 fn has_auth_scheme(text: &str) -> bool {
-    let opened = text.trim_start_matches(is_gap);
-    if STRICT_SCHEMES
-        .iter()
-        .any(|s| scheme_then(opened, s).is_some_and(|rest| !rest.is_empty()))
-    {
-        return true;
-    }
-    // Anywhere: at a word boundary, a scheme, a gap, a long token68 word.
-    let lower_bytes = text.as_bytes();
-    for (i, _) in text.char_indices() {
-        let boundary = i == 0
-            || text[..i]
-                .chars()
-                .next_back()
-                .is_some_and(|c| !c.is_alphanumeric());
-        if !boundary || !lower_bytes[i].is_ascii_alphabetic() {
+    let mut prev: Option<char> = None;
+    for (i, c) in text.char_indices() {
+        let opens = prev.is_none_or(|p| OPENERS.contains(&p));
+        let boundary = prev.is_none_or(|p| !p.is_alphanumeric());
+        prev = Some(c);
+        if opens {
+            let here = text[i..].trim_start_matches(is_gap);
+            if STRICT_SCHEMES
+                .iter()
+                .any(|s| scheme_then(here, s).is_some_and(|rest| !rest.is_empty()))
+            {
+                return true;
+            }
+        }
+        if !boundary || !c.is_ascii_alphabetic() {
             continue;
         }
         let here = &text[i..];
@@ -144,6 +148,9 @@ mod tests {
             "\u{feff}Bearer abc",
             "prefix Token ghp_0123456789abcdef",
             "{\"auth\":\"Bearer abcdefgh12\"}",
+            "{\"auth\":\"Bearer x\"}",
+            "token=Basic\tdXNl",
+            "[\"a\", \"DPoP y\"]",
             "x;negotiate YIIB2gYGKwYBBQUCoIIBzjCCAcqg",
         ] {
             assert_eq!(finding(v), Some(CredentialKind::AuthScheme), "{v:?}");
