@@ -663,7 +663,8 @@ impl Drill<'_> {
         }
         // The last of what was written (the DLQ reader may still need the broker).
         s.tally.add_handled(s.handled.read_lines());
-        for _ in 0..3 {
+        // Until a poll finds nothing new (each poll reads for at most a quarter second).
+        for _ in 0..240 {
             match s.dlq.poll().await {
                 Ok(l) if l.is_empty() => break,
                 Ok(l) => s.tally.add_letters(l),

@@ -162,7 +162,9 @@ impl DlqReader for AmqpDlq {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        loop {
+        // At most a quarter second per poll, so the caller keeps observing.
+        let until = tokio::time::Instant::now() + Duration::from_millis(250);
+        while tokio::time::Instant::now() < until {
             let got = channel
                 .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
                 .await;
@@ -186,5 +188,6 @@ impl DlqReader for AmqpDlq {
                 }
             }
         }
+        Ok(out)
     }
 }

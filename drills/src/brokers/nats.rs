@@ -170,7 +170,9 @@ impl DlqReader for NatsDlq {
             return Ok(out);
         };
         let last = info.state.last_sequence;
-        while self.next <= last {
+        // At most a quarter second per poll, so the caller keeps observing.
+        let until = tokio::time::Instant::now() + Duration::from_millis(250);
+        while self.next <= last && tokio::time::Instant::now() < until {
             match s.get_raw_message(self.next).await {
                 Ok(m) => {
                     let headers = from_nats_headers(Some(&m.headers));
