@@ -58,9 +58,10 @@ struct Args {
     /// Outage length of the `outage` scenario (default 90 s; 15 s with --quick).
     #[arg(long, value_parser = humantime::parse_duration)]
     outage: Option<Duration>,
-    /// Stop the broker with SIGKILL in `broker-restart` (default: SIGTERM).
-    #[arg(long)]
-    broker_kill: bool,
+    /// How `broker-restart` stops the broker: `kill` (SIGKILL) or `term`
+    /// (SIGTERM, a clean shutdown). Default: term; kill with --quick.
+    #[arg(long, value_parser = ["kill", "term"])]
+    broker_signal: Option<String>,
     /// Kafka consumer kill: also run it without group.instance.id (a
     /// measurement: on tansu 0.6 the restarted member is left with no
     /// partitions, so that row fails; see drills/README.md).
@@ -94,12 +95,6 @@ struct Args {
 }
 
 fn main() {
-    // Helper mode: the Kafka dead-letter reader runs as a child process
-    // (librdkafka can crash on a tansu answer; the orchestrator restarts it).
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("kafka-dlq-reader") {
-        std::process::exit(kafka_dlq_reader(&argv[2..]));
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "error,lapin=off,librdkafka=off,rdkafka=off".into());
     tracing_subscriber::fmt()
@@ -132,36 +127,6 @@ fn main() {
     });
     drop(rt);
     std::process::exit(code);
-}
-
-fn kafka_dlq_reader(args: &[String]) -> i32 {
-    let (Some(bootstrap), Some(topic), Some(from)) = (
-        args.first(),
-        args.get(1),
-        args.get(2).and_then(|f| f.parse::<i64>().ok()),
-    ) else {
-        eprintln!("usage: drill kafka-dlq-reader BOOTSTRAP TOPIC FROM_OFFSET");
-        return 2;
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kafka-dlq-reader: {e}");
-            return 2;
-        }
-    };
-    match rt.block_on(elevate_drills::brokers::kafka::reader_main(
-        bootstrap, topic, from,
-    )) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("kafka-dlq-reader: {e}");
-            1
-        }
-    }
 }
 
 async fn interrupted() -> &'static str {
@@ -268,7 +233,9 @@ async fn run(args: Args) -> i32 {
     if let Some(o) = args.outage {
         plan.outage = o;
     }
-    plan.broker_kill = args.broker_kill;
+    if let Some(sig) = &args.broker_signal {
+        plan.broker_kill = sig == "kill";
+    }
     let (worker_bin, tts_bin) = match binaries() {
         Ok(b) => b,
         Err(e) => {

@@ -3,11 +3,10 @@
 //! a batch to a fetch that starts inside it, kafka/README.md), dead letters
 //! read back with a plain consumer assigned to the dead-letter topic.
 //!
-//! That consumer runs in a child process (`drill kafka-dlq-reader`), started
-//! again from the next offset when it dies: librdkafka 2.12.1 dereferences a
-//! NULL topic name (SIGSEGV in `rd_kafka_metadata_update_op`) when tansu 0.6
-//! answers a Fetch with its unknown-topic partition (a zero topic id and a
-//! `CurrentLeader` tag), which the drills meet in the orchestrator's reader.
+//! That consumer must be gone before its topic is deleted: tansu 0.6 answers
+//! a Fetch for a deleted topic with a zero topic id and a `CurrentLeader`
+//! tag, and librdkafka 2.12.1 then dereferences a NULL topic name (SIGSEGV in
+//! `rd_kafka_metadata_update_op`; `examples/tansu_topic_delete_crash.rs`).
 
 use std::time::Duration;
 
@@ -48,12 +47,11 @@ fn base_config(bootstrap: &str) -> ClientConfig {
 pub struct KafkaBroker {
     bootstrap: String,
     producer: FutureProducer,
-    ctx: super::Context,
 }
 
 impl KafkaBroker {
     /// Checks the broker answers and creates the producer.
-    pub fn connect(bootstrap: &str, ctx: super::Context) -> Result<Self, String> {
+    pub fn connect(bootstrap: &str) -> Result<Self, String> {
         if !crate::procs::listening(bootstrap) {
             return Err(format!(
                 "no Kafka broker at {bootstrap} (KAFKA_BOOTSTRAP): start one with scripts/kafka-up"
@@ -68,7 +66,6 @@ impl KafkaBroker {
         Ok(KafkaBroker {
             bootstrap: bootstrap.to_string(),
             producer: config.create().map_err(kerr)?,
-            ctx,
         })
     }
 
@@ -165,19 +162,20 @@ impl Broker for KafkaBroker {
     }
 
     async fn dlq_reader(&self, names: &Names) -> Result<Box<dyn DlqReader>, String> {
-        let mut reader = KafkaDlq {
-            exe: std::env::current_exe().map_err(|e| format!("where am I: {e}"))?,
-            bootstrap: self.bootstrap.clone(),
-            topic: names.dlq.clone(),
-            ctx: self.ctx.clone(),
-            next: 0,
-            child: None,
-            lines: None,
-            starts: 0,
-            incidents: Vec::new(),
-        };
-        reader.spawn()?;
-        Ok(Box::new(reader))
+        let consumer: StreamConsumer = base_config(&self.bootstrap)
+            .set(
+                "group.id",
+                format!("drill-dlq-reader-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .map_err(kerr)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&names.dlq, 0, Offset::Beginning)
+            .map_err(kerr)?;
+        consumer.assign(&tpl).map_err(kerr)?;
+        Ok(Box::new(KafkaDlq { consumer }))
     }
 
     async fn teardown(&self, names: &Names) {
@@ -192,148 +190,33 @@ impl Broker for KafkaBroker {
     }
 }
 
-/// One letter as the reader process prints it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct ReadLetter {
-    offset: i64,
-    letter: Letter,
-}
-
-/// The dead-letter reader process: follows `topic` partition 0 from offset
-/// `from`, printing one JSON line per letter, until killed.
-pub async fn reader_main(bootstrap: &str, topic: &str, from: i64) -> Result<(), String> {
-    use std::io::Write;
-    let consumer: StreamConsumer = base_config(bootstrap)
-        .set(
-            "group.id",
-            format!("drill-dlq-reader-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .map_err(kerr)?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(from))
-        .map_err(kerr)?;
-    consumer.assign(&tpl).map_err(kerr)?;
-    let mut out = std::io::stdout().lock();
-    loop {
-        match consumer.recv().await {
-            Ok(m) => {
-                let headers = from_kafka(m.headers());
-                let line = ReadLetter {
-                    offset: m.offset(),
-                    letter: Letter::from_parts(&headers, m.payload().unwrap_or_default()),
-                };
-                let text = serde_json::to_string(&line).map_err(|e| e.to_string())?;
-                writeln!(out, "{text}").map_err(|e| e.to_string())?;
-                out.flush().map_err(|e| e.to_string())?;
-            }
-            // librdkafka reconnects by itself
-            Err(e) => tracing::debug!(error = %e, "dead-letter reader"),
-        }
-    }
-}
-
 struct KafkaDlq {
-    exe: std::path::PathBuf,
-    bootstrap: String,
-    topic: String,
-    ctx: super::Context,
-    next: i64,
-    child: Option<crate::procs::Proc>,
-    lines: Option<std::sync::mpsc::Receiver<String>>,
-    starts: u32,
-    incidents: Vec<String>,
-}
-
-impl KafkaDlq {
-    fn spawn(&mut self) -> Result<(), String> {
-        use std::io::BufRead;
-        self.starts += 1;
-        let log = self.ctx.dir.join(format!("dlq-reader-{}.log", self.starts));
-        let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut cmd = std::process::Command::new(&self.exe);
-        cmd.arg("kafka-dlq-reader")
-            .arg(&self.bootstrap)
-            .arg(&self.topic)
-            .arg(self.next.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::from(err));
-        let mut child =
-            crate::procs::Proc::spawn_with_stdio(cmd, "drill", &log, &self.ctx.registry)
-                .map_err(|e| e.to_string())?;
-        let stdout = child
-            .child_mut()
-            .stdout
-            .take()
-            .ok_or("the dead-letter reader has no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        self.child = Some(child);
-        self.lines = Some(rx);
-        Ok(())
-    }
+    consumer: StreamConsumer,
 }
 
 #[async_trait::async_trait(?Send)]
 impl DlqReader for KafkaDlq {
     async fn poll(&mut self) -> Result<Vec<Letter>, String> {
         let mut out = Vec::new();
-        let mut disconnected = false;
-        if let Some(rx) = &self.lines {
-            loop {
-                match rx.try_recv() {
-                    Ok(line) => match serde_json::from_str::<ReadLetter>(&line) {
-                        Ok(r) if r.offset >= self.next => {
-                            self.next = r.offset + 1;
-                            out.push(r.letter);
-                        }
-                        Ok(_) => {}
-                        Err(e) => self
-                            .incidents
-                            .push(format!("dead-letter reader printed {line:?}: {e}")),
-                    },
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
+        // At most a quarter second per poll, so the caller keeps observing.
+        let until = tokio::time::Instant::now() + Duration::from_millis(250);
+        loop {
+            let wait = until.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(wait, self.consumer.recv()).await {
+                Err(_) => return Ok(out),
+                Ok(Ok(m)) => {
+                    let headers = from_kafka(m.headers());
+                    out.push(Letter::from_parts(
+                        &headers,
+                        m.payload().unwrap_or_default(),
+                    ));
+                }
+                // librdkafka reconnects by itself; carry on next poll
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "dead-letter reader");
+                    return Ok(out);
                 }
             }
         }
-        let exited = self.child.as_mut().and_then(|c| c.exited());
-        if disconnected || exited.is_some() {
-            let status = match self.child.as_mut() {
-                Some(c) => {
-                    c.kill_hard();
-                    c.exited().map(|s| s.to_string()).unwrap_or_default()
-                }
-                None => String::new(),
-            };
-            self.incidents.push(format!(
-                "the Kafka dead-letter reader (a librdkafka consumer) died ({status}); \
-                 started again from offset {}",
-                self.next
-            ));
-            self.spawn()?;
-        }
-        if out.is_empty() {
-            // Poll pace: the caller loops every quarter second anyway.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(out)
-    }
-
-    fn incidents(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.incidents)
     }
 }

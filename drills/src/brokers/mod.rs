@@ -97,16 +97,6 @@ pub trait DlqReader {
     }
 }
 
-/// What a broker's orchestrator side may need besides the address: where
-/// to record the pids of helper processes, and where they log.
-#[derive(Debug, Clone)]
-pub struct Context {
-    /// The pid registry.
-    pub registry: crate::procs::Registry,
-    /// The row's directory.
-    pub dir: std::path::PathBuf,
-}
-
 /// One broker, as the orchestrator uses it.
 #[async_trait::async_trait(?Send)]
 pub trait Broker {
@@ -126,18 +116,15 @@ pub trait Broker {
     ) -> Result<usize, String>;
     /// A reader of the dead-letter destination.
     async fn dlq_reader(&self, names: &Names) -> Result<Box<dyn DlqReader>, String>;
-    /// Deletes the destinations.
+    /// Deletes the destinations (drop the [`DlqReader`] first: a Kafka
+    /// consumer of a deleted topic crashes on tansu, see [`kafka`]).
     async fn teardown(&self, names: &Names);
 }
 
 /// Connects the orchestrator's clients to `kind` at `url`.
-pub async fn connect(
-    kind: BrokerKind,
-    url: &str,
-    ctx: &Context,
-) -> Result<Box<dyn Broker>, String> {
+pub async fn connect(kind: BrokerKind, url: &str) -> Result<Box<dyn Broker>, String> {
     Ok(match kind {
-        BrokerKind::Kafka => Box::new(kafka::KafkaBroker::connect(url, ctx.clone())?),
+        BrokerKind::Kafka => Box::new(kafka::KafkaBroker::connect(url)?),
         BrokerKind::Amqp => Box::new(amqp::AmqpBroker::connect(url).await?),
         BrokerKind::Nats => Box::new(nats::NatsBroker::connect(url).await?),
     })
