@@ -101,7 +101,13 @@ impl Broker for NatsBroker {
         producer: &ProducerGuard,
         jobs: &[Job],
     ) -> Result<usize, String> {
-        let publisher = NatsPublisher::new(self.client.clone(), producer.clone());
+        // A shared, loaded server may take longer than async-nats' default 5 s
+        // to ack a stored message; a publish that times out is not retried (its
+        // message may be stored), so wait longer instead.
+        let mut js = jetstream::new(self.client.clone());
+        js.set_timeout(Duration::from_secs(30));
+        let publisher =
+            NatsPublisher::new(self.client.clone(), producer.clone()).with_jetstream(js);
         let audience = [crate::WORKER.to_string()];
         let subject = names.publish_to.as_str();
         let results: Vec<Result<(), String>> = futures::stream::iter(jobs)
