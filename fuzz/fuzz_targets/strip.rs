@@ -81,33 +81,49 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(policy.flags_header(n, v), !kept, "{n:?}");
     }
 
-    // strip_payload reports exactly the payload findings of scan.
-    let mut payload_findings = Vec::new();
-    let stripped = policy.strip_payload(&payload, &mut payload_findings);
+    // strip_payload reports exactly the payload findings of scan: what it
+    // removed from JSON, then what it cannot remove.
+    let stripped = policy.strip_payload(&headers, &payload);
     let scanned_payload: Vec<_> = scanned
         .iter()
         .filter(|f| matches!(f.location, Location::Payload(_)))
         .cloned()
         .collect();
+    let mut payload_findings = stripped.removed.clone();
+    payload_findings.extend(stripped.unremovable.iter().cloned());
     assert_eq!(payload_findings, scanned_payload);
-    assert_eq!(stripped.is_some(), !payload_findings.is_empty());
+    if stripped.removed.is_empty() {
+        assert!(stripped.rewritten.is_none(), "rewritten though nothing was removed");
+    }
 
     let mut h = headers.clone();
     let mut p = payload.clone();
     match policy.mode() {
         StripMode::Remove => {
-            let found = policy
-                .apply(&mut h, &mut p)
-                .expect("remove mode never refuses");
-            assert_eq!(found, scanned);
-            if payload_findings.is_empty() {
-                assert_eq!(p, payload, "payload changed though nothing was found in it");
+            match policy.apply(&mut h, &mut p) {
+                Err(refused) => {
+                    // only what cannot be removed is refused, and nothing changed
+                    assert_eq!(refused.findings, stripped.unremovable);
+                    assert!(!stripped.unremovable.is_empty());
+                    assert!(h == headers && p == payload, "a refusal changed the message");
+                }
+                Ok(found) => {
+                    assert!(stripped.unremovable.is_empty());
+                    let mut expected: Vec<_> = scanned.clone();
+                    expected.sort_by_key(|f| format!("{f:?}"));
+                    let mut got = found.clone();
+                    got.sort_by_key(|f| format!("{f:?}"));
+                    assert_eq!(got, expected);
+                    if payload_findings.is_empty() {
+                        assert_eq!(p, payload, "payload changed though nothing was found in it");
+                    }
+                    let left = policy.scan(&h, &p);
+                    assert!(left.is_empty(), "credentials left after apply: {left:?}");
+                    let (h2, p2) = (h.clone(), p.clone());
+                    assert!(policy.apply(&mut h, &mut p).expect("remove").is_empty());
+                    assert!(h == h2 && p == p2, "apply is not idempotent");
+                }
             }
-            let left = policy.scan(&h, &p);
-            assert!(left.is_empty(), "credentials left after apply: {left:?}");
-            let (h2, p2) = (h.clone(), p.clone());
-            assert!(policy.apply(&mut h, &mut p).expect("remove").is_empty());
-            assert!(h == h2 && p == p2, "apply is not idempotent");
         }
         StripMode::Refuse => {
             match policy.apply(&mut h, &mut p) {
