@@ -189,10 +189,10 @@ impl ProducerGuard {
         msg: OutboundMessage,
     ) -> Result<PreparedMessage, PublishError> {
         let subject = SubjectContext {
-            subject: auth.subject.clone(),
-            sub_kind: auth.sub_kind,
-            txn: auth.txn.clone(),
-            scope: next.scope.cloned().unwrap_or_else(|| auth.scope.clone()),
+            subject: auth.subject().to_string(),
+            sub_kind: auth.sub_kind(),
+            txn: auth.txn().to_string(),
+            scope: next.scope.cloned().unwrap_or_else(|| auth.scope().clone()),
         };
         if !subject.scope.contains(next.action) {
             return Err(PublishError::ScopeInsufficient {
@@ -211,8 +211,8 @@ impl ProducerGuard {
                 destination: next.destination,
                 scope: next.scope,
             },
-            &auth.chain,
-            auth.reference.depth.saturating_add(1),
+            &auth.chain(),
+            auth.reference().depth.saturating_add(1),
         )
         .await?;
         let OutboundMessage {

@@ -141,7 +141,7 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
         let fail = fail_handler.clone();
         async move {
             if msg.payload.as_ref() == b"panic" {
-                panic!("handler bug on {}", auth.subject);
+                panic!("handler bug on {}", auth.subject());
             }
             if let Some(e) = fail {
                 return Err(e);
