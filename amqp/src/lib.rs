@@ -76,6 +76,7 @@ pub fn dead_letter_queue_name(queue: &str) -> String {
 
 /// An AMQP error from the binding.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The client or broker failed (connection, channel, protocol).
     #[error("AMQP: {0}")]
@@ -125,6 +126,18 @@ pub enum Error {
     /// unlike a shutdown, nothing stopped it on purpose.
     #[error("the broker cancelled the consumer of queue {0}")]
     ConsumerCancelled(String),
+    /// Core's runtime refused to start (a start check) or stopped (a bug).
+    #[error(transparent)]
+    Runtime(elevate_core::runtime::RunError<std::convert::Infallible>),
+}
+
+impl From<elevate_core::runtime::RunError<Error>> for Error {
+    fn from(e: elevate_core::runtime::RunError<Error>) -> Self {
+        match e.split() {
+            Ok(runtime) => Error::Runtime(runtime),
+            Err(source) => source,
+        }
+    }
 }
 
 impl Error {

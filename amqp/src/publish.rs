@@ -357,6 +357,90 @@ pub(crate) fn carried_properties(o: &BasicProperties) -> BasicProperties {
     p
 }
 
+/// The carried properties of a delivery by AMQP name, for a dead letter
+/// to keep ([`elevate_core::InboundMessage::properties`]).
+pub(crate) fn properties_by_name(o: &BasicProperties) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut put = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            out.push((name.to_string(), v));
+        }
+    };
+    put(
+        "content-type",
+        o.content_type().as_ref().map(|v| v.to_string()),
+    );
+    put(
+        "content-encoding",
+        o.content_encoding().as_ref().map(|v| v.to_string()),
+    );
+    put("priority", o.priority().map(|v| v.to_string()));
+    put(
+        "correlation-id",
+        o.correlation_id().as_ref().map(|v| v.to_string()),
+    );
+    put("reply-to", o.reply_to().as_ref().map(|v| v.to_string()));
+    put("message-id", o.message_id().as_ref().map(|v| v.to_string()));
+    put("timestamp", o.timestamp().map(|v| v.to_string()));
+    put("type", o.kind().as_ref().map(|v| v.to_string()));
+    put("app-id", o.app_id().as_ref().map(|v| v.to_string()));
+    put("cluster-id", o.cluster_id().as_ref().map(|v| v.to_string()));
+    out
+}
+
+/// The properties [`properties_by_name`] recorded, back as AMQP properties
+/// (a value AMQP cannot carry, such as a short string over 255 bytes, is left out).
+pub(crate) fn properties_from_names(props: &[(String, String)]) -> BasicProperties {
+    let mut p = BasicProperties::default();
+    for (name, value) in props {
+        let short = || ShortString::try_new(value.as_str()).ok();
+        p = match name.as_str() {
+            "content-type" => match short() {
+                Some(v) => p.with_content_type(v),
+                None => p,
+            },
+            "content-encoding" => match short() {
+                Some(v) => p.with_content_encoding(v),
+                None => p,
+            },
+            "priority" => match value.parse() {
+                Ok(v) => p.with_priority(v),
+                Err(_) => p,
+            },
+            "correlation-id" => match short() {
+                Some(v) => p.with_correlation_id(v),
+                None => p,
+            },
+            "reply-to" => match short() {
+                Some(v) => p.with_reply_to(v),
+                None => p,
+            },
+            "message-id" => match short() {
+                Some(v) => p.with_message_id(v),
+                None => p,
+            },
+            "timestamp" => match value.parse() {
+                Ok(v) => p.with_timestamp(v),
+                Err(_) => p,
+            },
+            "type" => match short() {
+                Some(v) => p.with_type(v),
+                None => p,
+            },
+            "app-id" => match short() {
+                Some(v) => p.with_app_id(v),
+                None => p,
+            },
+            "cluster-id" => match short() {
+                Some(v) => p.with_cluster_id(v),
+                None => p,
+            },
+            _ => p,
+        };
+    }
+    p
+}
+
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -211,7 +211,7 @@ impl ProducerGuard {
                 destination: next.destination,
                 scope: next.scope,
             },
-            &auth.chain(),
+            auth.chain(),
             auth.reference().depth.saturating_add(1),
         )
         .await?;

@@ -150,6 +150,15 @@ pub trait Source: Send {
         false
     }
 
+    /// Called once when shutdown begins. A source that returns `true` keeps
+    /// delivering what it already holds (core NATS: messages pushed to the
+    /// process are lost unless processed) and then ends by failing
+    /// `receive`; the runtime takes that end as the shutdown. Default
+    /// `false`: stop receiving at once.
+    async fn drain(&mut self) -> bool {
+        false
+    }
+
     /// At the end of a run, after in-flight deliveries settled or were
     /// abandoned: hand back what was received but never started, commit.
     async fn close(&mut self) {}
@@ -212,6 +221,22 @@ pub enum RunError<E: std::error::Error + 'static> {
         /// The panic message.
         reason: String,
     },
+}
+
+impl<E: std::error::Error + 'static> RunError<E> {
+    /// The same error for a binding that maps [`RunError::Source`] to its
+    /// own error first: `Some` of a start or panic error, `None` (as the
+    /// `Source` arm of the result) for a source error, returned in `Err`.
+    ///
+    /// # Errors
+    /// The source's error, for the binding to return as is.
+    pub fn split(self) -> Result<RunError<std::convert::Infallible>, E> {
+        match self {
+            RunError::Start(s) => Ok(RunError::Start(s)),
+            RunError::Panicked { key, reason } => Ok(RunError::Panicked { key, reason }),
+            RunError::Source(e) => Err(e),
+        }
+    }
 }
 
 /// The consumer runtime's settings; [`Runtime::run`] drives one source.
@@ -299,6 +324,10 @@ impl Runtime {
             key_buffer: self.key_buffer,
         };
         tokio::pin!(shutdown);
+        // `stop`: shutdown was asked for (the future is never polled again);
+        // `draining`: the source delivers what it holds, then ends.
+        let mut stop = false;
+        let mut draining = false;
         let ended: Result<(), RunError<S::Error>> = loop {
             if let Err(e) = run.reap() {
                 break Err(e);
@@ -307,28 +336,50 @@ impl Runtime {
                 run.revoke(&key);
             }
             run.flush(&mut source);
-            if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
-                break Ok(());
+            if !stop && futures::FutureExt::now_or_never(&mut shutdown).is_some() {
+                stop = true;
+            }
+            if stop && !draining {
+                if source.drain().await {
+                    tracing::info!(source = %names, "shutdown: draining what the source holds");
+                    draining = true;
+                } else {
+                    break Ok(());
+                }
             }
             let admit = tokio::select! {
                 biased;
-                _ = &mut shutdown => break Ok(()),
+                _ = &mut shutdown, if !stop => {
+                    stop = true;
+                    continue;
+                }
                 a = run.processor.admission().wait() => a,
             };
             let mut slots = Vec::new();
             let max = if source.ordered() {
-                if admit == Admit::Open { self.key_buffer } else { 1 }
+                if admit == Admit::Open {
+                    self.key_buffer
+                } else {
+                    1
+                }
             } else {
                 let first = tokio::select! {
                     biased;
-                    _ = &mut shutdown => break Ok(()),
+                    _ = &mut shutdown, if !stop => {
+                        stop = true;
+                        continue;
+                    }
                     p = run.slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
                         Err(_) => break Ok(()),
                     },
                 };
                 slots.push(first);
-                let want = if admit == Admit::Open { self.concurrency } else { 1 };
+                let want = if admit == Admit::Open {
+                    self.concurrency
+                } else {
+                    1
+                };
                 while slots.len() < want {
                     match run.slots.clone().try_acquire_owned() {
                         Ok(p) => slots.push(p),
@@ -339,6 +390,10 @@ impl Runtime {
             };
             let received = match source.receive(max).await {
                 Ok(r) => r,
+                Err(e) if draining => {
+                    tracing::debug!(source = %names, end = %e, "drained");
+                    break Ok(());
+                }
                 Err(e) => {
                     if !source.can_settle_after(&e) {
                         run.abandon();
@@ -489,7 +544,9 @@ impl<D: Delivery + 'static> Run<D> {
             while let Some(d) = lane.pending.pop_front() {
                 match lane.tx.try_send(d) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => {
+                    Err(
+                        mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d),
+                    ) => {
                         lane.pending.push_front(d);
                         break;
                     }
@@ -559,8 +616,7 @@ impl<D: Delivery + 'static> Run<D> {
                 }
             }
         });
-        self.task_keys
-            .insert(handle.id(), (true, key.to_string()));
+        self.task_keys.insert(handle.id(), (true, key.to_string()));
         Lane {
             tx,
             pending: VecDeque::new(),
@@ -608,7 +664,12 @@ impl<D: Delivery + 'static> Run<D> {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(in_flight, still = self.tasks.len(), ?grace, "deliveries still in progress after the shutdown grace: abandoned unsettled, the broker redelivers them");
+            tracing::warn!(
+                in_flight,
+                still = self.tasks.len(),
+                ?grace,
+                "deliveries still in progress after the shutdown grace: abandoned unsettled, the broker redelivers them"
+            );
             self.tasks.shutdown().await;
         }
         self.task_keys.clear();

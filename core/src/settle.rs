@@ -469,15 +469,7 @@ impl Processor {
                     verdict,
                     detail,
                 } => match self
-                    .dead_letter(
-                        &delivery,
-                        &id,
-                        decided,
-                        reason,
-                        verdict,
-                        detail,
-                        attempt,
-                    )
+                    .dead_letter(&delivery, &id, decided, reason, verdict, detail, attempt)
                     .await
                 {
                     Ok(()) => {

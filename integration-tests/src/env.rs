@@ -449,13 +449,13 @@ impl Recorder {
             async move {
                 seen.lock().push(Handled {
                     payload: String::from_utf8_lossy(&msg.payload).into_owned(),
-                    subject: auth.subject.clone(),
-                    workload: auth.workload.clone(),
-                    producer: auth.producer.clone(),
-                    action: auth.action.clone(),
-                    scope: auth.scope.to_string(),
-                    txn: auth.txn.clone(),
-                    chain: auth.chain.clone(),
+                    subject: auth.subject().to_string(),
+                    workload: auth.workload().to_string(),
+                    producer: auth.producer().to_string(),
+                    action: auth.action().to_string(),
+                    scope: auth.scope().to_string(),
+                    txn: auth.txn().to_string(),
+                    chain: auth.chain().to_vec(),
                 });
                 Ok(())
             }

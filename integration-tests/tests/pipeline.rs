@@ -303,12 +303,12 @@ impl Pipeline {
             async move {
                 arrived.lock().push(Arrived {
                     order: order_of(&msg.payload),
-                    subject: auth.subject.clone(),
-                    workload: auth.workload.clone(),
-                    chain: auth.chain.clone(),
-                    scope: auth.scope.to_string(),
-                    txn: auth.txn.clone(),
-                    tctx: auth.txn_token.claims.tctx.clone().unwrap_or_default(),
+                    subject: auth.subject().to_string(),
+                    workload: auth.workload().to_string(),
+                    chain: auth.chain().to_vec(),
+                    scope: auth.scope().to_string(),
+                    txn: auth.txn().to_string(),
+                    tctx: auth.txn_token().claims.tctx.clone().unwrap_or_default(),
                 });
                 Ok(())
             }
@@ -399,12 +399,12 @@ fn compromised_reference(
         }
         // the origin allowed one hop; derive past it anyway
         "depth" => {
-            let mut parent = auth.reference.clone();
+            let mut parent = auth.reference().clone();
             parent.max_depth = 9;
             let mut c = minter
                 .derive(
                     &parent,
-                    &auth.reference_token,
+                    auth.reference_token(),
                     Some(&Scope::parse(NOTIFY_SCOPE)),
                     audience,
                     destination,
@@ -412,7 +412,7 @@ fn compromised_reference(
                 )
                 .map_err(err)?
                 .claims;
-            c.max_depth = auth.reference.max_depth;
+            c.max_depth = auth.reference().max_depth;
             c
         }
         // fabricate the order-worker hop (for another user), signed with its own key
@@ -429,7 +429,7 @@ fn compromised_reference(
                 .claims;
             let fake_parent = ContextRefClaims {
                 sub: "carol".into(),
-                ..auth.reference.clone()
+                ..auth.reference().clone()
             };
             let fake = minter.sign(fake_parent).map_err(err)?.token;
             c.sub = "carol".into();

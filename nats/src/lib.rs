@@ -44,6 +44,7 @@ pub use unreadable::UnreadableMessages;
 
 /// Errors of the NATS guards.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The consumer is configured in a way the guard cannot settle safely.
     #[error("consumer configuration: {0}")]
@@ -56,4 +57,19 @@ pub enum Error {
     /// the guard again; its first sweep dead-letters the message.
     #[error("the NATS client stopped: {0}")]
     ClientClosed(String),
+    /// A core NATS subscription ended (unsubscribed or drained).
+    #[error("the subscription ended")]
+    SubscriptionEnded,
+    /// Core's runtime refused to start (a start check) or stopped (a bug).
+    #[error(transparent)]
+    Runtime(elevate_core::runtime::RunError<std::convert::Infallible>),
+}
+
+impl From<elevate_core::runtime::RunError<Error>> for Error {
+    fn from(e: elevate_core::runtime::RunError<Error>) -> Self {
+        match e.split() {
+            Ok(runtime) => Error::Runtime(runtime),
+            Err(source) => source,
+        }
+    }
 }

@@ -11,9 +11,9 @@ mod record;
 mod reference;
 mod rejection;
 mod replay;
-mod token;
 #[cfg(test)]
 mod tests;
+mod token;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -225,9 +225,11 @@ impl Guard {
             Ok(_) => (Reason::Permitted, None, None),
             Err(r) => (r.reason, r.detail.clone(), r.retry_after),
         };
-        let record = self
-            .recorded(msg, &decision_id, attempt, started)
-            .build(reason, detail.clone(), &facts);
+        let record = self.recorded(msg, &decision_id, attempt, started).build(
+            reason,
+            detail.clone(),
+            &facts,
+        );
         if let Err(e) = self.log.record(&record) {
             tracing::error!(target: "elevate::decision", decision_id = %decision_id, error = %e, "decision log write failed: not dispatching");
             return GuardDecision::Retry(Refusal {

@@ -22,6 +22,9 @@ const PRODUCER: &str = "spiffe://t/producer";
 const WORKER: &str = "spiffe://t/worker";
 const DST: &str = "jobs";
 
+/// Edits a token's claims after issue.
+type Edit = fn(&mut TxnTokenClaims);
+
 /// How the token double answers.
 #[derive(Clone, Default)]
 enum Tokens {
@@ -246,7 +249,8 @@ async fn credentials_step() {
     let w = World::new();
     let g = w.guard(fixed());
     let mut m = w.good();
-    m.headers.append("authorization", "Bearer\tabcdefghijklmnop");
+    m.headers
+        .append("authorization", "Bearer\tabcdefghijklmnop");
     let d = decide(&g, &m).await;
     assert_eq!(reason(&d), Reason::CredentialInMessage);
     assert_eq!(d.verdict(), Verdict::Quarantine);
@@ -262,22 +266,38 @@ async fn reference_step() {
     let none = w.message(Headers::new(), b"{}");
     assert_eq!(reason(&decide(&g, &none).await), Reason::MissingContext);
     let mut two = w.good();
-    two.headers.append(crate::CTX_REF_HEADER, w.reference("job.run", b"{}"));
+    two.headers
+        .append(crate::CTX_REF_HEADER, w.reference("job.run", b"{}"));
     assert_eq!(reason(&decide(&g, &two).await), Reason::AmbiguousContext);
-    let bad: Headers = [(crate::CTX_REF_HEADER, vec![0xff, 0xfe])].into_iter().collect();
-    assert_eq!(reason(&decide(&g, &w.message(bad, b"{}")).await), Reason::MalformedReference);
+    let bad: Headers = [(crate::CTX_REF_HEADER, vec![0xff, 0xfe])]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        reason(&decide(&g, &w.message(bad, b"{}")).await),
+        Reason::MalformedReference
+    );
     // bound to another payload
-    let h: Headers = [(crate::CTX_REF_HEADER, w.reference("job.run", b"{}"))].into_iter().collect();
-    assert_eq!(reason(&decide(&g, &w.message(h, b"{\"x\":1}")).await), Reason::DigestMismatch);
+    let h: Headers = [(crate::CTX_REF_HEADER, w.reference("job.run", b"{}"))]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        reason(&decide(&g, &w.message(h, b"{\"x\":1}")).await),
+        Reason::DigestMismatch
+    );
     // signed by another key under the trusted key id
     let stranger = World::new();
-    assert_eq!(reason(&decide(&g, &stranger.good()).await), Reason::BadSignature);
+    assert_eq!(
+        reason(&decide(&g, &stranger.good()).await),
+        Reason::BadSignature
+    );
 }
 
 #[tokio::test]
 async fn replay_step() {
     let w = World::new();
-    let g = w.guard(fixed()).with_replay_guard(Arc::new(InMemoryReplayGuard::new()));
+    let g = w
+        .guard(fixed())
+        .with_replay_guard(Arc::new(InMemoryReplayGuard::new()));
     let first = w.good();
     assert!(decide(&g, &first).await.auth().is_some());
     // the same delivery again (a redelivery keeps its position) is not a replay
@@ -294,12 +314,20 @@ async fn replay_step() {
 #[tokio::test]
 async fn action_step() {
     let w = World::new();
-    let unmapped = w.guard(Arc::new(|_: &InboundMessage, _: &crate::ContextRefClaims| -> Result<(String, EntityRef), String> {
-        Err("no route".into())
-    }));
-    assert_eq!(reason(&decide(&unmapped, &w.good()).await), Reason::PolicyError);
+    let unmapped = w.guard(Arc::new(
+        |_: &InboundMessage, _: &crate::ContextRefClaims| -> Result<(String, EntityRef), String> {
+            Err("no route".into())
+        },
+    ));
+    assert_eq!(
+        reason(&decide(&unmapped, &w.good()).await),
+        Reason::PolicyError
+    );
     let other = w.guard(Arc::new(FixedAction::new("job.delete", "Queue")));
-    assert_eq!(reason(&decide(&other, &w.good()).await), Reason::ScopeInsufficient);
+    assert_eq!(
+        reason(&decide(&other, &w.good()).await),
+        Reason::ScopeInsufficient
+    );
 }
 
 #[tokio::test]
@@ -316,11 +344,14 @@ async fn token_step() {
         let d = decide(&g, &w.good()).await;
         assert_eq!(reason(&d), expected);
         if expected == Reason::TtsUnavailable {
-            assert_eq!(d.refusal().and_then(Refusal::retry_after), Some(Duration::from_secs(2)));
+            assert_eq!(
+                d.refusal().and_then(Refusal::retry_after),
+                Some(Duration::from_secs(2))
+            );
         }
     }
     // a token that does not match the reference it was exchanged for
-    let edits: [(fn(&mut TxnTokenClaims), &str); 4] = [
+    let edits: [(Edit, &str); 4] = [
         (|c| c.sub = "mallory".into(), "sub"),
         (|c| c.txn = "txn-other".into(), "txn"),
         (|c| c.req_wl = "spiffe://t/other".into(), "req_wl"),
@@ -330,13 +361,22 @@ async fn token_step() {
         *w.tokens.0.lock() = Tokens::Edited(edit);
         let d = decide(&g, &w.good()).await;
         assert_eq!(reason(&d), Reason::TokenInvalid, "{what}");
-        assert!(d.refusal().and_then(Refusal::detail).unwrap_or_default().contains(what), "{what}: {d:?}");
+        assert!(
+            d.refusal()
+                .and_then(Refusal::detail)
+                .unwrap_or_default()
+                .contains(what),
+            "{what}: {d:?}"
+        );
     }
     // a narrower token that no longer covers the action
     let wide = w.reference("job.run job.read", b"{}");
     *w.tokens.0.lock() = Tokens::Edited(|c| c.scope = "job.read".into());
     let h: Headers = [(crate::CTX_REF_HEADER, wide)].into_iter().collect();
-    assert_eq!(reason(&decide(&g, &w.message(h, b"{}")).await), Reason::ScopeInsufficient);
+    assert_eq!(
+        reason(&decide(&g, &w.message(h, b"{}")).await),
+        Reason::ScopeInsufficient
+    );
 }
 
 #[tokio::test]

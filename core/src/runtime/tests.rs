@@ -8,8 +8,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::*;
-use crate::decision::MemorySink;
+use crate::ctxref::{ContextRefVerifier, VerifyPolicy};
 use crate::deadletter::DeadLetter;
+use crate::decision::MemorySink;
 use crate::guard::{FixedAction, Guard};
 use crate::keys::KeySet;
 use crate::memory::{MemoryBroker, MemorySource};
@@ -17,7 +18,6 @@ use crate::message::Headers;
 use crate::pdp::{AccessDecision, AccessRequest, PdpError, PolicyDecisionPoint};
 use crate::settle::{DeadLetterPublisher, handler_fn};
 use crate::token::{TokenError, TokenRequest, TokenSource, TxnToken};
-use crate::ctxref::{ContextRefVerifier, VerifyPolicy};
 
 struct NoTokens;
 #[async_trait::async_trait]
@@ -94,9 +94,16 @@ async fn until(what: impl Fn() -> bool) {
 async fn deliveries_of_one_key_are_settled_in_order() {
     let broker = MemoryBroker::new();
     for i in 0..50 {
-        publish(&broker, if i % 2 == 0 { "even" } else { "odd" }, &format!("{i}"));
+        publish(
+            &broker,
+            if i % 2 == 0 { "even" } else { "odd" },
+            &format!("{i}"),
+        );
     }
-    let letters = Arc::new(Letters { durable: true, ..Default::default() });
+    let letters = Arc::new(Letters {
+        durable: true,
+        ..Default::default()
+    });
     let p = processor(letters.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let source = MemorySource::new(&broker, "q").ordered_by_header("k");
@@ -111,7 +118,12 @@ async fn deliveries_of_one_key_are_settled_in_order() {
     until(|| letters.seen.lock().len() == 50).await;
     let _ = stop.send(());
     run.await.unwrap().unwrap();
-    let seen: Vec<u32> = letters.seen.lock().iter().map(|s| s.parse().unwrap()).collect();
+    let seen: Vec<u32> = letters
+        .seen
+        .lock()
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
     for parity in [0, 1] {
         let of_key: Vec<u32> = seen.iter().copied().filter(|n| n % 2 == parity).collect();
         let mut sorted = of_key.clone();
@@ -126,7 +138,10 @@ async fn a_panic_on_an_unordered_delivery_leaves_it_to_the_broker_and_goes_on() 
     let broker = MemoryBroker::new();
     publish(&broker, "a", "panic");
     publish(&broker, "a", "after");
-    let letters = Arc::new(Letters { durable: true, ..Default::default() });
+    let letters = Arc::new(Letters {
+        durable: true,
+        ..Default::default()
+    });
     let p = processor(letters.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let source = MemorySource::new(&broker, "q");
@@ -149,7 +164,10 @@ async fn a_panic_on_an_ordered_key_stops_the_run() {
     let broker = MemoryBroker::new();
     publish(&broker, "a", "panic");
     publish(&broker, "a", "after");
-    let letters = Arc::new(Letters { durable: true, ..Default::default() });
+    let letters = Arc::new(Letters {
+        durable: true,
+        ..Default::default()
+    });
     let source = MemorySource::new(&broker, "q").ordered_by_header("k");
     let ended = tokio::time::timeout(
         Duration::from_secs(10),
@@ -157,8 +175,14 @@ async fn a_panic_on_an_ordered_key_stops_the_run() {
     )
     .await
     .expect("the run did not stop");
-    assert!(matches!(ended, Err(RunError::Panicked { ref key, .. }) if key == "a"), "{ended:?}");
-    assert!(letters.seen.lock().is_empty(), "nothing after the lost delivery may settle");
+    assert!(
+        matches!(ended, Err(RunError::Panicked { ref key, .. }) if key == "a"),
+        "{ended:?}"
+    );
+    assert!(
+        letters.seen.lock().is_empty(),
+        "nothing after the lost delivery may settle"
+    );
 }
 
 #[tokio::test]
@@ -166,9 +190,19 @@ async fn an_at_least_once_source_needs_durable_dead_letters() {
     let broker = MemoryBroker::new();
     let letters = Arc::new(Letters::default());
     let ended = Runtime::new()
-        .run(MemorySource::new(&broker, "q"), processor(letters), std::future::pending())
+        .run(
+            MemorySource::new(&broker, "q"),
+            processor(letters),
+            std::future::pending(),
+        )
         .await;
-    assert!(matches!(ended, Err(RunError::Start(StartError::DeadLettersNotDurable { .. }))), "{ended:?}");
+    assert!(
+        matches!(
+            ended,
+            Err(RunError::Start(StartError::DeadLettersNotDurable { .. }))
+        ),
+        "{ended:?}"
+    );
 }
 
 /// A source whose broker stops redelivering after 3 deliveries.
@@ -192,11 +226,24 @@ impl Source for Limited {
 #[tokio::test]
 async fn a_redelivery_limit_below_the_retry_policy_is_refused_at_start() {
     let broker = MemoryBroker::new();
-    let letters = Arc::new(Letters { durable: true, ..Default::default() });
+    let letters = Arc::new(Letters {
+        durable: true,
+        ..Default::default()
+    });
     let ended = Runtime::new()
-        .run(Limited(MemorySource::new(&broker, "q")), processor(letters), std::future::pending())
+        .run(
+            Limited(MemorySource::new(&broker, "q")),
+            processor(letters),
+            std::future::pending(),
+        )
         .await;
-    assert!(matches!(ended, Err(RunError::Start(StartError::MaxDeliveries { max: 3, .. }))), "{ended:?}");
+    assert!(
+        matches!(
+            ended,
+            Err(RunError::Start(StartError::MaxDeliveries { max: 3, .. }))
+        ),
+        "{ended:?}"
+    );
 }
 
 #[tokio::test]
@@ -212,7 +259,11 @@ async fn shutdown_gives_in_flight_deliveries_one_grace_then_hands_them_back() {
     let broker = MemoryBroker::new();
     publish(&broker, "a", "x");
     let guard = processor(Arc::new(Letters::default())).guard().clone();
-    let p = Arc::new(Processor::new(guard, Arc::new(handler_fn(|_, _| async { Ok(()) })), Arc::new(Stuck)));
+    let p = Arc::new(Processor::new(
+        guard,
+        Arc::new(handler_fn(|_, _| async { Ok(()) })),
+        Arc::new(Stuck),
+    ));
     let started = tokio::time::Instant::now();
     let b = broker.clone();
     let ended = Runtime::new()
@@ -223,5 +274,9 @@ async fn shutdown_gives_in_flight_deliveries_one_grace_then_hands_them_back() {
         .await;
     assert!(ended.is_ok(), "{ended:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(broker.ready_len("q"), 1, "the abandoned delivery is back with the broker");
+    assert_eq!(
+        broker.ready_len("q"),
+        1,
+        "the abandoned delivery is back with the broker"
+    );
 }

@@ -189,7 +189,7 @@ async fn run(args: Args) -> AppResult<()> {
                 .ok_or_else(|| HandlerError::Permanent("the payload is not a drill job".into()))?;
             log.append(&HandledLine {
                 id: job.id,
-                decision: auth.decision_id.clone(),
+                decision: auth.decision_id().to_string(),
                 pid,
                 t_ms: now_ms(),
             })

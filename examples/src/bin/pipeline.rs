@@ -322,10 +322,10 @@ async fn run(args: Args) -> AppResult<bool> {
             async move {
                 println!(
                     "  notify-worker: notifying {} about {} (scope \"{}\", chain {:?}, reference {} B)",
-                    auth.subject,
+                    auth.subject(),
                     order_id(&msg.payload),
-                    auth.scope,
-                    auth.chain.iter().map(|w| short(w)).collect::<Vec<_>>(),
+                    auth.scope(),
+                    auth.chain().iter().map(|w| short(w)).collect::<Vec<_>>(),
                     ref_len(&msg)
                 );
                 delivered.lock().push(order_id(&msg.payload));
@@ -381,7 +381,7 @@ async fn run(args: Args) -> AppResult<bool> {
             if !compromised {
                 println!(
                     "  billing-worker: charging {} for {} (reference {} B)",
-                    auth.subject,
+                    auth.subject(),
                     order,
                     ref_len(&msg)
                 );
@@ -477,7 +477,7 @@ async fn run(args: Args) -> AppResult<bool> {
             println!(
                 "  order-worker: processing {} for {} (reference {} B)",
                 order_id(&msg.payload),
-                auth.subject,
+                auth.subject(),
                 ref_len(&msg)
             );
             let audience = [BILLING_WORKER.to_string()];
