@@ -93,7 +93,10 @@ fuzz_target!(|data: &[u8]| {
     payload_findings.extend(stripped.unremovable.iter().cloned());
     assert_eq!(payload_findings, scanned_payload);
     if stripped.removed.is_empty() {
-        assert!(stripped.rewritten.is_none(), "rewritten though nothing was removed");
+        assert!(
+            stripped.rewritten.is_none(),
+            "rewritten though nothing was removed"
+        );
     }
 
     let mut h = headers.clone();
@@ -105,7 +108,10 @@ fuzz_target!(|data: &[u8]| {
                     // only what cannot be removed is refused, and nothing changed
                     assert_eq!(refused.findings, stripped.unremovable);
                     assert!(!stripped.unremovable.is_empty());
-                    assert!(h == headers && p == payload, "a refusal changed the message");
+                    assert!(
+                        h == headers && p == payload,
+                        "a refusal changed the message"
+                    );
                 }
                 Ok(found) => {
                     assert!(stripped.unremovable.is_empty());
