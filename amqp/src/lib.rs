@@ -128,16 +128,7 @@ pub enum Error {
     ConsumerCancelled(String),
     /// Core's runtime refused to start (a start check) or stopped (a bug).
     #[error(transparent)]
-    Runtime(elevate_core::runtime::RunError<std::convert::Infallible>),
-}
-
-impl From<elevate_core::runtime::RunError<Error>> for Error {
-    fn from(e: elevate_core::runtime::RunError<Error>) -> Self {
-        match e.split() {
-            Ok(runtime) => Error::Runtime(runtime),
-            Err(source) => source,
-        }
-    }
+    Runtime(#[from] elevate_core::runtime::RunError<std::convert::Infallible>),
 }
 
 impl Error {

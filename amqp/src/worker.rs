@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use elevate_core::CTX_REF_HEADER;
 use elevate_core::message::{Coordinates, InboundMessage};
-use elevate_core::runtime::{Runtime, Source};
+use elevate_core::runtime::{RunError, Runtime, Source};
 use elevate_core::settle::{Delivery, Processor, TransportError};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -176,7 +176,7 @@ impl GuardedConsumer {
             .shutdown_grace(drain_timeout)
             .run(source, processor, shutdown)
             .await
-            .map_err(Error::from)
+            .map_err(RunError::flatten)
     }
 }
 

@@ -224,17 +224,17 @@ pub enum RunError<E: std::error::Error + 'static> {
 }
 
 impl<E: std::error::Error + 'static> RunError<E> {
-    /// The same error for a binding that maps [`RunError::Source`] to its
-    /// own error first: `Some` of a start or panic error, `None` (as the
-    /// `Source` arm of the result) for a source error, returned in `Err`.
-    ///
-    /// # Errors
-    /// The source's error, for the binding to return as is.
-    pub fn split(self) -> Result<RunError<std::convert::Infallible>, E> {
+    /// Into a binding's own error type: the source's error as it is, a
+    /// start or panic error through the binding's `From<RunError<Infallible>>`
+    /// (one `#[from]` arm), so callers match one error type.
+    pub fn flatten<T>(self) -> T
+    where
+        T: From<E> + From<RunError<std::convert::Infallible>>,
+    {
         match self {
-            RunError::Start(s) => Ok(RunError::Start(s)),
-            RunError::Panicked { key, reason } => Ok(RunError::Panicked { key, reason }),
-            RunError::Source(e) => Err(e),
+            RunError::Start(s) => T::from(RunError::Start(s)),
+            RunError::Panicked { key, reason } => T::from(RunError::Panicked { key, reason }),
+            RunError::Source(e) => T::from(e),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use elevate_core::runtime::{Runtime, Source};
+use elevate_core::runtime::{RunError, Runtime, Source};
 use elevate_core::settle::{Delivery, RedeliveryMode, TransportError};
 use elevate_core::{Coordinates, InboundMessage, Processor};
 use rdkafka::consumer::{
@@ -37,16 +37,7 @@ pub enum Error {
     /// rather than store later offsets past them the consumer stops; restart
     /// it and the group re-reads from the committed offsets).
     #[error(transparent)]
-    Runtime(elevate_core::runtime::RunError<std::convert::Infallible>),
-}
-
-impl From<elevate_core::runtime::RunError<Error>> for Error {
-    fn from(e: elevate_core::runtime::RunError<Error>) -> Self {
-        match e.split() {
-            Ok(runtime) => Error::Runtime(runtime),
-            Err(source) => source,
-        }
-    }
+    Runtime(#[from] elevate_core::runtime::RunError<std::convert::Infallible>),
 }
 
 type PartitionKey = (String, i32);
@@ -254,7 +245,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         runtime
             .run(source, self.processor, shutdown)
             .await
-            .map_err(Error::from)
+            .map_err(RunError::flatten)
     }
 }
 

@@ -72,7 +72,7 @@ impl GuardedSubscriber {
         {
             // The subscription ended (unsubscribed, client closed): not an error of the guard.
             Err(RunError::Source(Error::SubscriptionEnded)) => Ok(()),
-            other => other.map_err(Error::from),
+            other => other.map_err(RunError::flatten),
         }
     }
 }

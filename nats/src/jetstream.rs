@@ -37,7 +37,7 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
 use elevate_core::message::{Coordinates, InboundMessage};
-use elevate_core::runtime::{Limits, Runtime, Source};
+use elevate_core::runtime::{Limits, RunError, Runtime, Source};
 use elevate_core::settle::{Delivery, Processor, TransportError};
 use futures::StreamExt;
 
@@ -161,7 +161,7 @@ impl GuardedConsumer {
             .concurrency(self.concurrency)
             .run(source, self.processor, shutdown)
             .await
-            .map_err(Error::from)
+            .map_err(RunError::flatten)
     }
 }
 

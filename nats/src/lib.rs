@@ -62,14 +62,5 @@ pub enum Error {
     SubscriptionEnded,
     /// Core's runtime refused to start (a start check) or stopped (a bug).
     #[error(transparent)]
-    Runtime(elevate_core::runtime::RunError<std::convert::Infallible>),
-}
-
-impl From<elevate_core::runtime::RunError<Error>> for Error {
-    fn from(e: elevate_core::runtime::RunError<Error>) -> Self {
-        match e.split() {
-            Ok(runtime) => Error::Runtime(runtime),
-            Err(source) => source,
-        }
-    }
+    Runtime(#[from] elevate_core::runtime::RunError<std::convert::Infallible>),
 }
