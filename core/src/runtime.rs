@@ -347,22 +347,23 @@ impl Runtime {
                     break Ok(());
                 }
             }
-            let admit = tokio::select! {
-                biased;
-                _ = &mut shutdown, if !stop => {
-                    stop = true;
-                    continue;
-                }
-                a = run.processor.admission().wait() => a,
-            };
             let mut slots = Vec::new();
+            let mut probing = false;
             let max = if source.ordered() {
-                if admit == Admit::Open {
-                    self.key_buffer
-                } else {
-                    1
-                }
+                // Read on: each lane waits for the gate before each delivery
+                // (waiting here too would spend the probe on no delivery), and
+                // an ordered source such as Kafka must keep polling to stay in
+                // its group; full lanes pause their keys instead.
+                self.key_buffer
             } else {
+                let admit = tokio::select! {
+                    biased;
+                    _ = &mut shutdown, if !stop => {
+                        stop = true;
+                        continue;
+                    }
+                    a = run.processor.admission().wait() => a,
+                };
                 let first = tokio::select! {
                     biased;
                     _ = &mut shutdown, if !stop => {
@@ -374,6 +375,7 @@ impl Runtime {
                         Err(_) => break Ok(()),
                     },
                 };
+                probing = admit == Admit::Probe;
                 slots.push(first);
                 let want = if admit == Admit::Open {
                     self.concurrency
@@ -402,6 +404,9 @@ impl Runtime {
                     break Err(RunError::Source(e));
                 }
             };
+            if probing && received.is_empty() {
+                run.processor.admission().release_probe();
+            }
             for delivery in received {
                 match delivery.message().order_key.clone() {
                     Some(key) => run.route(key, delivery, &mut source),

@@ -621,7 +621,7 @@ impl Processor {
                 self.while_alive(&delivery, async {
                     tokio::time::sleep(delay).await;
                     if reason.verdict() == Verdict::Retry {
-                        self.admission.wait().await;
+                        self.admission.wait_retry().await;
                     }
                 })
                 .await;
