@@ -443,10 +443,22 @@ impl Recorder {
 
     /// The handler to give a processor.
     pub fn handler(&self) -> Arc<dyn Handler> {
+        self.slow_handler(Duration::ZERO)
+    }
+
+    /// A handler that takes `delay` per message and panics on a payload of
+    /// `panic` (as a handler bug would), recording what it finished.
+    pub fn slow_handler(&self, delay: Duration) -> Arc<dyn Handler> {
         let seen = self.seen.clone();
         Arc::new(handler_fn(move |msg: InboundMessage, auth: AuthContext| {
             let seen = seen.clone();
             async move {
+                if msg.payload.as_ref() == b"panic" {
+                    panic!("handler bug on a message for {}", auth.subject());
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 seen.lock().push(Handled {
                     payload: String::from_utf8_lossy(&msg.payload).into_owned(),
                     subject: auth.subject().to_string(),
