@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::{DecisionRecord, DecisionSink, SinkError};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
