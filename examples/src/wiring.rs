@@ -16,7 +16,8 @@ use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::producer::{ProducerGuard, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::{CTX_REF_HEADER, FixedAction, Guard, Headers, SubjectKind};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
+use elevate_tts::{InProcessTts, Issuer, IssuerSettings, TestIssuer};
+use txn_token_client::subject_context;
 
 /// The examples' trust domain.
 pub const TRUST_DOMAIN: &str = "elevate.example";
