@@ -12,7 +12,6 @@
 
 pub mod admission;
 pub mod auth;
-pub mod cedar;
 pub mod ctxref;
 pub mod deadletter;
 pub mod decision;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use elevate_amqp::AmqpPublisher;
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefClaims, ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, MemorySink};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::FileSink;
 use elevate_core::keys::{SigningAlg, SigningKey};

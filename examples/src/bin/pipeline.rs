@@ -44,6 +44,7 @@ use elevate_examples::wiring::{self, ORDERS_API, TrustDomain, short};
 use elevate_kafka::headers::from_kafka;
 use elevate_kafka::{EmbeddedKafka, KafkaDeadLetters, KafkaProducer};
 use elevate_nats::{NatsDeadLetters, NatsPublisher, from_nats_headers};
+use elevate_tts::InProcessTts;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -53,7 +54,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use txn_token_client::{InProcessTts, subject_context};
+use txn_token_client::subject_context;
 
 const ORDER_WORKER: &str = "spiffe://elevate.example/order-worker";
 const BILLING_WORKER: &str = "spiffe://elevate.example/billing-worker";
