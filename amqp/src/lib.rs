@@ -52,7 +52,8 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 pub use deadletter::AmqpDeadLetters;
-pub use publish::{AmqpPublisher, ConfirmChannel, Receipt, destination};
+pub use elevate_core::producer::Receipt;
+pub use publish::{AmqpPublisher, ConfirmChannel, address, destination};
 pub use supervised::{WorkerConfig, supervise_worker};
 pub use worker::{AmqpDelivery, GuardedConsumer};
 

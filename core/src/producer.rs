@@ -104,6 +104,42 @@ pub struct PreparedMessage {
     pub stripped: Vec<Finding>,
 }
 
+/// What the broker confirmed for one guarded publish: the same type on every
+/// broker. The destination is the one the reference is bound to (the
+/// request's), `at` where the broker stored the message when it says
+/// (Kafka partition/offset, JetStream stream/sequence; AMQP confirms do not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// The destination the reference is bound to (topic, `exchange/routing key`, subject).
+    pub destination: String,
+    /// The reference id (`jti`).
+    pub reference_id: String,
+    /// The message id sent, where the broker has one (AMQP `message-id`,
+    /// NATS `Nats-Msg-Id`: the application's own, else a fresh one).
+    pub message_id: Option<String>,
+    /// What was stripped (names and paths only, never values).
+    pub stripped: Vec<Finding>,
+    /// Where the broker stored it, when it says.
+    pub at: Option<crate::message::Coordinates>,
+    /// The broker reported the publish as a duplicate of one it already
+    /// stored (JetStream de-duplication by message id).
+    pub duplicate: bool,
+}
+
+impl Receipt {
+    /// The receipt for `prepared`, published to `destination`.
+    pub fn new(destination: impl Into<String>, prepared: &PreparedMessage) -> Self {
+        Receipt {
+            destination: destination.into(),
+            reference_id: prepared.reference.claims.jti.clone(),
+            message_id: None,
+            stripped: prepared.stripped.clone(),
+            at: None,
+            duplicate: false,
+        }
+    }
+}
+
 /// The produce-side guard for one producing workload.
 #[derive(Clone)]
 pub struct ProducerGuard {

@@ -117,8 +117,7 @@ async fn publish_many(
             let req = env.publish_request(&subjects[user], audience, topic);
             let key = format!("order-{}", i % 10);
             let receipt = producer
-                .publish(
-                    topic,
+                .publish_keyed(
                     Some(key.as_bytes()),
                     &req,
                     OutboundMessage {
@@ -128,7 +127,19 @@ async fn publish_many(
                 )
                 .await
                 .unwrap_or_else(|e| panic!("publish {i}: {e}"));
-            (payload, (receipt.partition, receipt.offset))
+            let at = receipt
+                .at
+                .expect("the broker says where it stored the record");
+            let partition = at
+                .field_i64("partition")
+                .and_then(|p| i32::try_from(p).ok());
+            (
+                payload,
+                (
+                    partition.expect("partition"),
+                    at.field_i64("offset").expect("offset"),
+                ),
+            )
         })
         // One record per produce request: tansu 0.6 mis-serves fetches that start
         // inside a multi-record batch (see the Kafka notes), so keep every offset a batch start.
@@ -253,12 +264,7 @@ async fn raw_bytes_carry_no_token() {
             secrets.extend(s);
             secrets.push(format!("second-token-{i}"));
             producer
-                .publish(
-                    &ep.name,
-                    Some(b"k"),
-                    &req,
-                    OutboundMessage { headers, payload },
-                )
+                .publish_keyed(Some(b"k"), &req, OutboundMessage { headers, payload })
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         }
@@ -486,7 +492,7 @@ async fn pause_resume_under_backpressure_loses_nothing() {
                 payload: payload.clone().into_bytes(),
             };
             producer
-                .publish(&ep_ref.name, Some(key.as_bytes()), &req, out)
+                .publish_keyed(Some(key.as_bytes()), &req, out)
                 .await
                 .unwrap_or_else(|e| panic!("publish {i}: {e}"));
             payload

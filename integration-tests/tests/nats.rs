@@ -137,10 +137,9 @@ async fn publish_json(
 ) -> elevate_nats::Receipt {
     let who = env.subject(user);
     let audience = env.audience();
-    let req = env.publish_request(&who, &audience, "ignored: the publisher binds the subject");
+    let req = env.publish_request(&who, &audience, subject);
     b.publisher(&env.producer)
         .publish_jetstream(
-            subject,
             &req,
             OutboundMessage {
                 headers,
@@ -203,13 +202,12 @@ async fn thousand_messages_from_several_subjects() {
     let by_seq: HashMap<u64, usize> = receipts
         .iter()
         .map(|(i, r)| {
-            let ack = r
-                .ack
-                .as_ref()
-                .expect("JetStream publishes return the stream ack");
-            assert_eq!(ack.stream, s.stream);
-            assert!(!ack.duplicate);
-            (ack.sequence, *i)
+            let at =
+                r.at.as_ref()
+                    .expect("JetStream publishes return the stream ack");
+            assert_eq!(at.field_str("stream"), Some(s.stream.as_str()));
+            assert!(!r.duplicate);
+            (at.field_i64("stream_seq").expect("sequence") as u64, *i)
         })
         .collect();
     assert_eq!(by_seq.len(), n);
@@ -550,11 +548,10 @@ async fn core_guard_denied_never_reach_the_handler() {
         let user = if i % 2 == 0 { "alice" } else { "mallory" };
         let who = env.subject(user);
         let audience = env.audience();
-        let req = env.publish_request(&who, &audience, "");
+        let req = env.publish_request(&who, &audience, &subject);
         let body = serde_json::json!({"n": i, "user": user});
         let r = publisher
             .publish(
-                &subject,
                 &req,
                 OutboundMessage {
                     headers: Headers::new(),
@@ -563,7 +560,7 @@ async fn core_guard_denied_never_reach_the_handler() {
             )
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(r.ack.is_none(), "core NATS has no stream ack");
+        assert!(r.at.is_none(), "core NATS has no stream ack");
     }
     publisher.flush().await.unwrap_or_else(|e| panic!("{e}"));
     let hostile = env.hostile_messages(&subject);
@@ -649,17 +646,20 @@ async fn publisher_returns_the_stream_ack_and_refusals_stay_local() {
         headers,
     )
     .await;
-    let a1 = first.ack.expect("stream ack");
-    let a2 = again.ack.expect("stream ack");
+    let a1 = first.at.clone().expect("stream ack");
     assert_eq!(
-        (a1.stream.as_str(), a1.sequence, a1.duplicate),
-        (s.stream.as_str(), 1, false)
+        (
+            a1.field_str("stream"),
+            a1.field_i64("stream_seq"),
+            first.duplicate
+        ),
+        (Some(s.stream.as_str()), Some(1), false)
     );
     assert!(
-        a2.duplicate,
+        again.at.is_some() && again.duplicate,
         "same Nats-Msg-Id is de-duplicated by the stream"
     );
-    assert_eq!(first.message_id, "order-42");
+    assert_eq!(first.message_id.as_deref(), Some("order-42"));
     let plain = publish_json(
         &b,
         &env,
@@ -670,17 +670,18 @@ async fn publisher_returns_the_stream_ack_and_refusals_stay_local() {
     )
     .await;
     assert_eq!(
-        plain.message_id, plain.reference_id,
+        plain.message_id.as_deref(),
+        Some(plain.reference_id.as_str()),
         "default Nats-Msg-Id is the reference id"
     );
     // an action outside the subject's scope is refused before the broker
     let who = env.subject("alice");
     let audience = env.audience();
-    let mut req = env.publish_request(&who, &audience, "");
+    let mut req = env.publish_request(&who, &audience, &subject);
     req.action = "admin.delete";
     let refused = b
         .publisher(&env.producer)
-        .publish_jetstream(&subject, &req, OutboundMessage::default())
+        .publish_jetstream(&req, OutboundMessage::default())
         .await;
     assert!(
         matches!(refused, Err(PublishError::ScopeInsufficient { .. })),

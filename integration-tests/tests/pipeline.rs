@@ -31,7 +31,7 @@ use elevate_core::{
     AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
     SubjectKind, handler_fn,
 };
-use elevate_integration_tests::amqp::{AmqpBinding, split_destination};
+use elevate_integration_tests::amqp::AmqpBinding;
 use elevate_integration_tests::binding::{BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 use elevate_integration_tests::env::{Recorder, TestEnv, policy_dir};
 use elevate_integration_tests::kafka::KafkaBinding;
@@ -214,7 +214,7 @@ impl Pipeline {
                     payload: msg.payload.to_vec(),
                 };
                 publisher
-                    .publish_derived_jetstream(&subject, &auth, &next, out)
+                    .publish_derived_jetstream(&auth, &next, out)
                     .await
                     .map(|_| ())
                     .map_err(|e| HandlerError::Permanent(e.to_string()))
@@ -247,7 +247,6 @@ impl Pipeline {
             async move {
                 let audience = [NOTIFY_WORKER.to_string()];
                 let scope = Scope::parse(NOTIFY_SCOPE);
-                let (exchange, rk) = split_destination(&ep.destination);
                 let payload = msg.payload.to_vec();
                 let attack = attack_of(&payload);
                 let perm = |e: String| HandlerError::Permanent(e);
@@ -263,14 +262,7 @@ impl Pipeline {
                         payload,
                     };
                     return publisher
-                        .publish_derived(
-                            exchange,
-                            rk,
-                            &auth,
-                            &next,
-                            out,
-                            lapin::BasicProperties::default(),
-                        )
+                        .publish_derived(&auth, &next, out, lapin::BasicProperties::default())
                         .await
                         .map(|_| ())
                         .map_err(|e| perm(e.to_string()));
@@ -343,8 +335,6 @@ impl Pipeline {
         self.kafka
             .guarded_producer(&self.producer(ORDERS_API, max_depth))
             .publish(
-                &self.orders.name,
-                None,
                 &req,
                 OutboundMessage {
                     headers: Headers::new(),

@@ -37,9 +37,10 @@ pub mod unreadable;
 
 pub use core_nats::{CoreDelivery, GuardedSubscriber};
 pub use deadletter::NatsDeadLetters;
+pub use elevate_core::producer::Receipt;
 pub use headers::{HeaderError, from_nats_headers, to_nats_headers};
 pub use jetstream::{GuardedConsumer, JetStreamDelivery};
-pub use publisher::{NatsPublisher, Receipt};
+pub use publisher::NatsPublisher;
 pub use unreadable::UnreadableMessages;
 
 /// Errors of the NATS guards.

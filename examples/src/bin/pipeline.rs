@@ -196,12 +196,13 @@ async fn post_order(
         headers: Headers::new(),
         payload: body.into_bytes(),
     };
-    match front.producer.publish(&front.topic, None, &req, msg).await {
+    match front.producer.publish(&req, msg).await {
         Ok(r) => (
             StatusCode::ACCEPTED,
             format!(
-                "{}/{}@{} txn {}",
-                r.topic, r.partition, r.offset, subject.txn
+                "{} txn {}",
+                r.at.map_or_else(|| r.destination.clone(), |at| at.to_string()),
+                subject.txn
             ),
         ),
         Err(e) => (StatusCode::FORBIDDEN, e.to_string()),
@@ -398,7 +399,7 @@ async fn run(args: Args) -> AppResult<bool> {
                     payload: msg.payload.to_vec(),
                 };
                 return publisher
-                    .publish_derived("", &queue, &auth, &next, out, BasicProperties::default())
+                    .publish_derived(&auth, &next, out, BasicProperties::default())
                     .await
                     .map(|_| ())
                     .map_err(|e| perm(e.to_string()));
@@ -494,7 +495,7 @@ async fn run(args: Args) -> AppResult<bool> {
                 payload: msg.payload.to_vec(),
             };
             publisher
-                .publish_derived_jetstream(&subject, &auth, &next, out)
+                .publish_derived_jetstream(&auth, &next, out)
                 .await
                 .map(|_| ())
                 .map_err(|e| HandlerError::Permanent(e.to_string()))
