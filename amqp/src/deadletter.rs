@@ -11,14 +11,10 @@ use elevate_core::settle::{DeadLetterPublisher, TransportError};
 use lapin::{BasicProperties, Channel};
 
 use crate::headers;
-use crate::publish::{ConfirmChannel, PERSISTENT, carried_properties, now_secs, short};
+use crate::publish::{
+    ConfirmChannel, PERSISTENT, carried_properties, now_secs, properties_from_names, short,
+};
 use crate::{Error, X_DEATH};
-
-tokio::task_local! {
-    /// The properties of the delivery being processed on this task (set by the worker),
-    /// so a dead letter can carry them without core knowing about AMQP.
-    pub(crate) static ORIGINAL_PROPERTIES: BasicProperties;
-}
 
 /// Header under which an original `x-death` history travels in a dead letter
 /// (a dead letter is a new message: the broker's own `x-death` must not be faked).
@@ -75,9 +71,8 @@ impl AmqpDeadLetters {
     }
 
     fn properties(&self, letter: &DeadLetter) -> Result<BasicProperties, Error> {
-        let original = ORIGINAL_PROPERTIES
-            .try_with(Clone::clone)
-            .unwrap_or_default();
+        // The delivery recorded its properties on the message: they travel with the letter.
+        let original = properties_from_names(&letter.properties);
         let mut hdrs = letter.headers.clone();
         let deaths: Vec<Vec<u8>> = hdrs.get_all(X_DEATH).map(<[u8]>::to_vec).collect();
         if !deaths.is_empty() {

@@ -52,7 +52,8 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 pub use deadletter::AmqpDeadLetters;
-pub use publish::{AmqpPublisher, ConfirmChannel, Receipt, destination};
+pub use elevate_core::producer::Receipt;
+pub use publish::{AmqpPublisher, ConfirmChannel, address, destination};
 pub use supervised::{WorkerConfig, supervise_worker};
 pub use worker::{AmqpDelivery, GuardedConsumer};
 
@@ -76,6 +77,7 @@ pub fn dead_letter_queue_name(queue: &str) -> String {
 
 /// An AMQP error from the binding.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The client or broker failed (connection, channel, protocol).
     #[error("AMQP: {0}")]
@@ -125,6 +127,9 @@ pub enum Error {
     /// unlike a shutdown, nothing stopped it on purpose.
     #[error("the broker cancelled the consumer of queue {0}")]
     ConsumerCancelled(String),
+    /// Core's runtime refused to start (a start check) or stopped (a bug).
+    #[error(transparent)]
+    Runtime(#[from] elevate_core::runtime::RunError<std::convert::Infallible>),
 }
 
 impl Error {

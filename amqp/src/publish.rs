@@ -2,7 +2,7 @@
 //! and the credential-stripping [`AmqpPublisher`].
 
 use elevate_core::producer::{
-    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest,
+    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest, Receipt,
 };
 use elevate_core::{AuthContext, OutboundMessage};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -24,6 +24,15 @@ pub fn destination(exchange: &str, routing_key: &str) -> String {
     } else {
         format!("{exchange}/{routing_key}")
     }
+}
+
+/// The exchange and routing key a destination string names (the inverse of
+/// [`destination`]): `<exchange>/<routing_key>` splits at the first `/`, a
+/// string without one is a queue on the default exchange. An exchange whose
+/// name holds a `/` cannot be addressed this way (its destination would be
+/// ambiguous to the consumer too).
+pub fn address(destination: &str) -> (&str, &str) {
+    destination.split_once('/').unwrap_or(("", destination))
 }
 
 pub(crate) fn short(what: &'static str, s: &str) -> Result<ShortString, Error> {
@@ -167,19 +176,6 @@ impl ConfirmChannel {
     }
 }
 
-/// What the broker confirmed for one guarded publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    /// The AMQP `message-id` sent (the caller's, or a fresh UUID).
-    pub message_id: String,
-    /// The destination the reference is bound to.
-    pub destination: String,
-    /// The reference id (`jti`).
-    pub reference_id: String,
-    /// How many credentials were stripped from the message.
-    pub stripped: usize,
-}
-
 /// Publishes through a [`ProducerGuard`] on a confirming channel: producer PDP
 /// check, credential stripping (the properties' header table included), a context
 /// reference bound to `<exchange>/<routing_key>` (or the queue name on the default
@@ -222,82 +218,64 @@ impl AmqpPublisher {
         &self.guard
     }
 
-    /// Publishes `msg` with default properties (persistent, fresh message id).
-    /// `req.destination` is ignored: the reference is bound to `exchange`/`routing_key`.
+    /// Publishes `msg` to `req.destination` (`<exchange>/<routing_key>`, or
+    /// a queue name on the default exchange, see [`address`]) with default
+    /// properties (persistent, fresh message id), and waits for the confirm.
+    ///
+    /// # Errors
+    /// Refused by the producer guard, or not confirmed by the broker.
     pub async fn publish(
         &self,
-        exchange: &str,
-        routing_key: &str,
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> Result<Receipt, PublishError> {
-        self.publish_with_properties(exchange, routing_key, req, msg, BasicProperties::default())
+        self.publish_with_properties(req, msg, BasicProperties::default())
             .await
     }
 
     /// Publishes with the caller's properties. Any header table in `properties` is
     /// merged into `msg.headers` first (so it is stripped too); `message_id` defaults to
     /// a UUID, `delivery_mode` to persistent and `timestamp` to now.
+    ///
+    /// # Errors
+    /// As [`AmqpPublisher::publish`].
     pub async fn publish_with_properties(
         &self,
-        exchange: &str,
-        routing_key: &str,
         req: &PublishRequest<'_>,
         mut msg: OutboundMessage,
         properties: BasicProperties,
     ) -> Result<Receipt, PublishError> {
-        let dst = destination(exchange, routing_key);
-        let req = PublishRequest {
-            destination: &dst,
-            ..req.clone()
-        };
-        if let Some(table) = properties.headers() {
-            for (n, v) in headers::decode(Some(table)).iter() {
-                msg.headers.append(n, v);
-            }
-        }
-        let prepared = self.guard.prepare(&req, msg).await?;
-        self.send(exchange, routing_key, dst, prepared, properties)
-            .await
+        merge_header_table(&mut msg, &properties);
+        let prepared = self.guard.prepare(req, msg).await?;
+        self.send(req.destination, prepared, properties).await
     }
 
-    /// Publishes from a permitted handler: the reference is derived from `auth`
-    /// (this workload joins the `act` chain, scope may only narrow, see
-    /// [`ProducerGuard::prepare_derived`]) and bound to `exchange`/`routing_key`
-    /// (`next.destination` is ignored). Properties as in
-    /// [`AmqpPublisher::publish_with_properties`].
+    /// Publishes from a permitted handler to `next.destination`: the
+    /// reference is derived from `auth` (this workload joins the `act`
+    /// chain, scope may only narrow, see [`ProducerGuard::prepare_derived`]).
+    /// Properties as in [`AmqpPublisher::publish_with_properties`].
+    ///
+    /// # Errors
+    /// As [`AmqpPublisher::publish`].
     pub async fn publish_derived(
         &self,
-        exchange: &str,
-        routing_key: &str,
         auth: &AuthContext,
         next: &DerivedPublish<'_>,
         mut msg: OutboundMessage,
         properties: BasicProperties,
     ) -> Result<Receipt, PublishError> {
-        let dst = destination(exchange, routing_key);
-        let next = DerivedPublish {
-            destination: &dst,
-            ..next.clone()
-        };
-        if let Some(table) = properties.headers() {
-            for (n, v) in headers::decode(Some(table)).iter() {
-                msg.headers.append(n, v);
-            }
-        }
-        let prepared = self.guard.prepare_derived(auth, &next, msg).await?;
-        self.send(exchange, routing_key, dst.clone(), prepared, properties)
-            .await
+        merge_header_table(&mut msg, &properties);
+        let prepared = self.guard.prepare_derived(auth, next, msg).await?;
+        self.send(next.destination, prepared, properties).await
     }
 
     async fn send(
         &self,
-        exchange: &str,
-        routing_key: &str,
-        dst: String,
+        dst: &str,
         prepared: PreparedMessage,
         properties: BasicProperties,
     ) -> Result<Receipt, PublishError> {
+        let (exchange, routing_key) = address(dst);
         let table =
             headers::encode(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
         let message_id = properties
@@ -319,12 +297,18 @@ impl AmqpPublisher {
             .publish(exchange, routing_key, &prepared.payload, props)
             .await
             .map_err(broker)?;
-        Ok(Receipt {
-            message_id,
-            destination: dst,
-            reference_id: prepared.reference.claims.jti.clone(),
-            stripped: prepared.stripped.len(),
-        })
+        let mut receipt = Receipt::new(dst, &prepared);
+        receipt.message_id = Some(message_id);
+        Ok(receipt)
+    }
+}
+
+/// A header table in `properties` travels as message headers (so the guard strips it too).
+fn merge_header_table(msg: &mut OutboundMessage, properties: &BasicProperties) {
+    if let Some(table) = properties.headers() {
+        for (n, v) in headers::decode(Some(table)).iter() {
+            msg.headers.append(n, v);
+        }
     }
 }
 
@@ -354,6 +338,90 @@ pub(crate) fn carried_properties(o: &BasicProperties) -> BasicProperties {
     keep!(kind, with_type);
     keep!(app_id, with_app_id);
     keep!(cluster_id, with_cluster_id);
+    p
+}
+
+/// The carried properties of a delivery by AMQP name, for a dead letter
+/// to keep ([`elevate_core::InboundMessage::properties`]).
+pub(crate) fn properties_by_name(o: &BasicProperties) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut put = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            out.push((name.to_string(), v));
+        }
+    };
+    put(
+        "content-type",
+        o.content_type().as_ref().map(|v| v.to_string()),
+    );
+    put(
+        "content-encoding",
+        o.content_encoding().as_ref().map(|v| v.to_string()),
+    );
+    put("priority", o.priority().map(|v| v.to_string()));
+    put(
+        "correlation-id",
+        o.correlation_id().as_ref().map(|v| v.to_string()),
+    );
+    put("reply-to", o.reply_to().as_ref().map(|v| v.to_string()));
+    put("message-id", o.message_id().as_ref().map(|v| v.to_string()));
+    put("timestamp", o.timestamp().map(|v| v.to_string()));
+    put("type", o.kind().as_ref().map(|v| v.to_string()));
+    put("app-id", o.app_id().as_ref().map(|v| v.to_string()));
+    put("cluster-id", o.cluster_id().as_ref().map(|v| v.to_string()));
+    out
+}
+
+/// The properties [`properties_by_name`] recorded, back as AMQP properties
+/// (a value AMQP cannot carry, such as a short string over 255 bytes, is left out).
+pub(crate) fn properties_from_names(props: &[(String, String)]) -> BasicProperties {
+    let mut p = BasicProperties::default();
+    for (name, value) in props {
+        let short = || ShortString::try_new(value.as_str()).ok();
+        p = match name.as_str() {
+            "content-type" => match short() {
+                Some(v) => p.with_content_type(v),
+                None => p,
+            },
+            "content-encoding" => match short() {
+                Some(v) => p.with_content_encoding(v),
+                None => p,
+            },
+            "priority" => match value.parse() {
+                Ok(v) => p.with_priority(v),
+                Err(_) => p,
+            },
+            "correlation-id" => match short() {
+                Some(v) => p.with_correlation_id(v),
+                None => p,
+            },
+            "reply-to" => match short() {
+                Some(v) => p.with_reply_to(v),
+                None => p,
+            },
+            "message-id" => match short() {
+                Some(v) => p.with_message_id(v),
+                None => p,
+            },
+            "timestamp" => match value.parse() {
+                Ok(v) => p.with_timestamp(v),
+                Err(_) => p,
+            },
+            "type" => match short() {
+                Some(v) => p.with_type(v),
+                None => p,
+            },
+            "app-id" => match short() {
+                Some(v) => p.with_app_id(v),
+                None => p,
+            },
+            "cluster-id" => match short() {
+                Some(v) => p.with_cluster_id(v),
+                None => p,
+            },
+            _ => p,
+        };
+    }
     p
 }
 

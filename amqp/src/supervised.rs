@@ -46,7 +46,12 @@ impl Restartable for Error {
     /// Everything but a configuration or protocol-limit error is a passing
     /// broker or connection fault.
     fn restartable(&self) -> bool {
-        !matches!(self, Error::InvalidName { .. } | Error::ConfirmsOff)
+        !matches!(
+            self,
+            Error::InvalidName { .. }
+                | Error::ConfirmsOff
+                | Error::Runtime(elevate_core::runtime::RunError::Start(_))
+        )
     }
 }
 

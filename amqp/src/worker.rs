@@ -6,18 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use elevate_core::CTX_REF_HEADER;
 use elevate_core::message::{Coordinates, InboundMessage};
-use elevate_core::settle::{Delivery, Outcome, Processor, TransportError};
+use elevate_core::runtime::{RunError, Runtime, Source};
+use elevate_core::settle::{Delivery, Processor, TransportError};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Acker, BasicProperties, Consumer};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
-use crate::deadletter::ORIGINAL_PROPERTIES;
 use crate::headers::{self, as_str, as_u64};
-use crate::publish::{ConfirmChannel, carried_properties, destination};
+use crate::publish::{ConfirmChannel, carried_properties, destination, properties_by_name};
 use crate::{Error, H_ATTEMPT, H_DESTINATION, X_DEATH};
 
 /// Runs a user's lapin consumer through the guard.
@@ -72,7 +71,7 @@ impl GuardedConsumer {
             consumer,
             processor,
             retry,
-            concurrency: 16,
+            concurrency: elevate_core::runtime::DEFAULT_CONCURRENCY,
             retry_user: None,
             requeue_delay: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
@@ -88,7 +87,8 @@ impl GuardedConsumer {
         self
     }
 
-    /// Maximum deliveries processed at once (default 16; match the channel's prefetch).
+    /// Maximum deliveries processed at once (default 32, core's
+    /// [`elevate_core::runtime::DEFAULT_CONCURRENCY`]; match the channel's prefetch).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -140,15 +140,15 @@ impl GuardedConsumer {
     /// consumer is cancelled by the broker ([`Error::ConsumerCancelled`]) or
     /// the channel or connection fails (returned as an error: unacked
     /// messages are back with the broker; reconnect and run again, or use
-    /// [`crate::supervise`], which does). On shutdown, in-flight deliveries
-    /// finish (up to [`drain_timeout`](Self::drain_timeout)) and buffered ones
-    /// are handed back (`basic_nack(requeue)`); on a lost connection, in-flight
-    /// deliveries are abandoned at once (the broker already requeued them).
-    /// During a dependency outage it takes one delivery at a time as a probe
-    /// ([`Processor::admission`]).
+    /// [`crate::supervise`], which does). Core's [`Runtime`] drives it:
+    /// start checks, concurrency, backpressure, panics and the shutdown
+    /// grace ([`drain_timeout`](Self::drain_timeout)); buffered deliveries
+    /// are handed back (`basic_nack(requeue)`) at the end, and on a lost
+    /// connection in-flight deliveries are abandoned at once (the broker
+    /// already requeued them).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let GuardedConsumer {
-            mut consumer,
+            consumer,
             processor,
             retry,
             queue,
@@ -170,87 +170,84 @@ impl GuardedConsumer {
             requeue_delay,
             ack_timeout,
         });
-        let slots = Arc::new(Semaphore::new(concurrency));
-        let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
-        let result = loop {
-            while tasks.try_join_next().is_some() {}
-            // Without its confirming channel no Deny, Quarantine or Retry can be
-            // settled: every such delivery would be requeued again and again.
-            // Stop and let the caller reconnect (unacked messages go back).
-            if !ctx.retry.channel().status().connected() {
-                break Err(Error::ConfirmChannelClosed);
-            }
-            let permit = tokio::select! {
-                biased;
-                _ = &mut shutdown => break Ok(()),
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break Ok(()),
-                },
-            };
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break Ok(()),
-                _ = processor.admission().wait() => {}
-            }
-            let next = tokio::select! {
-                biased;
-                _ = &mut shutdown => break Ok(()),
-                n = consumer.next() => n,
-            };
-            let delivery = match next {
-                None => break Err(Error::ConsumerCancelled(ctx.queue.clone())),
-                Some(Err(e)) => break Err(Error::Lapin(e)),
-                Some(Ok(d)) => d,
-            };
-            let delivery = AmqpDelivery::from_lapin(delivery, ctx.clone());
-            let processor = processor.clone();
-            tasks.spawn(async move {
-                let _permit = permit;
-                let props = delivery.properties.clone();
-                let coords = delivery.msg.coordinates.to_string();
-                match ORIGINAL_PROPERTIES
-                    .scope(props, processor.process(delivery))
-                    .await
-                {
-                    Ok(Outcome::Handled { .. }) => {}
-                    Ok(outcome) => tracing::debug!(source = %coords, ?outcome, "delivery settled"),
-                    Err(e) => {
-                        tracing::warn!(source = %coords, error = %e, "delivery left unsettled for redelivery")
-                    }
-                }
-            });
-        };
-        if result.is_ok() {
-            // Hand back what is buffered but not started.
-            while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
-                let _ = d
-                    .acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
+        let source = AmqpSource { consumer, ctx };
+        Runtime::new()
+            .concurrency(concurrency)
+            .shutdown_grace(drain_timeout)
+            .run(source, processor, shutdown)
+            .await
+            .map_err(RunError::flatten)
+    }
+}
+
+/// The queue as a [`Source`] for core's runtime.
+struct AmqpSource {
+    consumer: Consumer,
+    ctx: Arc<Ctx>,
+}
+
+/// How long one receive waits for a delivery before the runtime looks around.
+const RECEIVE_IDLE: Duration = Duration::from_millis(500);
+
+#[async_trait::async_trait]
+impl Source for AmqpSource {
+    type Delivery = AmqpDelivery;
+    type Error = Error;
+
+    fn names(&self) -> Vec<String> {
+        vec![self.ctx.queue.clone()]
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<AmqpDelivery>, Error> {
+        // Without its confirming channel no Deny, Quarantine or Retry can be
+        // settled: every such delivery would be requeued again and again.
+        // Stop and let the caller reconnect (unacked messages go back).
+        if !self.ctx.retry.channel().status().connected() {
+            return Err(Error::ConfirmChannelClosed);
+        }
+        let mut out = Vec::new();
+        match tokio::time::timeout(RECEIVE_IDLE, self.consumer.next()).await {
+            Err(_) => return Ok(out),
+            Ok(next) => out.push(self.delivery(next)?),
+        }
+        while out.len() < max {
+            match self.consumer.next().now_or_never() {
+                Some(next) => out.push(self.delivery(next)?),
+                None => break,
             }
         }
-        // A dead channel settles nothing: what is in flight is the broker's again.
-        let grace = match &result {
-            Err(Error::Lapin(_) | Error::ConfirmChannelClosed) => Duration::ZERO,
-            _ => drain_timeout,
-        };
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            tracing::warn!(
-                in_flight = tasks.len(),
-                "in-flight deliveries did not finish: aborted, left to the broker"
-            );
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
+        Ok(out)
+    }
+
+    fn can_settle_after(&self, error: &Error) -> bool {
+        // A cancelled consumer's channel still settles what is in flight.
+        matches!(error, Error::ConsumerCancelled(_))
+    }
+
+    async fn close(&mut self) {
+        // Hand back what is buffered but not started.
+        while let Some(Some(Ok(d))) = self.consumer.next().now_or_never() {
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
         }
-        drop(consumer);
-        result
+    }
+}
+
+impl AmqpSource {
+    fn delivery(
+        &self,
+        next: Option<Result<lapin::message::Delivery, lapin::Error>>,
+    ) -> Result<AmqpDelivery, Error> {
+        match next {
+            None => Err(Error::ConsumerCancelled(self.ctx.queue.clone())),
+            Some(Err(e)) => Err(Error::Lapin(e)),
+            Some(Ok(d)) => Ok(AmqpDelivery::from_lapin(d, self.ctx.clone())),
+        }
     }
 }
 
@@ -300,30 +297,41 @@ impl AmqpDelivery {
             .retry_user
             .as_deref()
             .is_none_or(|u| properties.user_id().as_ref().map(|id| id.as_str()) == Some(u));
-        let msg = InboundMessage {
-            headers: headers::decode(table),
-            payload: Bytes::from(data),
-            destination: inbound_destination(
-                exchange.as_str(),
-                routing_key.as_str(),
-                table,
-                &ctx.queue,
-                &ctx.retry_queue,
-                authentic,
+        let destination = inbound_destination(
+            exchange.as_str(),
+            routing_key.as_str(),
+            table,
+            &ctx.queue,
+            &ctx.retry_queue,
+            authentic,
+        );
+        let coordinates = Coordinates::new("amqp", format!("{}/{delivery_tag}", ctx.queue))
+            .with("queue", ctx.queue.as_str())
+            .with("exchange", exchange.as_str())
+            .with("routing_key", routing_key.as_str())
+            .with("delivery_tag", delivery_tag);
+        let headers = headers::decode(table);
+        let message_id = properties.message_id().as_ref().map(|m| m.to_string());
+        // Delivery tags change on redelivery: the publisher's message id is the
+        // only stable handle (a verbatim copy with the same id looks like a
+        // redelivery: documented), else the reference's hash.
+        let position = match &message_id {
+            Some(id) => format!("amqp:{}/{id}", ctx.queue),
+            None => format!(
+                "amqp:{}#{}",
+                ctx.queue,
+                elevate_core::keys::sha256_hex(headers.get(CTX_REF_HEADER).unwrap_or_default())
             ),
-            coordinates: Coordinates::Amqp {
-                queue: ctx.queue.clone(),
-                exchange: exchange.to_string(),
-                routing_key: routing_key.to_string(),
-                delivery_tag,
-            },
-            message_id: properties.message_id().as_ref().map(|m| m.to_string()),
-            delivery_attempt: attempt(table, &ctx.retry_queue, authentic),
-            published_at_ms: properties
-                .timestamp()
-                .and_then(|t| i64::try_from(t).ok())
-                .map(|t| t.saturating_mul(1000)),
         };
+        let mut msg = InboundMessage::new(coordinates, destination, headers, Bytes::from(data));
+        msg.message_id = message_id;
+        msg.position = position;
+        msg.delivery_attempt = attempt(table, &ctx.retry_queue, authentic);
+        msg.published_at_ms = properties
+            .timestamp()
+            .and_then(|t| i64::try_from(t).ok())
+            .map(|t| t.saturating_mul(1000));
+        msg.properties = properties_by_name(&properties);
         AmqpDelivery {
             msg,
             acker,

@@ -39,6 +39,9 @@ struct Gate {
     probe_since: Option<Instant>,
     /// When the gate closed, and why (for the log line when it opens).
     closed_at: Option<(Instant, Reason)>,
+    /// Deliveries already taken that wait to try again ([`Admission::wait_retry`]):
+    /// they probe before any new delivery is taken.
+    retrying: u32,
 }
 
 /// The gate every consumer loop of one processor waits on before taking a delivery.
@@ -64,8 +67,21 @@ impl Admission {
         self.gate.lock().closed_until.is_none()
     }
 
-    /// Waits until a delivery may be taken.
+    /// Waits until a new delivery may be taken. While the gate is closed,
+    /// deliveries waiting to try again ([`Admission::wait_retry`]) probe first.
     pub async fn wait(&self) -> Admit {
+        self.wait_as(false).await
+    }
+
+    /// Waits until a delivery already taken (an in-place retry) may try
+    /// again; such deliveries take the probe before new ones.
+    pub async fn wait_retry(&self) -> Admit {
+        self.gate.lock().retrying += 1;
+        let _counted = Retrying(self);
+        self.wait_as(true).await
+    }
+
+    async fn wait_as(&self, retry: bool) -> Admit {
         loop {
             let notified = self.changed.notified();
             let until = {
@@ -74,7 +90,8 @@ impl Admission {
                     return Admit::Open;
                 };
                 let now = Instant::now();
-                let probe_free = g.probe_since.is_none_or(|t| now - t >= PROBE_TIMEOUT);
+                let probe_free = g.probe_since.is_none_or(|t| now - t >= PROBE_TIMEOUT)
+                    && (retry || g.retrying == 0);
                 if now >= until && probe_free {
                     g.probe_since = Some(now);
                     return Admit::Probe;
@@ -110,6 +127,18 @@ impl Admission {
         self.changed.notify_waiters();
     }
 
+    /// A probe granted by [`Admission::wait`] found no delivery to try (the
+    /// source had nothing): let the next waiter probe at once, instead of
+    /// after [`PROBE_TIMEOUT`].
+    pub fn release_probe(&self) {
+        let mut g = self.gate.lock();
+        if g.closed_until.is_some() {
+            g.probe_since = None;
+        }
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
     /// A verdict came back that needs no unavailable dependency: open the gate.
     pub fn available(&self) {
         let mut g = self.gate.lock();
@@ -119,9 +148,24 @@ impl Admission {
         if let Some((at, reason)) = g.closed_at.take() {
             tracing::info!(%reason, after = ?at.elapsed(), probes = g.failures, "dependency recovered: taking deliveries again");
         }
-        *g = Gate::default();
+        *g = Gate {
+            retrying: g.retrying,
+            ..Gate::default()
+        };
         drop(g);
         self.changed.notify_waiters();
+    }
+}
+
+/// Counts a retry waiting at the gate for as long as it waits.
+struct Retrying<'a>(&'a Admission);
+
+impl Drop for Retrying<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.gate.lock();
+        g.retrying = g.retrying.saturating_sub(1);
+        drop(g);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -153,6 +197,27 @@ mod tests {
         // the probe failed: closed again, then one more probe
         a.unavailable(Reason::TtsUnavailable, None);
         assert_eq!(a.wait().await, Admit::Probe);
+        a.available();
+        assert_eq!(a.wait().await, Admit::Open);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_retry_probes_before_any_new_delivery() {
+        let a = std::sync::Arc::new(gate());
+        a.unavailable(Reason::TtsUnavailable, None);
+        let retry = tokio::spawn({
+            let a = a.clone();
+            async move { a.wait_retry().await }
+        });
+        tokio::task::yield_now().await;
+        // a new delivery does not get the probe while a retry waits for it
+        let new = tokio::time::timeout(Duration::from_millis(80), a.wait()).await;
+        assert!(
+            new.is_err(),
+            "a new delivery took the probe from a waiting retry"
+        );
+        assert_eq!(retry.await.unwrap(), Admit::Probe);
+        // the probe is out: nobody else; its verdict reopens the gate
         a.available();
         assert_eq!(a.wait().await, Admit::Open);
     }

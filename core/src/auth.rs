@@ -1,41 +1,32 @@
 //! The `AuthContext` a permitted handler receives, and downstream derivation.
 
-use crate::ctxref::{ContextRefClaims, ContextRefMinter, MintError, MintedRef, SubjectKind};
+use crate::ctxref::{
+    ContextRefClaims, ContextRefMinter, MintError, MintedRef, SubjectKind, VerifiedRef,
+};
 use crate::pdp::EntityRef;
 use crate::scope::Scope;
 use crate::token::{Redacted, TxnToken};
 
-/// Who the handler acts for and with what authority; built only on Permit.
+/// Who the handler acts for and with what authority. Only the guard builds
+/// one, on Permit, from what it verified: the fields are private, so no
+/// other code can make a context that was never decided.
 ///
 /// Its `Debug` shows the tokens it holds as SHA-256 prefixes only.
 #[derive(Clone)]
 pub struct AuthContext {
-    /// The decision that permitted this dispatch.
-    pub decision_id: String,
-    /// The target identity.
-    pub subject: String,
-    /// Human or workload.
-    pub sub_kind: SubjectKind,
-    /// This consuming workload.
-    pub workload: String,
-    /// The workload that signed the reference.
-    pub producer: String,
-    /// Origin transaction id.
-    pub txn: String,
-    /// Scope granted in the Txn-Token.
-    pub scope: Scope,
-    /// Delegation chain, origin first, the reference's signer last.
-    pub chain: Vec<String>,
-    /// The action that was permitted.
-    pub action: String,
-    /// The resource it was permitted on.
-    pub resource: EntityRef,
-    /// The Txn-Token, for downstream calls (its `Debug` prints only a hash).
-    pub txn_token: TxnToken,
-    /// The verified reference's claims (basis for downstream derivation).
-    pub reference: ContextRefClaims,
-    /// The verified reference itself (carried as proof in derived references).
-    pub reference_token: String,
+    decision_id: String,
+    subject: String,
+    sub_kind: SubjectKind,
+    workload: String,
+    producer: String,
+    txn: String,
+    scope: Scope,
+    chain: Vec<String>,
+    action: String,
+    resource: EntityRef,
+    txn_token: TxnToken,
+    reference: ContextRefClaims,
+    reference_token: String,
 }
 
 impl std::fmt::Debug for AuthContext {
@@ -59,6 +50,101 @@ impl std::fmt::Debug for AuthContext {
 }
 
 impl AuthContext {
+    /// The context the guard permitted: `decision_id` for `workload`, from
+    /// the verified reference, with the Txn-Token's scope, the action and
+    /// the resource it was checked for.
+    pub(crate) fn new(
+        decision_id: &str,
+        workload: &str,
+        verified: &VerifiedRef,
+        scope: Scope,
+        action: String,
+        resource: EntityRef,
+        txn_token: TxnToken,
+    ) -> Self {
+        let claims = &verified.claims;
+        AuthContext {
+            decision_id: decision_id.to_string(),
+            subject: claims.sub.clone(),
+            sub_kind: claims.sub_kind,
+            workload: workload.to_string(),
+            producer: claims.iss.clone(),
+            txn: claims.txn.clone(),
+            scope,
+            chain: claims.chain(),
+            action,
+            resource,
+            txn_token,
+            reference: claims.clone(),
+            reference_token: verified.token.clone(),
+        }
+    }
+
+    /// The decision that permitted this dispatch.
+    pub fn decision_id(&self) -> &str {
+        &self.decision_id
+    }
+
+    /// The target identity (the reference's `sub`).
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Whether the subject is a human or a workload.
+    pub fn sub_kind(&self) -> SubjectKind {
+        self.sub_kind
+    }
+
+    /// This consuming workload.
+    pub fn workload(&self) -> &str {
+        &self.workload
+    }
+
+    /// The workload that signed the reference.
+    pub fn producer(&self) -> &str {
+        &self.producer
+    }
+
+    /// The origin transaction id.
+    pub fn txn(&self) -> &str {
+        &self.txn
+    }
+
+    /// The scope granted in the Txn-Token (never wider than the reference's).
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The delegation chain, origin first, the reference's signer last.
+    pub fn chain(&self) -> &[String] {
+        &self.chain
+    }
+
+    /// The action that was permitted.
+    pub fn action(&self) -> &str {
+        &self.action
+    }
+
+    /// The resource it was permitted on.
+    pub fn resource(&self) -> &EntityRef {
+        &self.resource
+    }
+
+    /// The Txn-Token, for downstream calls (its `Debug` prints only a hash).
+    pub fn txn_token(&self) -> &TxnToken {
+        &self.txn_token
+    }
+
+    /// The verified reference's claims (the basis for downstream derivation).
+    pub fn reference(&self) -> &ContextRefClaims {
+        &self.reference
+    }
+
+    /// The verified reference itself (carried as proof in derived references).
+    pub fn reference_token(&self) -> &str {
+        &self.reference_token
+    }
+
     /// Derives the reference for a message this handler publishes downstream:
     /// appends the reference's signer to the chain, may only narrow scope.
     pub fn derive_reference(

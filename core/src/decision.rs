@@ -204,10 +204,7 @@ mod tests {
             resource: None,
             txn: None,
             chain: vec![],
-            source: Coordinates::Memory {
-                queue: "q".into(),
-                seq: 1,
-            },
+            source: crate::memory::coordinates("q", 1),
             attempt: 1,
             policy_version: "v".into(),
             latency_us: 3,

@@ -4,12 +4,14 @@
 //! context reference ([`producer`]); a consumer verifies it, obtains a fresh
 //! Transaction Token, runs trust elevation at a local PDP, records the
 //! decision ([`guard`]) and only then dispatches; denied and broken messages
-//! are dead-lettered ([`settle`]). Broker crates implement two small traits,
-//! [`settle::Delivery`] and [`settle::DeadLetterPublisher`], and nothing else.
+//! are dead-lettered ([`settle`]). One consumer runtime ([`runtime`]) owns
+//! concurrency, ordering, backpressure, panics, shutdown and the start
+//! checks for every broker. Broker crates implement three small traits,
+//! [`runtime::Source`], [`settle::Delivery`] and
+//! [`settle::DeadLetterPublisher`], and nothing else.
 
 pub mod admission;
 pub mod auth;
-pub mod cedar;
 pub mod ctxref;
 pub mod deadletter;
 pub mod decision;
@@ -25,6 +27,7 @@ pub mod replay;
 #[cfg(feature = "redis")]
 pub mod replay_redis;
 pub mod retry;
+pub mod runtime;
 pub mod scope;
 pub mod settle;
 pub mod strip;
@@ -38,8 +41,9 @@ pub use ctxref::{
     CTX_REF_HEADER, ContextRefClaims, ContextRefMinter, ContextRefVerifier, SubjectKind,
     VerifyPolicy,
 };
-pub use guard::{FixedAction, Guard, GuardDecision};
+pub use guard::{FixedAction, Guard, GuardDecision, Refusal};
 pub use message::{Coordinates, Headers, InboundMessage, OutboundMessage};
+pub use runtime::{Runtime, Source};
 pub use settle::{
     DeadLetterPublisher, Delivery, Handler, HandlerError, Outcome, Processor, handler_fn,
 };

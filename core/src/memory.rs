@@ -13,7 +13,16 @@ use tokio::sync::Notify;
 
 use crate::deadletter::DeadLetter;
 use crate::message::{Coordinates, Headers, InboundMessage};
+use crate::runtime::Source;
 use crate::settle::{DeadLetterPublisher, Delivery, TransportError};
+
+/// The coordinates of message `seq` of in-memory queue `queue`
+/// (`memory:<queue>/<seq>`, fields `queue` and `seq`).
+pub fn coordinates(queue: &str, seq: u64) -> Coordinates {
+    Coordinates::new("memory", format!("{queue}/{seq}"))
+        .with("queue", queue)
+        .with("seq", seq)
+}
 
 /// A message stored in a queue.
 #[derive(Debug, Clone)]
@@ -88,18 +97,13 @@ impl MemoryBroker {
             if let Some(mut m) = next {
                 m.deliveries += 1;
                 q.unacked.lock().insert(m.seq, m.clone());
-                let msg = InboundMessage {
-                    headers: m.headers.clone(),
-                    payload: m.payload.clone(),
-                    coordinates: Coordinates::Memory {
-                        queue: queue.to_string(),
-                        seq: m.seq,
-                    },
-                    destination: queue.to_string(),
-                    message_id: None,
-                    delivery_attempt: m.deliveries,
-                    published_at_ms: None,
-                };
+                let mut msg = InboundMessage::new(
+                    coordinates(queue, m.seq),
+                    queue,
+                    m.headers.clone(),
+                    m.payload.clone(),
+                );
+                msg.delivery_attempt = m.deliveries;
                 return Some(MemoryDelivery {
                     queue: q.clone(),
                     seq: m.seq,
@@ -189,6 +193,66 @@ impl Delivery for MemoryDelivery {
             MemoryDelivery::requeue(&queue, seq, false);
         });
         Ok(())
+    }
+}
+
+/// A [`Source`] reading one in-memory queue, for the consumer runtime
+/// ([`crate::runtime::Runtime::run`]).
+#[derive(Debug, Clone)]
+pub struct MemorySource {
+    broker: MemoryBroker,
+    queue: String,
+    wait: Duration,
+    order_by: Option<String>,
+}
+
+impl MemorySource {
+    /// Reads `queue` of `broker`.
+    pub fn new(broker: &MemoryBroker, queue: impl Into<String>) -> Self {
+        MemorySource {
+            broker: broker.clone(),
+            queue: queue.into(),
+            wait: Duration::from_millis(200),
+            order_by: None,
+        }
+    }
+
+    /// Orders deliveries by the value of header `name` (like Kafka keys
+    /// ordering a partition): one at a time per value, in order.
+    #[must_use]
+    pub fn ordered_by_header(mut self, name: impl Into<String>) -> Self {
+        self.order_by = Some(name.into());
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for MemorySource {
+    type Delivery = MemoryDelivery;
+    type Error = std::convert::Infallible;
+
+    fn names(&self) -> Vec<String> {
+        vec![self.queue.clone()]
+    }
+
+    fn ordered(&self) -> bool {
+        self.order_by.is_some()
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<MemoryDelivery>, Self::Error> {
+        let mut out = Vec::new();
+        let mut wait = self.wait;
+        while out.len() < max.max(1) {
+            let Some(mut d) = self.broker.receive(&self.queue, wait).await else {
+                break;
+            };
+            if let Some(h) = &self.order_by {
+                d.msg.order_key = Some(d.msg.headers.get_str(h).unwrap_or_default().to_string());
+            }
+            out.push(d);
+            wait = Duration::ZERO;
+        }
+        Ok(out)
     }
 }
 

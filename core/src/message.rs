@@ -108,82 +108,118 @@ impl<N: Into<String>, V: Into<Vec<u8>>> FromIterator<(N, V)> for Headers {
     }
 }
 
-/// Where a message was read from, per broker (goes into decision records and dead letters).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "broker", rename_all = "lowercase")]
-pub enum Coordinates {
-    /// Kafka topic/partition/offset.
-    Kafka {
-        /// Topic.
-        topic: String,
-        /// Partition.
-        partition: i32,
-        /// Offset.
-        offset: i64,
-    },
-    /// AMQP 0-9-1 queue and delivery.
-    Amqp {
-        /// Queue consumed from.
-        queue: String,
-        /// Exchange the message was published to.
-        exchange: String,
-        /// Routing key it was published with.
-        routing_key: String,
-        /// Channel-scoped delivery tag.
-        delivery_tag: u64,
-    },
-    /// NATS subject, and JetStream stream/sequence when consumed from a stream.
-    Nats {
-        /// Subject.
-        subject: String,
-        /// Stream name (JetStream only).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        stream: Option<String>,
-        /// Stream sequence (JetStream only).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        stream_seq: Option<u64>,
-        /// Core NATS only: an id the subscriber gives each receipt, so that
-        /// in-place retries of one receipt keep one replay position.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        receipt: Option<String>,
-    },
-    /// The in-memory transport.
-    Memory {
-        /// Queue name.
-        queue: String,
-        /// Sequence number within the queue.
-        seq: u64,
-    },
+/// Where a message was read from, in the binding's own terms: which broker
+/// (`kafka`, `amqp`, `nats`, `memory`, or a third party's), a short location
+/// for logs (`kafka:orders/3/1207`), and named fields (topic, partition,
+/// offset...) that go into decision records, dead letters and the TTS's
+/// `request_details`. Core reads none of the fields: a binding adds what its
+/// operators need to find the message again.
+///
+/// Serialized as one JSON object: `{"broker": .., "at": <location>, <fields>}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coordinates {
+    broker: String,
+    location: String,
+    fields: Vec<(String, serde_json::Value)>,
+}
+
+impl Coordinates {
+    /// Coordinates on `broker` at `location` (shown as `broker:location`).
+    pub fn new(broker: impl Into<String>, location: impl Into<String>) -> Self {
+        Coordinates {
+            broker: broker.into(),
+            location: location.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// Adds a named field (replacing one of the same name).
+    #[must_use]
+    pub fn with(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        let name = name.into();
+        self.fields.retain(|(n, _)| *n != name);
+        self.fields.push((name, value.into()));
+        self
+    }
+
+    /// The broker these coordinates are on.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    /// The location within the broker (without the `broker:` prefix).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// A named field, if the binding set it.
+    pub fn field(&self, name: &str) -> Option<&serde_json::Value> {
+        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// A named field as a string, if it is one.
+    pub fn field_str(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(serde_json::Value::as_str)
+    }
+
+    /// A named field as an integer, if it is one.
+    pub fn field_i64(&self, name: &str) -> Option<i64> {
+        self.field(name).and_then(serde_json::Value::as_i64)
+    }
+
+    /// Every field, in the order the binding added them.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &serde_json::Value)> {
+        self.fields.iter().map(|(n, v)| (n.as_str(), v))
+    }
 }
 
 impl std::fmt::Display for Coordinates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Coordinates::Kafka {
-                topic,
-                partition,
-                offset,
-            } => write!(f, "kafka:{topic}/{partition}/{offset}"),
-            Coordinates::Amqp {
-                queue,
-                delivery_tag,
-                ..
-            } => write!(f, "amqp:{queue}/{delivery_tag}"),
-            Coordinates::Nats {
-                subject,
-                stream,
-                stream_seq,
-                ..
-            } => match (stream, stream_seq) {
-                (Some(s), Some(q)) => write!(f, "nats:{s}/{q}/{subject}"),
-                _ => write!(f, "nats:{subject}"),
-            },
-            Coordinates::Memory { queue, seq } => write!(f, "memory:{queue}/{seq}"),
-        }
+        write!(f, "{}:{}", self.broker, self.location)
     }
 }
 
-/// A message as a guard sees it, whatever the broker.
+impl Serialize for Coordinates {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.fields.len() + 2))?;
+        map.serialize_entry("broker", &self.broker)?;
+        map.serialize_entry("at", &self.location)?;
+        for (n, v) in &self.fields {
+            if n != "broker" && n != "at" {
+                map.serialize_entry(n, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Coordinates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let mut broker = None;
+        let mut location = None;
+        let mut fields = Vec::new();
+        for (n, v) in map {
+            match n.as_str() {
+                "broker" => broker = v.as_str().map(str::to_string),
+                "at" => location = v.as_str().map(str::to_string),
+                _ => fields.push((n, v)),
+            }
+        }
+        Ok(Coordinates {
+            broker: broker.ok_or_else(|| D::Error::missing_field("broker"))?,
+            location: location.ok_or_else(|| D::Error::missing_field("at"))?,
+            fields,
+        })
+    }
+}
+
+/// A message as a guard sees it, whatever the broker. A binding fills in
+/// everything settlement and dead-lettering need, so nothing travels beside
+/// the message: its position (replay protection, outage clocks), its order
+/// key, the broker's own delivery count, and what a dead letter must keep.
 #[derive(Debug, Clone)]
 pub struct InboundMessage {
     /// Headers as received (duplicates kept).
@@ -197,9 +233,58 @@ pub struct InboundMessage {
     /// Broker message id when the broker has one (AMQP message-id, NATS Nats-Msg-Id).
     pub message_id: Option<String>,
     /// Delivery count as the broker reports it, 1 for a first delivery.
+    /// Only the broker's own count (never a header a publisher can write):
+    /// it decides when retries are exhausted.
     pub delivery_attempt: u32,
     /// Publish time in milliseconds since the epoch, when the broker reports it.
     pub published_at_ms: Option<i64>,
+    /// Where the message sits, for the replay seen-set and outage clocks: a
+    /// position the broker assigned (a producer cannot choose it) that a
+    /// redelivery keeps and a copy does not, e.g. `kafka:t/0/17`. Defaults
+    /// to the coordinates' display form.
+    pub position: String,
+    /// Messages with the same key are processed one at a time, in order
+    /// (Kafka: the partition); `None` for no order.
+    pub order_key: Option<String>,
+    /// The broker's message key (Kafka), kept on the dead letter so per-key
+    /// order carries over.
+    pub key: Option<Bytes>,
+    /// Broker properties a dead letter keeps (AMQP content-type,
+    /// correlation-id, ...), by the binding's names.
+    pub properties: Vec<(String, String)>,
+}
+
+impl InboundMessage {
+    /// A first delivery of `payload` with `headers`, read at `coordinates`
+    /// from `destination`; its position is the coordinates' display form.
+    pub fn new(
+        coordinates: Coordinates,
+        destination: impl Into<String>,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        InboundMessage {
+            position: coordinates.to_string(),
+            headers,
+            payload: payload.into(),
+            coordinates,
+            destination: destination.into(),
+            message_id: None,
+            delivery_attempt: 1,
+            published_at_ms: None,
+            order_key: None,
+            key: None,
+            properties: Vec::new(),
+        }
+    }
+
+    /// The property `name` a binding recorded, if any.
+    pub fn property(&self, name: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// A message on its way out, before the producer guard processes it.

@@ -63,7 +63,8 @@ pub enum PdpError {
     InvalidRequest(String),
 }
 
-/// A Policy Decision Point: the embedded Cedar engine, or a remote AuthZEN PDP.
+/// A Policy Decision Point: the embedded Cedar engine (the `elevate-cedar`
+/// crate), or a remote AuthZEN PDP.
 #[async_trait::async_trait]
 pub trait PolicyDecisionPoint: Send + Sync {
     /// Evaluates one request.

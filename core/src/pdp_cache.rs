@@ -1,8 +1,9 @@
 //! Reuse of PDP answers for identical requests under one policy version.
 //!
-//! The embedded Cedar PDP's answer is a pure function of the bundle (policies,
-//! schema, entities: all under one content-hash version) and the request, so
-//! the answer to a request seen before under the same version can be reused.
+//! The embedded Cedar PDP's (`elevate-cedar`) answer is a pure function of
+//! the bundle (policies, schema, entities: all under one content-hash
+//! version) and the request, so the answer to a request seen before under
+//! the same version can be reused.
 //! Trust elevation for the messages of one origin context asks the very same
 //! two questions (same workload, subject, action, resource, scope, chain,
 //! depth, txn), so a busy consumer mostly hits. A reload changes the version

@@ -104,6 +104,42 @@ pub struct PreparedMessage {
     pub stripped: Vec<Finding>,
 }
 
+/// What the broker confirmed for one guarded publish: the same type on every
+/// broker. The destination is the one the reference is bound to (the
+/// request's), `at` where the broker stored the message when it says
+/// (Kafka partition/offset, JetStream stream/sequence; AMQP confirms do not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// The destination the reference is bound to (topic, `exchange/routing key`, subject).
+    pub destination: String,
+    /// The reference id (`jti`).
+    pub reference_id: String,
+    /// The message id sent, where the broker has one (AMQP `message-id`,
+    /// NATS `Nats-Msg-Id`: the application's own, else a fresh one).
+    pub message_id: Option<String>,
+    /// What was stripped (names and paths only, never values).
+    pub stripped: Vec<Finding>,
+    /// Where the broker stored it, when it says.
+    pub at: Option<crate::message::Coordinates>,
+    /// The broker reported the publish as a duplicate of one it already
+    /// stored (JetStream de-duplication by message id).
+    pub duplicate: bool,
+}
+
+impl Receipt {
+    /// The receipt for `prepared`, published to `destination`.
+    pub fn new(destination: impl Into<String>, prepared: &PreparedMessage) -> Self {
+        Receipt {
+            destination: destination.into(),
+            reference_id: prepared.reference.claims.jti.clone(),
+            message_id: None,
+            stripped: prepared.stripped.clone(),
+            at: None,
+            duplicate: false,
+        }
+    }
+}
+
 /// The produce-side guard for one producing workload.
 #[derive(Clone)]
 pub struct ProducerGuard {
@@ -189,10 +225,10 @@ impl ProducerGuard {
         msg: OutboundMessage,
     ) -> Result<PreparedMessage, PublishError> {
         let subject = SubjectContext {
-            subject: auth.subject.clone(),
-            sub_kind: auth.sub_kind,
-            txn: auth.txn.clone(),
-            scope: next.scope.cloned().unwrap_or_else(|| auth.scope.clone()),
+            subject: auth.subject().to_string(),
+            sub_kind: auth.sub_kind(),
+            txn: auth.txn().to_string(),
+            scope: next.scope.cloned().unwrap_or_else(|| auth.scope().clone()),
         };
         if !subject.scope.contains(next.action) {
             return Err(PublishError::ScopeInsufficient {
@@ -211,8 +247,8 @@ impl ProducerGuard {
                 destination: next.destination,
                 scope: next.scope,
             },
-            &auth.chain,
-            auth.reference.depth.saturating_add(1),
+            auth.chain(),
+            auth.reference().depth.saturating_add(1),
         )
         .await?;
         let OutboundMessage {

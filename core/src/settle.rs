@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::admission::Admission;
 use crate::auth::AuthContext;
 use crate::deadletter::{DeadLetter, Excess, PayloadAt};
-use crate::guard::Guard;
+use crate::guard::{Guard, GuardDecision};
 use crate::message::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::verdict::{Reason, Verdict};
@@ -264,18 +264,10 @@ fn outage_clocks(retry: &RetryPolicy) -> moka::sync::Cache<String, std::time::In
         .build()
 }
 
-/// The key of a message's outage clock: its stable position, and the
-/// reference's hash where the position alone is not unique (AMQP without a
-/// message id).
+/// The key of a message's outage clock: its stable position (the binding
+/// makes it unique per original message, see [`InboundMessage::position`]).
 fn outage_key(msg: &InboundMessage) -> String {
-    let position = crate::guard::replay_position(msg);
-    match (&msg.coordinates, &msg.message_id) {
-        (crate::message::Coordinates::Amqp { .. }, None) => format!(
-            "{position}#{}",
-            crate::keys::sha256_hex(msg.headers.get(crate::CTX_REF_HEADER).unwrap_or_default())
-        ),
-        _ => position,
-    }
+    msg.position.clone()
 }
 
 impl Processor {
@@ -387,7 +379,7 @@ impl Processor {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "non-string panic payload".into());
-                tracing::error!(decision_id = %auth.decision_id, panic = %what, "handler panicked");
+                tracing::error!(decision_id = %auth.decision_id(), panic = %what, "handler panicked");
                 Err(HandlerError::Permanent(format!("handler panicked: {what}")))
             })
     }
@@ -403,15 +395,14 @@ impl Processor {
             let decision = self
                 .while_alive(&delivery, self.guard.decide(delivery.message(), attempt))
                 .await;
-            if decision.verdict == Verdict::Retry {
-                self.admission
-                    .unavailable(decision.reason, decision.retry_after);
-            } else {
-                self.admission.available();
+            match &decision {
+                GuardDecision::Retry(r) => self.admission.unavailable(r.reason(), r.retry_after()),
+                _ => self.admission.available(),
             }
-            let id = decision.decision_id.clone();
-            let step = match (decision.verdict, decision.auth) {
-                (Verdict::Permit, Some(auth)) => {
+            let id = decision.decision_id().to_string();
+            let decided = decision.reason();
+            let step = match decision {
+                GuardDecision::Permit(auth) => {
                     match self
                         .while_alive(&delivery, self.run_handler(delivery.message(), &auth))
                         .await
@@ -443,12 +434,7 @@ impl Processor {
                         },
                     }
                 }
-                (Verdict::Deny | Verdict::Quarantine, _) => Step::DeadLetter {
-                    reason: decision.reason,
-                    verdict: decision.verdict,
-                    detail: None,
-                },
-                (Verdict::Retry, _) => {
+                GuardDecision::Retry(r) => {
                     let since = *first_failure.get_or_insert_with(std::time::Instant::now);
                     if self.retry.exhausted_after(attempt, since.elapsed()) {
                         Step::DeadLetter {
@@ -457,26 +443,22 @@ impl Processor {
                             detail: Some(format!(
                                 "unavailable for {:?} over {attempt} attempt(s); last: {}{}",
                                 since.elapsed(),
-                                decision.reason,
-                                decision
-                                    .detail
-                                    .as_deref()
-                                    .map(|d| format!(" ({d})"))
-                                    .unwrap_or_default()
+                                r.reason(),
+                                r.detail().map(|d| format!(" ({d})")).unwrap_or_default()
                             )),
                         }
                     } else {
                         Step::Retry {
-                            reason: decision.reason,
-                            delay: self.retry.delay(attempt, decision.retry_after),
+                            reason: r.reason(),
+                            delay: self.retry.delay(attempt, r.retry_after()),
                         }
                     }
                 }
-                // A Permit without an AuthContext cannot be built by the guard; treat as Deny.
-                (Verdict::Permit, None) => Step::DeadLetter {
-                    reason: Reason::PolicyError,
-                    verdict: Verdict::Deny,
-                    detail: Some("permit without context".into()),
+                // Deny, Quarantine, and whatever a later guard adds: dead-letter.
+                refused => Step::DeadLetter {
+                    reason: refused.reason(),
+                    verdict: refused.verdict(),
+                    detail: None,
                 },
             };
             // Either the message is settled (return) or it goes back for a later
@@ -487,15 +469,7 @@ impl Processor {
                     verdict,
                     detail,
                 } => match self
-                    .dead_letter(
-                        &delivery,
-                        &id,
-                        decision.reason,
-                        reason,
-                        verdict,
-                        detail,
-                        attempt,
-                    )
+                    .dead_letter(&delivery, &id, decided, reason, verdict, detail, attempt)
                     .await
                 {
                     Ok(()) => {
@@ -647,7 +621,7 @@ impl Processor {
                 self.while_alive(&delivery, async {
                     tokio::time::sleep(delay).await;
                     if reason.verdict() == Verdict::Retry {
-                        self.admission.wait().await;
+                        self.admission.wait_retry().await;
                     }
                 })
                 .await;

@@ -6,12 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elevate_core::ctxref::{ContextRefMinter, MintRequest};
+use elevate_core::ctxref::{ContextRefVerifier, VerifyPolicy};
+use elevate_core::decision::MemorySink;
+use elevate_core::keys::KeySet;
 use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::pdp::{AccessDecision, AccessRequest, EntityRef, PdpError, PolicyDecisionPoint};
 use elevate_core::producer::{DerivedPublish, ProducerGuard};
 use elevate_core::scope::Scope;
 use elevate_core::token::{SecretToken, TxnToken, TxnTokenClaims};
-use elevate_core::{AuthContext, Headers, OutboundMessage, SubjectKind};
+use elevate_core::token::{TokenError, TokenRequest, TokenSource};
+use elevate_core::{
+    CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage, SubjectKind,
+};
 use parking_lot::Mutex;
 
 const ORIGIN: &str = "spiffe://d/orders-api";
@@ -39,11 +45,36 @@ impl PolicyDecisionPoint for RecordingPdp {
     }
 }
 
+/// A TTS double: the Txn-Token the reference asks for, for the order worker.
+struct MatchingTokens;
+
+#[async_trait::async_trait]
+impl TokenSource for MatchingTokens {
+    async fn acquire(&self, req: &TokenRequest<'_>) -> Result<TxnToken, TokenError> {
+        let c = &req.reference.claims;
+        Ok(TxnToken {
+            token: SecretToken::new("t"),
+            claims: TxnTokenClaims {
+                iat: c.iat,
+                exp: c.exp,
+                aud: vec![],
+                txn: c.txn.clone(),
+                sub: c.sub.clone(),
+                scope: req.scope.to_string(),
+                req_wl: ORDER.into(),
+                jti: None,
+                tctx: None,
+                rctx: None,
+            },
+        })
+    }
+}
+
 #[tokio::test]
 async fn derived_publish_shows_the_chain_to_the_pdp() {
     let origin_key = SigningKey::generate(SigningAlg::ES256, "o-1").unwrap();
     let order_key = SigningKey::generate(SigningAlg::EdDSA, "w-1").unwrap();
-    let origin = ContextRefMinter::new(ORIGIN, origin_key, Duration::from_secs(60))
+    let origin = ContextRefMinter::new(ORIGIN, origin_key.clone(), Duration::from_secs(60))
         .mint(&MintRequest {
             subject: "alice",
             sub_kind: SubjectKind::Human,
@@ -54,35 +85,32 @@ async fn derived_publish_shows_the_chain_to_the_pdp() {
             payload: b"o",
         })
         .unwrap();
-    let auth = AuthContext {
-        decision_id: "d-1".into(),
-        subject: "alice".into(),
-        sub_kind: SubjectKind::Human,
-        workload: ORDER.into(),
-        producer: ORIGIN.into(),
-        txn: "txn-1".into(),
-        scope: Scope::parse("order.process billing.charge"),
-        chain: origin.claims.chain(),
-        action: "order.process".into(),
-        resource: EntityRef::new("Destination", "orders"),
-        txn_token: TxnToken {
-            token: SecretToken::new("t"),
-            claims: TxnTokenClaims {
-                iat: 0,
-                exp: 0,
-                aud: vec![],
-                txn: "txn-1".into(),
-                sub: "alice".into(),
-                scope: "order.process billing.charge".into(),
-                req_wl: ORDER.into(),
-                jti: None,
-                tctx: None,
-                rctx: None,
-            },
-        },
-        reference: origin.claims.clone(),
-        reference_token: origin.token.clone(),
-    };
+    // The handler's context, as only the guard can make one: the order
+    // worker's guard verifies the origin reference and permits it.
+    let mut trusted = KeySet::new();
+    trusted.insert_workload_key(ORIGIN, &origin_key).unwrap();
+    let consumer = Guard::new(
+        ORDER,
+        ContextRefVerifier::new(trusted, VerifyPolicy::new(ORDER)),
+        Arc::new(MatchingTokens),
+        Arc::new(RecordingPdp::default()),
+        Arc::new(MemorySink::default()),
+        Arc::new(FixedAction::new("order.process", "Destination")),
+    );
+    let headers: Headers = [(CTX_REF_HEADER, origin.token.clone())]
+        .into_iter()
+        .collect();
+    let msg = InboundMessage::new(
+        elevate_core::memory::coordinates("orders", 1),
+        "orders",
+        headers,
+        b"o".to_vec(),
+    );
+    let decision = consumer.decide(&msg, 1).await;
+    let auth = decision
+        .auth()
+        .expect("the guard permits the origin message")
+        .clone();
     let pdp = Arc::new(RecordingPdp::default());
     let guard = ProducerGuard::new(
         ContextRefMinter::new(ORDER, order_key, Duration::from_secs(60)),

@@ -141,7 +141,7 @@ fn env(fail_handler: Option<HandlerError>) -> Env {
         let fail = fail_handler.clone();
         async move {
             if msg.payload.as_ref() == b"panic" {
-                panic!("handler bug on {}", auth.subject);
+                panic!("handler bug on {}", auth.subject());
             }
             if let Some(e) = fail {
                 return Err(e);
@@ -226,10 +226,10 @@ async fn permit_dispatches_with_auth_context_and_acks() {
     assert!(matches!(out[..], [Outcome::Handled { .. }]));
     let h = e.handled.lock();
     assert_eq!(h[0].0, "one");
-    assert_eq!(h[0].1.subject, "alice");
-    assert_eq!(h[0].1.workload, WORKER);
-    assert_eq!(h[0].1.producer, PRODUCER);
-    assert_eq!(h[0].1.chain, vec![PRODUCER.to_string()]);
+    assert_eq!(h[0].1.subject(), "alice");
+    assert_eq!(h[0].1.workload(), WORKER);
+    assert_eq!(h[0].1.producer(), PRODUCER);
+    assert_eq!(h[0].1.chain().to_vec(), vec![PRODUCER.to_string()]);
     assert_eq!(e.broker.unacked_len(Q), 0);
     let recs = e.log.inner.records();
     assert_eq!(recs.len(), 1);
@@ -237,7 +237,7 @@ async fn permit_dispatches_with_auth_context_and_acks() {
     assert!(recs[0].txn_token_sha256.is_some());
     // the record never holds the token itself
     let line = serde_json::to_string(&recs[0]).unwrap();
-    assert!(!line.contains(h[0].1.txn_token.token.expose()));
+    assert!(!line.contains(h[0].1.txn_token().token.expose()));
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::ContextRefMinter;
 use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::producer::ProducerGuard;

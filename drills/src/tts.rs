@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use elevate_core::keys::{SigningAlg, SigningKey};
-use txn_token_client::service::{ServiceConfig, WorkloadConfig};
+use elevate_tts::{ServiceConfig, WorkloadConfig};
 
 use crate::procs::{Proc, Registry};
 

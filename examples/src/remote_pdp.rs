@@ -3,7 +3,7 @@
 //!
 //! [`router`] serves `POST /access/v1/evaluation` (one request) and
 //! `POST /access/v1/evaluations` (a batch) in front of any
-//! [`PolicyDecisionPoint`] (the benchmark wraps the same [`elevate_core::cedar::CedarPdp`]),
+//! [`PolicyDecisionPoint`] (the benchmark wraps the same [`elevate_cedar::CedarPdp`]),
 //! and [`RemotePdp`] is the matching `reqwest` client implementing
 //! [`PolicyDecisionPoint`], so a guard can use it instead of the local PDP.
 //! It lives here, not in `core`: the core depends on no HTTP crate.

@@ -9,14 +9,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy};
 use elevate_core::decision::DecisionSink;
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
 use elevate_core::producer::{ProducerGuard, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::{CTX_REF_HEADER, FixedAction, Guard, Headers, SubjectKind};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings, TestIssuer, subject_context};
+use elevate_tts::{InProcessTts, Issuer, IssuerSettings, TestIssuer};
+use txn_token_client::subject_context;
 
 /// The examples' trust domain.
 pub const TRUST_DOMAIN: &str = "elevate.example";

@@ -44,10 +44,10 @@ pub fn permit_printer(place: fn(&InboundMessage) -> String) -> (Handled, impl Ha
             println!(
                 "  PERMIT  {} for {} {} (txn {}, scope \"{}\")",
                 String::from_utf8_lossy(&msg.payload),
-                auth.subject,
+                auth.subject(),
                 place(&msg),
-                auth.txn,
-                auth.scope
+                auth.txn(),
+                auth.scope()
             );
             counter.0.fetch_add(1, Ordering::SeqCst);
             Ok(())

@@ -1,6 +1,6 @@
-//! The Transaction Token Service's token endpoint (`txn-token-client`:
-//! `service/http.rs` form extraction, `protocol.rs` `ExchangeForm::from_pairs`,
-//! `service/issuer.rs` `Issuer::exchange`), driven through the real axum router.
+//! The Transaction Token Service's token endpoint (`elevate-tts`: `http.rs`
+//! form extraction, `issuer.rs` `Issuer::exchange`; `txn-token-client`:
+//! `protocol.rs` `ExchangeForm::from_pairs`), driven through the real axum router.
 //!
 //! Input: the `application/x-www-form-urlencoded` request body. Placeholders
 //! become fresh, valid tokens so that the fuzzer gets past authentication and
@@ -26,10 +26,9 @@ use elevate_core::scope::Scope;
 use elevate_core::token::TXN_TOKEN_TYP;
 use elevate_fuzz as fx;
 use libfuzzer_sys::fuzz_target;
+use elevate_tts::{Issuer, IssuerSettings, MintedClaims, TestIssuer, router};
 use tower::ServiceExt;
 use txn_token_client::assertion::sign_assertion;
-use txn_token_client::entry::TestIssuer;
-use txn_token_client::service::{Issuer, IssuerSettings, MintedClaims, router};
 
 const TRUST_DOMAIN: &str = "fuzz.example";
 const CONSUMER_SCOPES: &str = "orders:read orders:write";

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::{DecisionRecord, DecisionSink, SinkError};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
@@ -22,7 +22,7 @@ use elevate_core::settle::{Outcome, Processor};
 use elevate_core::token::TokenSource;
 use elevate_core::token_cache::CachingTokenSource;
 use elevate_core::{FixedAction, Guard, OutboundMessage, SubjectKind, handler_fn};
-use txn_token_client::{InProcessTts, Issuer, IssuerSettings};
+use elevate_tts::{InProcessTts, Issuer, IssuerSettings};
 
 const PRODUCER: &str = "spiffe://elevate.example/orders-api";
 const CONSUMER: &str = "spiffe://elevate.example/test-worker";

@@ -63,11 +63,6 @@ pub fn scenario_queue_args() -> FieldTable {
     t
 }
 
-/// Splits an endpoint destination back into exchange and routing key.
-pub fn split_destination(destination: &str) -> (&str, &str) {
-    destination.split_once('/').unwrap_or(("", destination))
-}
-
 /// The tap queue that records what was published to an endpoint.
 pub fn tap_queue(queue: &str) -> String {
     format!("{queue}.tap")
@@ -226,9 +221,12 @@ impl BrokerBinding for AmqpBinding {
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> BindResult<()> {
-        let (exchange, rk) = split_destination(&ep.destination);
+        let req = PublishRequest {
+            destination: &ep.destination,
+            ..req.clone()
+        };
         AmqpPublisher::with_confirm_channel(self.confirms.clone(), producer.clone())
-            .publish(exchange, rk, req, msg)
+            .publish(&req, msg)
             .await
             .map(|_| ())
             .map_err(err)
@@ -240,7 +238,7 @@ impl BrokerBinding for AmqpBinding {
         headers: Headers,
         payload: Vec<u8>,
     ) -> BindResult<()> {
-        let (exchange, rk) = split_destination(&ep.destination);
+        let (exchange, rk) = elevate_amqp::address(&ep.destination);
         let table = headers::encode(&headers).map_err(err)?;
         let confirm = self
             .admin

@@ -531,6 +531,90 @@ pub async fn oversized_dead_letters(b: &dyn BrokerBinding) {
     }
 }
 
+/// Shutdown is the runtime's on every broker: a consumer stopped while
+/// messages are in flight and buffered returns within its grace, and a new
+/// consumer handles whatever the first did not finish: nothing is lost or
+/// dead-lettered (core NATS drains what the server already pushed).
+pub async fn shutdown_loses_nothing(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("shutdown").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let n = 12;
+    let first = b
+        .start_consumer(
+            &ep,
+            env.processor(rec.slow_handler(Duration::from_millis(300))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..n {
+        let user = if i % 2 == 0 { "alice" } else { "carol" };
+        publish_for(b, &env, &ep, user, &format!("s-{i}"), Headers::new()).await;
+    }
+    rec.wait_for(1, SETTLE_TIMEOUT).await;
+    let stopping = std::time::Instant::now();
+    first.stop().await;
+    let stopped_in = stopping.elapsed();
+    assert!(
+        stopped_in < Duration::from_secs(15),
+        "[{}] stop took {stopped_in:?}",
+        b.name()
+    );
+    let second = b
+        .start_consumer(&ep, env.processor(rec.handler()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crate::wait::poll_until(SETTLE_TIMEOUT, Duration::from_millis(50), || {
+        rec.distinct_payloads() >= n
+    })
+    .await;
+    second.stop().await;
+    assert_eq!(
+        rec.distinct_payloads(),
+        n,
+        "[{}] every message handled",
+        b.name()
+    );
+    assert!(
+        b.dead_letters(&ep, 0, Duration::from_millis(300))
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "[{}] nothing dead-lettered",
+        b.name()
+    );
+}
+
+/// A handler that panics is the runtime's rule on every broker: that
+/// message is dead-lettered `handler-failed`, the consumer goes on with
+/// the messages behind it.
+pub async fn handler_panic_dead_letters(b: &dyn BrokerBinding) {
+    let env = TestEnv::start().await;
+    let ep = b.setup("panic").await.unwrap_or_else(|e| panic!("{e}"));
+    let rec = Recorder::new();
+    let consumer = b
+        .start_consumer(&ep, env.processor(rec.slow_handler(Duration::ZERO)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    publish_for(b, &env, &ep, "alice", "panic", Headers::new()).await;
+    for i in 0..3 {
+        publish_for(b, &env, &ep, "alice", &format!("after-{i}"), Headers::new()).await;
+    }
+    let letters = b
+        .dead_letters(&ep, 1, SETTLE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec.wait_for(3, SETTLE_TIMEOUT).await;
+    consumer.stop().await;
+    assert_eq!(reasons(&letters), vec!["handler-failed"], "[{}]", b.name());
+    assert_eq!(
+        rec.distinct_payloads(),
+        3,
+        "[{}] the messages behind it are handled",
+        b.name()
+    );
+}
+
 /// Runs every scenario in turn (for bindings that prefer one test).
 pub async fn run_all(b: Arc<dyn BrokerBinding>) {
     permit(b.as_ref()).await;
@@ -542,6 +626,8 @@ pub async fn run_all(b: Arc<dyn BrokerBinding>) {
     count_conservation(b.as_ref()).await;
     scan_fails_closed(b.as_ref()).await;
     oversized_dead_letters(b.as_ref()).await;
+    shutdown_loses_nothing(b.as_ref()).await;
+    handler_panic_dead_letters(b.as_ref()).await;
 }
 
 /// Declares one `#[tokio::test]` per scenario for a binding constructor.
@@ -551,7 +637,7 @@ macro_rules! conformance_suite {
         mod conformance {
             #[allow(unused_imports)]
             use super::*;
-            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters);
+            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters, shutdown_loses_nothing, handler_panic_dead_letters);
         }
     };
     (@test $make:expr, $($name:ident),*) => {

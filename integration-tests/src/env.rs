@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{
     ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now,
 };
@@ -443,19 +443,31 @@ impl Recorder {
 
     /// The handler to give a processor.
     pub fn handler(&self) -> Arc<dyn Handler> {
+        self.slow_handler(Duration::ZERO)
+    }
+
+    /// A handler that takes `delay` per message and panics on a payload of
+    /// `panic` (as a handler bug would), recording what it finished.
+    pub fn slow_handler(&self, delay: Duration) -> Arc<dyn Handler> {
         let seen = self.seen.clone();
         Arc::new(handler_fn(move |msg: InboundMessage, auth: AuthContext| {
             let seen = seen.clone();
             async move {
+                if msg.payload.as_ref() == b"panic" {
+                    panic!("handler bug on a message for {}", auth.subject());
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 seen.lock().push(Handled {
                     payload: String::from_utf8_lossy(&msg.payload).into_owned(),
-                    subject: auth.subject.clone(),
-                    workload: auth.workload.clone(),
-                    producer: auth.producer.clone(),
-                    action: auth.action.clone(),
-                    scope: auth.scope.to_string(),
-                    txn: auth.txn.clone(),
-                    chain: auth.chain.clone(),
+                    subject: auth.subject().to_string(),
+                    workload: auth.workload().to_string(),
+                    producer: auth.producer().to_string(),
+                    action: auth.action().to_string(),
+                    scope: auth.scope().to_string(),
+                    txn: auth.txn().to_string(),
+                    chain: auth.chain().to_vec(),
                 });
                 Ok(())
             }

@@ -432,8 +432,12 @@ impl BrokerBinding for KafkaBinding {
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> BindResult<()> {
+        let req = PublishRequest {
+            destination: &ep.name,
+            ..req.clone()
+        };
         self.guarded_producer(producer)
-            .publish(&ep.name, None, req, msg)
+            .publish(&req, msg)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

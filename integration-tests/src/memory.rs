@@ -103,21 +103,16 @@ impl BrokerBinding for MemoryBinding {
         let processor = Arc::new(
             processor.with_dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter))),
         );
+        let source = elevate_core::memory::MemorySource::new(&broker, queue);
         let task = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    d = broker.receive(&queue, Duration::from_millis(100)) => {
-                        if let Some(d) = d {
-                            let p = processor.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = p.process(d).await {
-                                    tracing::warn!(error = %e, "memory consumer: left unsettled");
-                                }
-                            });
-                        }
-                    }
-                }
+            let stopped = async move {
+                let _ = (&mut stopped).await;
+            };
+            if let Err(e) = elevate_core::Runtime::new()
+                .run(source, processor, stopped)
+                .await
+            {
+                tracing::error!(error = %e, "memory consumer ended");
             }
         });
         Ok(ConsumerHandle {

@@ -410,12 +410,13 @@ impl BrokerBinding for NatsBinding {
         msg: OutboundMessage,
     ) -> BindResult<()> {
         let publisher = self.publisher(producer);
+        let req = PublishRequest {
+            destination: &ep.destination,
+            ..req.clone()
+        };
         match self.mode {
-            NatsMode::JetStream => publisher
-                .publish_jetstream(&ep.destination, req, msg)
-                .await
-                .map(|_| ()),
-            NatsMode::Core => match publisher.publish(&ep.destination, req, msg).await {
+            NatsMode::JetStream => publisher.publish_jetstream(&req, msg).await.map(|_| ()),
+            NatsMode::Core => match publisher.publish(&req, msg).await {
                 Ok(_) => publisher.flush().await,
                 Err(e) => Err(e),
             },

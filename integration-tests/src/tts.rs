@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use elevate_core::ctxref::ContextRefMinter;
 use elevate_core::keys::{SigningAlg, SigningKey};
-use txn_token_client::service::{ServiceConfig, WorkloadConfig};
-use txn_token_client::{TestIssuer, TtsClient, TtsClientConfig};
+use elevate_tts::{ServiceConfig, TestIssuer, WorkloadConfig};
+use txn_token_client::{TtsClient, TtsClientConfig};
 
 /// Trust domain of the process-level TTS tests.
 pub const TTS_TRUST_DOMAIN: &str = "tts.test.example";

@@ -9,7 +9,8 @@ use std::time::Duration;
 use elevate_core::keys::SigningKey;
 use elevate_core::scope::Scope;
 use elevate_core::token::TokenSource;
-use txn_token_client::{Issuer, IssuerSettings, RunningTts, TtsClient, TtsClientConfig};
+use elevate_tts::{Issuer, IssuerSettings, RunningTts};
+use txn_token_client::{TtsClient, TtsClientConfig};
 
 use crate::env::TRUST_DOMAIN;
 

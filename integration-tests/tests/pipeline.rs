@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use elevate_amqp::AmqpPublisher;
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefClaims, ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, MemorySink};
@@ -31,7 +31,7 @@ use elevate_core::{
     AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
     SubjectKind, handler_fn,
 };
-use elevate_integration_tests::amqp::{AmqpBinding, split_destination};
+use elevate_integration_tests::amqp::AmqpBinding;
 use elevate_integration_tests::binding::{BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
 use elevate_integration_tests::env::{Recorder, TestEnv, policy_dir};
 use elevate_integration_tests::kafka::KafkaBinding;
@@ -214,7 +214,7 @@ impl Pipeline {
                     payload: msg.payload.to_vec(),
                 };
                 publisher
-                    .publish_derived_jetstream(&subject, &auth, &next, out)
+                    .publish_derived_jetstream(&auth, &next, out)
                     .await
                     .map(|_| ())
                     .map_err(|e| HandlerError::Permanent(e.to_string()))
@@ -247,7 +247,6 @@ impl Pipeline {
             async move {
                 let audience = [NOTIFY_WORKER.to_string()];
                 let scope = Scope::parse(NOTIFY_SCOPE);
-                let (exchange, rk) = split_destination(&ep.destination);
                 let payload = msg.payload.to_vec();
                 let attack = attack_of(&payload);
                 let perm = |e: String| HandlerError::Permanent(e);
@@ -263,14 +262,7 @@ impl Pipeline {
                         payload,
                     };
                     return publisher
-                        .publish_derived(
-                            exchange,
-                            rk,
-                            &auth,
-                            &next,
-                            out,
-                            lapin::BasicProperties::default(),
-                        )
+                        .publish_derived(&auth, &next, out, lapin::BasicProperties::default())
                         .await
                         .map(|_| ())
                         .map_err(|e| perm(e.to_string()));
@@ -303,12 +295,12 @@ impl Pipeline {
             async move {
                 arrived.lock().push(Arrived {
                     order: order_of(&msg.payload),
-                    subject: auth.subject.clone(),
-                    workload: auth.workload.clone(),
-                    chain: auth.chain.clone(),
-                    scope: auth.scope.to_string(),
-                    txn: auth.txn.clone(),
-                    tctx: auth.txn_token.claims.tctx.clone().unwrap_or_default(),
+                    subject: auth.subject().to_string(),
+                    workload: auth.workload().to_string(),
+                    chain: auth.chain().to_vec(),
+                    scope: auth.scope().to_string(),
+                    txn: auth.txn().to_string(),
+                    tctx: auth.txn_token().claims.tctx.clone().unwrap_or_default(),
                 });
                 Ok(())
             }
@@ -343,8 +335,6 @@ impl Pipeline {
         self.kafka
             .guarded_producer(&self.producer(ORDERS_API, max_depth))
             .publish(
-                &self.orders.name,
-                None,
                 &req,
                 OutboundMessage {
                     headers: Headers::new(),
@@ -399,12 +389,12 @@ fn compromised_reference(
         }
         // the origin allowed one hop; derive past it anyway
         "depth" => {
-            let mut parent = auth.reference.clone();
+            let mut parent = auth.reference().clone();
             parent.max_depth = 9;
             let mut c = minter
                 .derive(
                     &parent,
-                    &auth.reference_token,
+                    auth.reference_token(),
                     Some(&Scope::parse(NOTIFY_SCOPE)),
                     audience,
                     destination,
@@ -412,7 +402,7 @@ fn compromised_reference(
                 )
                 .map_err(err)?
                 .claims;
-            c.max_depth = auth.reference.max_depth;
+            c.max_depth = auth.reference().max_depth;
             c
         }
         // fabricate the order-worker hop (for another user), signed with its own key
@@ -429,7 +419,7 @@ fn compromised_reference(
                 .claims;
             let fake_parent = ContextRefClaims {
                 sub: "carol".into(),
-                ..auth.reference.clone()
+                ..auth.reference().clone()
             };
             let fake = minter.sign(fake_parent).map_err(err)?.token;
             c.sub = "carol".into();

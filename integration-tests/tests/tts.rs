@@ -14,6 +14,7 @@ use elevate_core::token::{TokenError, TokenRequest, TokenSource, TxnToken};
 use elevate_integration_tests::tts::{
     TTS_TRUST_DOMAIN, TestWorkload, TtsConfigDir, TtsProcess, client, client_config, write_config,
 };
+use elevate_tts::TestIssuer;
 use txn_token_client::assertion::sign_assertion;
 use txn_token_client::assertion::{ASSERTION_TYP, AssertionClaims};
 use txn_token_client::breaker::{BreakerConfig, BreakerState};
@@ -21,7 +22,7 @@ use txn_token_client::protocol::{
     ExchangeForm, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, exchange_form, is_description_char,
     with_client_assertion,
 };
-use txn_token_client::{TestIssuer, TtsClient, TxnTokenVerifier};
+use txn_token_client::{TtsClient, TxnTokenVerifier};
 
 const BIN: &str = env!("CARGO_BIN_EXE_elevate-tts");
 

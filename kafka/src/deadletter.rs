@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use elevate_core::Coordinates;
 use elevate_core::deadletter::{DeadLetter, Excess, PayloadAt};
 use elevate_core::settle::{DeadLetterPublisher, TransportError};
 use rdkafka::ClientConfig;
@@ -41,11 +40,6 @@ const RECORD_OVERHEAD: usize = 128;
 
 /// Header of each claim-check chunk: `<index>/<count>` (1-based).
 pub const H_CLAIM_CHUNK: &str = "ztauth-claim-chunk";
-
-tokio::task_local! {
-    /// The Kafka key of the record being processed by the guarded consumer on this task.
-    pub(crate) static SOURCE_KEY: Option<Bytes>;
-}
 
 #[derive(Debug, Clone)]
 enum Target {
@@ -126,8 +120,11 @@ impl<C: ClientContext + 'static> KafkaDeadLetters<C> {
     }
 
     fn letter_topic(&self, letter: &DeadLetter) -> String {
-        let source = match &letter.source {
-            Coordinates::Kafka { topic, .. } => topic.as_str(),
+        let source = match letter.source.broker() {
+            "kafka" => letter
+                .source
+                .field_str("topic")
+                .unwrap_or(&letter.original_destination),
             _ => letter.original_destination.as_str(),
         };
         self.topic_for(source)
@@ -210,10 +207,6 @@ fn record_len(letter: &DeadLetter, key_len: usize) -> usize {
     RECORD_OVERHEAD + key_len + letter.payload.len() + headers
 }
 
-fn source_key() -> Option<Bytes> {
-    SOURCE_KEY.try_with(|k| k.clone()).ok().flatten()
-}
-
 #[async_trait::async_trait]
 impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
     /// The dead-letter and claim-check topics of `source` must exist (tansu,
@@ -251,7 +244,7 @@ impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
     }
 
     fn measure(&self, letter: &DeadLetter) -> Excess {
-        let key = source_key().map_or(0, |k| k.len());
+        let key = letter.key.as_ref().map_or(0, Bytes::len);
         Excess {
             headers: 0,
             total: record_len(letter, key).saturating_sub(self.max_message_bytes),
@@ -295,7 +288,7 @@ impl<C: ClientContext + 'static> DeadLetterPublisher for KafkaDeadLetters<C> {
 
     async fn publish(&self, letter: &DeadLetter) -> Result<(), TransportError> {
         let topic = self.letter_topic(letter);
-        let key = source_key();
+        let key = letter.key.clone();
         self.send(
             &topic,
             key.as_deref(),

@@ -43,6 +43,7 @@ pub mod supervised;
 
 pub use consumer::{Error, GuardedConsumer, KafkaDelivery};
 pub use deadletter::{DEFAULT_DLQ_SUFFIX, KafkaDeadLetters};
+pub use elevate_core::producer::Receipt;
 pub use embedded::EmbeddedKafka;
-pub use producer::{KafkaProducer, Receipt};
+pub use producer::KafkaProducer;
 pub use supervised::supervise_consumer;

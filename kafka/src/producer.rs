@@ -4,29 +4,15 @@
 
 use std::time::Duration;
 
-use elevate_core::OutboundMessage;
-use elevate_core::producer::{ProducerGuard, PublishError, PublishRequest};
-use elevate_core::strip::Finding;
+use elevate_core::producer::{
+    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest, Receipt,
+};
+use elevate_core::{AuthContext, Coordinates, OutboundMessage};
 use rdkafka::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::headers::to_kafka;
-
-/// Where a published record landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    /// The topic (also the reference's `dst`).
-    pub topic: String,
-    /// Partition the broker wrote to.
-    pub partition: i32,
-    /// Offset the broker assigned.
-    pub offset: i64,
-    /// `jti` of the context reference attached.
-    pub reference_id: String,
-    /// What was stripped (names and paths only, never values).
-    pub stripped: Vec<Finding>,
-}
 
 /// A `FutureProducer` that only sends what the producer guard prepared.
 pub struct KafkaProducer<C: ClientContext + 'static = DefaultClientContext> {
@@ -61,23 +47,58 @@ impl<C: ClientContext + 'static> KafkaProducer<C> {
         &self.guard
     }
 
-    /// Checks, strips, signs and sends one record to `topic`, waiting for the delivery report.
+    /// Checks, strips, signs and sends one record to `req.destination` (the
+    /// topic), waiting for the delivery report. A refusal (`Denied`,
+    /// `ScopeInsufficient`, `Refused`...) returns before anything is sent; a
+    /// broker failure is `PublishError::Broker`.
     ///
-    /// The reference is bound to `topic` whatever `req.destination` says.
-    /// A refusal (`Denied`, `ScopeInsufficient`, `Refused`...) returns before
-    /// anything is sent; a broker failure is `PublishError::Broker`.
+    /// # Errors
+    /// Refused by the producer guard, or not stored by the broker.
     pub async fn publish(
         &self,
-        topic: &str,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        self.publish_keyed(None, req, msg).await
+    }
+
+    /// [`KafkaProducer::publish`] with a record key (partitioning, order per key).
+    ///
+    /// # Errors
+    /// As [`KafkaProducer::publish`].
+    pub async fn publish_keyed(
+        &self,
         key: Option<&[u8]>,
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> Result<Receipt, PublishError> {
-        let req = PublishRequest {
-            destination: topic,
-            ..req.clone()
-        };
-        let prepared = self.guard.prepare(&req, msg).await?;
+        let prepared = self.guard.prepare(req, msg).await?;
+        self.send(req.destination, key, prepared).await
+    }
+
+    /// Publishes from a permitted handler to `next.destination`: the
+    /// reference is derived from `auth` (this workload joins the `act`
+    /// chain, scope may only narrow, see [`ProducerGuard::prepare_derived`]).
+    ///
+    /// # Errors
+    /// As [`KafkaProducer::publish`].
+    pub async fn publish_derived(
+        &self,
+        key: Option<&[u8]>,
+        auth: &AuthContext,
+        next: &DerivedPublish<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        let prepared = self.guard.prepare_derived(auth, next, msg).await?;
+        self.send(next.destination, key, prepared).await
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        prepared: PreparedMessage,
+    ) -> Result<Receipt, PublishError> {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
             .payload(prepared.payload.as_slice())
             .headers(to_kafka(&prepared.headers));
@@ -85,13 +106,16 @@ impl<C: ClientContext + 'static> KafkaProducer<C> {
             record = record.key(k);
         }
         match self.producer.send(record, self.queue_timeout).await {
-            Ok(d) => Ok(Receipt {
-                topic: topic.to_string(),
-                partition: d.partition,
-                offset: d.offset,
-                reference_id: prepared.reference.claims.jti.clone(),
-                stripped: prepared.stripped,
-            }),
+            Ok(d) => {
+                let mut receipt = Receipt::new(topic, &prepared);
+                receipt.at = Some(
+                    Coordinates::new("kafka", format!("{topic}/{}/{}", d.partition, d.offset))
+                        .with("topic", topic)
+                        .with("partition", d.partition)
+                        .with("offset", d.offset),
+                );
+                Ok(receipt)
+            }
             Err((e, _)) => Err(PublishError::Broker(e.to_string())),
         }
     }

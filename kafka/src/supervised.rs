@@ -1,6 +1,6 @@
 //! The supervised consumer: builds the `StreamConsumer` from a configuration,
 //! subscribes and runs the guard; when the consumer stops (a fatal client
-//! error, a dead partition worker) it is rebuilt and run again with backoff
+//! error, a partition task that panicked) it is rebuilt and run again with backoff
 //! (`elevate_core::supervise`). librdkafka reconnects to brokers by itself;
 //! this covers what it cannot recover from. What a user of Kafka gets by
 //! default.
@@ -23,7 +23,10 @@ impl Restartable for Error {
     /// A misconfigured consumer stays misconfigured; everything else is
     /// worth a new consumer.
     fn restartable(&self) -> bool {
-        !matches!(self, Error::Config(_))
+        !matches!(
+            self,
+            Error::Config(_) | Error::Runtime(elevate_core::runtime::RunError::Start(_))
+        )
     }
 }
 

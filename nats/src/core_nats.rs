@@ -20,10 +20,9 @@ use std::time::Duration;
 
 use async_nats::Subscriber;
 use elevate_core::message::{Coordinates, InboundMessage};
+use elevate_core::runtime::{Limits, RunError, Runtime, Source};
 use elevate_core::settle::{Delivery, Processor, RedeliveryMode, TransportError};
-use futures::StreamExt;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use futures::{FutureExt, StreamExt};
 
 use crate::Error;
 use crate::headers::{NATS_MSG_ID, from_nats_headers};
@@ -49,7 +48,7 @@ impl GuardedSubscriber {
         GuardedSubscriber {
             subscriber,
             processor,
-            concurrency: 32,
+            concurrency: elevate_core::runtime::DEFAULT_CONCURRENCY,
         }
     }
 
@@ -61,86 +60,75 @@ impl GuardedSubscriber {
 
     /// Runs until `shutdown` completes or the subscription ends; on shutdown the
     /// subscription is drained (messages already buffered are still processed).
+    /// Core's [`Runtime`] drives it (concurrency, backpressure, panics).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let GuardedSubscriber {
-            mut subscriber,
-            processor,
-            concurrency,
-        } = self;
-        let permits = Arc::new(Semaphore::new(concurrency));
-        let mut tasks = JoinSet::new();
-        let mut draining = false;
-        tokio::pin!(shutdown);
-        loop {
-            while let Some(r) = tasks.try_join_next() {
-                log_join(r);
-            }
-            let slot = tokio::select! {
-                _ = &mut shutdown, if !draining => {
-                    draining = true;
-                    if let Err(e) = subscriber.drain().await {
-                        tracing::warn!(error = %e, "cannot drain the subscription: stopping now");
-                        break;
-                    }
-                    continue;
-                }
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            // Backpressure during a dependency outage: one message at a time.
-            if !draining {
-                tokio::select! {
-                    _ = &mut shutdown => {
-                        draining = true;
-                        if let Err(e) = subscriber.drain().await {
-                            tracing::warn!(error = %e, "cannot drain the subscription: stopping now");
-                            break;
-                        }
-                    }
-                    _ = processor.admission().wait() => {}
-                }
-            }
-            let msg = tokio::select! {
-                _ = &mut shutdown, if !draining => {
-                    draining = true;
-                    if let Err(e) = subscriber.drain().await {
-                        tracing::warn!(error = %e, "cannot drain the subscription: stopping now");
-                        break;
-                    }
-                    continue;
-                }
-                m = subscriber.next() => match m {
-                    Some(m) => m,
-                    None => break,
-                },
-            };
-            let processor = processor.clone();
-            tasks.spawn(async move {
-                let delivery = CoreDelivery::new(msg);
-                let coordinates = delivery.msg.coordinates.clone();
-                match processor.process(delivery).await {
-                    Ok(outcome) => tracing::debug!(%coordinates, ?outcome, "message settled"),
-                    Err(e) => {
-                        tracing::error!(%coordinates, error = %e, "core NATS message could not be settled and cannot be redelivered: lost")
-                    }
-                }
-                drop(slot);
-            });
+        let source = CoreSource {
+            subscriber: self.subscriber,
+        };
+        match Runtime::new()
+            .concurrency(self.concurrency)
+            .run(source, self.processor, shutdown)
+            .await
+        {
+            // The subscription ended (unsubscribed, client closed): not an error of the guard.
+            Err(RunError::Source(Error::SubscriptionEnded)) => Ok(()),
+            other => other.map_err(RunError::flatten),
         }
-        while let Some(r) = tasks.join_next().await {
-            log_join(r);
-        }
-        Ok(())
     }
 }
 
-fn log_join(r: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = r
-        && e.is_panic()
-    {
-        tracing::error!(error = %e, "message task panicked (core NATS: the message is lost)");
+/// The subscription as a [`Source`] for core's runtime: at-most-once, no
+/// destination to check dead letters for.
+struct CoreSource {
+    subscriber: Subscriber,
+}
+
+/// How long one receive waits before the runtime looks around.
+const RECEIVE_IDLE: Duration = Duration::from_millis(500);
+
+#[async_trait::async_trait]
+impl Source for CoreSource {
+    type Delivery = CoreDelivery;
+    type Error = Error;
+
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::at_most_once()
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<CoreDelivery>, Error> {
+        let mut out = Vec::new();
+        match tokio::time::timeout(RECEIVE_IDLE, self.subscriber.next()).await {
+            Err(_) => return Ok(out),
+            Ok(None) => return Err(Error::SubscriptionEnded),
+            Ok(Some(m)) => out.push(CoreDelivery::new(m)),
+        }
+        while out.len() < max {
+            match self.subscriber.next().now_or_never() {
+                Some(Some(m)) => out.push(CoreDelivery::new(m)),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Settling needs no connection on core NATS (there is nothing to ack).
+    fn can_settle_after(&self, _: &Error) -> bool {
+        true
+    }
+
+    /// What the server already pushed is lost unless processed: drain it.
+    async fn drain(&mut self) -> bool {
+        match self.subscriber.drain().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot drain the subscription: stopping now");
+                false
+            }
+        }
     }
 }
 
@@ -163,20 +151,18 @@ impl CoreDelivery {
 pub fn inbound_from_core(msg: &async_nats::Message) -> InboundMessage {
     let headers = from_nats_headers(msg.headers.as_ref());
     let message_id = headers.get_str(NATS_MSG_ID).map(str::to_string);
-    InboundMessage {
-        coordinates: Coordinates::Nats {
-            subject: msg.subject.to_string(),
-            stream: None,
-            stream_seq: None,
-            receipt: Some(uuid::Uuid::now_v7().to_string()),
-        },
-        destination: msg.subject.to_string(),
-        message_id,
-        delivery_attempt: 1,
-        published_at_ms: None,
-        headers,
-        payload: msg.payload.clone(),
-    }
+    let subject = msg.subject.as_str();
+    // Core NATS never redelivers: every receipt is its own position, kept
+    // across the in-place retries of that receipt.
+    let receipt = uuid::Uuid::now_v7().to_string();
+    let position = format!("nats:{subject}#{receipt}");
+    let coordinates = Coordinates::new("nats", subject)
+        .with("subject", subject)
+        .with("receipt", receipt);
+    let mut inbound = InboundMessage::new(coordinates, subject, headers, msg.payload.clone());
+    inbound.message_id = message_id;
+    inbound.position = position;
+    inbound
 }
 
 #[async_trait::async_trait]

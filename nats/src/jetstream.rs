@@ -36,12 +36,10 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
-use elevate_core::admission::Admit;
 use elevate_core::message::{Coordinates, InboundMessage};
+use elevate_core::runtime::{Limits, RunError, Runtime, Source};
 use elevate_core::settle::{Delivery, Processor, TransportError};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::headers::{NATS_MSG_ID, from_nats_headers};
@@ -78,7 +76,7 @@ impl GuardedConsumer {
         GuardedConsumer {
             consumer,
             processor,
-            concurrency: 32,
+            concurrency: elevate_core::runtime::DEFAULT_CONCURRENCY,
             batch: 64,
             fetch_expires: Duration::from_secs(1),
             confirm_settlement: true,
@@ -132,7 +130,72 @@ impl GuardedConsumer {
     /// Runs until `shutdown` completes, then finishes the current pull and
     /// waits for the messages in flight. Errors on a misconfigured consumer, and
     /// (with [`GuardedConsumer::unreadable`]) when the client stopped for good.
+    /// Core's [`Runtime`] drives it: start checks (`max_deliver` against the
+    /// retry policies, `ack_wait` against the keep-alive, durable dead
+    /// letters, the dead-letter stream), concurrency, backpressure (a pull of
+    /// one while a dependency is down), panics and shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let sweeper = match self.unreadable.clone() {
+            Some(u) => Some(Sweeper::new(u)),
+            None => {
+                let info = self.consumer.cached_info();
+                tracing::warn!(consumer = %info.name, stream = %info.stream_name,
+                    "no GuardedConsumer::unreadable: a message whose headers async-nats cannot parse \
+                     is redelivered forever and disconnects the client on each delivery");
+                None
+            }
+        };
+        let source = JetStreamSource {
+            consumer: self.consumer,
+            processor: self.processor.clone(),
+            sweeper,
+            fetch_expires: self.fetch_expires,
+            batch: self.batch,
+            settle: Settle {
+                confirm: self.confirm_settlement,
+                timeout: self.settle_timeout,
+            },
+            backoff: MIN_BACKOFF,
+        };
+        Runtime::new()
+            .concurrency(self.concurrency)
+            .run(source, self.processor, shutdown)
+            .await
+            .map_err(RunError::flatten)
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The pull consumer as a [`Source`] for core's runtime.
+struct JetStreamSource {
+    consumer: PullConsumer,
+    processor: Arc<Processor>,
+    sweeper: Option<Sweeper>,
+    fetch_expires: Duration,
+    batch: usize,
+    settle: Settle,
+    backoff: Duration,
+}
+
+#[async_trait::async_trait]
+impl Source for JetStreamSource {
+    type Delivery = JetStreamDelivery;
+    type Error = Error;
+
+    fn names(&self) -> Vec<String> {
+        vec![self.consumer.cached_info().stream_name.clone()]
+    }
+
+    fn limits(&self) -> Limits {
+        let config = &self.consumer.cached_info().config;
+        Limits::at_least_once()
+            .with_max_deliveries(u64::try_from(config.max_deliver).ok().filter(|m| *m > 0))
+            .with_ack_wait(Some(config.ack_wait).filter(|w| *w > Duration::ZERO))
+    }
+
+    async fn check(&mut self, _: &Processor) -> Result<(), Error> {
         let info = self.consumer.cached_info();
         if info.config.ack_policy != AckPolicy::Explicit {
             return Err(Error::Config(format!(
@@ -140,206 +203,63 @@ impl GuardedConsumer {
                 info.name, info.stream_name, info.config.ack_policy
             )));
         }
-        if !self.processor.dead_letters_durable() {
-            return Err(Error::Config(format!(
-                "consumer {} on stream {}: dead letters must go to a JetStream stream \
-                 (NatsDeadLetters::jetstream); a core NATS subject would lose a letter \
-                 whose message is then terminated",
-                info.name, info.stream_name
-            )));
+        tracing::info!(consumer = %info.name, stream = %info.stream_name, "JetStream guard started");
+        Ok(())
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<JetStreamDelivery>, Error> {
+        if let Some(s) = self.sweeper.as_mut()
+            && s.due()
+        {
+            s.run(&self.consumer, &self.processor).await;
         }
-        check_limits(&info.config, &self.processor)?;
-        match self.processor.preflight(&info.stream_name).await {
-            Ok(()) => {}
-            Err(e) if e.is_permanent() => return Err(Error::Config(e.to_string())),
-            Err(e) => tracing::warn!(error = %e, "dead-letter destination not checked at start"),
-        }
-        let mut sweeper = match self.unreadable.clone() {
-            Some(u) => Some(Sweeper::new(u)),
-            None => {
-                tracing::warn!(consumer = %info.name, stream = %info.stream_name,
-                    "no GuardedConsumer::unreadable: a message whose headers async-nats cannot parse \
-                     is redelivered forever and disconnects the client on each delivery");
-                None
-            }
+        let request = self
+            .consumer
+            .batch()
+            .max_messages(max.min(self.batch).max(1))
+            .expires(self.fetch_expires)
+            .messages();
+        let mut batch = match request.await {
+            Ok(b) => b,
+            Err(e) => return self.failed(e.to_string()).await.map(|()| Vec::new()),
         };
-        let mut ended = Ok(());
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
-        let mut backoff = Duration::from_millis(100);
-        tokio::pin!(shutdown);
-        tracing::info!(consumer = %info.name, stream = %info.stream_name, concurrency = self.concurrency, "JetStream guard started");
-        'pull: loop {
-            reap(&mut tasks);
-            if let Some(s) = sweeper.as_mut()
-                && s.due()
-            {
-                tokio::select! {
-                    _ = &mut shutdown => break 'pull,
-                    _ = s.run(&self.consumer, &self.processor) => {}
-                }
-            }
-            let admit = tokio::select! {
-                _ = &mut shutdown => break 'pull,
-                a = self.processor.admission().wait() => a,
-            };
-            let batch_size = if admit == Admit::Open { self.batch } else { 1 };
-            let first = tokio::select! {
-                _ = &mut shutdown => break 'pull,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'pull,
-                },
-            };
-            let mut slots = vec![first];
-            while slots.len() < batch_size {
-                match permits.clone().try_acquire_owned() {
-                    Ok(p) => slots.push(p),
-                    Err(_) => break,
-                }
-            }
-            let request = self
-                .consumer
-                .batch()
-                .max_messages(slots.len())
-                .expires(self.fetch_expires)
-                .messages();
-            let mut batch = tokio::select! {
-                _ = &mut shutdown => break 'pull,
-                b = request => match b {
-                    Ok(b) => b,
+        let mut out = Vec::new();
+        // The batch ends within `fetch_expires` (+5 s if the server goes silent);
+        // nothing already delivered is left unread.
+        while let Some(item) = batch.next().await {
+            match item {
+                Ok(msg) => match JetStreamDelivery::new(msg, self.settle.clone()) {
+                    Ok(d) if out.len() < max => out.push(d),
+                    Ok(_) => tracing::error!("server delivered more messages than requested"),
                     Err(e) => {
-                        if let Some(s) = &sweeper
-                            && let Some(why) = s.client_closed().await
-                        {
-                            tracing::error!(error = %e, closed = %why, "the NATS client stopped for good: guard ending");
-                            ended = Err(Error::ClientClosed(why));
-                            break 'pull;
-                        }
-                        tracing::warn!(error = %e, ?backoff, "pull request failed: retrying");
-                        drop(slots);
-                        tokio::select! {
-                            _ = &mut shutdown => break 'pull,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue 'pull;
+                        tracing::warn!(error = %e, "not a JetStream consumer message: skipped")
                     }
                 },
-            };
-            let mut failed = false;
-            // The batch ends within `fetch_expires` (+5 s if the server goes silent);
-            // shutdown is honoured after it so nothing already delivered sits unread.
-            while let Some(item) = batch.next().await {
-                match item {
-                    Ok(msg) => {
-                        let Some(slot) = slots.pop() else {
-                            tracing::error!("server delivered more messages than requested");
-                            break;
-                        };
-                        let processor = self.processor.clone();
-                        let settle = Settle {
-                            confirm: self.confirm_settlement,
-                            timeout: self.settle_timeout,
-                        };
-                        tasks.spawn(async move {
-                            handle(msg, &processor, settle).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?backoff, "pull batch ended with an error: retrying");
-                        failed = true;
-                        break;
-                    }
+                Err(e) => {
+                    self.failed(e.to_string()).await?;
+                    return Ok(out);
                 }
             }
-            if failed {
-                drop(slots);
-                if let Some(s) = &sweeper
-                    && let Some(why) = s.client_closed().await
-                {
-                    tracing::error!(closed = %why, "the NATS client stopped for good: guard ending");
-                    ended = Err(Error::ClientClosed(why));
-                    break 'pull;
-                }
-                tokio::select! {
-                    _ = &mut shutdown => break 'pull,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            } else {
-                backoff = Duration::from_millis(100);
-            }
         }
-        tracing::info!(
-            in_flight = tasks.len(),
-            "JetStream guard stopping: waiting for messages in flight"
-        );
-        while let Some(r) = tasks.join_next().await {
-            log_join(r);
-        }
-        ended
+        self.backoff = MIN_BACKOFF;
+        Ok(out)
     }
 }
 
-/// Refuses a `max_deliver` the retry policy can outlive (the server would stop
-/// redelivering a message before it is dead-lettered: it would sit unacked in
-/// the stream, a silent drop); warns about a keep-alive slower than `ack_wait`.
-fn check_limits(
-    config: &async_nats::jetstream::consumer::Config,
-    processor: &Processor,
-) -> Result<(), Error> {
-    let needed = processor
-        .retry_policy()
-        .deliveries_needed()
-        .saturating_add(processor.handler_retry_policy().deliveries_needed());
-    if config.max_deliver > 0 && config.max_deliver as u64 <= needed {
-        return Err(Error::Config(format!(
-            "consumer max_deliver {} is not above the {needed} deliveries the retry policies \
-             can use: the server would stop redelivering before the message is dead-lettered; \
-             leave max_deliver unlimited (-1) or raise it",
-            config.max_deliver
-        )));
-    }
-    if config.ack_wait > Duration::ZERO && processor.keep_alive_every() >= config.ack_wait {
-        tracing::warn!(
-            ack_wait = ?config.ack_wait,
-            keep_alive_every = ?processor.keep_alive_every(),
-            "processor keep-alive interval is not shorter than the consumer's ack_wait: slow messages may be redelivered while still in progress"
-        );
-    }
-    Ok(())
-}
-
-fn reap(tasks: &mut JoinSet<()>) {
-    while let Some(r) = tasks.try_join_next() {
-        log_join(r);
-    }
-}
-
-fn log_join(r: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = r
-        && e.is_panic()
-    {
-        tracing::error!(error = %e, "message task panicked: the message is left unsettled for redelivery");
-    }
-}
-
-async fn handle(msg: jetstream::Message, processor: &Processor, settle: Settle) {
-    let delivery = match JetStreamDelivery::new(msg, settle) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(error = %e, "not a JetStream consumer message: skipped");
-            return;
+impl JetStreamSource {
+    /// A pull failed: ends the run if the client stopped for good, else
+    /// waits a growing backoff before the next pull.
+    async fn failed(&mut self, e: String) -> Result<(), Error> {
+        if let Some(s) = &self.sweeper
+            && let Some(why) = s.client_closed().await
+        {
+            tracing::error!(error = %e, closed = %why, "the NATS client stopped for good: guard ending");
+            return Err(Error::ClientClosed(why));
         }
-    };
-    let coordinates = delivery.msg.coordinates.clone();
-    match processor.process(delivery).await {
-        Ok(outcome) => tracing::debug!(%coordinates, ?outcome, "message settled"),
-        Err(e) => {
-            tracing::warn!(%coordinates, error = %e, "settlement failed: the server redelivers after ack_wait")
-        }
+        tracing::warn!(error = %e, backoff = ?self.backoff, "pull request failed: retrying");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        Ok(())
     }
 }
 
@@ -408,20 +328,26 @@ pub fn inbound_from_jetstream(msg: &jetstream::Message) -> Result<InboundMessage
     let headers = from_nats_headers(msg.message.headers.as_ref());
     let message_id = headers.get_str(NATS_MSG_ID).map(str::to_string);
     let published_at_ms = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok();
-    Ok(InboundMessage {
-        coordinates: Coordinates::Nats {
-            subject: msg.message.subject.to_string(),
-            stream: Some(info.stream.to_string()),
-            stream_seq: Some(info.stream_sequence),
-            receipt: None,
-        },
-        destination: msg.message.subject.to_string(),
-        message_id,
-        delivery_attempt: u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
-        published_at_ms,
+    let subject = msg.message.subject.as_str();
+    let mut inbound = InboundMessage::new(
+        stream_coordinates(info.stream, info.stream_sequence, subject),
+        subject,
         headers,
-        payload: msg.message.payload.clone(),
-    })
+        msg.message.payload.clone(),
+    );
+    inbound.message_id = message_id;
+    inbound.delivery_attempt = u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX);
+    inbound.published_at_ms = published_at_ms;
+    Ok(inbound)
+}
+
+/// The coordinates of message `seq` of `stream`, published to `subject`
+/// (`nats:<stream>/<seq>/<subject>`: a position the server assigned).
+pub fn stream_coordinates(stream: &str, seq: u64, subject: &str) -> Coordinates {
+    Coordinates::new("nats", format!("{stream}/{seq}/{subject}"))
+        .with("subject", subject)
+        .with("stream", stream)
+        .with("stream_seq", seq)
 }
 
 #[async_trait::async_trait]

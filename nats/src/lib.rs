@@ -37,13 +37,15 @@ pub mod unreadable;
 
 pub use core_nats::{CoreDelivery, GuardedSubscriber};
 pub use deadletter::NatsDeadLetters;
+pub use elevate_core::producer::Receipt;
 pub use headers::{HeaderError, from_nats_headers, to_nats_headers};
 pub use jetstream::{GuardedConsumer, JetStreamDelivery};
-pub use publisher::{NatsPublisher, Receipt};
+pub use publisher::NatsPublisher;
 pub use unreadable::UnreadableMessages;
 
 /// Errors of the NATS guards.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The consumer is configured in a way the guard cannot settle safely.
     #[error("consumer configuration: {0}")]
@@ -56,4 +58,10 @@ pub enum Error {
     /// the guard again; its first sweep dead-letters the message.
     #[error("the NATS client stopped: {0}")]
     ClientClosed(String),
+    /// A core NATS subscription ended (unsubscribed or drained).
+    #[error("the subscription ended")]
+    SubscriptionEnded,
+    /// Core's runtime refused to start (a start check) or stopped (a bug).
+    #[error(transparent)]
+    Runtime(#[from] elevate_core::runtime::RunError<std::convert::Infallible>),
 }

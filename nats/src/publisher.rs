@@ -6,27 +6,11 @@ use async_nats::Client;
 use async_nats::jetstream::{self, publish::PublishAck};
 use bytes::Bytes;
 use elevate_core::producer::{
-    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest,
+    DerivedPublish, PreparedMessage, ProducerGuard, PublishError, PublishRequest, Receipt,
 };
-use elevate_core::strip::Finding;
 use elevate_core::{AuthContext, OutboundMessage};
 
 use crate::headers::{NATS_MSG_ID, to_nats_headers};
-
-/// What a successful guarded publish produced.
-#[derive(Debug, Clone)]
-pub struct Receipt {
-    /// The subject the message went to (the reference's `dst`).
-    pub subject: String,
-    /// The context reference id (`jti`).
-    pub reference_id: String,
-    /// The `Nats-Msg-Id` sent (the application's own, or the reference id).
-    pub message_id: String,
-    /// What was stripped from the message (names and paths only).
-    pub stripped: Vec<Finding>,
-    /// The stream's acknowledgement (JetStream publishes only).
-    pub ack: Option<PublishAck>,
-}
 
 /// Publishes through a [`ProducerGuard`] on a client the application already has.
 #[derive(Clone)]
@@ -66,16 +50,74 @@ impl NatsPublisher {
         &self.guard
     }
 
-    /// Core NATS publish (at-most-once): the reference is bound to `subject`
-    /// (`req.destination` is ignored). Returns once the client accepted the
-    /// message; call [`NatsPublisher::flush`] to wait until the server has it.
+    /// Core NATS publish (at-most-once) to `req.destination` (the subject).
+    /// Returns once the client accepted the message; call
+    /// [`NatsPublisher::flush`] to wait until the server has it.
+    ///
+    /// # Errors
+    /// Refused by the producer guard, or not accepted by the client.
     pub async fn publish(
         &self,
-        subject: &str,
         req: &PublishRequest<'_>,
         msg: OutboundMessage,
     ) -> Result<Receipt, PublishError> {
-        let (mut prepared, message_id) = self.prepare(subject, req, msg).await?;
+        let prepared = self.guard.prepare(req, msg).await?;
+        self.send_core(req.destination, prepared).await
+    }
+
+    /// JetStream publish to `req.destination` (the subject); returns after
+    /// the stream acknowledged the message, with its stream and sequence in
+    /// [`Receipt::at`]. `Nats-Msg-Id` is the application's own or else the
+    /// reference id, so a retried publish is de-duplicated by the stream.
+    ///
+    /// # Errors
+    /// Refused by the producer guard, or not acknowledged by the stream.
+    pub async fn publish_jetstream(
+        &self,
+        req: &PublishRequest<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        let prepared = self.guard.prepare(req, msg).await?;
+        self.send_jetstream(req.destination, prepared).await
+    }
+
+    /// Core NATS publish from a permitted handler to `next.destination`: the
+    /// reference is derived from `auth` (this workload joins the `act`
+    /// chain, scope may only narrow, see [`ProducerGuard::prepare_derived`]).
+    ///
+    /// # Errors
+    /// As [`NatsPublisher::publish`].
+    pub async fn publish_derived(
+        &self,
+        auth: &AuthContext,
+        next: &DerivedPublish<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        let prepared = self.guard.prepare_derived(auth, next, msg).await?;
+        self.send_core(next.destination, prepared).await
+    }
+
+    /// JetStream publish from a permitted handler to `next.destination` (see
+    /// [`NatsPublisher::publish_derived`] and [`NatsPublisher::publish_jetstream`]).
+    ///
+    /// # Errors
+    /// As [`NatsPublisher::publish_jetstream`].
+    pub async fn publish_derived_jetstream(
+        &self,
+        auth: &AuthContext,
+        next: &DerivedPublish<'_>,
+        msg: OutboundMessage,
+    ) -> Result<Receipt, PublishError> {
+        let prepared = self.guard.prepare_derived(auth, next, msg).await?;
+        self.send_jetstream(next.destination, prepared).await
+    }
+
+    async fn send_core(
+        &self,
+        subject: &str,
+        prepared: PreparedMessage,
+    ) -> Result<Receipt, PublishError> {
+        let (mut prepared, message_id) = with_message_id(prepared);
         let headers =
             to_nats_headers(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
         self.client
@@ -86,50 +128,15 @@ impl NatsPublisher {
             )
             .await
             .map_err(|e| PublishError::Broker(e.to_string()))?;
-        Ok(receipt(subject, prepared, message_id, None))
-    }
-
-    /// JetStream publish: the reference is bound to `subject` (`req.destination`
-    /// is ignored); returns after the stream acknowledged the message, with its
-    /// [`PublishAck`] (stream, sequence, duplicate flag) in the receipt.
-    /// `Nats-Msg-Id` is the application's own or else the reference id, so a
-    /// retried publish is de-duplicated by the stream.
-    pub async fn publish_jetstream(
-        &self,
-        subject: &str,
-        req: &PublishRequest<'_>,
-        msg: OutboundMessage,
-    ) -> Result<Receipt, PublishError> {
-        let (prepared, message_id) = self.prepare(subject, req, msg).await?;
-        self.send_jetstream(subject, prepared, message_id).await
-    }
-
-    /// JetStream publish from a permitted handler: the reference is derived
-    /// from `auth` (this workload joins the `act` chain, scope may only narrow,
-    /// see [`ProducerGuard::prepare_derived`]) and bound to `subject`
-    /// (`next.destination` is ignored).
-    pub async fn publish_derived_jetstream(
-        &self,
-        subject: &str,
-        auth: &AuthContext,
-        next: &DerivedPublish<'_>,
-        msg: OutboundMessage,
-    ) -> Result<Receipt, PublishError> {
-        let next = DerivedPublish {
-            destination: subject,
-            ..next.clone()
-        };
-        let prepared = self.guard.prepare_derived(auth, &next, msg).await?;
-        let (prepared, message_id) = with_message_id(prepared);
-        self.send_jetstream(subject, prepared, message_id).await
+        Ok(receipt(subject, &prepared, message_id, None))
     }
 
     async fn send_jetstream(
         &self,
         subject: &str,
-        mut prepared: PreparedMessage,
-        message_id: String,
+        prepared: PreparedMessage,
     ) -> Result<Receipt, PublishError> {
+        let (mut prepared, message_id) = with_message_id(prepared);
         let headers =
             to_nats_headers(&prepared.headers).map_err(|e| PublishError::Broker(e.to_string()))?;
         let ack = self
@@ -143,7 +150,7 @@ impl NatsPublisher {
             .map_err(|e| PublishError::Broker(e.to_string()))?
             .await
             .map_err(|e| PublishError::Broker(e.to_string()))?;
-        Ok(receipt(subject, prepared, message_id, Some(ack)))
+        Ok(receipt(subject, &prepared, message_id, Some(ack)))
     }
 
     /// Waits until the server has received everything published so far (core NATS).
@@ -152,20 +159,6 @@ impl NatsPublisher {
             .flush()
             .await
             .map_err(|e| PublishError::Broker(e.to_string()))
-    }
-
-    async fn prepare(
-        &self,
-        subject: &str,
-        req: &PublishRequest<'_>,
-        msg: OutboundMessage,
-    ) -> Result<(PreparedMessage, String), PublishError> {
-        let req = PublishRequest {
-            destination: subject,
-            ..req.clone()
-        };
-        let prepared = self.guard.prepare(&req, msg).await?;
-        Ok(with_message_id(prepared))
     }
 }
 
@@ -184,15 +177,19 @@ fn with_message_id(mut prepared: PreparedMessage) -> (PreparedMessage, String) {
 
 fn receipt(
     subject: &str,
-    prepared: PreparedMessage,
+    prepared: &PreparedMessage,
     message_id: String,
     ack: Option<PublishAck>,
 ) -> Receipt {
-    Receipt {
-        subject: subject.to_string(),
-        reference_id: prepared.reference.claims.jti,
-        message_id,
-        stripped: prepared.stripped,
-        ack,
+    let mut r = Receipt::new(subject, prepared);
+    r.message_id = Some(message_id);
+    if let Some(ack) = ack {
+        r.duplicate = ack.duplicate;
+        r.at = Some(crate::jetstream::stream_coordinates(
+            &ack.stream,
+            ack.sequence,
+            subject,
+        ));
     }
+    r
 }

@@ -47,7 +47,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use elevate_core::message::{Coordinates, Headers, InboundMessage};
+use elevate_core::message::{Headers, InboundMessage};
 use elevate_core::settle::{Processor, TransportError};
 
 use crate::headers::NATS_MSG_ID;
@@ -506,21 +506,16 @@ impl UnreadableMessages {
             let _ = write!(detail, "; percent-encoded: {}", escaped.join(", "));
         }
         let detail = escape_value(detail.as_bytes());
-        let msg = InboundMessage {
-            coordinates: Coordinates::Nats {
-                subject: stored.subject.clone(),
-                stream: Some(stream.to_string()),
-                stream_seq: Some(seq),
-                receipt: None,
-            },
-            destination: stored.subject.clone(),
-            message_id: headers.get_str(NATS_MSG_ID).map(str::to_string),
-            // The server's delivery count is not in the stream; this is not a delivery.
-            delivery_attempt: 1,
-            published_at_ms: i64::try_from(stored.time.unix_timestamp_nanos() / 1_000_000).ok(),
+        let message_id = headers.get_str(NATS_MSG_ID).map(str::to_string);
+        // The server's delivery count is not in the stream; this is not a delivery.
+        let mut msg = InboundMessage::new(
+            crate::jetstream::stream_coordinates(stream, seq, &stored.subject),
+            stored.subject.clone(),
             headers,
-            payload: Bytes::from(payload),
-        };
+            Bytes::from(payload),
+        );
+        msg.message_id = message_id;
+        msg.published_at_ms = i64::try_from(stored.time.unix_timestamp_nanos() / 1_000_000).ok();
         let id = processor
             .dead_letter_malformed(&msg, &detail)
             .await

@@ -1,19 +1,15 @@
 //! The produce-side entry flow (step 1 of the ZTAuth* async example): a user's
 //! access token is exchanged for a Txn-Token for the producing workload, and a
 //! verified Txn-Token (the `Txn-Token` header of the producer's own request)
-//! becomes the producer's [`SubjectContext`]. [`TestIssuer`] is a small
-//! in-process OAuth issuer for the demo and tests.
+//! becomes the producer's [`SubjectContext`]. The small in-process OAuth
+//! issuer of user tokens for the demo and tests (`TestIssuer`) is in the
+//! `elevate-tts` crate, beside the service configuration it fills in.
 
-use std::time::Duration;
-
-use elevate_core::ctxref::{SubjectKind, unix_now};
-use elevate_core::jws::{self, JwsError};
-use elevate_core::keys::{KeyError, KeySet, SigningAlg, SigningKey};
+use elevate_core::ctxref::SubjectKind;
 use elevate_core::producer::SubjectContext;
 use elevate_core::scope::Scope;
 use elevate_core::token::TxnTokenClaims;
 
-use crate::service::{AccessTokenVerifier, UserIssuerConfig};
 use crate::verify::{TxnTokenVerifier, VerifyError};
 
 /// The producer's subject context from verified Txn-Token claims: subject,
@@ -45,89 +41,6 @@ pub async fn subject_context_from_header(
     Ok(subject_context(&claims))
 }
 
-/// A tiny in-process OAuth issuer of user access tokens (demo and tests only).
-#[derive(Debug, Clone)]
-pub struct TestIssuer {
-    issuer: String,
-    audience: String,
-    key: SigningKey,
-}
-
-impl TestIssuer {
-    /// An issuer `issuer` whose tokens are addressed to `audience`, with a fresh ES256 key.
-    pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Result<Self, KeyError> {
-        Ok(TestIssuer {
-            issuer: issuer.into(),
-            audience: audience.into(),
-            key: SigningKey::generate(SigningAlg::ES256, "test-idp-1")?,
-        })
-    }
-
-    /// Issues an RFC 9068-style access token (`typ` `at+jwt`) for `sub` with `scope`.
-    pub fn issue_access_token(
-        &self,
-        sub: &str,
-        scope: &str,
-        ttl: Duration,
-    ) -> Result<String, JwsError> {
-        let now = unix_now();
-        let claims = serde_json::json!({
-            "iss": self.issuer,
-            "sub": sub,
-            "aud": self.audience,
-            "iat": now,
-            "exp": now + ttl.as_secs() as i64,
-            "jti": uuid::Uuid::new_v4().to_string(),
-            "client_id": "elevate-test-client",
-            "scope": scope,
-        });
-        jws::sign(&self.key, "at+jwt", &claims)
-    }
-
-    /// The issuer id (`iss`).
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    /// The audience its tokens carry.
-    pub fn audience(&self) -> &str {
-        &self.audience
-    }
-
-    /// The signing key (tests use it to forge variants).
-    pub fn signing_key(&self) -> &SigningKey {
-        &self.key
-    }
-
-    /// Its JWKS document.
-    pub fn jwks(&self) -> serde_json::Value {
-        serde_json::json!({ "keys": [self.key.public_jwk()] })
-    }
-
-    /// Its public keys.
-    pub fn keyset(&self) -> KeySet {
-        let mut ks = KeySet::new();
-        // A freshly generated key always converts to a valid JWK.
-        let _ = ks.insert_signing_key(&self.key);
-        ks
-    }
-
-    /// A verifier for the TTS's in-process mode (`Issuer::set_user_issuer`).
-    pub fn verifier(&self) -> AccessTokenVerifier {
-        AccessTokenVerifier::new(&self.issuer, &self.audience, self.keyset())
-    }
-
-    /// The `[user_issuer]` section for a service configuration file.
-    pub fn config(&self) -> UserIssuerConfig {
-        UserIssuerConfig {
-            issuer: self.issuer.clone(),
-            audience: self.audience.clone(),
-            jwks: Some(self.jwks()),
-            jwks_file: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,20 +65,5 @@ mod tests {
         let mut c = claims;
         c.tctx = Some(serde_json::json!({"sub_kind": "workload"}));
         assert_eq!(subject_context(&c).sub_kind, SubjectKind::Workload);
-    }
-
-    #[test]
-    fn test_issuer_tokens_verify() {
-        let idp = TestIssuer::new("https://idp.test", "elevate").unwrap();
-        let t = idp
-            .issue_access_token("alice", "orders.read", Duration::from_secs(60))
-            .unwrap();
-        let c = idp.verifier().verify(&t).unwrap();
-        assert_eq!(c.sub, "alice");
-        let other = TestIssuer::new("https://idp.test", "other-aud").unwrap();
-        let t2 = other
-            .issue_access_token("bob", "x", Duration::from_secs(60))
-            .unwrap();
-        assert!(idp.verifier().verify(&t2).is_err());
     }
 }

@@ -1,26 +1,24 @@
 //! OAuth Transaction Tokens for Elevate: the RFC 8693 client profiled by
-//! draft-ietf-oauth-transaction-tokens ([`client`]), Txn-Token verification
-//! with a cached, rotating JWKS ([`verify`]), and the reference Transaction
-//! Token Service ([`service`]) that runs over HTTP or in process with the
-//! same minting and validation code.
+//! draft-ietf-oauth-transaction-tokens ([`client`]) and Txn-Token
+//! verification with a cached, rotating JWKS ([`verify`]). The reference
+//! Transaction Token Service is the `elevate-tts` crate, which speaks the
+//! same wire types ([`protocol`], [`assertion`]) and so stays in step with
+//! this client.
 //!
 //! Module map, by protocol step: [`protocol`] (wire names and messages),
 //! [`assertion`] (RFC 7523 client authentication), [`breaker`] (outage →
-//! fast Retry), [`entry`] (the produce-side entry flow: user token in,
-//! subject context out), [`cli`] (the `txn-token-service` binary).
+//! fast Retry), [`entry`] (the produce-side entry flow: verified Txn-Token
+//! in, subject context out).
 
 pub mod assertion;
 pub mod breaker;
-pub mod cli;
 pub mod client;
 pub mod entry;
 pub mod protocol;
-pub mod service;
 pub mod verify;
 
 pub use client::{TtsClient, TtsClientConfig};
-pub use entry::{TestIssuer, subject_context};
-pub use service::{InProcessTts, Issuer, IssuerSettings, RunningTts, ServiceConfig};
+pub use entry::subject_context;
 pub use verify::{JwksProvider, TxnTokenVerifier, VerifyError};
 
 /// Installs the aws-lc-rs rustls crypto provider as the process default.

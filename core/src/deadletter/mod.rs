@@ -146,6 +146,11 @@ pub struct DeadLetter {
     pub reason: Reason,
     /// Same for every letter of one original message ([`H_IDEMPOTENCY_KEY`]).
     pub idempotency_key: String,
+    /// The original's broker key (Kafka), for the letter to keep.
+    pub key: Option<Bytes>,
+    /// The original's broker properties (AMQP content-type, ...), for the
+    /// letter to keep where its broker has them.
+    pub properties: Vec<(String, String)>,
     /// The payload before it was moved out of the letter (claim check), if it was.
     original_payload: Option<Bytes>,
 }
@@ -231,6 +236,8 @@ impl DeadLetter {
             verdict,
             reason,
             idempotency_key,
+            key: msg.key.clone(),
+            properties: msg.properties.clone(),
             original_payload: None,
         }
     }
@@ -295,9 +302,9 @@ fn json<T: Serialize>(v: &T) -> String {
 /// position (the replay position: broker-assigned where the broker has one),
 /// the reference's hash and the payload's hash.
 fn idempotency_key(msg: &InboundMessage, ctx_ref_sha: Option<&str>) -> String {
-    let position = crate::guard::replay_position(msg);
     let material = format!(
-        "{position}\n{}\n{}",
+        "{}\n{}\n{}",
+        msg.position,
         ctx_ref_sha.unwrap_or("-"),
         sha256_hex(&msg.payload)
     );

@@ -10,18 +10,12 @@ fn jwt(typ: &str) -> String {
 }
 
 fn message(headers: Headers, payload: &[u8]) -> InboundMessage {
-    InboundMessage {
+    InboundMessage::new(
+        crate::memory::coordinates("q", 7),
+        "q",
         headers,
-        payload: Bytes::copy_from_slice(payload),
-        coordinates: Coordinates::Memory {
-            queue: "q".into(),
-            seq: 7,
-        },
-        destination: "q".into(),
-        message_id: None,
-        delivery_attempt: 1,
-        published_at_ms: None,
-    }
+        Bytes::copy_from_slice(payload),
+    )
 }
 
 fn letter(msg: &InboundMessage) -> DeadLetter {
@@ -112,10 +106,8 @@ fn the_idempotency_key_is_stable_across_redeliveries() {
     );
     assert_eq!(a.idempotency_key, b.idempotency_key);
     let mut other = first.clone();
-    other.coordinates = Coordinates::Memory {
-        queue: "q".into(),
-        seq: 8,
-    };
+    other.coordinates = crate::memory::coordinates("q", 8);
+    other.position = other.coordinates.to_string();
     assert_ne!(a.idempotency_key, letter(&other).idempotency_key);
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::FileSink;
 use elevate_core::keys::{SigningAlg, SigningKey};
@@ -189,7 +189,7 @@ async fn run(args: Args) -> AppResult<()> {
                 .ok_or_else(|| HandlerError::Permanent("the payload is not a drill job".into()))?;
             log.append(&HandledLine {
                 id: job.id,
-                decision: auth.decision_id.clone(),
+                decision: auth.decision_id().to_string(),
                 pid,
                 t_ms: now_ms(),
             })

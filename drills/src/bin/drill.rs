@@ -159,13 +159,7 @@ fn binaries() -> Result<(PathBuf, PathBuf), String> {
     if !tts.is_file() {
         println!("txn-token-service not found next to the drill: building it");
         let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
-        cmd.args([
-            "build",
-            "-p",
-            "txn-token-client",
-            "--bin",
-            "txn-token-service",
-        ]);
+        cmd.args(["build", "-p", "elevate-tts", "--bin", "txn-token-service"]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }

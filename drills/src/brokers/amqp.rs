@@ -95,7 +95,7 @@ impl Broker for AmqpBroker {
                         payload: job.to_payload(),
                     };
                     publisher
-                        .publish("", queue, &req, msg)
+                        .publish(&req, msg)
                         .await
                         .map(|_| ())
                         .map_err(|e| format!("amqp: publish {}: {e}", job.id))

@@ -145,7 +145,7 @@ impl Broker for KafkaBroker {
                         payload: job.to_payload(),
                     };
                     publisher
-                        .publish(topic, Some(job.id.as_bytes()), &req, msg)
+                        .publish_keyed(Some(job.id.as_bytes()), &req, msg)
                         .await
                         .map(|_| ())
                         .map_err(|e| format!("kafka: publish {}: {e}", job.id))

@@ -128,7 +128,7 @@ impl Broker for NatsBroker {
                         payload: job.to_payload(),
                     };
                     publisher
-                        .publish_jetstream(subject, &req, msg)
+                        .publish_jetstream(&req, msg)
                         .await
                         .map(|_| ())
                         .map_err(|e| format!("nats: publish {}: {e}", job.id))

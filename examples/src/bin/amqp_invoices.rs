@@ -167,15 +167,14 @@ async fn run(args: Args) -> AppResult<()> {
             r#"{{"invoice":"{invoice}","user":"{user}","amount":{}}}"#,
             20 + i * 13
         );
+        let destination = elevate_amqp::destination(&exchange, ROUTING_KEY);
         let receipt = publisher
             .publish(
-                &exchange,
-                ROUTING_KEY,
                 &PublishRequest {
                     subject: &subject,
                     action: ACTION,
                     audience: &[WORKER.to_string()],
-                    destination: "", // bound to <exchange>/<routing key> by the publisher
+                    destination: &destination,
                     scope: None,
                 },
                 OutboundMessage {
@@ -186,7 +185,9 @@ async fn run(args: Args) -> AppResult<()> {
             .await?;
         println!(
             "  {user:8} {invoice:6} -> {} confirmed (message {}, stripped {})",
-            receipt.destination, receipt.message_id, receipt.stripped
+            receipt.destination,
+            receipt.message_id.as_deref().unwrap_or("-"),
+            receipt.stripped.len()
         );
         expected_handled += usize::from(matches!(user, "alice" | "carol"));
     }

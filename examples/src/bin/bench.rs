@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::DeadLetter;
 use elevate_core::decision::FileSink;
@@ -44,12 +44,11 @@ use elevate_core::{
     handler_fn,
 };
 use elevate_examples::remote_pdp::{self, RemotePdp};
+use elevate_tts::{InProcessTts, Issuer, IssuerSettings, RunningTts};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, oneshot};
-use txn_token_client::{
-    InProcessTts, Issuer, IssuerSettings, RunningTts, TtsClient, TtsClientConfig,
-};
+use txn_token_client::{TtsClient, TtsClientConfig};
 
 const TRUST_DOMAIN: &str = "elevate.example";
 const PRODUCER: &str = "spiffe://elevate.example/orders-api";

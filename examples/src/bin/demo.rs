@@ -67,10 +67,10 @@ async fn run() -> DemoResult<()> {
         println!(
             "    handler: creating invoice {} for {} (txn {}, scope \"{}\", token sha256:{}…)",
             String::from_utf8_lossy(&msg.payload),
-            auth.subject,
-            auth.txn,
-            auth.scope,
-            &auth.txn_token.token.sha256()[..12]
+            auth.subject(),
+            auth.txn(),
+            auth.scope(),
+            &auth.txn_token().token.sha256()[..12]
         );
         Ok(())
     });

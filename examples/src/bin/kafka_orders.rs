@@ -164,8 +164,7 @@ async fn run(args: Args) -> AppResult<()> {
             10 + i * 7
         );
         let receipt = producer
-            .publish(
-                &topic,
+            .publish_keyed(
                 Some(order.as_bytes()),
                 &PublishRequest {
                     subject: &subject,
@@ -181,10 +180,10 @@ async fn run(args: Args) -> AppResult<()> {
             )
             .await?;
         println!(
-            "  {user:8} {order:7} -> {}/{} offset {} (stripped {})",
-            receipt.topic,
-            receipt.partition,
-            receipt.offset,
+            "  {user:8} {order:7} -> {} (stripped {})",
+            receipt
+                .at
+                .map_or_else(|| receipt.destination.clone(), |at| at.to_string()),
             receipt.stripped.len()
         );
         expected_handled += usize::from(matches!(user, "alice" | "bob"));

@@ -173,7 +173,6 @@ async fn demo(
         );
         let receipt = publisher
             .publish_jetstream(
-                &subject,
                 &PublishRequest {
                     subject: &subject_ctx,
                     action: ACTION,
@@ -187,11 +186,9 @@ async fn demo(
                 },
             )
             .await?;
-        let (stream, seq) = receipt
-            .ack
-            .as_ref()
-            .map(|a| (a.stream.as_str(), a.sequence))
-            .unwrap_or(("?", 0));
+        let at = receipt.at.as_ref();
+        let stream = at.and_then(|a| a.field_str("stream")).unwrap_or("?");
+        let seq = at.and_then(|a| a.field_i64("stream_seq")).unwrap_or(0);
         println!(
             "  {user:8} {channel:5} -> {stream}/{seq} on {subject} (stripped {})",
             receipt.stripped.len()

@@ -44,6 +44,7 @@ use elevate_examples::wiring::{self, ORDERS_API, TrustDomain, short};
 use elevate_kafka::headers::from_kafka;
 use elevate_kafka::{EmbeddedKafka, KafkaDeadLetters, KafkaProducer};
 use elevate_nats::{NatsDeadLetters, NatsPublisher, from_nats_headers};
+use elevate_tts::InProcessTts;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -53,7 +54,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use txn_token_client::{InProcessTts, subject_context};
+use txn_token_client::subject_context;
 
 const ORDER_WORKER: &str = "spiffe://elevate.example/order-worker";
 const BILLING_WORKER: &str = "spiffe://elevate.example/billing-worker";
@@ -195,12 +196,13 @@ async fn post_order(
         headers: Headers::new(),
         payload: body.into_bytes(),
     };
-    match front.producer.publish(&front.topic, None, &req, msg).await {
+    match front.producer.publish(&req, msg).await {
         Ok(r) => (
             StatusCode::ACCEPTED,
             format!(
-                "{}/{}@{} txn {}",
-                r.topic, r.partition, r.offset, subject.txn
+                "{} txn {}",
+                r.at.map_or_else(|| r.destination.clone(), |at| at.to_string()),
+                subject.txn
             ),
         ),
         Err(e) => (StatusCode::FORBIDDEN, e.to_string()),
@@ -322,10 +324,10 @@ async fn run(args: Args) -> AppResult<bool> {
             async move {
                 println!(
                     "  notify-worker: notifying {} about {} (scope \"{}\", chain {:?}, reference {} B)",
-                    auth.subject,
+                    auth.subject(),
                     order_id(&msg.payload),
-                    auth.scope,
-                    auth.chain.iter().map(|w| short(w)).collect::<Vec<_>>(),
+                    auth.scope(),
+                    auth.chain().iter().map(|w| short(w)).collect::<Vec<_>>(),
                     ref_len(&msg)
                 );
                 delivered.lock().push(order_id(&msg.payload));
@@ -381,7 +383,7 @@ async fn run(args: Args) -> AppResult<bool> {
             if !compromised {
                 println!(
                     "  billing-worker: charging {} for {} (reference {} B)",
-                    auth.subject,
+                    auth.subject(),
                     order,
                     ref_len(&msg)
                 );
@@ -397,7 +399,7 @@ async fn run(args: Args) -> AppResult<bool> {
                     payload: msg.payload.to_vec(),
                 };
                 return publisher
-                    .publish_derived("", &queue, &auth, &next, out, BasicProperties::default())
+                    .publish_derived(&auth, &next, out, BasicProperties::default())
                     .await
                     .map(|_| ())
                     .map_err(|e| perm(e.to_string()));
@@ -477,7 +479,7 @@ async fn run(args: Args) -> AppResult<bool> {
             println!(
                 "  order-worker: processing {} for {} (reference {} B)",
                 order_id(&msg.payload),
-                auth.subject,
+                auth.subject(),
                 ref_len(&msg)
             );
             let audience = [BILLING_WORKER.to_string()];
@@ -493,7 +495,7 @@ async fn run(args: Args) -> AppResult<bool> {
                 payload: msg.payload.to_vec(),
             };
             publisher
-                .publish_derived_jetstream(&subject, &auth, &next, out)
+                .publish_derived_jetstream(&auth, &next, out)
                 .await
                 .map(|_| ())
                 .map_err(|e| HandlerError::Permanent(e.to_string()))

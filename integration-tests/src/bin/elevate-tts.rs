@@ -2,5 +2,5 @@
 //! tests can start it as a real process (`CARGO_BIN_EXE_elevate-tts`).
 
 fn main() -> std::process::ExitCode {
-    txn_token_client::cli::main_with_args(std::env::args_os())
+    elevate_tts::cli::main_with_args(std::env::args_os())
 }

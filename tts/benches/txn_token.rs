@@ -8,9 +8,10 @@ use elevate_core::SubjectKind;
 use elevate_core::ctxref::{ContextRefMinter, MintRequest};
 use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::scope::Scope;
+use elevate_tts::{Issuer, IssuerSettings};
+use txn_token_client::TxnTokenVerifier;
 use txn_token_client::assertion::sign_assertion;
 use txn_token_client::protocol::{TOKEN_TYPE_JWT, exchange_form, with_client_assertion};
-use txn_token_client::{Issuer, IssuerSettings, TxnTokenVerifier};
 
 const DOMAIN: &str = "elevate.example";
 const PRODUCER: &str = "spiffe://elevate.example/orders-api";

@@ -9,9 +9,9 @@ use elevate_core::scope::Scope;
 use elevate_core::token::{TokenError, TokenRequest, TokenSource};
 
 use super::*;
-use crate::assertion::sign_assertion;
-use crate::entry::{TestIssuer, subject_context};
-use crate::protocol::{ErrorCode, TOKEN_TYPE_JWT, exchange_form, with_client_assertion};
+use txn_token_client::assertion::sign_assertion;
+use txn_token_client::entry::subject_context;
+use txn_token_client::protocol::{ErrorCode, TOKEN_TYPE_JWT, exchange_form, with_client_assertion};
 
 const TD: &str = "example.org";
 const PRODUCER: &str = "spiffe://example.org/orders";
@@ -268,9 +268,10 @@ async fn entry_flow_from_user_token() {
         .unwrap();
     assert_eq!(t.claims.sub, "alice");
     assert_eq!(t.claims.req_wl, PRODUCER);
-    let ctx = crate::entry::subject_context_from_header(tts.verifier(), t.token.expose())
-        .await
-        .unwrap();
+    let ctx =
+        txn_token_client::entry::subject_context_from_header(tts.verifier(), t.token.expose())
+            .await
+            .unwrap();
     assert_eq!(ctx.subject, "alice");
     assert_eq!(ctx.sub_kind, SubjectKind::Human);
     assert_eq!(ctx.txn, t.claims.txn);
@@ -310,7 +311,7 @@ async fn rotation_keeps_old_tokens_verifying() {
         .exchange(&r.token, TOKEN_TYPE_JWT, &s, &d)
         .await
         .unwrap();
-    let v = crate::verify::TxnTokenVerifier::from_keys(TD, w.issuer.public_keys());
+    let v = txn_token_client::verify::TxnTokenVerifier::from_keys(TD, w.issuer.public_keys());
     assert!(v.verify(before.token.expose()).await.is_ok());
     assert!(v.verify(after.token.expose()).await.is_ok());
 }
@@ -465,8 +466,8 @@ async fn removed_origin_producer_denies_the_whole_chain() {
 
 // ---- conformance: RFC 7523 §3 nbf, RFC 6749 §5.2, RFC 9110, the draft's context mapping ----
 
-use crate::assertion::{ASSERTION_TYP, AssertionClaims};
-use crate::protocol::{
+use txn_token_client::assertion::{ASSERTION_TYP, AssertionClaims};
+use txn_token_client::protocol::{
     ExchangeForm, MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError, is_description_char,
 };
 
@@ -713,7 +714,7 @@ fn every_refusal(w: &World) -> Vec<(&'static str, ExchangeForm)> {
     let at_form = |at: &str| {
         good().set("subject_token", at).set(
             "subject_token_type",
-            crate::protocol::TOKEN_TYPE_ACCESS_TOKEN,
+            txn_token_client::protocol::TOKEN_TYPE_ACCESS_TOKEN,
         )
     };
     vec![
@@ -847,7 +848,8 @@ fn every_error_description_is_within_the_rfc6749_character_set() {
     .unwrap_err();
     assert_description_charset("repeated parameter", &e);
     let e =
-        crate::protocol::check_form_content_type(Some(b"text/plain; charset=\"\\\"")).unwrap_err();
+        txn_token_client::protocol::check_form_content_type(Some(b"text/plain; charset=\"\\\""))
+            .unwrap_err();
     assert_description_charset("bad media type", &e);
     // a suspended workload authenticates and gets unauthorized_client
     assert!(w.issuer.suspend_workload(CONSUMER));
@@ -882,10 +884,10 @@ fn the_constructor_sanitizes_any_text() {
     let long = OAuthError::new(ErrorCode::InvalidRequest, "x".repeat(10_000));
     assert_eq!(
         long.description().len(),
-        crate::protocol::MAX_DESCRIPTION_LEN
+        txn_token_client::protocol::MAX_DESCRIPTION_LEN
     );
     assert!(long.description().ends_with("..."));
-    let exact = "y".repeat(crate::protocol::MAX_DESCRIPTION_LEN);
+    let exact = "y".repeat(txn_token_client::protocol::MAX_DESCRIPTION_LEN);
     assert_eq!(
         OAuthError::new(ErrorCode::InvalidRequest, &exact).description(),
         exact
@@ -912,7 +914,7 @@ async fn rotating_more_often_than_keep_previous_keeps_tokens_verifying() {
         w.issuer.rotate_keys().unwrap();
     }
     assert_eq!(w.issuer.jwks()["keys"].as_array().unwrap().len(), 5);
-    let v = crate::verify::TxnTokenVerifier::from_keys(TD, w.issuer.public_keys());
+    let v = txn_token_client::verify::TxnTokenVerifier::from_keys(TD, w.issuer.public_keys());
     assert!(v.verify(before.token.expose()).await.is_ok());
     assert!(w.issuer.public_keys().get(&first_kid).is_some());
     assert_eq!(

@@ -123,7 +123,7 @@ fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
 }
 fn default_token_path() -> String {
-    crate::protocol::DEFAULT_TOKEN_PATH.to_string()
+    txn_token_client::protocol::DEFAULT_TOKEN_PATH.to_string()
 }
 fn default_lifetime() -> u64 {
     60
@@ -166,7 +166,7 @@ impl ServiceConfig {
             ));
         }
         if cfg.token_lifetime_secs == 0
-            || cfg.token_lifetime_secs > crate::verify::MAX_TOKEN_LIFETIME.as_secs()
+            || cfg.token_lifetime_secs > txn_token_client::verify::MAX_TOKEN_LIFETIME.as_secs()
         {
             return Err(ConfigError::Invalid(
                 "token_lifetime_secs must be between 1 and 3600".into(),

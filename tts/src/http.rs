@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::issuer::Issuer;
-use crate::protocol::{
+use txn_token_client::protocol::{
     ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, check_form_content_type, sanitize_description,
 };
 

@@ -1,5 +1,5 @@
 //! The reference Transaction Token Service: `txn-token-service --config FILE`.
 
 fn main() -> std::process::ExitCode {
-    txn_token_client::cli::main_with_args(std::env::args_os())
+    elevate_tts::cli::main_with_args(std::env::args_os())
 }

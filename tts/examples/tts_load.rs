@@ -2,7 +2,7 @@
 //! with a few concurrent clients, and client round-trip latency (request,
 //! client assertion, response checks and token verification) p50/p99.
 //!
-//! `cargo run --release -p txn-token-client --example tts_load [-- --requests 2000]`
+//! `cargo run --release -p elevate-tts --example tts_load [-- --requests 2000]`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +13,8 @@ use elevate_core::ctxref::{ContextRefMinter, MintRequest, SubjectKind, VerifiedR
 use elevate_core::keys::{SigningAlg, SigningKey, sha256_hex};
 use elevate_core::scope::Scope;
 use elevate_core::token::{TokenRequest, TokenSource};
-use txn_token_client::{
-    InProcessTts, Issuer, IssuerSettings, RunningTts, TtsClient, TtsClientConfig,
-};
+use elevate_tts::{InProcessTts, Issuer, IssuerSettings, RunningTts};
+use txn_token_client::{TtsClient, TtsClientConfig};
 
 #[derive(Parser)]
 struct Args {

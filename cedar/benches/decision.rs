@@ -2,7 +2,7 @@
 //! evaluated by Cedar, and answered by `CachingPdp` (same request, same policy version).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use elevate_core::cedar::CedarPdp;
+use elevate_cedar::CedarPdp;
 use elevate_core::pdp::{ElevationRequest, EntityRef, PolicyDecisionPoint};
 use elevate_core::pdp_cache::CachingPdp;
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use elevate_core::cedar::{BundleError, CedarPdp};
+use elevate_cedar::{BundleError, CedarPdp};
 use elevate_core::pdp::{
     AccessDecision, AccessRequest, ElevationRequest, EntityRef, PdpError, PolicyDecisionPoint,
 };

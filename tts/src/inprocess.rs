@@ -10,12 +10,12 @@ use elevate_core::scope::Scope;
 use elevate_core::token::{SecretToken, TokenError, TokenRequest, TokenSource, TxnToken};
 
 use super::issuer::Issuer;
-use crate::assertion::sign_assertion;
-use crate::protocol::{
+use txn_token_client::assertion::sign_assertion;
+use txn_token_client::protocol::{
     ErrorCode, OAuthError, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, exchange_form,
     with_client_assertion,
 };
-use crate::verify::TxnTokenVerifier;
+use txn_token_client::verify::TxnTokenVerifier;
 
 /// An in-process Txn-Token source for one workload.
 #[derive(Debug, Clone)]
@@ -108,7 +108,7 @@ impl InProcessTts {
             &assertion,
         );
         let issued = self.issuer.exchange(&form).map_err(oauth_to_token_error)?;
-        let token = crate::client::check_token_response(issued.response)?;
+        let token = txn_token_client::client::check_token_response(issued.response)?;
         let claims = self.verifier.verify(&token).await?;
         if claims.req_wl != self.workload {
             return Err(TokenError::Invalid(format!(

@@ -20,13 +20,13 @@ use super::config::{ConfigError, ServiceConfig, read_json, resolve};
 use super::keyring::{KeyRing, derived_kid, generate_key};
 use super::registry::WorkloadRegistry;
 use super::user_issuer::AccessTokenVerifier;
-use crate::assertion::AssertionVerifier;
-use crate::protocol::{
+use txn_token_client::assertion::AssertionVerifier;
+use txn_token_client::protocol::{
     CLIENT_ASSERTION_TYPE_JWT_BEARER, ErrorCode, ExchangeForm, GRANT_TYPE_TOKEN_EXCHANGE,
     MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError, TOKEN_TYPE_ACCESS_TOKEN,
     TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse,
 };
-use crate::verify::JwksProvider;
+use txn_token_client::verify::JwksProvider;
 
 /// Token endpoint URL used in process when no public URL is configured.
 pub const IN_PROCESS_ENDPOINT: &str = "inproc://txn-token-service";
@@ -58,7 +58,7 @@ impl IssuerSettings {
     pub fn new(trust_domain: impl Into<String>) -> Self {
         IssuerSettings {
             trust_domain: trust_domain.into(),
-            token_path: crate::protocol::DEFAULT_TOKEN_PATH.to_string(),
+            token_path: txn_token_client::protocol::DEFAULT_TOKEN_PATH.to_string(),
             public_url: None,
             token_lifetime: Duration::from_secs(60),
             leeway: Duration::from_secs(30),
@@ -77,7 +77,7 @@ impl IssuerSettings {
 
     /// Sets the Txn-Token lifetime.
     pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
-        self.token_lifetime = lifetime.min(crate::verify::MAX_TOKEN_LIFETIME);
+        self.token_lifetime = lifetime.min(txn_token_client::verify::MAX_TOKEN_LIFETIME);
         self
     }
 }

@@ -12,7 +12,7 @@ use elevate_core::scope::Scope;
 use serde::Deserialize;
 
 use super::config::{ConfigError, UserIssuerConfig, read_json, resolve};
-use crate::verify::keyset_from_jwks_json;
+use txn_token_client::verify::keyset_from_jwks_json;
 
 /// The claims of a verified user access token that the TTS uses.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,11 @@
 //! The embedded Cedar PDP: a schema-validated policy bundle, versioned by a
 //! content hash and reloaded atomically.
 //!
+//! [`CedarPdp`] implements `elevate-core`'s [`PolicyDecisionPoint`], so the
+//! guard asks it for trust elevation like any other PDP; it lives in its own
+//! crate so that `elevate-core` and the broker bindings do not pull in the
+//! Cedar engine.
+//!
 //! A bundle is a directory holding every `*.cedar` policy file, exactly one
 //! `*.cedarschema` schema (Cedar schema syntax) and `entities.json` (Cedar
 //! entities JSON). At load the policies are validated strictly against the
@@ -26,7 +31,7 @@ use cedar_policy::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::pdp::{AccessDecision, AccessRequest, EntityRef, PdpError, PolicyDecisionPoint};
+use elevate_core::pdp::{AccessDecision, AccessRequest, EntityRef, PdpError, PolicyDecisionPoint};
 
 /// Name of the entities file in a bundle directory.
 pub const ENTITIES_FILE: &str = "entities.json";

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::service::{Issuer, RunningTts, ServiceConfig};
+use crate::{Issuer, RunningTts, ServiceConfig};
 
 /// Command line of the reference Transaction Token Service.
 #[derive(Debug, Parser)]

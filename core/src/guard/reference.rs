@@ -1,0 +1,31 @@
+//! Step 2: exactly one context reference, verified (signature, type,
+//! audience, issuer, lifetime, destination, payload digest, chain).
+
+use super::rejection::{Rejection, Step};
+use crate::ctxref::{CTX_REF_HEADER, ContextRefVerifier, VerifiedRef};
+use crate::message::InboundMessage;
+use crate::verdict::Reason;
+
+/// The message's one reference, verified for its destination and payload.
+pub(crate) fn verify(verifier: &ContextRefVerifier, msg: &InboundMessage) -> Step<VerifiedRef> {
+    let mut refs = msg.headers.get_all(CTX_REF_HEADER);
+    let raw = match (refs.next(), refs.next()) {
+        (None, _) => {
+            return Err(Rejection::new(
+                Reason::MissingContext,
+                "no ztauth-ctx-ref header",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(Rejection::new(
+                Reason::AmbiguousContext,
+                "more than one ztauth-ctx-ref header",
+            ));
+        }
+        (Some(r), None) => std::str::from_utf8(r)
+            .map_err(|_| Rejection::new(Reason::MalformedReference, "reference is not UTF-8"))?,
+    };
+    verifier
+        .verify(raw.trim(), &msg.destination, &msg.payload)
+        .map_err(|e| Rejection::new(e.reason(), e.to_string()))
+}
