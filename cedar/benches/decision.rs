@@ -1,6 +1,9 @@
 //! One warm Cedar trust-elevation decision: `evaluate_all` of the two requests,
 //! evaluated by Cedar, and answered by `CachingPdp` (same request, same policy version).
 
+// criterion_group! and criterion_main! write public functions without doc comments.
+#![allow(missing_docs)]
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use elevate_cedar::CedarPdp;
 use elevate_core::pdp::{ElevationRequest, EntityRef, PolicyDecisionPoint};

@@ -25,8 +25,8 @@ use elevate_core::jws;
 use elevate_core::scope::Scope;
 use elevate_core::token::TXN_TOKEN_TYP;
 use elevate_fuzz as fx;
-use libfuzzer_sys::fuzz_target;
 use elevate_tts::{Issuer, IssuerSettings, MintedClaims, TestIssuer, router};
+use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 use txn_token_client::assertion::sign_assertion;
 

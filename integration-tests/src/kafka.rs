@@ -199,20 +199,16 @@ impl KafkaBinding {
         processor: Arc<Processor>,
         concurrency: usize,
     ) -> BindResult<ConsumerHandle> {
-        let consumer: StreamConsumer = self
-            .guarded_consumer_config(group)
-            .create()
-            .map_err(kafka_err)?;
-        consumer.subscribe(&[topic]).map_err(kafka_err)?;
         // One record per batch: tansu 0.6 loses records when a fetch starts inside a
         // stored multi-record batch (kafka/README.md); Apache Kafka does not need this.
         let mut dl_config = self.config();
         dl_config.set("batch.num.messages", "1");
         let dead_letters = KafkaDeadLetters::from_config(&dl_config).map_err(kafka_err)?;
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
-        let guarded = GuardedConsumer::new(consumer, processor)
+        let guarded = GuardedConsumer::from_config(&self.guarded_consumer_config(group), processor)
             .map_err(kafka_err)?
             .concurrency(concurrency);
+        guarded.consumer().subscribe(&[topic]).map_err(kafka_err)?;
         let watch = guarded.consumer().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -454,7 +454,7 @@ async fn killed_consumer_restarts_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_resume_under_backpressure_loses_nothing() {
     use elevate_kafka::{GuardedConsumer, KafkaDeadLetters, KafkaProducer};
-    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::producer::FutureProducer;
 
     let b = KafkaBinding::real().await;
@@ -503,13 +503,6 @@ async fn pause_resume_under_backpressure_loses_nothing() {
     assert_eq!(published.len(), n);
 
     let calls = Calls::default();
-    let consumer: StreamConsumer = b
-        .guarded_consumer_config(&format!("bp-{}", uuid::Uuid::new_v4().simple()))
-        .create()
-        .unwrap_or_else(|e| panic!("consumer: {e}"));
-    consumer
-        .subscribe(&[&ep.name])
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
     let dead_letters =
         KafkaDeadLetters::from_config(&b.config()).unwrap_or_else(|e| panic!("dead letters: {e}"));
     let processor = Arc::new(
@@ -519,10 +512,16 @@ async fn pause_resume_under_backpressure_loses_nothing() {
     // buffer 32 per partition against ~800 records per partition: librdkafka prefetches far
     // more than 32, so every partition is paused and resumed over and over (each resume
     // costs librdkafka ~0.5-1 s before the refetch delivers, hence not smaller).
-    let guarded = GuardedConsumer::new(consumer, processor)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .buffer(32)
-        .concurrency(3);
+    let guarded = GuardedConsumer::from_config(
+        &b.guarded_consumer_config(&format!("bp-{}", uuid::Uuid::new_v4().simple())),
+        processor,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    guarded
+        .consumer()
+        .subscribe(&[&ep.name])
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let guarded = guarded.buffer(32).concurrency(3);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let task = tokio::spawn(guarded.run(async {

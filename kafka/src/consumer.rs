@@ -4,7 +4,6 @@
 //! once the processor settled it.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString, c_char};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::headers::from_kafka;
 
@@ -107,8 +106,8 @@ struct Partition {
 /// Wraps the `StreamConsumer` the application configured (group, subscription)
 /// and drives every record through the [`Processor`].
 ///
-/// Requirements: `enable.auto.offset.store=false` (checked: [`GuardedConsumer::new`]
-/// refuses otherwise). The guard commits stored offsets itself every
+/// Requirements: `enable.auto.offset.store=false` (checked in the configuration:
+/// [`GuardedConsumer::from_config`] refuses otherwise). The guard commits stored offsets itself every
 /// [`GuardedConsumer::commit_interval`] (default 200 ms) and at shutdown,
 /// whatever `enable.auto.commit` says (librdkafka's own auto-commit, every
 /// 5 s by default, would leave up to 5 s of handled messages to be handled
@@ -126,71 +125,58 @@ pub struct GuardedConsumer<C: ConsumerContext + 'static = DefaultConsumerContext
     stored: Arc<AtomicBool>,
 }
 
-fn conf_value<C: ConsumerContext>(consumer: &StreamConsumer<C>, name: &str) -> Option<String> {
-    let name = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 256];
-    let mut size = buf.len();
-    // SAFETY: `native_ptr` is the live `rd_kafka_t` owned by `consumer`, which is
-    // borrowed for this whole block. `rd_kafka_conf` returns `&rk->rk_conf`, a
-    // read-only view owned by that handle (nothing is copied or freed here), and
-    // the properties read are fixed at creation. `rd_kafka_conf_get` copies at
-    // most `size - 1` bytes plus a NUL into `buf` (truncating longer values, see
-    // `rd_kafka_anyconf_get0` in librdkafka 2.12.1) and only then sets `size` to the
-    // full length; `buf` stays NUL-terminated, so `from_bytes_until_nul` is bounded.
-    let res = unsafe {
-        let conf = rdkafka::bindings::rd_kafka_conf(consumer.client().native_ptr());
-        rdkafka::bindings::rd_kafka_conf_get(
-            conf,
-            name.as_ptr(),
-            buf.as_mut_ptr().cast::<c_char>(),
-            &mut size,
-        )
-    };
-    if res != rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK {
-        return None;
+/// Checks that a consumer built from `config` can be guarded:
+/// `enable.auto.offset.store` must be `false` (librdkafka would otherwise
+/// store the offsets of records that are not settled). Read from the
+/// configuration, not from a live client, so no FFI is needed.
+///
+/// # Errors
+/// [`Error::Config`] naming the setting.
+pub fn check_config(config: &ClientConfig) -> Result<(), Error> {
+    match config.get("enable.auto.offset.store") {
+        Some("false") => Ok(()),
+        other => Err(Error::Config(format!(
+            "enable.auto.offset.store must be \"false\" (is {other:?}): offsets are stored only after settlement"
+        ))),
     }
-    CStr::from_bytes_until_nul(&buf)
-        .ok()?
-        .to_str()
-        .ok()
-        .map(str::to_string)
 }
 
-/// Checks that `consumer` can be guarded (`enable.auto.offset.store=false`);
-/// returns true when auto-commit is off (the guard then commits stored offsets itself).
-pub fn check_config<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> Result<bool, Error> {
-    match conf_value(consumer, "enable.auto.offset.store").as_deref() {
-        Some("false") => {}
-        other => {
-            return Err(Error::Config(format!(
-                "enable.auto.offset.store must be \"false\" (is {other:?}): offsets are stored only after settlement"
-            )));
-        }
+impl GuardedConsumer<DefaultConsumerContext> {
+    /// Builds the consumer from `config` (which must set `group.id` and
+    /// `enable.auto.offset.store=false`, checked before anything is
+    /// created); subscribe through [`GuardedConsumer::consumer`], then run.
+    ///
+    /// # Errors
+    /// A configuration the guard refuses, or one librdkafka refuses.
+    pub fn from_config(config: &ClientConfig, processor: Arc<Processor>) -> Result<Self, Error> {
+        Self::from_config_and_context(config, DefaultConsumerContext, processor)
     }
-    Ok(conf_value(consumer, "enable.auto.commit").as_deref() == Some("false"))
 }
 
 impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
-    /// Wraps a configured consumer; fails if `enable.auto.offset.store` is not `false`
-    /// (librdkafka would then store offsets of unsettled records).
-    pub fn new(
-        consumer: impl Into<Arc<StreamConsumer<C>>>,
+    /// As [`GuardedConsumer::from_config`], with the application's consumer context.
+    ///
+    /// # Errors
+    /// A configuration the guard refuses, or one librdkafka refuses.
+    pub fn from_config_and_context(
+        config: &ClientConfig,
+        context: C,
         processor: Arc<Processor>,
     ) -> Result<Self, Error> {
-        let consumer = consumer.into();
-        check_config(&consumer)?;
+        check_config(config)?;
+        let consumer: StreamConsumer<C> = config.create_with_context(context)?;
         Ok(GuardedConsumer {
-            consumer,
+            consumer: Arc::new(consumer),
             processor,
-            concurrency: 16,
-            buffer: 256,
+            concurrency: elevate_core::runtime::DEFAULT_CONCURRENCY,
+            buffer: elevate_core::runtime::DEFAULT_KEY_BUFFER,
             commit_interval: Duration::from_millis(200),
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: elevate_core::runtime::DEFAULT_SHUTDOWN_GRACE,
             stored: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// At most `n` records are processed at once across partitions (default 16; one per partition at a time).
+    /// At most `n` records are processed at once across partitions (default 32, core's; one per partition at a time).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -209,7 +195,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         self
     }
 
-    /// How long `run` waits at shutdown for records in progress (default 10 s); the rest stay unstored.
+    /// How long `run` waits at shutdown for records in progress (default 30 s, core's); the rest stay unstored.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self

@@ -64,6 +64,9 @@ impl KafkaHeaders for OwnedHeaders {
 
 /// Converts Kafka record headers (owned or borrowed) into core headers; a key
 /// that is not UTF-8 is decoded lossily rather than panicking.
+// rdkafka's safe accessor panics on a key that is not UTF-8 (any producer
+// can send one): the keys are read through librdkafka itself.
+#[allow(unsafe_code)]
 pub fn from_kafka<H: KafkaHeaders + ?Sized>(headers: Option<&H>) -> Headers {
     let mut out = Headers::new();
     let Some(h) = headers else {
@@ -118,6 +121,7 @@ mod tests {
     }
 
     /// Headers as librdkafka builds them from a fetched record: raw key bytes.
+    #[allow(unsafe_code)]
     fn wire_headers(headers: &[(&[u8], Option<&[u8]>)]) -> OwnedHeaders {
         let owned = OwnedHeaders::new_with_capacity(headers.len());
         let native = owned.as_borrowed() as *const BorrowedHeaders as *mut rd_kafka_headers_t;

@@ -12,15 +12,16 @@
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use rdkafka::ClientConfig;
-//! # use rdkafka::consumer::{Consumer, StreamConsumer};
+//! # use rdkafka::consumer::Consumer;
 //! # async fn demo(processor: Arc<elevate_core::Processor>) -> Result<(), Box<dyn std::error::Error>> {
-//! let consumer: StreamConsumer = ClientConfig::new()
+//! let mut config = ClientConfig::new();
+//! config
 //!     .set("bootstrap.servers", "127.0.0.1:9092")
 //!     .set("group.id", "orders-worker")
-//!     .set("enable.auto.offset.store", "false") // required: offsets are stored after settlement
-//!     .create()?;
-//! consumer.subscribe(&["orders"])?;
-//! elevate_kafka::GuardedConsumer::new(consumer, processor)?
+//!     .set("enable.auto.offset.store", "false"); // required: offsets are stored after settlement
+//! let guarded = elevate_kafka::GuardedConsumer::from_config(&config, processor)?;
+//! guarded.consumer().subscribe(&["orders"])?;
+//! guarded
 //!     .concurrency(8)
 //!     .run(async { let _ = tokio::signal::ctrl_c().await; })
 //!     .await?;

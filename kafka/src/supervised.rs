@@ -15,7 +15,7 @@ use std::sync::Arc;
 use elevate_core::Processor;
 use elevate_core::supervise::{Restartable, RoundShutdown, default_backoff, supervise};
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 
 use crate::{Error, GuardedConsumer};
 
@@ -64,14 +64,9 @@ async fn run_round(
     concurrency: usize,
     shutdown: RoundShutdown,
 ) -> Result<(), Error> {
-    let consumer: StreamConsumer = config
-        .create()
-        .map_err(|e| Error::Config(format!("cannot create the consumer: {e}")))?;
+    let guarded = GuardedConsumer::from_config(&config, processor)?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names)?;
+    guarded.consumer().subscribe(&names)?;
     tracing::info!(topics = ?topics, "Kafka consumer subscribed");
-    GuardedConsumer::new(consumer, processor)?
-        .concurrency(concurrency)
-        .run(shutdown)
-        .await
+    guarded.concurrency(concurrency).run(shutdown).await
 }

@@ -96,19 +96,16 @@ async fn mock_cluster_headers_groups_and_stored_offsets() {
 #[tokio::test]
 async fn guarded_consumer_refuses_auto_offset_store() {
     let kafka = EmbeddedKafka::start(1).unwrap();
-    let consumer: StreamConsumer = config(kafka.bootstrap_servers())
-        .set("group.id", "g")
-        .create()
-        .unwrap();
-    // A processor is not needed to see the refusal, but `new` wants one: build the
-    // check through the public config probe instead.
-    let err = elevate_kafka::consumer::check_config(&consumer).unwrap_err();
+    // Checked in the configuration, before any consumer exists (no FFI read).
+    let mut unset = config(kafka.bootstrap_servers());
+    unset.set("group.id", "g");
+    let err = elevate_kafka::consumer::check_config(&unset).unwrap_err();
     assert!(err.to_string().contains("enable.auto.offset.store"));
-    let ok: StreamConsumer = config(kafka.bootstrap_servers())
-        .set("group.id", "g")
-        .set("enable.auto.offset.store", "false")
-        .create()
-        .unwrap();
+    let mut on = unset.clone();
+    on.set("enable.auto.offset.store", "true");
+    assert!(elevate_kafka::consumer::check_config(&on).is_err());
+    let mut ok = unset.clone();
+    ok.set("enable.auto.offset.store", "false");
     assert!(elevate_kafka::consumer::check_config(&ok).is_ok());
 }
 
@@ -117,6 +114,7 @@ async fn guarded_consumer_refuses_auto_offset_store() {
 /// longer panics the consumer's header mapping, and a name with a NUL byte
 /// is not sent under a name the producer's scan never saw.
 #[tokio::test]
+#[allow(unsafe_code)] // crafts a record with a non-UTF-8 key through librdkafka (rdkafka takes only &str)
 async fn raw_header_keys_survive_the_consumer_mapping() {
     use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_headers_t};
     use rdkafka::message::{BorrowedHeaders, OwnedHeaders};

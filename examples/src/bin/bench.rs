@@ -896,15 +896,17 @@ mod kafka {
                 .map_err(kerr)?
                 .to_topic(&ep.dlq);
             let processor = make(Arc::new(dead_letters))?;
-            let consumer: StreamConsumer = self
-                .consumer_config(&ep.guarded)
-                .set("enable.auto.offset.store", "false")
-                .create()
+            let guarded = GuardedConsumer::from_config(
+                self.consumer_config(&ep.guarded)
+                    .set("enable.auto.offset.store", "false"),
+                processor,
+            )
+            .map_err(kerr)?
+            .concurrency(concurrency);
+            guarded
+                .consumer()
+                .subscribe(&[&ep.destination])
                 .map_err(kerr)?;
-            consumer.subscribe(&[&ep.destination]).map_err(kerr)?;
-            let guarded = GuardedConsumer::new(consumer, processor)
-                .map_err(kerr)?
-                .concurrency(concurrency);
             let watch = guarded.consumer().clone();
             let running = Running::spawn(|stop| async move {
                 if let Err(e) = guarded.run(stopped(stop)).await {

@@ -128,13 +128,6 @@ async fn run(args: Args) -> AppResult<()> {
     let producer_tts = domain.tts_for(PRODUCER)?;
 
     // The guarded worker: wraps a StreamConsumer configured as usual, plus enable.auto.offset.store=false.
-    let consumer: StreamConsumer = client_config(&bootstrap)
-        .set("group.id", format!("order-worker-{run_id}"))
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()?;
-    consumer.subscribe(&[topic.as_str()])?;
     let guard = domain.guard(WORKER, &[PRODUCER], ACTION, Arc::new(TracingSink))?;
     let (handled, handler) = permit_printer(|msg| format!("at {}", msg.coordinates));
     let dead_letters = KafkaDeadLetters::from_config(&client_config(&bootstrap))?;
@@ -143,7 +136,16 @@ async fn run(args: Args) -> AppResult<()> {
         Arc::new(handler),
         Arc::new(dead_letters),
     ));
-    let worker = GuardedConsumer::new(consumer, processor)?.concurrency(4);
+    let worker = GuardedConsumer::from_config(
+        client_config(&bootstrap)
+            .set("group.id", format!("order-worker-{run_id}"))
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000"),
+        processor,
+    )?;
+    worker.consumer().subscribe(&[topic.as_str()])?;
+    let worker = worker.concurrency(4);
     let worker = Running::spawn(|stopped| worker.run(stopped));
 
     // The producer service: each user's request arrives with a bearer token.

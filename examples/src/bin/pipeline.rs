@@ -506,21 +506,19 @@ async fn run(args: Args) -> AppResult<bool> {
         Arc::new(order_handler),
         Arc::new(KafkaDeadLetters::from_config(&kafka_config(&bootstrap))?),
     );
-    let kafka_consumer: StreamConsumer = kafka_config(&bootstrap)
-        .set("group.id", format!("order-worker-{run_id}"))
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()?;
-    kafka_consumer.subscribe(&[topic.as_str()])?;
+    let order_consumer = elevate_kafka::GuardedConsumer::from_config(
+        kafka_config(&bootstrap)
+            .set("group.id", format!("order-worker-{run_id}"))
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000"),
+        Arc::new(order_processor),
+    )?;
+    order_consumer.consumer().subscribe(&[topic.as_str()])?;
     let (stop_order, order_stopped) = tokio::sync::oneshot::channel::<()>();
-    let order_task = tokio::spawn(
-        elevate_kafka::GuardedConsumer::new(kafka_consumer, Arc::new(order_processor))?
-            .concurrency(4)
-            .run(async {
-                let _ = order_stopped.await;
-            }),
-    );
+    let order_task = tokio::spawn(order_consumer.concurrency(4).run(async {
+        let _ = order_stopped.await;
+    }));
 
     // ---- the producer service: an HTTP endpoint on loopback
     let plain: FutureProducer = kafka_config(&bootstrap).set("acks", "all").create()?;
