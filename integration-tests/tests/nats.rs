@@ -13,12 +13,12 @@ use elevate_core::settle::Handler;
 use elevate_core::{
     AuthContext, Coordinates, Headers, InboundMessage, OutboundMessage, handler_fn,
 };
+use elevate_nats::unreadable::{H_MALFORMED, MALFORMED_MESSAGE};
+use elevate_nats::{GuardedConsumer, NatsDeadLetters, UnreadableMessages};
 use elevate_testing::binding::BrokerBinding;
 use elevate_testing::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
 use elevate_testing::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
 use elevate_testing::wait::poll_until;
-use elevate_nats::unreadable::{H_MALFORMED, MALFORMED_MESSAGE};
-use elevate_nats::{GuardedConsumer, NatsDeadLetters, UnreadableMessages};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
