@@ -72,6 +72,7 @@ impl TransportError {
 
 /// How a broker gives a message back for a later attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RedeliveryMode {
     /// The broker redelivers (NATS nak with delay, AMQP retry queue, in-memory requeue).
     Broker,
@@ -171,6 +172,7 @@ impl DeadLetterPublisher for UnboundDeadLetters {
 
 /// A handler failure: transient errors are retried, permanent ones dead-lettered.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandlerError {
     /// Try again later (bounded by the handler retry policy).
     #[error("transient handler error: {0}")]
@@ -212,6 +214,7 @@ where
 
 /// What became of a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Permitted, handled, acked.
     Handled {
