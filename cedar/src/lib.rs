@@ -45,6 +45,7 @@ const SHORT_VERSION_LEN: usize = 16;
 
 /// Why a policy bundle could not be loaded (the previous bundle stays in force).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BundleError {
     /// A bundle file or the directory could not be read.
     #[error("cannot read {path}: {source}")]

@@ -22,6 +22,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What [`Admission::wait`] grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Admit {
     /// The gate is open: take deliveries as usual.
     Open,

@@ -28,6 +28,7 @@ pub const MAX_LEEWAY: Duration = Duration::from_secs(30);
 /// Whether the target identity is a person or a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum SubjectKind {
     /// A human user.
     Human,
@@ -150,6 +151,7 @@ impl ContextRefClaims {
 
 /// Why a reference could not be minted or derived.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum MintError {
     /// A derived reference asked for scope its parent did not have.
     #[error("scope {requested:?} is not within the parent scope {parent:?}")]
@@ -328,6 +330,7 @@ impl ContextRefMinter {
 
 /// Why a context reference was rejected. Each maps to one [`Reason`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RefError {
     /// The JWS layer rejected it (format, algorithm, key, signature, `typ`).
     #[error(transparent)]

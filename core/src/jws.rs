@@ -17,6 +17,7 @@ pub const MAX_JWS_LEN: usize = 16 * 1024;
 
 /// Why a compact JWS was rejected before its claims were looked at.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JwsError {
     /// Not three base64url segments with a JSON header and payload.
     #[error("malformed JWS: {0}")]

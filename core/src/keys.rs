@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// Signature algorithms Elevate accepts; nothing else (no `none`, no HS*, no RSA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum SigningAlg {
     /// ECDSA P-256 with SHA-256.
     ES256,
@@ -55,6 +56,7 @@ impl SigningAlg {
 
 /// Errors while loading or generating keys.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// The PEM or DER could not be parsed as a PKCS#8 key of the stated algorithm.
     #[error("invalid {alg:?} private key: {reason}")]

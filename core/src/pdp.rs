@@ -54,6 +54,7 @@ pub struct AccessDecision {
 
 /// Why the PDP gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PdpError {
     /// The PDP cannot be reached: Retry.
     #[error("PDP unavailable: {0}")]

@@ -58,6 +58,7 @@ pub struct DerivedPublish<'a> {
 
 /// Why a message was not published.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
     /// The message carries credentials and the policy is to refuse.
     #[error(transparent)]

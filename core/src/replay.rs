@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 /// What the seen-set says about a reference on a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Seen {
     /// First time this reference id is seen.
     New,

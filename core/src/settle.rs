@@ -19,14 +19,20 @@ use crate::message::InboundMessage;
 use crate::retry::RetryPolicy;
 use crate::verdict::{Reason, Verdict};
 
+/// What a broker or client said, kept as the error it was (its source chain
+/// intact) or as a message where there was no error value.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
 /// A broker operation failed (settle or dead-letter publish).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{op} failed{}: {reason}", if *permanent { " for good" } else { "" })]
+#[error("{op} failed{}: {cause}", if *permanent { " for good" } else { "" })]
 pub struct TransportError {
     /// The operation (`ack`, `nack`, `dead-letter publish`...).
     pub op: &'static str,
-    /// What the broker or client said.
-    pub reason: String,
+    /// What the broker or client said: the client's own error where there
+    /// is one (see [`std::error::Error::source`]).
+    #[source]
+    pub cause: Cause,
     /// The broker refused the operation itself (too large, invalid, not
     /// authorized): repeating it cannot succeed. Otherwise it may (a timeout,
     /// a lost connection).
@@ -34,20 +40,27 @@ pub struct TransportError {
 }
 
 impl TransportError {
-    /// A transient failure: the same operation may succeed later.
-    pub fn new(op: &'static str, reason: impl std::fmt::Display) -> Self {
+    /// A transient failure: the same operation may succeed later. `cause`
+    /// is the client's error, or a message (`&str`, `String`).
+    pub fn new(
+        op: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         TransportError {
             op,
-            reason: reason.to_string(),
+            cause: Arc::from(cause.into()),
             permanent: false,
         }
     }
 
     /// A permanent refusal: the same operation will fail again.
-    pub fn permanent(op: &'static str, reason: impl std::fmt::Display) -> Self {
+    pub fn permanent(
+        op: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         TransportError {
             permanent: true,
-            ..Self::new(op, reason)
+            ..Self::new(op, cause)
         }
     }
 
@@ -59,6 +72,7 @@ impl TransportError {
 
 /// How a broker gives a message back for a later attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RedeliveryMode {
     /// The broker redelivers (NATS nak with delay, AMQP retry queue, in-memory requeue).
     Broker,
@@ -158,6 +172,7 @@ impl DeadLetterPublisher for UnboundDeadLetters {
 
 /// A handler failure: transient errors are retried, permanent ones dead-lettered.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandlerError {
     /// Try again later (bounded by the handler retry policy).
     #[error("transient handler error: {0}")]
@@ -199,6 +214,7 @@ where
 
 /// What became of a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Permitted, handled, acked.
     Handled {

@@ -141,6 +141,7 @@ impl<'a> TokenRequest<'a> {
 
 /// Why no Txn-Token was obtained; the class decides Retry versus Deny.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenError {
     /// Network failure, timeout, 5xx, 429, open circuit: try again later.
     #[error("token service unavailable: {reason}")]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// The outcome class of a guard decision (DESIGN.md, "Verdicts and settlement").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Verdict {
     /// Both trust-elevation checks passed: run the handler.
     Permit,
@@ -34,6 +35,7 @@ impl Verdict {
 /// metrics carry; the verdict follows from the reason and nowhere else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Reason {
     /// Both checks permitted.
     Permitted,

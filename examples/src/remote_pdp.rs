@@ -131,7 +131,8 @@ impl From<EvaluationResponse> for AccessDecision {
 fn pdp_error(e: PdpError) -> Response {
     let status = match e {
         PdpError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-        PdpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // unavailable, and whatever a later core adds: try again later
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (
         status,

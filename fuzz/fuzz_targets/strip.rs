@@ -144,5 +144,6 @@ fuzz_target!(|data: &[u8]| {
                 "refuse mode changed the message"
             );
         }
+        other => panic!("a strip mode the fuzz target does not know: {other:?}"),
     }
 });

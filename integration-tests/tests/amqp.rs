@@ -13,9 +13,9 @@ use elevate_core::deadletter::{H_DECISION_ID, H_REASON, H_SOURCE, H_VERDICT};
 use elevate_core::producer::PublishRequest;
 use elevate_core::settle::Processor;
 use elevate_core::{CTX_REF_HEADER, Coordinates, Headers, OutboundMessage};
-use elevate_integration_tests::amqp::{AmqpBinding, connect, scenario_queue_args};
-use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, Recorder, TestEnv};
-use elevate_integration_tests::wait::poll_until;
+use elevate_testing::amqp::{AmqpBinding, connect, scenario_queue_args};
+use elevate_testing::env::{ACTION, CONSUMER, PRODUCER, Recorder, TestEnv};
+use elevate_testing::wait::poll_until;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -26,7 +26,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 mod real {
     use super::*;
-    elevate_integration_tests::conformance_suite!(AmqpBinding::real());
+    elevate_testing::conformance_suite!(AmqpBinding::real());
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -67,7 +67,7 @@ impl Worker {
         let processor = Arc::new(processor.with_dead_letters(Arc::new(dl)));
         let worker =
             GuardedConsumer::new(consumer, processor, confirms).concurrency(usize::from(prefetch));
-        let worker = match elevate_amqp::uri_user(&elevate_integration_tests::amqp::amqp_url()) {
+        let worker = match elevate_amqp::uri_user(&elevate_testing::amqp::amqp_url()) {
             Some(user) => worker.retry_user(user),
             None => worker,
         };
@@ -811,7 +811,7 @@ async fn retry_copy_keeps_attempt_and_destination_through_a_named_exchange() {
     // original destination, and comes back to the work queue with an x-death entry.
     let env = TestEnv::start().await;
     let binding = AmqpBinding::real().await;
-    use elevate_integration_tests::binding::BrokerBinding;
+    use elevate_testing::binding::BrokerBinding;
     let ep = binding.setup("retrycopy").await.expect("setup");
     env.stop_tts().await;
     let rec = Recorder::new();
@@ -876,7 +876,7 @@ async fn supervised_worker_reconnects_when_the_broker_closes_its_connection() {
     .expect("publisher");
     let rec = Recorder::new();
     let mut config =
-        elevate_amqp::WorkerConfig::new(elevate_integration_tests::amqp::amqp_url(), queue.clone());
+        elevate_amqp::WorkerConfig::new(elevate_testing::amqp::amqp_url(), queue.clone());
     config.declare = false;
     config.prefetch = 8;
     config.connection_name = format!("elevate-supervised-{}", uid());

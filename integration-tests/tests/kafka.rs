@@ -11,21 +11,21 @@ use elevate_core::settle::Handler;
 use elevate_core::{
     AuthContext, Coordinates, Headers, InboundMessage, OutboundMessage, handler_fn,
 };
-use elevate_integration_tests::binding::BrokerBinding;
-use elevate_integration_tests::env::{ACTION, TestEnv};
-use elevate_integration_tests::kafka::KafkaBinding;
-use elevate_integration_tests::wait::poll_until;
+use elevate_testing::binding::BrokerBinding;
+use elevate_testing::env::{ACTION, TestEnv};
+use elevate_testing::kafka::KafkaBinding;
+use elevate_testing::wait::poll_until;
 use futures::StreamExt;
 use parking_lot::Mutex;
 
 mod real {
     use super::*;
-    elevate_integration_tests::conformance_suite!(KafkaBinding::real());
+    elevate_testing::conformance_suite!(KafkaBinding::real());
 }
 
 mod mock {
     use super::*;
-    elevate_integration_tests::conformance_suite!(KafkaBinding::mock());
+    elevate_testing::conformance_suite!(KafkaBinding::mock());
 }
 
 /// One handler call, with the Kafka position it came from.
@@ -237,7 +237,7 @@ async fn thousand_messages_from_several_subjects() {
                 assert!(c.offset > prev, "partition {} handled offset {} after {}", c.partition, c.offset, prev);
             }
         }
-        assert_eq!(last.len(), elevate_integration_tests::kafka::PARTITIONS as usize, "all partitions used");
+        assert_eq!(last.len(), elevate_testing::kafka::PARTITIONS as usize, "all partitions used");
     })
     .await
     .expect("test timed out");

@@ -1,5 +1,5 @@
 //! The conformance suite on the in-memory transport.
 
-use elevate_integration_tests::memory::MemoryBinding;
+use elevate_testing::memory::MemoryBinding;
 
-elevate_integration_tests::conformance_suite!(MemoryBinding::new());
+elevate_testing::conformance_suite!(MemoryBinding::new());

@@ -13,23 +13,23 @@ use elevate_core::settle::Handler;
 use elevate_core::{
     AuthContext, Coordinates, Headers, InboundMessage, OutboundMessage, handler_fn,
 };
-use elevate_integration_tests::binding::BrokerBinding;
-use elevate_integration_tests::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
-use elevate_integration_tests::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
-use elevate_integration_tests::wait::poll_until;
 use elevate_nats::unreadable::{H_MALFORMED, MALFORMED_MESSAGE};
 use elevate_nats::{GuardedConsumer, NatsDeadLetters, UnreadableMessages};
+use elevate_testing::binding::BrokerBinding;
+use elevate_testing::env::{ACTION, CONSUMER, PRODUCER, TestEnv};
+use elevate_testing::nats::{NatsBinding, STREAM_PREFIX, StreamRecord, WorkerConfig};
+use elevate_testing::wait::poll_until;
 use futures::StreamExt;
 use parking_lot::Mutex;
 
 mod jetstream {
     use super::*;
-    elevate_integration_tests::conformance_suite!(NatsBinding::jetstream());
+    elevate_testing::conformance_suite!(NatsBinding::jetstream());
 }
 
 mod core_nats {
     use super::*;
-    elevate_integration_tests::conformance_suite!(NatsBinding::core());
+    elevate_testing::conformance_suite!(NatsBinding::core());
 }
 
 /// One handler call.
@@ -567,7 +567,7 @@ async fn core_guard_denied_never_reach_the_handler() {
     for (_, headers, payload) in &hostile {
         BrokerBinding::publish_raw(
             &b,
-            &elevate_integration_tests::binding::Endpoint {
+            &elevate_testing::binding::Endpoint {
                 name: s.stream.clone(),
                 destination: subject.clone(),
                 dead_letter: s.dlq_subject.clone(),

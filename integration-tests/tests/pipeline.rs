@@ -31,13 +31,13 @@ use elevate_core::{
     AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, OutboundMessage,
     SubjectKind, handler_fn,
 };
-use elevate_integration_tests::amqp::AmqpBinding;
-use elevate_integration_tests::binding::{BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
-use elevate_integration_tests::env::{Recorder, TestEnv, policy_dir};
-use elevate_integration_tests::kafka::KafkaBinding;
-use elevate_integration_tests::nats::{NatsBinding, WorkerConfig};
-use elevate_integration_tests::tts_env::LoopbackTts;
-use elevate_integration_tests::wait::{poll_until, redis_seen_set};
+use elevate_testing::amqp::AmqpBinding;
+use elevate_testing::binding::{BrokerBinding, ConsumerHandle, Endpoint, RawMessage};
+use elevate_testing::env::{Recorder, TestEnv, policy_dir};
+use elevate_testing::kafka::KafkaBinding;
+use elevate_testing::nats::{NatsBinding, WorkerConfig};
+use elevate_testing::tts_env::LoopbackTts;
+use elevate_testing::wait::{poll_until, redis_seen_set};
 use parking_lot::Mutex;
 
 const ORDERS_API: &str = "spiffe://elevate.example/orders-api";

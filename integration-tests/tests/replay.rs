@@ -9,8 +9,8 @@ use elevate_core::deadletter::H_REASON;
 use elevate_core::memory::MemoryBroker;
 use elevate_core::settle::{Delivery, Outcome};
 use elevate_core::{Headers, OutboundMessage};
-use elevate_integration_tests::env::{Recorder, TestEnv};
-use elevate_integration_tests::wait::redis_seen_set;
+use elevate_testing::env::{Recorder, TestEnv};
+use elevate_testing::wait::redis_seen_set;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_seen_set() {

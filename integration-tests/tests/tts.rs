@@ -11,7 +11,7 @@ use elevate_core::ctxref::{MintRequest, MintedRef, SubjectKind, VerifiedRef, uni
 use elevate_core::keys::{SigningAlg, SigningKey, sha256_hex};
 use elevate_core::scope::Scope;
 use elevate_core::token::{TokenError, TokenRequest, TokenSource, TxnToken};
-use elevate_integration_tests::tts::{
+use elevate_testing::tts::{
     TTS_TRUST_DOMAIN, TestWorkload, TtsConfigDir, TtsProcess, client, client_config, write_config,
 };
 use elevate_tts::TestIssuer;

@@ -24,6 +24,7 @@ use crate::headers::from_kafka;
 
 /// Why the guarded consumer could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The wrapped consumer is configured in a way that would break settlement.
     #[error("consumer misconfigured: {0}")]

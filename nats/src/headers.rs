@@ -24,6 +24,7 @@ pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// A header cannot be carried by NATS.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HeaderError {
     /// The name is empty, non-ASCII, has control characters or `:`.
     #[error("header name {0:?} is not a valid NATS header name")]

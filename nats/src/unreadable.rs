@@ -63,6 +63,7 @@ pub const H_MALFORMED_LINE: &str = "ztauth-malformed-line";
 
 /// Why async-nats 0.51 cannot deliver a message with a given header block.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The block is not UTF-8: async-nats drops the connection.
     #[error("header block is not UTF-8 (byte {byte:#04x} at offset {offset})")]
@@ -290,6 +291,7 @@ pub struct Swept {
 
 /// A sweep stopped; whatever it had not settled is left for the next sweep.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum SweepError {
     /// The consumer's info could not be read.
     #[error("consumer info: {0}")]

@@ -46,6 +46,7 @@ impl UserClaims {
 
 /// Why a user access token was rejected (all become `invalid_grant`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AccessTokenError {
     /// The JWS layer rejected it.
     #[error(transparent)]

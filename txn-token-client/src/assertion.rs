@@ -62,6 +62,7 @@ pub fn sign_assertion(
 
 /// Why a client assertion was rejected (all become `invalid_client`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AssertionError {
     /// The JWS layer rejected it (format, algorithm, key, signature, `typ`).
     #[error(transparent)]

@@ -26,6 +26,7 @@ impl Default for BreakerConfig {
 
 /// The state a caller can observe (for metrics and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BreakerState {
     /// Requests flow.
     Closed,

@@ -109,6 +109,7 @@ impl TtsClientConfig {
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientBuildError {
     /// A URL in the configuration is not valid.
     #[error("invalid URL {url:?}: {reason}")]

@@ -29,6 +29,7 @@ pub const DEFAULT_TOKEN_PATH: &str = "/token";
 /// OAuth error codes the token endpoint returns (RFC 6749 §5.2, RFC 8693 §2.2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// Missing, repeated or malformed parameter.
     InvalidRequest,

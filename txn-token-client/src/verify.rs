@@ -29,6 +29,7 @@ pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why a Txn-Token was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum VerifyError {
     /// The JWS layer rejected it (format, algorithm, missing or unknown `kid`, signature, `typ`).
     #[error(transparent)]

@@ -96,6 +96,7 @@ pub struct PayloadRef {
 /// A payload moved out of its letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "payload", rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum PayloadAt {
     /// Stored by the dead-letter publisher's claim-check store.
     ClaimCheck {

@@ -25,6 +25,7 @@ pub use payload::MAX_INFLATED;
 
 /// What the producer does when it finds a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum StripMode {
     /// Remove it and publish the rest.
     #[default]
@@ -36,6 +37,7 @@ pub enum StripMode {
 /// Where a credential was found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "in", content = "name", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Location {
     /// A header (name as it appeared).
     Header(String),
@@ -46,6 +48,7 @@ pub enum Location {
 /// Why a value counts as a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum CredentialKind {
     /// A header whose name is a credential header (`authorization`, `cookie`...).
     CredentialHeader,

@@ -174,6 +174,7 @@ async fn run() -> DemoResult<()> {
                 );
             }
             Outcome::Redelivering { reason, .. } => println!("  RETRY   {payload}: {reason}"),
+            other => println!("  {payload}: {other:?}"),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Elevate integration tests: the broker-neutral conformance suite
+//! Elevate's test kit (`elevate-testing`): the broker-neutral conformance suite
 //! ([`conformance`], written against [`binding::BrokerBinding`]), the shared
 //! test environment ([`env`]), waiting helpers ([`wait`]) and one binding per broker.
 
