@@ -146,6 +146,13 @@ impl GuardedConsumer {
     /// are handed back (`basic_nack(requeue)`) at the end, and on a lost
     /// connection in-flight deliveries are abandoned at once (the broker
     /// already requeued them).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::ConsumerCancelled`] if the broker cancels the consumer, [`Error::Lapin`] if
+    /// the channel or connection fails, [`Error::ConfirmChannelClosed`] if the channel used for
+    /// retry copies closes, and [`Error::Runtime`] if core's runtime refuses to start (a start
+    /// check) or a task panics.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let GuardedConsumer {
             consumer,
