@@ -140,7 +140,7 @@ impl GuardedConsumer {
     /// consumer is cancelled by the broker ([`Error::ConsumerCancelled`]) or
     /// the channel or connection fails (returned as an error: unacked
     /// messages are back with the broker; reconnect and run again, or use
-    /// [`crate::supervise`], which does). Core's [`Runtime`] drives it:
+    /// [`crate::supervise_worker`], which does). Core's [`Runtime`] drives it:
     /// start checks, concurrency, backpressure, panics and the shutdown
     /// grace ([`drain_timeout`](Self::drain_timeout)); buffered deliveries
     /// are handed back (`basic_nack(requeue)`) at the end, and on a lost

@@ -119,7 +119,7 @@ pub enum BundleError {
     Validation {
         /// The schema file.
         schema: String,
-        /// One line per problem: `<file>: policy `<id>`: <message>`.
+        /// One line per problem: `<file>: policy <id>: <message>`.
         errors: Vec<String>,
     },
     /// The entities do not parse or do not conform to the schema.
