@@ -35,6 +35,11 @@ pub struct AmqpDeadLetters {
 
 impl AmqpDeadLetters {
     /// Dead letters to `exchange` with `routing_key`, over `channel` (put in confirm mode).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Lapin`] if the broker refuses to put `channel` in confirm mode or the
+    /// channel is closed.
     pub async fn new(
         channel: Channel,
         exchange: impl Into<String>,
@@ -48,6 +53,10 @@ impl AmqpDeadLetters {
     }
 
     /// Dead letters straight to `queue` (default exchange).
+    ///
+    /// # Errors
+    ///
+    /// The same as [`new`](Self::new): [`Error::Lapin`] if `channel` cannot be put in confirm mode.
     pub async fn to_queue(channel: Channel, queue: impl Into<String>) -> Result<Self, Error> {
         Self::new(channel, "", queue).await
     }

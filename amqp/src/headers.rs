@@ -23,6 +23,11 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 pub struct HeaderNameTooLong(pub usize);
 
 /// Encodes core headers as an AMQP field table (duplicates as field arrays of `LongString`s).
+///
+/// # Errors
+///
+/// Returns [`HeaderNameTooLong`] if a header name is longer than AMQP's 255-byte short-string
+/// limit.
 pub fn encode(headers: &Headers) -> Result<FieldTable, HeaderNameTooLong> {
     let mut grouped: Vec<(&str, Vec<&[u8]>)> = Vec::new();
     for (name, value) in headers.iter() {

@@ -180,6 +180,10 @@ impl Queues {
 /// `<queue>.retry` (arguments `x-dead-letter-exchange: ""`,
 /// `x-dead-letter-routing-key: <queue>`, so a retry copy returns to the work queue
 /// when its per-message `expiration` ends) and the dead-letter queue `<queue>.dlq`.
+///
+/// # Errors
+///
+/// The same as [`declare_queue_set`].
 pub async fn declare_queues(channel: &Channel, queue: &str) -> Result<Queues, Error> {
     declare_queues_with(channel, queue, FieldTable::default()).await
 }
@@ -189,6 +193,10 @@ pub async fn declare_queues(channel: &Channel, queue: &str) -> Result<Queues, Er
 /// only its `x-queue-type`: they have no consumers, so `x-expires`, a message
 /// TTL or a length limit there would delete parked retries and confirmed
 /// dead letters.
+///
+/// # Errors
+///
+/// The same as [`declare_queue_set`].
 pub async fn declare_queues_with(
     channel: &Channel,
     queue: &str,
@@ -206,6 +214,12 @@ pub async fn declare_queues_with(
 /// queues given explicitly (`side_args`). For throw-away queues (tests, demos)
 /// an `x-expires` there cleans up; in production it would delete parked
 /// retries and dead letters, so leave it out.
+///
+/// # Errors
+///
+/// Returns [`Error::InvalidName`] if a queue name (with its `.retry` or `.dlq` suffix) is longer
+/// than 255 bytes, and [`Error::Lapin`] if a declaration fails: the channel is closed, or a queue
+/// exists with different arguments (`PRECONDITION_FAILED`, which also closes the channel).
 pub async fn declare_queue_set(
     channel: &Channel,
     queue: &str,

@@ -79,6 +79,11 @@ impl ConfirmChannel {
     /// already is). Its connection's `frame_max` is assumed to be RabbitMQ's
     /// default ([`DEFAULT_FRAME_MAX`]): prefer [`ConfirmChannel::open`], which
     /// reads the negotiated one, or set it with [`ConfirmChannel::with_frame_max`].
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Lapin`] if `confirm.select` fails (the channel or connection is closed, or
+    /// the broker refuses).
     pub async fn new(channel: Channel) -> Result<Self, Error> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -92,6 +97,11 @@ impl ConfirmChannel {
 
     /// Opens a channel on `connection` in confirm mode, sized for the
     /// connection's negotiated `frame_max`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Lapin`] if the channel cannot be opened on `connection` or put in confirm
+    /// mode.
     pub async fn open(connection: &lapin::Connection) -> Result<Self, Error> {
         let frame_max = connection.configuration().frame_max();
         Ok(Self::new(connection.create_channel().await?)
@@ -117,6 +127,11 @@ impl ConfirmChannel {
     }
 
     /// Whether a message with `properties` and a body of `body_len` bytes can be sent.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::HeaderFrameTooLarge`] if the encoded content header frame is larger than
+    /// the connection's `frame_max`.
     pub fn header_fits(&self, properties: &BasicProperties, body_len: usize) -> Result<(), Error> {
         let size = header_frame_len(properties, body_len);
         if size > self.frame_max as usize {
@@ -135,6 +150,15 @@ impl ConfirmChannel {
 
     /// Publishes with `mandatory: true` and waits for the broker: only an ack for a
     /// routed message is a success; a nack or a `basic.return` (unroutable) is an error.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::HeaderFrameTooLarge`] if the header frame would exceed `frame_max`,
+    /// [`Error::InvalidName`] if `exchange` or `routing_key` is longer than 255 bytes,
+    /// [`Error::Lapin`] if the publish fails on the channel, [`Error::ConfirmTimeout`] if no
+    /// confirm arrives in time, [`Error::Unroutable`] if the broker returns the message,
+    /// [`Error::Nacked`] if it nacks it, and [`Error::ConfirmsOff`] if the channel is not in
+    /// confirm mode.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -196,6 +220,10 @@ impl std::fmt::Debug for AmqpPublisher {
 
 impl AmqpPublisher {
     /// Wraps a channel the application opened (it is put in confirm mode).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Lapin`] if `channel` cannot be put in confirm mode.
     pub async fn new(channel: Channel, guard: ProducerGuard) -> Result<Self, Error> {
         Ok(AmqpPublisher {
             channel: ConfirmChannel::new(channel).await?,

@@ -140,12 +140,19 @@ impl GuardedConsumer {
     /// consumer is cancelled by the broker ([`Error::ConsumerCancelled`]) or
     /// the channel or connection fails (returned as an error: unacked
     /// messages are back with the broker; reconnect and run again, or use
-    /// [`crate::supervise`], which does). Core's [`Runtime`] drives it:
+    /// [`crate::supervise_worker`], which does). Core's [`Runtime`] drives it:
     /// start checks, concurrency, backpressure, panics and the shutdown
     /// grace ([`drain_timeout`](Self::drain_timeout)); buffered deliveries
     /// are handed back (`basic_nack(requeue)`) at the end, and on a lost
     /// connection in-flight deliveries are abandoned at once (the broker
     /// already requeued them).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::ConsumerCancelled`] if the broker cancels the consumer, [`Error::Lapin`] if
+    /// the channel or connection fails, [`Error::ConfirmChannelClosed`] if the channel used for
+    /// retry copies closes, and [`Error::Runtime`] if core's runtime refuses to start (a start
+    /// check) or a task panics.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let GuardedConsumer {
             consumer,

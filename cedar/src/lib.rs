@@ -119,7 +119,7 @@ pub enum BundleError {
     Validation {
         /// The schema file.
         schema: String,
-        /// One line per problem: `<file>: policy `<id>`: <message>`.
+        /// One line per problem: `<file>: policy <id>: <message>`.
         errors: Vec<String>,
     },
     /// The entities do not parse or do not conform to the schema.
@@ -155,6 +155,11 @@ pub fn content_hash(files: &[(String, Vec<u8>)]) -> String {
 
 /// Reads the bundle files of `dir` (non-recursive): `*.cedar`, `*.cedarschema`
 /// and `entities.json`, sorted by name. Other files are ignored.
+///
+/// # Errors
+///
+/// Returns [`BundleError::Io`] naming the path if `dir` cannot be listed or a bundle file in it
+/// cannot be read.
 pub fn read_bundle_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -212,6 +217,17 @@ impl std::fmt::Debug for Bundle {
 impl Bundle {
     /// Parses and validates a bundle from its files (names relative to the
     /// bundle); `origin` names the bundle in error messages.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`BundleError::NotUtf8`] if a file is not UTF-8; [`BundleError::MissingSchema`],
+    /// [`BundleError::MultipleSchemas`], [`BundleError::MissingEntities`] or
+    /// [`BundleError::NoPolicies`] if the bundle does not have exactly one schema, an
+    /// `entities.json` and at least one policy file; [`BundleError::Schema`] if the schema does not
+    /// parse; [`BundleError::PolicyParse`] if a policy file does not parse or holds a template;
+    /// [`BundleError::DuplicatePolicyId`] if two policies share an id; [`BundleError::Validation`]
+    /// if the policies do not validate strictly against the schema; and [`BundleError::Entities`]
+    /// if the entities do not parse or conform to it.
     pub fn from_files(origin: &str, files: &[(String, Vec<u8>)]) -> Result<Self, BundleError> {
         let text = |(name, bytes): &BundleFile| -> Result<(String, String), BundleError> {
             let s = std::str::from_utf8(bytes)
@@ -369,6 +385,10 @@ impl Bundle {
     }
 
     /// Loads a bundle from a directory.
+    ///
+    /// # Errors
+    ///
+    /// Returns the errors of [`read_bundle_files`] and [`from_files`](Self::from_files).
     pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
         let files = read_bundle_files(dir)?;
         Self::from_files(&dir.display().to_string(), &files)
@@ -392,6 +412,12 @@ impl Bundle {
     }
 
     /// Evaluates one request against this bundle.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`PdpError::InvalidRequest`] if the action or an entity type is not in the schema,
+    /// the action does not apply to the subject's and resource's entity types, or the context does
+    /// not fit the schema. A deny is a decision, not an error.
     pub fn decide(
         &self,
         authorizer: &Authorizer,
@@ -403,6 +429,11 @@ impl Bundle {
     /// Evaluates several requests against this bundle; requests that share
     /// their context JSON (both halves of trust elevation do) share its
     /// conversion.
+    ///
+    /// # Errors
+    ///
+    /// Returns the first [`PdpError::InvalidRequest`] of any request (see
+    /// [`decide`](Self::decide)); no decisions are returned then.
     pub fn decide_all(
         &self,
         authorizer: &Authorizer,
@@ -684,6 +715,11 @@ impl CedarPdp {
     }
 
     /// Loads a bundle directory (`*.cedar`, one `*.cedarschema`, `entities.json`).
+    ///
+    /// # Errors
+    ///
+    /// Returns the errors of [`Bundle::load_dir`]: [`BundleError::Io`] if the directory or a file
+    /// cannot be read, and the parse and validation errors of [`Bundle::from_files`].
     pub fn load_dir(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         let bundle = Bundle::load_dir(&dir)?;
@@ -692,6 +728,11 @@ impl CedarPdp {
     }
 
     /// Builds a PDP from in-memory sources (tests, embedded demos); it cannot reload.
+    ///
+    /// # Errors
+    ///
+    /// Returns the parse and validation errors of [`Bundle::from_files`] (schema, policies,
+    /// entities).
     pub fn from_sources(
         policies: &str,
         schema: &str,
@@ -728,6 +769,11 @@ impl CedarPdp {
 
     /// Re-reads the bundle directory and swaps it in atomically; on error the
     /// bundle in force stays and the error says which file and why.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`BundleError::NoSource`] if the PDP was built from in-memory sources, and the read,
+    /// parse and validation errors of [`Bundle::load_dir`]; the bundle in force then stays.
     pub fn reload(&self) -> Result<String, BundleError> {
         let dir = self.dir.as_ref().ok_or(BundleError::NoSource)?;
         let _guard = self.reload_lock.lock();

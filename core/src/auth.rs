@@ -147,6 +147,12 @@ impl AuthContext {
 
     /// Derives the reference for a message this handler publishes downstream:
     /// appends the reference's signer to the chain, may only narrow scope.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`MintError::ScopeWidened`] if `scope` is not within this context's scope narrowed
+    /// by the inbound reference's scope, [`MintError::DepthExceeded`] if one more hop would pass
+    /// the chain's `max_depth`, and [`MintError::Signing`] if signing the new reference fails.
     pub fn derive_reference(
         &self,
         minter: &ContextRefMinter,

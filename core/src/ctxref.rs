@@ -239,6 +239,10 @@ impl ContextRefMinter {
     }
 
     /// Mints an origin (depth 0) reference bound to destination and payload.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`MintError::Signing`] if the claims cannot be signed with this minter's key.
     pub fn mint(&self, req: &MintRequest<'_>) -> Result<MintedRef, MintError> {
         let now = unix_now();
         let claims = ContextRefClaims {
@@ -264,6 +268,12 @@ impl ContextRefMinter {
     /// Derives the next hop's reference from a verified parent: appends the
     /// parent's signer to `act`, keeps `sub`/`txn`/`max_depth`, may only narrow scope.
     /// The new reference never outlives its parent.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`MintError::ScopeWidened`] if `scope` is not a subset of the parent's scope,
+    /// [`MintError::DepthExceeded`] if the new depth would pass the parent's `max_depth`, and
+    /// [`MintError::Signing`] if signing fails.
     pub fn derive(
         &self,
         parent: &ContextRefClaims,
@@ -321,6 +331,11 @@ impl ContextRefMinter {
     }
 
     /// Signs claims as they are (tests use it to build invalid references).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`MintError::Signing`] if the claims cannot be serialized or signed with this
+    /// minter's key.
     pub fn sign(&self, claims: ContextRefClaims) -> Result<MintedRef, MintError> {
         let token = jws::sign(&self.key, CTX_REF_TYP, &claims)
             .map_err(|e| MintError::Signing(e.to_string()))?;
@@ -354,7 +369,7 @@ pub enum RefError {
     /// Past `exp` plus leeway.
     #[error("expired at {exp}, now {now}")]
     Expired {
-        /// Expiry.
+        /// The reference's `exp` claim (seconds since the epoch).
         exp: i64,
         /// Verification time.
         now: i64,
@@ -533,6 +548,10 @@ impl ContextRefVerifier {
     }
 
     /// Verifies `token` for a message read from `destination` with `payload`, now.
+    ///
+    /// # Errors
+    ///
+    /// Same as [`verify_at`](Self::verify_at), at the current time.
     pub fn verify(
         &self,
         token: &str,
@@ -543,6 +562,16 @@ impl ContextRefVerifier {
     }
 
     /// Verifies at an explicit time (seconds since the epoch).
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`RefError`] when the reference fails any check: [`RefError::Jws`] if it is
+    /// malformed, uses a disallowed algorithm, names an unknown key or has a bad signature;
+    /// [`RefError::IssuerMismatch`] if `iss` is not the signing key's owner;
+    /// [`RefError::WrongAudience`]; [`RefError::Expired`], [`RefError::NotYetValid`],
+    /// [`RefError::NotBefore`] or [`RefError::HorizonTooLong`] for its time window;
+    /// [`RefError::WrongDestination`] or [`RefError::DigestMismatch`] if it is not bound to
+    /// `destination` and `payload`; and the chain errors of [`check_chain`].
     pub fn verify_at(
         &self,
         token: &str,
@@ -561,6 +590,11 @@ impl ContextRefVerifier {
     /// Verifies everything except the message binding (`dst`, `dig`), for a party
     /// that never sees the message: the TTS checks a reference presented as
     /// `subject_token` this way, with `audience` = the requesting workload.
+    ///
+    /// # Errors
+    ///
+    /// The same errors as [`verify_at`](Self::verify_at), except [`RefError::WrongDestination`] and
+    /// [`RefError::DigestMismatch`], which are not checked here.
     pub fn verify_unbound(&self, token: &str, audience: &str) -> Result<VerifiedRef, RefError> {
         self.verify_inner(token, audience, None, unix_now())
     }
@@ -726,6 +760,12 @@ fn digest_matches(dig: &str, payload: &[u8]) -> bool {
 
 /// Chain rules: `depth` equals the number of prior hops, is within both
 /// maxima, and scope never widens from the origin to the current hop.
+///
+/// # Errors
+///
+/// Returns [`RefError::ChainInvalid`] if `depth` differs from the number of hops in `act` or a hop
+/// has an empty `sub`, [`RefError::DepthExceeded`] if `depth` is above `max_depth` or `local_max`,
+/// and [`RefError::ScopeWidened`] if a hop's scope is wider than the one before it.
 pub fn check_chain(claims: &ContextRefClaims, local_max: u32) -> Result<(), RefError> {
     let hops: Vec<&Actor> = claims.act.iter().flat_map(|a| a.iter()).collect();
     if hops.len() != claims.depth as usize {

@@ -22,7 +22,7 @@ pub struct DecisionRecord {
     pub decision_id: String,
     /// RFC 3339 time of the decision.
     pub time: String,
-    /// Verdict.
+    /// What the guard decided for the message (permit, deny, retry).
     pub verdict: Verdict,
     /// Reason code.
     pub reason: Reason,
@@ -66,13 +66,18 @@ pub struct DecisionRecord {
 pub struct SinkError {
     /// Which sink.
     pub sink: String,
-    /// Why.
+    /// Why the record could not be written (the underlying I/O or encoding error).
     pub reason: String,
 }
 
 /// Where decision records go.
 pub trait DecisionSink: Send + Sync {
     /// Records one decision durably enough for this sink, or fails loudly.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`SinkError`] if the record could not be written (serialized, written and flushed,
+    /// or sent) so that it is durable for this sink; the caller must then not act on the decision.
     fn record(&self, rec: &DecisionRecord) -> Result<(), SinkError>;
 }
 
@@ -84,6 +89,11 @@ pub struct FileSink {
 
 impl FileSink {
     /// Opens (creating or appending to) a JSON Lines file.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`SinkError`] if the file cannot be opened or created for appending (missing
+    /// directory, permissions).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SinkError> {
         let path = path.as_ref().to_path_buf();
         let file = OpenOptions::new()

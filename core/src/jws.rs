@@ -71,6 +71,13 @@ pub struct ParsedJws<'a> {
 }
 
 /// Step 1: parse a compact JWS, check the algorithm allow-list and `typ`.
+///
+/// # Errors
+///
+/// Returns [`JwsError::Malformed`] if the token is longer than the size limit, is not three
+/// base64url segments, has a header that is not JSON or carries a `crit` header;
+/// [`JwsError::AlgorithmNotAllowed`] if `alg` is not ES256 or EdDSA; [`JwsError::WrongType`] if
+/// `typ` is not `expected_typ`; and [`JwsError::BadSignature`] if the signature segment is empty.
 pub fn parse<'a>(token: &'a str, expected_typ: &'static str) -> Result<ParsedJws<'a>, JwsError> {
     if token.len() > MAX_JWS_LEN {
         return Err(JwsError::Malformed(format!(
@@ -129,6 +136,13 @@ fn typ_matches(found: Option<&str>, expected: &str) -> bool {
 
 impl ParsedJws<'_> {
     /// Step 2: resolve the key by `kid` and verify the signature with the key's pinned algorithm.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`JwsError::MissingKid`] if the header has no `kid`, [`JwsError::UnknownKey`] if
+    /// `keys` has no key with that `kid`, [`JwsError::AlgorithmNotAllowed`] if the header's `alg`
+    /// is not the key's pinned algorithm, and [`JwsError::BadSignature`] if the signature does not
+    /// verify.
     pub fn verify<'k>(&self, keys: &'k KeySet) -> Result<&'k VerifyingKey, JwsError> {
         let kid = self.header.kid.as_deref().ok_or(JwsError::MissingKid)?;
         let key = keys
@@ -149,6 +163,10 @@ impl ParsedJws<'_> {
     }
 
     /// Step 3: decode the payload as claims of type `T`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`JwsError::Malformed`] if the payload is not JSON that deserializes as `T`.
     pub fn claims<T: DeserializeOwned>(&self) -> Result<T, JwsError> {
         serde_json::from_slice(&self.payload)
             .map_err(|e| JwsError::Malformed(format!("claims: {e}")))
@@ -156,11 +174,20 @@ impl ParsedJws<'_> {
 }
 
 /// Signs `claims` as a compact JWS with `typ` and the key's `kid`.
+///
+/// # Errors
+///
+/// Returns [`JwsError::Malformed`] if `claims` cannot be serialized or the key cannot sign.
 pub fn sign<T: Serialize>(key: &SigningKey, typ: &str, claims: &T) -> Result<String, JwsError> {
     sign_with(key.encoding_key(), key.alg(), Some(key.kid()), typ, claims)
 }
 
 /// Signs with an explicit key, algorithm and optional `kid` (tests use it to forge).
+///
+/// # Errors
+///
+/// Returns [`JwsError::Malformed`] if `claims` cannot be serialized or `key` cannot sign with
+/// `alg`.
 pub fn sign_with<T: Serialize>(
     key: &EncodingKey,
     alg: SigningAlg,

@@ -108,6 +108,11 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// Generates a fresh key pair (used by tests, the demo and key rotation).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::Generation`] if the system random source fails, and
+    /// [`KeyError::InvalidPrivateKey`] if the generated key cannot be loaded back.
     pub fn generate(alg: SigningAlg, kid: impl Into<String>) -> Result<Self, KeyError> {
         let rng = SystemRandom::new();
         let der = match alg {
@@ -126,6 +131,11 @@ impl SigningKey {
     }
 
     /// Loads a PKCS#8 DER private key.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidPrivateKey`] if `der` is not a PKCS#8 key of algorithm `alg` (or,
+    /// for ES256, its public point is not an uncompressed P-256 point).
     pub fn from_pkcs8_der(
         alg: SigningAlg,
         kid: impl Into<String>,
@@ -170,6 +180,11 @@ impl SigningKey {
     }
 
     /// Loads a PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidPrivateKey`] if the PEM body is not base64 or does not hold a
+    /// PKCS#8 key of algorithm `alg`.
     pub fn from_pkcs8_pem(
         alg: SigningAlg,
         kid: impl Into<String>,
@@ -190,6 +205,11 @@ impl SigningKey {
     }
 
     /// Reads a PKCS#8 PEM private key from a file.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::Io`] if the file cannot be read, and [`KeyError::InvalidPrivateKey`] if
+    /// it does not hold a PKCS#8 PEM key of algorithm `alg`.
     pub fn from_pem_file(
         alg: SigningAlg,
         kid: impl Into<String>,
@@ -269,11 +289,21 @@ impl KeySet {
     }
 
     /// Adds a public JWK; it must carry a `kid` and be EC P-256 or OKP Ed25519.
+    ///
+    /// # Errors
+    ///
+    /// The same as [`insert_jwk_owned`](Self::insert_jwk_owned).
     pub fn insert_jwk(&mut self, jwk: &Jwk) -> Result<(), KeyError> {
         self.insert_jwk_owned(jwk, None)
     }
 
     /// Adds a public JWK owned by a workload: tokens it signs must have `iss` = `owner`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the JWK has no `kid`, carries private key material
+    /// (`d`), is not EC P-256 or OKP Ed25519, declares an `alg` that does not match its key type,
+    /// or cannot be decoded as a verifying key.
     pub fn insert_jwk_owned(&mut self, jwk: &Jwk, owner: Option<String>) -> Result<(), KeyError> {
         let value = serde_json::to_value(jwk).map_err(|e| KeyError::InvalidJwk {
             kid: jwk.common.key_id.clone(),
@@ -317,6 +347,11 @@ impl KeySet {
     }
 
     /// Builds a key set from a JWKS document.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] for the first key in the set that
+    /// [`insert_jwk`](Self::insert_jwk) rejects.
     pub fn from_jwks(set: &JwkSet) -> Result<Self, KeyError> {
         let mut ks = KeySet::new();
         for jwk in &set.keys {
@@ -326,11 +361,21 @@ impl KeySet {
     }
 
     /// Adds the public half of a signing key.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the key's public JWK is rejected (see
+    /// [`insert_jwk`](Self::insert_jwk)).
     pub fn insert_signing_key(&mut self, key: &SigningKey) -> Result<(), KeyError> {
         self.insert_jwk(key.public_jwk())
     }
 
     /// Adds the public half of a workload's signing key, bound to that workload id.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the key's public JWK is rejected (see
+    /// [`insert_jwk_owned`](Self::insert_jwk_owned)).
     pub fn insert_workload_key(
         &mut self,
         workload: &str,

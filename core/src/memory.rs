@@ -29,9 +29,9 @@ pub fn coordinates(queue: &str, seq: u64) -> Coordinates {
 pub struct StoredMessage {
     /// Sequence number in its queue.
     pub seq: u64,
-    /// Headers.
+    /// The message headers, as the publisher sent them.
     pub headers: Headers,
-    /// Payload.
+    /// The message body, as published.
     pub payload: Bytes,
     /// Deliveries so far.
     pub deliveries: u32,

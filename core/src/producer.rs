@@ -176,6 +176,14 @@ impl ProducerGuard {
     }
 
     /// Checks, strips and signs one message.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`PublishError::ScopeInsufficient`] if the requested scope is not within the
+    /// subject's scope or does not contain the action, [`PublishError::Pdp`] if the PDP cannot
+    /// answer, [`PublishError::Denied`] if it says no, [`PublishError::Refused`] if the message
+    /// carries credentials that the strip policy refuses, and [`PublishError::Mint`] if signing the
+    /// reference fails.
     pub async fn prepare(
         &self,
         req: &PublishRequest<'_>,
@@ -219,6 +227,14 @@ impl ProducerGuard {
     /// Checks, strips and signs a message a handler publishes downstream: the
     /// reference is derived from the handler's `AuthContext` (this workload joins
     /// the `act` chain, scope may only narrow, `txn` and subject are kept).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`PublishError::ScopeInsufficient`] if the scope does not contain the action,
+    /// [`PublishError::Pdp`] if the PDP cannot answer, [`PublishError::Denied`] if it says no,
+    /// [`PublishError::Refused`] if the message carries credentials that the strip policy refuses,
+    /// and [`PublishError::Mint`] if the derived reference would widen scope, pass `max_depth` or
+    /// cannot be signed.
     pub async fn prepare_derived(
         &self,
         auth: &crate::auth::AuthContext,

@@ -25,6 +25,11 @@ impl std::fmt::Debug for RedisReplayGuard {
 
 impl RedisReplayGuard {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); keys are `<prefix><jti>`.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`ReplayStoreError`] if `url` is not a valid Redis URL or the first connection to
+    /// the server fails.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, ReplayStoreError> {
         let client = redis::Client::open(url).map_err(|e| ReplayStoreError(e.to_string()))?;
         let conn = ConnectionManager::new(client)

@@ -225,14 +225,14 @@ pub enum Outcome {
     DeadLettered {
         /// Decision id.
         decision_id: String,
-        /// Why.
+        /// Why the guard refused the message, as recorded on the dead letter.
         reason: Reason,
     },
     /// Handed back to the broker for a later attempt.
     Redelivering {
         /// Decision id.
         decision_id: String,
-        /// Why.
+        /// Why the message is not settled yet (the guard's or the handler's reason).
         reason: Reason,
         /// After how long.
         delay: Duration,
@@ -401,6 +401,12 @@ impl Processor {
     }
 
     /// Decides, dispatches or dead-letters, and settles one delivery.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`ProcessError`] (with the guard's reason) if the broker fails to ack, reject or
+    /// dead-letter the delivery; the message is then left unsettled for the broker to redeliver.
+    /// Denials, handler failures and dead-lettering are outcomes, not errors.
     pub async fn process<D: Delivery>(&self, delivery: D) -> Result<Outcome, ProcessError> {
         let mut attempt = delivery.message().delivery_attempt.max(1);
         let clock = outage_key(delivery.message());

@@ -66,14 +66,14 @@ impl std::fmt::Debug for Redacted<'_> {
 pub struct TxnTokenClaims {
     /// Issued at.
     pub iat: i64,
-    /// Expiry.
+    /// The token's `exp` claim (seconds since the epoch); past it the token is refused.
     pub exp: i64,
     /// Trust domain.
     #[serde(deserialize_with = "crate::token::one_or_many")]
     pub aud: Vec<String>,
     /// Transaction id.
     pub txn: String,
-    /// Subject.
+    /// The subject the transaction acts for (the `sub` claim).
     pub sub: String,
     /// Granted scope.
     pub scope: String,
@@ -91,6 +91,10 @@ pub struct TxnTokenClaims {
 }
 
 /// Accepts a JSON string or array of strings (the `aud` claim).
+///
+/// # Errors
+///
+/// Returns the deserializer's error if the value is neither a string nor an array of strings.
 pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

@@ -217,6 +217,13 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
     /// their queued records unstored. At shutdown, records in progress get
     /// [`shutdown_grace`](Self::shutdown_grace) to settle, then stored
     /// offsets are committed.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Kafka`] if librdkafka reports a fatal consumer error (a failed offset
+    /// commit is only logged), and [`Error::Runtime`] if core's runtime refuses to start (a start
+    /// check fails) or a partition's task panics; records not yet settled stay unstored and are
+    /// re-read after a restart.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let runtime = Runtime::new()
             .concurrency(self.concurrency)

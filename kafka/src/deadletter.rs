@@ -61,6 +61,11 @@ pub struct KafkaDeadLetters<C: ClientContext + 'static = DefaultClientContext> {
 impl KafkaDeadLetters<DefaultClientContext> {
     /// Creates its own producer from `config` with `acks=all` and idempotence
     /// forced on; its `message.max.bytes` bounds every letter.
+    ///
+    /// # Errors
+    ///
+    /// Returns the [`KafkaError`] librdkafka gives if the producer cannot be created from `config`
+    /// (an invalid or conflicting property).
     pub fn from_config(config: &ClientConfig) -> KafkaResult<Self> {
         let mut config = config.clone();
         config.set("acks", "all").set("enable.idempotence", "true");

@@ -37,6 +37,12 @@ impl std::fmt::Debug for EmbeddedKafka {
 
 impl EmbeddedKafka {
     /// Starts a mock cluster of `brokers` brokers.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`KafkaError`] if librdkafka cannot create the mock cluster, and
+    /// [`KafkaError::ClientCreation`] if its thread cannot be spawned or ends before reporting the
+    /// bootstrap servers.
     pub fn start(brokers: i32) -> KafkaResult<Self> {
         let (ready_tx, ready_rx) = mpsc::channel::<KafkaResult<String>>();
         let (commands, rx) = mpsc::channel::<Command>();
@@ -81,6 +87,11 @@ impl EmbeddedKafka {
     }
 
     /// Creates a topic with `partitions` partitions (replication factor 1).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KafkaError::ClientCreation`] if the mock cluster has stopped, and librdkafka's
+    /// error if it refuses the topic (for example, an invalid name or partition count).
     pub fn create_topic(&self, name: &str, partitions: i32) -> KafkaResult<()> {
         let (reply, rx) = mpsc::channel();
         self.commands

@@ -61,6 +61,12 @@ impl GuardedSubscriber {
     /// Runs until `shutdown` completes or the subscription ends; on shutdown the
     /// subscription is drained (messages already buffered are still processed).
     /// Core's [`Runtime`] drives it (concurrency, backpressure, panics).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Runtime`] if core's runtime refuses to start (a start check fails) or a
+    /// message's task panics. The subscription ending (unsubscribed, client closed) is not an
+    /// error: `run` returns `Ok(())`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let source = CoreSource {
             subscriber: self.subscriber,

@@ -90,6 +90,12 @@ impl NatsDeadLetters {
     /// (timeout, connection) is an error: a passing fault must not quietly
     /// downgrade dead letters to at-most-once. A server without JetStream
     /// answers with an error too: use [`NatsDeadLetters::core`] there.
+    ///
+    /// # Errors
+    ///
+    /// Returns the lookup's [`GetStreamByNameError`](jetstream::context::GetStreamByNameError) for
+    /// any failure other than "no stream captures `subject`": a timeout, a lost connection, or a
+    /// server without JetStream.
     pub async fn auto(
         client: Client,
         subject: impl Into<String>,

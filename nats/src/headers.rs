@@ -35,6 +35,11 @@ pub enum HeaderError {
 }
 
 /// Converts Elevate headers to a NATS header map (duplicates kept).
+///
+/// # Errors
+///
+/// Returns [`HeaderError::InvalidName`] if a header name is not a valid NATS header name, and
+/// [`HeaderError::InvalidValue`] if a value is not UTF-8 or not a valid NATS header value.
 pub fn to_nats_headers(headers: &Headers) -> Result<HeaderMap, HeaderError> {
     let mut map = HeaderMap::new();
     for (name, value) in headers.iter() {

@@ -134,6 +134,14 @@ impl GuardedConsumer {
     /// retry policies, `ack_wait` against the keep-alive, durable dead
     /// letters, the dead-letter stream), concurrency, backpressure (a pull of
     /// one while a dependency is down), panics and shutdown.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Error::Config`] if the consumer is misconfigured (for example, not
+    /// `AckPolicy::Explicit`), [`Error::ClientClosed`] if the client stopped for good (detected
+    /// with [`GuardedConsumer::unreadable`]), and [`Error::Runtime`] if core's runtime refuses to
+    /// start (a start check such as `max_deliver` or `ack_wait` against the policies) or a task
+    /// panics.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let sweeper = match self.unreadable.clone() {
             Some(u) => Some(Sweeper::new(u)),
@@ -323,6 +331,11 @@ impl JetStreamDelivery {
 }
 
 /// Maps a JetStream message to the broker-neutral message.
+///
+/// # Errors
+///
+/// Returns [`Error::NotJetStream`] if the message's reply subject carries no JetStream metadata (it
+/// was not delivered by a JetStream consumer).
 pub fn inbound_from_jetstream(msg: &jetstream::Message) -> Result<InboundMessage, Error> {
     let info = msg.info().map_err(|e| Error::NotJetStream(e.to_string()))?;
     let headers = from_nats_headers(msg.message.headers.as_ref());

@@ -154,6 +154,11 @@ impl NatsPublisher {
     }
 
     /// Waits until the server has received everything published so far (core NATS).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`PublishError::Broker`] if the flush fails (the connection is closed or the flush
+    /// times out).
     pub async fn flush(&self) -> Result<(), PublishError> {
         self.client
             .flush()

@@ -383,6 +383,14 @@ impl UnreadableMessages {
     /// Runs one sweep of `consumer`'s delivered, unacknowledged window now:
     /// every message in it async-nats refuses is dead-lettered (decision
     /// recorded through `processor`'s guard) and terminated.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`SweepError::NotDurable`] if `processor`'s dead letters are not durable,
+    /// [`SweepError::ConsumerInfo`] if the consumer's info cannot be read, [`SweepError::Read`] if
+    /// a stored message cannot be read or decoded, [`SweepError::DeadLetter`] if the dead letter
+    /// is not confirmed, and [`SweepError::Term`] if the server does not confirm the `+TERM`.
+    /// Messages dead-lettered before the failing one stay so; the failing one is not terminated.
     pub async fn sweep(
         &self,
         consumer: &PullConsumer,

@@ -69,6 +69,11 @@ pub fn tap_queue(queue: &str) -> String {
 }
 
 /// Reads up to `expected` messages from `queue` with `basic.get` (acking them), waiting up to `timeout`.
+///
+/// # Errors
+///
+/// Returns the broker's error, as text, if a `basic.get` or an ack fails (channel closed, queue
+/// missing). Fewer than `expected` messages by the deadline is not an error.
 pub async fn drain(
     channel: &Channel,
     queue: &str,

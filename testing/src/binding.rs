@@ -51,9 +51,9 @@ impl ConsumerHandle {
 /// A raw message as read back from a broker.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
-    /// Headers.
+    /// The message headers as the broker returned them, to check what was stripped or attached.
     pub headers: Headers,
-    /// Payload.
+    /// The message body as the broker returned it.
     pub payload: Vec<u8>,
 }
 

@@ -404,7 +404,7 @@ pub struct Evasive {
     pub secret: String,
     /// Headers (with a valid context reference, unless the case is about it).
     pub headers: Headers,
-    /// Payload.
+    /// The message body; in some cases it is where the credential hides.
     pub payload: Vec<u8>,
 }
 

@@ -29,15 +29,15 @@ pub const PARTITIONS: i32 = 3;
 /// One record read back with a plain consumer.
 #[derive(Debug, Clone)]
 pub struct Record {
-    /// Partition.
+    /// The partition the record was read from.
     pub partition: i32,
-    /// Offset.
+    /// The record's offset in its partition.
     pub offset: i64,
-    /// Key.
+    /// The record's key, if it has one (it picks the partition).
     pub key: Option<Vec<u8>>,
-    /// Headers.
+    /// The record's headers as stored, to check what was stripped or attached.
     pub headers: Headers,
-    /// Payload.
+    /// The record's value as stored.
     pub payload: Vec<u8>,
 }
 
@@ -136,6 +136,12 @@ impl KafkaBinding {
     }
 
     /// Creates a topic (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the admin client cannot be created or the request fails, the broker
+    /// refuses the topic (other than "already exists"), or not all its partitions are visible in
+    /// metadata after 50 probes (at least 5 s).
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> BindResult<()> {
         if let Some(e) = &self.embedded {
             return e.create_topic(topic, partitions).map_err(kafka_err);
@@ -192,6 +198,12 @@ impl KafkaBinding {
 
     /// Starts a guarded consumer on `topic` in `group`, dead letters to `<topic>.dlq`;
     /// returns once the group has assigned it partitions (bounded: 60 s).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the dead-letter producer or the guarded consumer cannot be created
+    /// (including a consumer configuration the guard refuses), the subscription fails, or the group
+    /// assigns no partitions within 60 s.
     pub async fn spawn_guarded(
         &self,
         topic: &str,
@@ -241,6 +253,12 @@ impl KafkaBinding {
     /// Reads `topic` from the beginning with a plain consumer: waits until at
     /// least `expected` records exist (or `timeout`), then returns everything up
     /// to the high watermarks, in partition/offset order.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the reader cannot be created or assigned, the topic's metadata or
+    /// watermarks cannot be fetched, or the topic has no partitions. Fewer than `expected` records
+    /// by `timeout` is not an error.
     pub async fn read_records(
         &self,
         topic: &str,
@@ -324,6 +342,11 @@ impl KafkaBinding {
     }
 
     /// Committed offsets of `group` on `topic`, per partition (None if nothing committed).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the consumer cannot be created, or the topic's metadata or the group's
+    /// committed offsets cannot be fetched (within 5 s and 10 s).
     pub async fn committed(
         &self,
         topic: &str,
@@ -361,6 +384,11 @@ impl KafkaBinding {
     }
 
     /// Sends a record with the plain producer to a partition, exactly as given.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the broker does not acknowledge the record within 10 s or refuses it
+    /// (unknown topic or partition, too large).
     pub async fn send_raw(
         &self,
         topic: &str,

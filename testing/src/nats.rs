@@ -42,9 +42,9 @@ pub struct StreamRecord {
     pub seq: u64,
     /// Subject it was published to.
     pub subject: String,
-    /// Headers.
+    /// The message headers as stored in the stream, to check what was stripped or attached.
     pub headers: Headers,
-    /// Payload.
+    /// The message body as stored in the stream.
     pub payload: Vec<u8>,
 }
 
@@ -184,6 +184,11 @@ impl NatsBinding {
     }
 
     /// Creates a memory-storage stream capturing `subjects`.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the server refuses the stream (a name or subject in use by another
+    /// stream, JetStream disabled).
     pub async fn create_stream(
         &self,
         name: &str,
@@ -203,6 +208,11 @@ impl NatsBinding {
     }
 
     /// Creates (or returns) the durable, explicit-ack pull consumer `durable` on `stream`.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if `stream` does not exist, or the consumer cannot be created (an existing
+    /// one with a different configuration).
     pub async fn create_consumer(
         &self,
         stream: &str,
@@ -219,6 +229,11 @@ impl NatsBinding {
     }
 
     /// Starts a guarded JetStream worker on its own connection (so `kill` drops it like a crash).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if `stream` does not exist or the consumer cannot be created. Errors of
+    /// the running worker are not returned here.
     pub async fn spawn_jetstream(
         &self,
         stream: &str,
@@ -248,6 +263,11 @@ impl NatsBinding {
     }
 
     /// Starts a guarded core NATS subscriber in queue group `group`, on its own connection.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the subscription or its flush fails, or the dead-letter target cannot
+    /// be chosen (see [`NatsDeadLetters::auto`]).
     pub async fn spawn_core(
         &self,
         subject: &str,
@@ -276,6 +296,11 @@ impl NatsBinding {
     }
 
     /// Reads every message of `stream` (waiting until it holds `expected`, or `timeout`).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the stream or its info cannot be read. Fewer than `expected` messages
+    /// by `timeout` is not an error, and sequences without a message are skipped.
     pub async fn read_stream(
         &self,
         stream: &str,
@@ -310,6 +335,11 @@ impl NatsBinding {
     }
 
     /// Publishes exactly these headers and payload with the plain client (JetStream publish, acked).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if a header cannot be encoded for NATS, or the publish is not acknowledged
+    /// by a stream (no stream captures `subject`, or a timeout).
     pub async fn publish_plain(
         &self,
         subject: &str,

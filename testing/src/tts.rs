@@ -100,6 +100,12 @@ pub struct TtsProcess {
 impl TtsProcess {
     /// Starts `bin --config config [--listen listen]` and waits for its
     /// `listening on http://ADDR` line (stderr goes to `tts.log` beside the config).
+    ///
+    /// # Errors
+    ///
+    /// Returns an I/O error if the log file cannot be opened or `bin` cannot be started, or if the
+    /// process does not print `listening on http://ADDR` as its first line within 30 s (the error
+    /// then carries the log).
     pub fn spawn(bin: &Path, config: &Path, listen: Option<SocketAddr>) -> std::io::Result<Self> {
         let log = config.with_file_name("tts.log");
         let log_file = std::fs::OpenOptions::new()
@@ -148,6 +154,10 @@ impl TtsProcess {
     }
 
     /// Starts it again on the same address (retrying while the port is released).
+    ///
+    /// # Errors
+    ///
+    /// Returns the last error of [`spawn`](Self::spawn) if it fails 50 times (about 5 s).
     pub fn respawn(bin: &Path, config: &Path, addr: SocketAddr) -> std::io::Result<Self> {
         let mut last = None;
         for _ in 0..50 {

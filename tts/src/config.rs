@@ -153,6 +153,12 @@ impl ServiceConfig {
     }
 
     /// Parses TOML text.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ConfigError::Parse`] if `text` is not valid TOML for this configuration, and
+    /// [`ConfigError::Invalid`] if `trust_domain` is empty, `token_endpoint_path` does not start
+    /// with `/`, or `token_lifetime_secs` is not between 1 and 3600.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: ServiceConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
@@ -177,6 +183,11 @@ impl ServiceConfig {
     }
 
     /// Reads and parses a TOML file.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ConfigError::Io`] if the file cannot be read, and the errors of
+    /// [`from_toml`](Self::from_toml) for its contents.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
@@ -186,6 +197,10 @@ impl ServiceConfig {
     }
 
     /// Serializes to TOML (tests write configs this way).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ConfigError::Parse`] if the configuration cannot be represented as TOML.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Parse {
             path: "<config>".into(),
@@ -204,6 +219,11 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 /// Reads a JSON file.
+///
+/// # Errors
+///
+/// Returns [`ConfigError::Io`] if the file cannot be read, and [`ConfigError::Parse`] if it is not
+/// JSON.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.display().to_string(),

@@ -201,6 +201,11 @@ pub struct RunningTts {
 
 impl RunningTts {
     /// Binds `listen` (port 0 for an ephemeral port) and serves `issuer` in the background.
+    ///
+    /// # Errors
+    ///
+    /// Returns the I/O error if `listen` cannot be bound (address in use, no permission) or its
+    /// local address cannot be read.
     pub async fn start(
         issuer: Arc<Issuer>,
         listen: SocketAddr,
@@ -260,6 +265,11 @@ impl RunningTts {
     }
 
     /// Stops accepting, finishes in-flight requests and waits for the server.
+    ///
+    /// # Errors
+    ///
+    /// Returns the server's I/O error if it failed while serving, or an error wrapping the join
+    /// error if its task panicked or was cancelled.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -268,6 +278,10 @@ impl RunningTts {
     }
 
     /// Runs until `signal` completes, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// The same as [`shutdown`](Self::shutdown).
     pub async fn run_until(
         self,
         signal: impl std::future::Future<Output = ()>,

@@ -66,6 +66,10 @@ impl InProcessTts {
     }
 
     /// Entry flow: a user's access token in, a Txn-Token for this workload out.
+    ///
+    /// # Errors
+    ///
+    /// The same as [`exchange`](Self::exchange).
     pub async fn exchange_access_token(
         &self,
         access_token: &str,
@@ -82,6 +86,14 @@ impl InProcessTts {
     }
 
     /// One token exchange through the shared issuer code; the token is verified.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`TokenError::Denied`] with the OAuth error code if the issuer refuses the request
+    /// (unknown client, bad subject token, scope not allowed...), [`TokenError::Unavailable`] if it
+    /// fails to sign (`server_error`), and [`TokenError::Invalid`] if the assertion cannot be
+    /// signed, the response breaks the protocol, or the token fails verification or is not issued
+    /// for this workload.
     pub async fn exchange(
         &self,
         subject_token: &str,

@@ -87,7 +87,7 @@ impl IssuerSettings {
 pub struct MintedClaims {
     /// Issued at.
     pub iat: i64,
-    /// Expiry.
+    /// When the Txn-Token expires (`exp`, seconds since the epoch): `iat` plus the token lifetime.
     pub exp: i64,
     /// The trust domain.
     pub aud: String,
@@ -154,6 +154,11 @@ fn invalid(code: ErrorCode, d: impl AsRef<str>) -> OAuthError {
 
 impl Issuer {
     /// An issuer signing with `signing_key` (ES256 or EdDSA; the service generates ES256).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the public half of `signing_key` cannot be published in
+    /// the key set.
     pub fn new(settings: IssuerSettings, signing_key: SigningKey) -> Result<Arc<Self>, KeyError> {
         let registry = WorkloadRegistry::new();
         let mut policy = VerifyPolicy::new("");
@@ -181,11 +186,24 @@ impl Issuer {
     }
 
     /// An issuer with a freshly generated ES256 signing key.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::Generation`] if no key can be generated, and the errors of
+    /// [`new`](Self::new).
     pub fn generate(settings: IssuerSettings) -> Result<Arc<Self>, KeyError> {
         Self::new(settings, generate_key()?)
     }
 
     /// Builds the issuer from a configuration file's contents (`base` resolves relative paths).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ConfigError::Key`] if the signing key file cannot be read or loaded, or a
+    /// workload's key is refused; [`ConfigError::Invalid`] if a workload has both or neither of
+    /// `public_jwk` and `jwk_file`; [`ConfigError::Io`] or [`ConfigError::Parse`] if a JWK or JWKS
+    /// file cannot be read or parsed; and the errors of [`AccessTokenVerifier::from_config`] for
+    /// the `[user_issuer]` section.
     pub fn from_config(cfg: &ServiceConfig, base: &Path) -> Result<Arc<Self>, ConfigError> {
         let mut settings = IssuerSettings::new(&cfg.trust_domain);
         settings.token_path = cfg.token_endpoint_path.clone();
@@ -240,6 +258,11 @@ impl Issuer {
     }
 
     /// Registers a workload's public key and the scopes it may be granted.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the JWK is not a usable public key, or its `kid` is
+    /// already registered to another workload.
     pub fn register_workload(
         &self,
         id: &str,
@@ -328,6 +351,11 @@ impl Issuer {
 
     /// Rotates to a fresh ES256 key; the old key stays published for at least
     /// [`IssuerSettings::key_retention`], however often keys rotate. Returns the new `kid`.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`KeyError`] if a fresh key cannot be generated or published; the current key then
+    /// stays in use.
     pub fn rotate_keys(&self) -> Result<String, KeyError> {
         let kid = self.ring.rotate()?;
         tracing::info!(kid = %kid, "signing key rotated");
@@ -335,6 +363,15 @@ impl Issuer {
     }
 
     /// Handles one token request end to end.
+    ///
+    /// # Errors
+    ///
+    /// Returns an [`OAuthError`] whose code the token endpoint answers with: `invalid_request` for
+    /// a missing, repeated or malformed parameter; `unsupported_grant_type`; `invalid_client` if
+    /// the client assertion fails; `unauthorized_client` if the requesting workload is suspended;
+    /// `invalid_target` if `audience` is not this trust domain; `invalid_grant` if the subject
+    /// token does not verify; `invalid_scope` if the scope is not allowed; and `server_error` if
+    /// signing fails.
     pub fn exchange(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
         match self.exchange_inner(form) {
             Ok(issued) => Ok(issued),

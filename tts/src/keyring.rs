@@ -75,6 +75,11 @@ pub fn derived_kid(key: &SigningKey) -> String {
 }
 
 /// Generates a fresh ES256 service key with a unique `kid`.
+///
+/// # Errors
+///
+/// Returns [`KeyError::Generation`] if the system random source fails, or
+/// [`KeyError::InvalidPrivateKey`] if the generated key cannot be reloaded under its `kid`.
 pub fn generate_key() -> Result<SigningKey, KeyError> {
     let tmp = SigningKey::generate(SigningAlg::ES256, "pending")?;
     let kid = derived_kid(&tmp);
@@ -86,6 +91,11 @@ impl KeyRing {
     /// published for at least `retention` (give it the longest a token can be
     /// accepted: token lifetime plus verifier leeway), and the `keep_previous`
     /// most recently retired keys stay published even longer.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the public half of `current` cannot be published in the
+    /// key set.
     pub fn new(
         current: SigningKey,
         keep_previous: usize,
@@ -121,6 +131,11 @@ impl KeyRing {
 
     /// Makes `next` the signing key; the old one stays published (see
     /// [`KeyRing::new`] for how long). Returns the new `kid`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the published key set cannot be built with `next`; the
+    /// current key then stays in use.
     pub fn rotate_to(&self, next: SigningKey) -> Result<String, KeyError> {
         self.rotate_to_at(next, Instant::now())
     }
@@ -147,6 +162,11 @@ impl KeyRing {
     }
 
     /// Rotates to a freshly generated ES256 key.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`KeyError`] if no key can be generated (see [`generate_key`]) or the key set
+    /// cannot be rebuilt with it.
     pub fn rotate(&self) -> Result<String, KeyError> {
         self.rotate_to(generate_key()?)
     }

@@ -51,6 +51,11 @@ impl WorkloadRegistry {
 
     /// Registers (or updates) a workload with one public key and its allowed scopes.
     /// A `kid` already registered to another workload is refused.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the `kid` is registered to another workload, or the JWK
+    /// has no `kid`, carries private material, or is not an EC P-256 or OKP Ed25519 key.
     pub fn register(&self, id: &str, jwk: &Jwk, allowed: &Scope) -> Result<(), KeyError> {
         let _w = self.write.lock();
         let mut set = (**self.keys.load()).clone();

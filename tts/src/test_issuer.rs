@@ -22,6 +22,10 @@ pub struct TestIssuer {
 
 impl TestIssuer {
     /// An issuer `issuer` whose tokens are addressed to `audience`, with a fresh ES256 key.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::Generation`] if the ES256 key cannot be generated.
     pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Result<Self, KeyError> {
         Ok(TestIssuer {
             issuer: issuer.into(),
@@ -31,6 +35,10 @@ impl TestIssuer {
     }
 
     /// Issues an RFC 9068-style access token (`typ` `at+jwt`) for `sub` with `scope`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`JwsError::Malformed`] if the token cannot be signed.
     pub fn issue_access_token(
         &self,
         sub: &str,

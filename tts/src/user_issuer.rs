@@ -17,14 +17,14 @@ use txn_token_client::verify::keyset_from_jwks_json;
 /// The claims of a verified user access token that the TTS uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UserClaims {
-    /// Issuer.
+    /// The identity provider that issued the token (`iss`); must be the configured issuer.
     pub iss: String,
     /// The user.
     pub sub: String,
-    /// Audiences.
+    /// The token's audiences (`aud`); one must be the configured audience.
     #[serde(deserialize_with = "elevate_core::token::one_or_many")]
     pub aud: Vec<String>,
-    /// Expiry.
+    /// When the token expires (`exp`, seconds since the epoch); past it (plus leeway) it is refused.
     pub exp: i64,
     /// Issued at.
     #[serde(default)]
@@ -92,6 +92,12 @@ impl AccessTokenVerifier {
     }
 
     /// Builds from the `[user_issuer]` configuration section.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ConfigError::Invalid`] if the section has both or neither of `jwks` and
+    /// `jwks_file`, [`ConfigError::Io`] or [`ConfigError::Parse`] if the file cannot be read or is
+    /// not JSON, and [`ConfigError::Parse`] if the document has no `keys` array.
     pub fn from_config(cfg: &UserIssuerConfig, base: &Path) -> Result<Self, ConfigError> {
         let doc = match (&cfg.jwks, &cfg.jwks_file) {
             (Some(v), None) => v.clone(),
@@ -115,6 +121,14 @@ impl AccessTokenVerifier {
     }
 
     /// Verifies an access token (`typ` `at+jwt` per RFC 9068, or `JWT`).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`AccessTokenError::Jws`] if the token is malformed, not `at+jwt` or `JWT`, signed
+    /// by an unknown key or has a bad signature; [`AccessTokenError::WrongIssuer`] or
+    /// [`AccessTokenError::WrongAudience`] if `iss` or `aud` is not this issuer's;
+    /// [`AccessTokenError::Time`] if it is expired, issued in the future or not yet valid; and
+    /// [`AccessTokenError::NoSubject`] if `sub` is empty.
     pub fn verify(&self, token: &str) -> Result<UserClaims, AccessTokenError> {
         let parsed = match jws::parse(token, "at+jwt") {
             Err(JwsError::WrongType { .. }) => jws::parse(token, "JWT")?,

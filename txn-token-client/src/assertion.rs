@@ -31,7 +31,7 @@ pub struct AssertionClaims {
     pub jti: String,
     /// Issued at.
     pub iat: i64,
-    /// Expiry.
+    /// When the assertion expires (`exp`, seconds since the epoch); the service refuses it after.
     pub exp: i64,
     /// Not before (RFC 7523 §3 item 6), when present: the assertion is refused
     /// until then, with the same leeway as `iat`. [`sign_assertion`] sets none.
@@ -40,6 +40,10 @@ pub struct AssertionClaims {
 }
 
 /// Signs a fresh client assertion for `workload` addressed to `token_endpoint`.
+///
+/// # Errors
+///
+/// Returns [`JwsError::Malformed`] if the claims cannot be signed with `key`.
 pub fn sign_assertion(
     key: &SigningKey,
     workload: &str,
@@ -141,6 +145,15 @@ impl AssertionVerifier {
 
     /// Verifies `assertion` against the workload `keys` for one of `endpoints`;
     /// returns the authenticated workload id.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`AssertionError::Jws`] if the assertion is malformed, has an empty `jti`, names an
+    /// unknown key or fails its signature; [`AssertionError::NotKeyOwner`] if `iss` and `sub`
+    /// differ or the key is not owned by `iss`; [`AssertionError::ClientIdMismatch`] if `client_id`
+    /// is given and is not `iss`; [`AssertionError::WrongAudience`] if `aud` names none of
+    /// `endpoints`; [`AssertionError::Time`] if it is expired, issued in the future, not yet valid
+    /// or lives too long; and [`AssertionError::Replayed`] if its `jti` was seen before.
     pub fn verify(
         &self,
         assertion: &str,

@@ -134,6 +134,11 @@ impl CircuitBreaker {
 
     /// Asks to send a request: a permit, or why not ([`Open`]: how long
     /// until a probe is allowed, and the last failure's cause).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Open`] while the breaker is open (before its cool-down ends), or while another
+    /// caller's probe is in flight; it says how long to wait and the last failure's cause.
     pub fn acquire(&self) -> Result<Permit<'_>, Open> {
         let mut s = self.inner.lock();
         let Some(until) = s.open_until else {

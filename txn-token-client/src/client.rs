@@ -144,6 +144,10 @@ impl std::fmt::Debug for TtsClient {
 }
 
 /// The JWKS URL on the same origin as `token_endpoint`.
+///
+/// # Errors
+///
+/// Returns [`ClientBuildError::Url`] if `token_endpoint` is not a valid absolute URL.
 pub fn default_jwks_url(token_endpoint: &str) -> Result<String, ClientBuildError> {
     let mut url = reqwest::Url::parse(token_endpoint).map_err(|e| ClientBuildError::Url {
         url: token_endpoint.to_string(),
@@ -200,6 +204,11 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// Checks a 200 response body as the draft requires; returns the token.
+///
+/// # Errors
+///
+/// Returns [`TokenError::Invalid`] if `token_type` is not `N_A`, `issued_token_type` is not the
+/// Txn-Token type, a `refresh_token` was issued, or `access_token` is empty.
 pub fn check_token_response(resp: TokenResponse) -> Result<String, TokenError> {
     if !resp.token_type.eq_ignore_ascii_case(TOKEN_TYPE_NA) {
         return Err(TokenError::Invalid(format!(
@@ -254,6 +263,12 @@ async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8
 
 impl TtsClient {
     /// Builds the client: one keep-alive HTTP client shared by token and JWKS requests.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`ClientBuildError::Url`] if the token endpoint (or the JWKS URL derived from it) is
+    /// not a valid URL, and [`ClientBuildError::Http`] if the mTLS identity or root CA PEM does not
+    /// parse or the HTTP client cannot be built.
     pub fn new(config: TtsClientConfig, key: SigningKey) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
         reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
@@ -316,6 +331,10 @@ impl TtsClient {
     }
 
     /// Entry flow: exchanges a user's access token for a Txn-Token for this workload.
+    ///
+    /// # Errors
+    ///
+    /// The same as [`exchange`](Self::exchange).
     pub async fn exchange_access_token(
         &self,
         access_token: &str,
@@ -332,6 +351,14 @@ impl TtsClient {
     }
 
     /// One token exchange with retries; the returned token is verified.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`TokenError::Unavailable`] if the circuit breaker is open, or the service stays
+    /// unreachable, times out, or answers 5xx or 429 after the retries (also when its keys cannot
+    /// be fetched to verify the token); [`TokenError::Denied`] if it answers with an RFC 6749
+    /// error; and [`TokenError::Invalid`] if the assertion cannot be signed, the response breaks
+    /// the protocol, or the token fails verification or is not issued for this workload.
     pub async fn exchange(
         &self,
         subject_token: &str,

@@ -33,6 +33,11 @@ pub fn subject_context(claims: &TxnTokenClaims) -> SubjectContext {
 }
 
 /// Verifies an inbound `Txn-Token` header value and returns the subject context.
+///
+/// # Errors
+///
+/// Returns the [`VerifyError`] of [`TxnTokenVerifier::verify`] if the token is not valid for the
+/// verifier's trust domain.
 pub async fn subject_context_from_header(
     verifier: &TxnTokenVerifier,
     header_value: &str,

@@ -217,6 +217,10 @@ impl ExchangeForm {
 
     /// Builds a form from decoded `application/x-www-form-urlencoded` pairs;
     /// a repeated parameter is `invalid_request` (RFC 6749 §3.2).
+    ///
+    /// # Errors
+    ///
+    /// Returns an [`OAuthError`] with [`ErrorCode::InvalidRequest`] if a parameter is repeated.
     pub fn from_pairs(pairs: Vec<(String, String)>) -> Result<Self, OAuthError> {
         let mut params = HashMap::with_capacity(pairs.len());
         for (k, v) in pairs {
@@ -233,6 +237,10 @@ impl ExchangeForm {
 
     /// Builds a form from an `application/x-www-form-urlencoded` body
     /// (RFC 6749 Appendix B); a repeated parameter is `invalid_request`.
+    ///
+    /// # Errors
+    ///
+    /// Returns an [`OAuthError`] with [`ErrorCode::InvalidRequest`] if a parameter is repeated.
     pub fn from_urlencoded(body: &[u8]) -> Result<Self, OAuthError> {
         Self::from_pairs(form_urlencoded::parse(body).into_owned().collect())
     }
@@ -252,6 +260,11 @@ impl ExchangeForm {
     }
 
     /// A required parameter, or `invalid_request` naming it.
+    ///
+    /// # Errors
+    ///
+    /// Returns an [`OAuthError`] with [`ErrorCode::InvalidRequest`] naming `name` if the form does
+    /// not have it.
     pub fn require(&self, name: &str) -> Result<&str, OAuthError> {
         self.get(name).ok_or_else(|| {
             OAuthError::new(
@@ -272,6 +285,11 @@ impl ExchangeForm {
 /// case-insensitively as RFC 9110 §8.3.1 requires for type, subtype and
 /// parameter names, with no `charset` or `charset=utf-8` (any case).
 /// Anything else is `invalid_request`.
+///
+/// # Errors
+///
+/// Returns an [`OAuthError`] with [`ErrorCode::InvalidRequest`] if the header is missing, not
+/// ASCII, does not parse, is another media type, or names a charset other than UTF-8.
 pub fn check_form_content_type(value: Option<&[u8]>) -> Result<(), OAuthError> {
     let refuse = |why: &str| {
         OAuthError::new(

@@ -51,7 +51,7 @@ pub enum VerifyError {
     /// Past `exp` plus leeway.
     #[error("expired at {exp}, now {now}")]
     Expired {
-        /// Expiry.
+        /// The token's `exp` claim (seconds since the epoch).
         exp: i64,
         /// Verification time.
         now: i64,
@@ -101,11 +101,21 @@ impl From<VerifyError> for TokenError {
 #[async_trait::async_trait]
 pub trait JwksProvider: Send + Sync {
     /// Fetches the current key set (the TTS's current and previous keys).
+    ///
+    /// # Errors
+    ///
+    /// Returns a message saying why if the key set cannot be fetched or parsed; the verifier turns
+    /// it into [`VerifyError::KeysUnavailable`].
     async fn fetch(&self) -> Result<KeySet, String>;
 }
 
 /// Builds a key set from a JWKS JSON document, skipping keys Elevate cannot use
 /// (other key types, no `kid`) so one foreign key does not hide the rest.
+///
+/// # Errors
+///
+/// Returns a message if the document has no `keys` array. Unusable keys in it are skipped (and
+/// logged), not errors.
 pub fn keyset_from_jwks_json(doc: &serde_json::Value) -> Result<KeySet, String> {
     let keys = doc
         .get("keys")
@@ -298,11 +308,22 @@ impl TxnTokenVerifier {
     }
 
     /// Fetches the key set now (optional warm-up; verification fetches lazily).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`VerifyError::KeysUnavailable`] if the key set cannot be fetched (or was fetched
+    /// too recently to fetch again). A verifier with a fixed key set never fails.
     pub async fn refresh(&self) -> Result<(), VerifyError> {
         self.cache.refresh(Duration::ZERO).await.map(|_| ())
     }
 
     /// Verifies a compact Txn-Token and returns its claims.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`VerifyError::Jws`] if the token is malformed, has no `kid` or a `kid` unknown even
+    /// after a refresh, or fails its signature; [`VerifyError::KeysUnavailable`] if the keys cannot
+    /// be fetched; and the claim errors of [`check_claims`].
     pub async fn verify(&self, token: &str) -> Result<TxnTokenClaims, VerifyError> {
         let parsed = jws::parse(token, TXN_TOKEN_TYP)?;
         let kid = parsed.header.kid.as_deref().ok_or(JwsError::MissingKid)?;
@@ -318,6 +339,14 @@ impl TxnTokenVerifier {
 
 /// The claims step: required set, audience, time window (`iat`, `exp`, and
 /// `nbf` when present, with the leeway capped at 30 s). Pure, for tests.
+///
+/// # Errors
+///
+/// Returns [`VerifyError::Malformed`] if the claims are not an object, have the wrong shape, an
+/// impossible or too long time window, or an empty required string; [`VerifyError::MissingClaim`]
+/// if a required claim is absent; [`VerifyError::WrongAudience`] if `aud` does not name
+/// `trust_domain`; and [`VerifyError::Expired`], [`VerifyError::NotYetValid`] or
+/// [`VerifyError::NotBefore`] if `now` is outside the token's time window (with the leeway).
 pub fn check_claims(
     value: serde_json::Value,
     trust_domain: &str,

@@ -109,7 +109,7 @@ pub enum PayloadAt {
     },
     /// Not kept: it may carry a credential, or it fits nowhere.
     Withheld {
-        /// Why.
+        /// Why the original message was not kept (for operators; never the message itself).
         why: String,
     },
 }

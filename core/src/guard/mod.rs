@@ -49,7 +49,7 @@ impl Refusal {
         &self.decision_id
     }
 
-    /// Why.
+    /// The reason code for the refusal, which decides dead-letter or retry.
     pub fn reason(&self) -> Reason {
         self.reason
     }

@@ -65,9 +65,9 @@ pub enum CredentialKind {
 /// One credential found in a message (never the value itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// Where.
+    /// Where in the message it was found (which header, or the payload).
     pub location: Location,
-    /// Why.
+    /// What kind of credential it looks like, which says why it was flagged.
     pub kind: CredentialKind,
     /// SHA-256 (hex) of the value found (of the whole payload when uninspectable),
     /// so an operator can match it against a known token without seeing it.
@@ -248,6 +248,12 @@ impl CredentialPolicy {
     /// Producer side: strips headers and payload per the mode.
     /// `Remove` returns what was removed and refuses only what it cannot
     /// remove; `Refuse` errors if anything was found.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`Refused`] with the findings if the mode is `Refuse` and any credential was found,
+    /// or if the mode is `Remove` and a credential cannot be removed (a token in a non-JSON
+    /// payload, or a payload the scan cannot inspect).
     pub fn apply(
         &self,
         headers: &mut Headers,
