@@ -234,6 +234,7 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
             stored: self.stored,
             commit_interval: self.commit_interval,
             last_commit: tokio::time::Instant::now(),
+            last_assignment_check: tokio::time::Instant::now(),
             partitions: HashMap::new(),
         };
         runtime
@@ -249,6 +250,7 @@ struct KafkaSource<C: ConsumerContext + 'static> {
     stored: Arc<AtomicBool>,
     commit_interval: Duration,
     last_commit: tokio::time::Instant,
+    last_assignment_check: tokio::time::Instant,
     /// By order key (`topic/partition`).
     partitions: HashMap<String, Partition>,
 }
@@ -290,12 +292,22 @@ impl<C: ConsumerContext + 'static> Source for KafkaSource<C> {
             commit(&self.consumer, CommitMode::Async);
         }
         let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + RECEIVE_IDLE;
         let consumer = self.consumer.clone();
+        // Wait (bounded) for the first record only; then take what librdkafka
+        // already holds, so no record waits for a batch to fill.
+        let mut first = true;
         while out.len() < max {
-            let received = match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Err(_) => break,
-                Ok(r) => r,
+            let received = if first {
+                first = false;
+                match tokio::time::timeout(RECEIVE_IDLE, consumer.recv()).await {
+                    Err(_) => break,
+                    Ok(r) => r,
+                }
+            } else {
+                match futures::FutureExt::now_or_never(consumer.recv()) {
+                    None => break,
+                    Some(r) => r,
+                }
             };
             match received {
                 Ok(m) => {
@@ -316,6 +328,12 @@ impl<C: ConsumerContext + 'static> Source for KafkaSource<C> {
     }
 
     fn revoked(&mut self) -> Vec<String> {
+        // The runtime asks after every receive; librdkafka's assignment is
+        // looked at no more than every RECEIVE_IDLE.
+        if self.last_assignment_check.elapsed() < RECEIVE_IDLE {
+            return Vec::new();
+        }
+        self.last_assignment_check = tokio::time::Instant::now();
         let Ok(assignment) = self.consumer.assignment() else {
             return Vec::new();
         };

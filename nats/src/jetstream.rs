@@ -164,6 +164,7 @@ impl GuardedConsumer {
                 timeout: self.settle_timeout,
             },
             backoff: MIN_BACKOFF,
+            pending: None,
         };
         Runtime::new()
             .concurrency(self.concurrency)
@@ -185,6 +186,8 @@ struct JetStreamSource {
     batch: usize,
     settle: Settle,
     backoff: Duration,
+    /// The pull request being delivered, if one is open.
+    pending: Option<async_nats::jetstream::consumer::pull::Batch>,
 }
 
 #[async_trait::async_trait]
@@ -216,43 +219,71 @@ impl Source for JetStreamSource {
     }
 
     async fn receive(&mut self, max: usize) -> Result<Vec<JetStreamDelivery>, Error> {
-        if let Some(s) = self.sweeper.as_mut()
-            && s.due()
-        {
-            s.run(&self.consumer, &self.processor).await;
+        if self.pending.is_none() {
+            if let Some(s) = self.sweeper.as_mut()
+                && s.due()
+            {
+                s.run(&self.consumer, &self.processor).await;
+            }
+            let request = self
+                .consumer
+                .batch()
+                .max_messages(max.min(self.batch).max(1))
+                .expires(self.fetch_expires)
+                .messages();
+            match request.await {
+                Ok(b) => self.pending = Some(b),
+                Err(e) => return self.failed(e.to_string()).await.map(|()| Vec::new()),
+            }
         }
-        let request = self
-            .consumer
-            .batch()
-            .max_messages(max.min(self.batch).max(1))
-            .expires(self.fetch_expires)
-            .messages();
-        let mut batch = match request.await {
-            Ok(b) => b,
-            Err(e) => return self.failed(e.to_string()).await.map(|()| Vec::new()),
-        };
+        // A pull request delivers over up to `fetch_expires`: hand over what
+        // has arrived (waiting a bounded time for the first) and keep the
+        // rest of the request for the next call, so no message waits for
+        // its batch to end and none that was delivered is left unread.
         let mut out = Vec::new();
-        // The batch ends within `fetch_expires` (+5 s if the server goes silent);
-        // nothing already delivered is left unread.
-        while let Some(item) = batch.next().await {
-            match item {
-                Ok(msg) => match JetStreamDelivery::new(msg, self.settle.clone()) {
-                    Ok(d) if out.len() < max => out.push(d),
-                    Ok(_) => tracing::error!("server delivered more messages than requested"),
+        let mut first = true;
+        while out.len() < max {
+            let Some(batch) = self.pending.as_mut() else {
+                break;
+            };
+            let next = if first {
+                first = false;
+                match tokio::time::timeout(RECEIVE_IDLE, batch.next()).await {
+                    Err(_) => break,
+                    Ok(n) => n,
+                }
+            } else {
+                match futures::FutureExt::now_or_never(batch.next()) {
+                    None => break,
+                    Some(n) => n,
+                }
+            };
+            match next {
+                None => {
+                    // the request ended (fulfilled or expired): the next call pulls again
+                    self.pending = None;
+                    self.backoff = MIN_BACKOFF;
+                }
+                Some(Ok(msg)) => match JetStreamDelivery::new(msg, self.settle.clone()) {
+                    Ok(d) => out.push(d),
                     Err(e) => {
                         tracing::warn!(error = %e, "not a JetStream consumer message: skipped")
                     }
                 },
-                Err(e) => {
+                Some(Err(e)) => {
+                    self.pending = None;
                     self.failed(e.to_string()).await?;
-                    return Ok(out);
+                    break;
                 }
             }
         }
-        self.backoff = MIN_BACKOFF;
         Ok(out)
     }
 }
+
+/// How long one receive waits for the next message of a pull before the
+/// runtime looks around.
+const RECEIVE_IDLE: Duration = Duration::from_millis(500);
 
 impl JetStreamSource {
     /// A pull failed: ends the run if the client stopped for good, else
