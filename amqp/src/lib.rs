@@ -55,7 +55,7 @@ pub use deadletter::AmqpDeadLetters;
 pub use elevate_core::producer::Receipt;
 pub use publish::{AmqpPublisher, ConfirmChannel, address, destination};
 pub use supervised::{WorkerConfig, supervise_worker};
-pub use worker::{AmqpDelivery, GuardedConsumer};
+pub use worker::{AmqpDelivery, AmqpSource, GuardedConsumer};
 
 /// Header: the delivery attempt a retry copy is for (2 for the first retry).
 pub const H_ATTEMPT: &str = "x-elevate-attempt";

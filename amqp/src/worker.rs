@@ -154,6 +154,19 @@ impl GuardedConsumer {
     /// retry copies closes, and [`Error::Runtime`] if core's runtime refuses to start (a start
     /// check) or a task panics.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (runtime, source, processor) = self.into_parts();
+        runtime
+            .run(source, processor, shutdown)
+            .await
+            .map_err(RunError::flatten)
+    }
+
+    /// The worker taken apart: core's [`Runtime`] as configured, the queue
+    /// as a [`Source`], and the processor; [`run`](Self::run) is
+    /// `runtime.run(source, processor, shutdown)`. The parts let a test kit
+    /// drive the source by hand (`elevate_testing::delivery`, the Delivery
+    /// contract) or an application run the source in a runtime of its own.
+    pub fn into_parts(self) -> (Runtime, AmqpSource, Arc<Processor>) {
         let GuardedConsumer {
             consumer,
             processor,
@@ -177,18 +190,17 @@ impl GuardedConsumer {
             requeue_delay,
             ack_timeout,
         });
-        let source = AmqpSource { consumer, ctx };
-        Runtime::new()
+        let runtime = Runtime::new()
             .concurrency(concurrency)
-            .shutdown_grace(drain_timeout)
-            .run(source, processor, shutdown)
-            .await
-            .map_err(RunError::flatten)
+            .shutdown_grace(drain_timeout);
+        (runtime, AmqpSource { consumer, ctx }, processor)
     }
 }
 
-/// The queue as a [`Source`] for core's runtime.
-struct AmqpSource {
+/// The work queue as a [`Source`] for core's runtime: receives
+/// [`AmqpDelivery`]s, hands back what it buffered on close. Made by
+/// [`GuardedConsumer::into_parts`].
+pub struct AmqpSource {
     consumer: Consumer,
     ctx: Arc<Ctx>,
 }

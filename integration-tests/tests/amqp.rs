@@ -27,6 +27,7 @@ use lapin::{BasicProperties, Channel, Connection};
 mod real {
     use super::*;
     elevate_testing::conformance_suite!(AmqpBinding::real());
+    elevate_testing::delivery_contract!(AmqpBinding::real());
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);

@@ -21,11 +21,13 @@ use parking_lot::Mutex;
 mod real {
     use super::*;
     elevate_testing::conformance_suite!(KafkaBinding::real());
+    elevate_testing::delivery_contract!(KafkaBinding::real());
 }
 
 mod mock {
     use super::*;
     elevate_testing::conformance_suite!(KafkaBinding::mock());
+    elevate_testing::delivery_contract!(KafkaBinding::mock());
 }
 
 /// One handler call, with the Kafka position it came from.

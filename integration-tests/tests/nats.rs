@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 mod jetstream {
     use super::*;
     elevate_testing::conformance_suite!(NatsBinding::jetstream());
+    elevate_testing::delivery_contract!(NatsBinding::jetstream());
 }
 
 mod core_nats {

@@ -225,6 +225,19 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
     /// check fails) or a partition's task panics; records not yet settled stay unstored and are
     /// re-read after a restart.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (runtime, source, processor) = self.into_parts();
+        runtime
+            .run(source, processor, shutdown)
+            .await
+            .map_err(RunError::flatten)
+    }
+
+    /// The consumer taken apart: core's [`Runtime`] as configured, the
+    /// subscription as a [`Source`], and the processor; [`run`](Self::run)
+    /// is `runtime.run(source, processor, shutdown)`. The parts let a test
+    /// kit drive the source by hand (`elevate_testing::delivery`, the
+    /// Delivery contract) or an application run it in a runtime of its own.
+    pub fn into_parts(self) -> (Runtime, KafkaSource<C>, Arc<Processor>) {
         let runtime = Runtime::new()
             .concurrency(self.concurrency)
             .key_buffer(self.buffer)
@@ -237,15 +250,14 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
             last_assignment_check: tokio::time::Instant::now(),
             partitions: HashMap::new(),
         };
-        runtime
-            .run(source, self.processor, shutdown)
-            .await
-            .map_err(RunError::flatten)
+        (runtime, source, self.processor)
     }
 }
 
-/// The subscription as a [`Source`] for core's runtime.
-struct KafkaSource<C: ConsumerContext + 'static> {
+/// The subscription as a [`Source`] for core's runtime: one order key per
+/// partition, offsets stored as deliveries settle and committed every
+/// [`GuardedConsumer::commit_interval`]. Made by [`GuardedConsumer::into_parts`].
+pub struct KafkaSource<C: ConsumerContext + 'static = DefaultConsumerContext> {
     consumer: Arc<StreamConsumer<C>>,
     stored: Arc<AtomicBool>,
     commit_interval: Duration,

@@ -42,7 +42,7 @@ pub mod headers;
 pub mod producer;
 pub mod supervised;
 
-pub use consumer::{Error, GuardedConsumer, KafkaDelivery};
+pub use consumer::{Error, GuardedConsumer, KafkaDelivery, KafkaSource};
 pub use deadletter::{DEFAULT_DLQ_SUFFIX, KafkaDeadLetters};
 pub use elevate_core::producer::Receipt;
 pub use embedded::EmbeddedKafka;

@@ -68,24 +68,34 @@ impl GuardedSubscriber {
     /// message's task panics. The subscription ending (unsubscribed, client closed) is not an
     /// error: `run` returns `Ok(())`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let source = CoreSource {
-            subscriber: self.subscriber,
-        };
-        match Runtime::new()
-            .concurrency(self.concurrency)
-            .run(source, self.processor, shutdown)
-            .await
-        {
+        let (runtime, source, processor) = self.into_parts();
+        match runtime.run(source, processor, shutdown).await {
             // The subscription ended (unsubscribed, client closed): not an error of the guard.
             Err(RunError::Source(Error::SubscriptionEnded)) => Ok(()),
             other => other.map_err(RunError::flatten),
         }
     }
+
+    /// The subscriber taken apart: core's [`Runtime`] as configured, the
+    /// subscription as a [`Source`], and the processor; [`run`](Self::run)
+    /// is `runtime.run(source, processor, shutdown)`. The parts let an
+    /// application run the source in a runtime of its own.
+    pub fn into_parts(self) -> (Runtime, CoreSource, Arc<Processor>) {
+        let source = CoreSource {
+            subscriber: self.subscriber,
+        };
+        (
+            Runtime::new().concurrency(self.concurrency),
+            source,
+            self.processor,
+        )
+    }
 }
 
 /// The subscription as a [`Source`] for core's runtime: at-most-once, no
-/// destination to check dead letters for.
-struct CoreSource {
+/// destination to check dead letters for. Made by
+/// [`GuardedSubscriber::into_parts`].
+pub struct CoreSource {
     subscriber: Subscriber,
 }
 

@@ -143,6 +143,19 @@ impl GuardedConsumer {
     /// start (a start check such as `max_deliver` or `ack_wait` against the policies) or a task
     /// panics.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (runtime, source, processor) = self.into_parts();
+        runtime
+            .run(source, processor, shutdown)
+            .await
+            .map_err(RunError::flatten)
+    }
+
+    /// The consumer taken apart: core's [`Runtime`] as configured, the pull
+    /// consumer as a [`Source`], and the processor; [`run`](Self::run) is
+    /// `runtime.run(source, processor, shutdown)`. The parts let a test kit
+    /// drive the source by hand (`elevate_testing::delivery`, the Delivery
+    /// contract) or an application run it in a runtime of its own.
+    pub fn into_parts(self) -> (Runtime, JetStreamSource, Arc<Processor>) {
         let sweeper = match self.unreadable.clone() {
             Some(u) => Some(Sweeper::new(u)),
             None => {
@@ -166,19 +179,21 @@ impl GuardedConsumer {
             backoff: MIN_BACKOFF,
             pending: None,
         };
-        Runtime::new()
-            .concurrency(self.concurrency)
-            .run(source, self.processor, shutdown)
-            .await
-            .map_err(RunError::flatten)
+        (
+            Runtime::new().concurrency(self.concurrency),
+            source,
+            self.processor,
+        )
     }
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The pull consumer as a [`Source`] for core's runtime.
-struct JetStreamSource {
+/// The pull consumer as a [`Source`] for core's runtime: at-least-once,
+/// the consumer's `max_deliver` and `ack_wait` as its limits, unreadable
+/// messages swept aside. Made by [`GuardedConsumer::into_parts`].
+pub struct JetStreamSource {
     consumer: PullConsumer,
     processor: Arc<Processor>,
     sweeper: Option<Sweeper>,

@@ -35,11 +35,11 @@ pub mod jetstream;
 pub mod publisher;
 pub mod unreadable;
 
-pub use core_nats::{CoreDelivery, GuardedSubscriber};
+pub use core_nats::{CoreDelivery, CoreSource, GuardedSubscriber};
 pub use deadletter::NatsDeadLetters;
 pub use elevate_core::producer::Receipt;
 pub use headers::{HeaderError, from_nats_headers, to_nats_headers};
-pub use jetstream::{GuardedConsumer, JetStreamDelivery};
+pub use jetstream::{GuardedConsumer, JetStreamDelivery, JetStreamSource};
 pub use publisher::NatsPublisher;
 pub use unreadable::UnreadableMessages;
 

@@ -269,29 +269,7 @@ impl BrokerBinding for AmqpBinding {
         ep: &Endpoint,
         processor: Arc<Processor>,
     ) -> BindResult<ConsumerHandle> {
-        let channel = self.conn.create_channel().await.map_err(err)?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .map_err(err)?;
-        let consumer = channel
-            .basic_consume(
-                ep.name.as_str().into(),
-                format!("guarded-{}", uuid::Uuid::new_v4().simple()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(err)?;
-        let confirms = ConfirmChannel::open(&self.conn).await.map_err(err)?;
-        let dead_letters =
-            AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
-        let mut worker = GuardedConsumer::new(consumer, processor, confirms.clone())
-            .concurrency(usize::from(PREFETCH));
-        if let Some(user) = elevate_amqp::uri_user(&amqp_url()) {
-            worker = worker.retry_user(user);
-        }
+        let (worker, channel, confirms) = self.worker(ep, processor).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             if let Err(e) = worker
@@ -327,5 +305,103 @@ impl BrokerBinding for AmqpBinding {
         timeout: Duration,
     ) -> BindResult<Vec<RawMessage>> {
         drain(&self.admin, &tap_queue(&ep.name), expected, timeout).await
+    }
+}
+
+impl AmqpBinding {
+    /// The guarded worker the binding runs on `ep` (its own consuming and
+    /// confirming channels, retry copies authenticated by the URI's user),
+    /// with the channels to close after it.
+    async fn worker(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<(GuardedConsumer, Channel, ConfirmChannel)> {
+        let channel = self.conn.create_channel().await.map_err(err)?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(err)?;
+        let consumer = channel
+            .basic_consume(
+                ep.name.as_str().into(),
+                format!("guarded-{}", uuid::Uuid::new_v4().simple()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err)?;
+        let confirms = ConfirmChannel::open(&self.conn).await.map_err(err)?;
+        let dead_letters =
+            AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
+        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let mut worker = GuardedConsumer::new(consumer, processor, confirms.clone())
+            .concurrency(usize::from(PREFETCH));
+        if let Some(user) = elevate_amqp::uri_user(&amqp_url()) {
+            worker = worker.retry_user(user);
+        }
+        Ok((worker, channel, confirms))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::delivery::DeliveryBinding for AmqpBinding {
+    type Source = ClosingSource;
+
+    async fn open_source(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<Self::Source> {
+        let (worker, channel, confirms) = self.worker(ep, processor).await?;
+        Ok(ClosingSource {
+            inner: worker.into_parts().1,
+            channels: vec![channel, confirms.channel().clone()],
+        })
+    }
+
+    fn unsettled_window(&self) -> Duration {
+        Duration::from_secs(3)
+    }
+}
+
+/// An [`elevate_amqp::AmqpSource`] that closes its channels when it closes,
+/// as an application does after the worker's `run` returned: RabbitMQ then
+/// stops pushing to the consumer and requeues what it held unacked.
+pub struct ClosingSource {
+    inner: elevate_amqp::AmqpSource,
+    channels: Vec<Channel>,
+}
+
+#[async_trait::async_trait]
+impl elevate_core::runtime::Source for ClosingSource {
+    type Delivery = elevate_amqp::AmqpDelivery;
+    type Error = elevate_amqp::Error;
+
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+
+    fn limits(&self) -> elevate_core::runtime::Limits {
+        self.inner.limits()
+    }
+
+    async fn check(&mut self, processor: &Processor) -> Result<(), Self::Error> {
+        self.inner.check(processor).await
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<Self::Delivery>, Self::Error> {
+        self.inner.receive(max).await
+    }
+
+    fn can_settle_after(&self, error: &Self::Error) -> bool {
+        self.inner.can_settle_after(error)
+    }
+
+    async fn close(&mut self) {
+        self.inner.close().await;
+        for c in self.channels.drain(..) {
+            let _ = c.close(200, "done".into()).await;
+        }
     }
 }

@@ -515,3 +515,32 @@ impl BrokerBinding for KafkaBinding {
             .collect())
     }
 }
+
+#[async_trait::async_trait]
+impl crate::delivery::DeliveryBinding for KafkaBinding {
+    type Source = elevate_kafka::KafkaSource;
+
+    async fn open_source(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<Self::Source> {
+        // One group for every source of the endpoint: a reopened source
+        // resumes from the offsets the previous one committed.
+        let group = format!("{}-contract", ep.name);
+        let guarded =
+            GuardedConsumer::from_config(&self.guarded_consumer_config(&group), processor)
+                .map_err(kafka_err)?;
+        guarded
+            .consumer()
+            .subscribe(&[ep.name.as_str()])
+            .map_err(kafka_err)?;
+        Ok(guarded.into_parts().1)
+    }
+
+    fn unsettled_window(&self) -> Duration {
+        // Nothing returns by time: an unstored offset is read again by the
+        // next member of the group.
+        Duration::from_secs(1)
+    }
+}

@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod binding;
 pub mod conformance;
+pub mod delivery;
 pub mod env;
 pub mod fixture;
 pub mod kafka;

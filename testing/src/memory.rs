@@ -168,3 +168,24 @@ impl BrokerBinding for MemoryBinding {
         }
     }
 }
+
+#[async_trait::async_trait]
+impl crate::delivery::DeliveryBinding for MemoryBinding {
+    type Source = elevate_core::memory::MemorySource;
+
+    async fn open_source(
+        &self,
+        ep: &Endpoint,
+        _processor: Arc<Processor>,
+    ) -> BindResult<Self::Source> {
+        Ok(elevate_core::memory::MemorySource::new(
+            &self.broker,
+            ep.name.clone(),
+        ))
+    }
+
+    fn unsettled_window(&self) -> Duration {
+        // Dropped deliveries return at once.
+        Duration::from_millis(100)
+    }
+}

@@ -525,3 +525,44 @@ impl BrokerBinding for NatsBinding {
             .collect())
     }
 }
+
+/// The `ack_wait` of the Delivery contract's durable consumer: how soon a
+/// dropped delivery comes back.
+const CONTRACT_ACK_WAIT: Duration = Duration::from_secs(3);
+
+#[async_trait::async_trait]
+impl crate::delivery::DeliveryBinding for NatsBinding {
+    type Source = elevate_nats::JetStreamSource;
+
+    async fn open_source(
+        &self,
+        ep: &Endpoint,
+        processor: Arc<Processor>,
+    ) -> BindResult<Self::Source> {
+        if !matches!(self.mode, NatsMode::JetStream) {
+            return Err("core NATS keeps nothing: it is not an at-least-once source".into());
+        }
+        let cfg = WorkerConfig {
+            ack_wait: CONTRACT_ACK_WAIT,
+            ..WorkerConfig::default()
+        };
+        let consumer: consumer::PullConsumer = self
+            .js
+            .get_stream(&ep.name)
+            .await
+            .map_err(nats_err)?
+            .get_or_create_consumer("contract", consumer_config("contract", &cfg))
+            .await
+            .map_err(nats_err)?;
+        let guarded = GuardedConsumer::new(consumer, processor)
+            .fetch_expires(Duration::from_millis(500))
+            .unreadable(elevate_nats::unreadable::UnreadableMessages::new(
+                self.js.clone(),
+            ));
+        Ok(guarded.into_parts().1)
+    }
+
+    fn unsettled_window(&self) -> Duration {
+        CONTRACT_ACK_WAIT + Duration::from_secs(1)
+    }
+}
