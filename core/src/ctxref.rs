@@ -508,20 +508,39 @@ impl std::fmt::Debug for VerifiedRef {
     }
 }
 
+/// Updates a verifier's shared key set when a reference names a key it does
+/// not know (a producer that just rotated its key), e.g. by refetching the
+/// trust domain's key directory (`txn_token_client::key_directory`).
+#[async_trait::async_trait]
+pub trait KeyRefresh: Send + Sync {
+    /// Asked once per reference whose `kid` (or a prior hop's `kid`) is not in
+    /// the key set. Returns true when the shared key set may now hold it (the
+    /// verifier then verifies once more), false when nothing changed — a
+    /// failed or rate-limited fetch is false, and the reference is refused
+    /// exactly as without the refresh.
+    async fn refresh(&self, kid: &str) -> bool;
+}
+
 /// Verifies context references against a swappable set of producer keys.
 #[derive(Clone)]
 pub struct ContextRefVerifier {
     keys: Arc<ArcSwap<KeySet>>,
     policy: VerifyPolicy,
+    refresh: Option<Arc<dyn KeyRefresh>>,
 }
 
 impl std::fmt::Debug for ContextRefVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContextRefVerifier")
             .field("policy", &self.policy)
+            .field("refresh", &self.refresh.is_some())
             .finish_non_exhaustive()
     }
 }
+
+/// The most prior hops [`ContextRefVerifier::verify_refreshing`] looks through
+/// for a key it does not know.
+const MAX_REFRESH_HOPS: usize = 16;
 
 impl ContextRefVerifier {
     /// A verifier over trusted producer keys.
@@ -529,12 +548,84 @@ impl ContextRefVerifier {
         ContextRefVerifier {
             keys: Arc::new(ArcSwap::from_pointee(keys)),
             policy,
+            refresh: None,
         }
     }
 
     /// A verifier sharing a key-set handle that someone else updates (registry, rotation).
     pub fn with_shared_keys(keys: Arc<ArcSwap<KeySet>>, policy: VerifyPolicy) -> Self {
-        ContextRefVerifier { keys, policy }
+        ContextRefVerifier {
+            keys,
+            policy,
+            refresh: None,
+        }
+    }
+
+    /// Asks `refresh` for a key this verifier does not know before refusing a
+    /// reference as `unknown-key` (or `chain-invalid`, for a prior hop's key);
+    /// see [`verify_refreshing`](Self::verify_refreshing). `refresh` should
+    /// update the key set this verifier shares ([`keys`](Self::keys)).
+    #[must_use]
+    pub fn with_refresh(mut self, refresh: Arc<dyn KeyRefresh>) -> Self {
+        self.refresh = Some(refresh);
+        self
+    }
+
+    /// Verifies like [`verify`](Self::verify); when that fails only because a
+    /// `kid` is not in the key set (the reference's own, or a prior hop's in
+    /// its `act.ref` history) and a [`KeyRefresh`] is set, asks it once for
+    /// that `kid` and, if it reports a change, verifies again against the
+    /// refreshed set. Deny by default: a refresh that fails (or changes
+    /// nothing) returns the first error, so the reason is the same as without
+    /// a refresh.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`verify`](Self::verify), from the second attempt when
+    /// there was one.
+    pub async fn verify_refreshing(
+        &self,
+        token: &str,
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<VerifiedRef, RefError> {
+        let first = self.verify(token, destination, payload);
+        let (Err(err), Some(refresh)) = (&first, &self.refresh) else {
+            return first;
+        };
+        let Some(kid) = self.unknown_kid(err, token) else {
+            return first;
+        };
+        if !refresh.refresh(&kid).await {
+            tracing::debug!(%kid, "unknown kid: key set not refreshed");
+            return first;
+        }
+        self.verify(token, destination, payload)
+    }
+
+    /// The `kid` whose absence from the key set explains `err`, if any: the
+    /// reference's own key (`unknown-key`), or for `chain-invalid` the first
+    /// prior hop (read without verifying: only to know which key to ask for)
+    /// whose key is not in the set.
+    fn unknown_kid(&self, err: &RefError, token: &str) -> Option<String> {
+        match err {
+            RefError::Jws(JwsError::UnknownKey(kid)) => Some(kid.clone()),
+            RefError::ChainInvalid(_) => {
+                let keys = self.keys.load();
+                let mut current = token.to_string();
+                for _ in 0..MAX_REFRESH_HOPS {
+                    let claims: ContextRefClaims =
+                        jws::parse(&current, CTX_REF_TYP).ok()?.claims().ok()?;
+                    current = claims.act?.reference?;
+                    let kid = jws::parse(&current, CTX_REF_TYP).ok()?.header.kid?;
+                    if keys.get(&kid).is_none() {
+                        return Some(kid);
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
     }
 
     /// The shared key-set handle, to add or revoke keys at run time.

@@ -17,6 +17,10 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 
+pub mod directory;
+
+pub use directory::{JwksProblem, OWNER_MEMBER};
+
 /// Signature algorithms Elevate accepts; nothing else (no `none`, no HS*, no RSA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -74,6 +78,9 @@ pub enum KeyError {
         /// What went wrong.
         reason: String,
     },
+    /// A workload key directory (JWKS with owners) was refused as a whole.
+    #[error("malformed workload JWKS: {0}")]
+    MalformedJwks(JwksProblem),
     /// Key generation failed in the crypto library.
     #[error("key generation failed: {0}")]
     Generation(String),

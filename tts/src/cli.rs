@@ -1,5 +1,6 @@
 //! The `txn-token-service` command line: load a TOML configuration, start the
 //! HTTP service, print `listening on http://ADDR` as the first stdout line,
+//! reload workload key files when they change (every `key_reload_secs`),
 //! run until Ctrl-C or SIGTERM.
 
 use std::ffi::OsString;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::{Issuer, RunningTts, ServiceConfig};
+use crate::{Issuer, KeyFileWatcher, RunningTts, ServiceConfig};
 
 /// Command line of the reference Transaction Token Service.
 #[derive(Debug, Parser)]
@@ -85,14 +86,16 @@ async fn run(args: Args) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("listen address {listen:?}: {e}"))?;
     let issuer = Issuer::from_config(&cfg, &base).map_err(|e| e.to_string())?;
-    let running = RunningTts::start(issuer, listen, cfg.admin_endpoints)
+    let mut running = RunningTts::start(issuer, listen, cfg.admin_endpoints)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    running.watch_key_files(KeyFileWatcher::from_config(&cfg, &base));
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {}", running.base_url());
         let _ = writeln!(out, "token endpoint {}", running.token_endpoint());
         let _ = writeln!(out, "jwks {}", running.jwks_url());
+        let _ = writeln!(out, "workload jwks {}", running.workload_jwks_url());
         let _ = out.flush();
     }
     running

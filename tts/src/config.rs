@@ -49,11 +49,17 @@ pub enum ConfigError {
 pub struct WorkloadConfig {
     /// Workload id, e.g. `spiffe://example.org/billing`.
     pub id: String,
-    /// The public JWK inline (EC P-256 or OKP Ed25519, with `kid`).
+    /// The public JWK inline (EC P-256 or OKP Ed25519, with `kid`), or a
+    /// JWKS (`{ keys = [...] }`) of several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_jwk: Option<serde_json::Value>,
-    /// Or a file holding the public JWK as JSON.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Or a file holding the workload's public key(s) as JSON: one JWK, or a
+    /// JWKS (`{"keys": [...]}`) of several (a rollover keeps the old and the
+    /// new key in it while both are in use). May be spelled `jwks_file`. The
+    /// service re-reads it every `key_reload_secs` and the workload's keys
+    /// become exactly the file's; a file that does not parse, or holds no
+    /// usable key, is logged (with its path) and the previous keys are kept.
+    #[serde(default, alias = "jwks_file", skip_serializing_if = "Option::is_none")]
     pub jwk_file: Option<PathBuf>,
     /// Scopes this workload may be granted.
     #[serde(default)]
@@ -106,6 +112,14 @@ pub struct ServiceConfig {
     /// (those stay whatever this says, so tokens they signed keep verifying).
     #[serde(default = "default_keep_previous")]
     pub keep_previous_keys: usize,
+    /// How often workload key files (`jwk_file` / `jwks_file`) are checked
+    /// for changes, in seconds (default 2; 0: read at start only).
+    #[serde(default = "default_key_reload")]
+    pub key_reload_secs: u64,
+    /// `Cache-Control: max-age` of the workload key directory
+    /// (`/.well-known/workload-jwks`), in seconds (default 30).
+    #[serde(default = "default_directory_max_age")]
+    pub workload_jwks_max_age_secs: u64,
     /// Enables `POST /admin/rotate-keys` (accepted from loopback peers only).
     #[serde(default)]
     pub admin_endpoints: bool,
@@ -132,6 +146,12 @@ fn default_lifetime() -> u64 {
 fn default_keep_previous() -> usize {
     1
 }
+fn default_key_reload() -> u64 {
+    2
+}
+fn default_directory_max_age() -> u64 {
+    30
+}
 
 impl ServiceConfig {
     /// A minimal configuration for `trust_domain` with defaults everywhere.
@@ -145,6 +165,8 @@ impl ServiceConfig {
             signing_key_pem: None,
             signing_key_kid: None,
             keep_previous_keys: default_keep_previous(),
+            key_reload_secs: default_key_reload(),
+            workload_jwks_max_age_secs: default_directory_max_age(),
             admin_endpoints: false,
             scopes: Vec::new(),
             workloads: Vec::new(),
@@ -257,6 +279,10 @@ id = "spiffe://example.org/shipping"
 jwk_file = "shipping.jwk.json"
 allowed_scopes = ["orders.read", "orders.ship"]
 
+[[workloads]]
+id = "spiffe://example.org/orders"
+jwks_file = "orders.jwks.json"
+
 [user_issuer]
 issuer = "https://idp.example.org"
 audience = "elevate"
@@ -265,9 +291,15 @@ jwks = { keys = [] }
             "test",
         )
         .unwrap();
-        assert_eq!(cfg.workloads.len(), 2);
+        assert_eq!(cfg.workloads.len(), 3);
+        assert_eq!(
+            cfg.workloads[2].jwk_file.as_deref(),
+            Some(Path::new("orders.jwks.json"))
+        );
         assert_eq!(cfg.token_endpoint_path, "/token");
         assert_eq!(cfg.keep_previous_keys, 1);
+        assert_eq!(cfg.key_reload_secs, 2);
+        assert_eq!(cfg.workload_jwks_max_age_secs, 30);
         let again = ServiceConfig::from_toml(&cfg.to_toml().unwrap(), "roundtrip").unwrap();
         assert_eq!(again.workloads[1].allowed_scopes.len(), 2);
         assert!(ServiceConfig::from_toml("trust_domain = 'x'\nbogus = 1", "t").is_err());

@@ -1,5 +1,6 @@
-//! The HTTP face of the service (axum): the token endpoint, the JWKS, a
-//! health check and an optional loopback-only key-rotation endpoint.
+//! The HTTP face of the service (axum): the token endpoint, the JWKS, the
+//! workload key directory, a health check and an optional loopback-only
+//! key-rotation endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::issuer::Issuer;
+use super::key_files::KeyFileWatcher;
 use txn_token_client::protocol::{
-    ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, check_form_content_type, sanitize_description,
+    ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, WORKLOAD_JWKS_PATH, check_form_content_type,
+    sanitize_description,
 };
 
 /// Path of the key-rotation admin endpoint.
@@ -152,6 +155,51 @@ async fn jwks(State(state): State<AppState>) -> Response {
     resp
 }
 
+/// The strong ETag of a key directory document: a hash of its bytes.
+fn etag(body: &[u8]) -> String {
+    format!("\"{}\"", &elevate_core::keys::sha256_hex(body)[..32])
+}
+
+/// True when an `If-None-Match` value names `tag` (or is `*`).
+fn none_match(value: &HeaderValue, tag: &str) -> bool {
+    value
+        .to_str()
+        .map(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == tag || t == "*")
+        })
+        .unwrap_or(false)
+}
+
+/// `GET /.well-known/workload-jwks`: every registered, non-suspended
+/// workload's keys with their owners, `Cache-Control: public, max-age=N`
+/// and an `ETag` (a matching `If-None-Match` gets `304 Not Modified`).
+async fn workload_jwks(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let body = state.issuer.workload_jwks().to_string();
+    let tag = etag(body.as_bytes());
+    let max_age = state.issuer.settings().workload_jwks_max_age.as_secs();
+    let mut resp = match headers.get(header::IF_NONE_MATCH) {
+        Some(v) if none_match(v, &tag) => StatusCode::NOT_MODIFIED.into_response(),
+        _ => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        h.insert(header::ETAG, v);
+    }
+    resp
+}
+
 async fn rotate(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -175,19 +223,31 @@ async fn rotate(
 }
 
 /// The service's routes: `POST {token_path}`, `GET /.well-known/jwks.json`,
-/// `GET /healthz`, and `POST /admin/rotate-keys` when `admin` is true. Every
-/// 401 carries `WWW-Authenticate` ([`challenges`]).
+/// `GET /.well-known/workload-jwks`, `GET /healthz`, and `POST
+/// /admin/rotate-keys` when `admin` is true. Every 401 carries
+/// `WWW-Authenticate` ([`challenges`]).
 pub fn router(issuer: Arc<Issuer>, admin: bool) -> Router {
     let path = issuer.settings().token_path.clone();
     let realm: Arc<str> = issuer.trust_domain().into();
     Router::new()
         .route(&path, post(token))
         .route(JWKS_PATH, get(jwks))
+        .route(WORKLOAD_JWKS_PATH, get(workload_jwks))
         .route("/healthz", get(|| async { "ok" }))
         .route(ROTATE_PATH, post(rotate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(realm, www_authenticate))
         .with_state(AppState { issuer, admin })
+}
+
+/// A background task aborted when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A running HTTP service.
@@ -197,6 +257,7 @@ pub struct RunningTts {
     issuer: Arc<Issuer>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: Vec<AbortOnDrop>,
 }
 
 impl RunningTts {
@@ -236,7 +297,20 @@ impl RunningTts {
             issuer,
             shutdown: Some(tx),
             task,
+            background: Vec::new(),
         })
+    }
+
+    /// Reloads workload key files with `watcher` in the background for as
+    /// long as the service runs (it stops at [`shutdown`](Self::shutdown) or
+    /// when this is dropped).
+    pub fn watch_key_files(&mut self, watcher: KeyFileWatcher) {
+        if watcher.is_empty() || watcher.interval().is_zero() {
+            return;
+        }
+        tracing::info!(files = watcher.len(), interval = ?watcher.interval(), "reloading workload key files when they change");
+        self.background
+            .push(AbortOnDrop(watcher.spawn(self.issuer.clone())));
     }
 
     /// The bound address.
@@ -259,6 +333,11 @@ impl RunningTts {
         format!("{}{JWKS_PATH}", self.base_url())
     }
 
+    /// The workload key directory URL.
+    pub fn workload_jwks_url(&self) -> String {
+        format!("{}{WORKLOAD_JWKS_PATH}", self.base_url())
+    }
+
     /// The issuer behind the service (rotate keys, register workloads).
     pub fn issuer(&self) -> &Arc<Issuer> {
         &self.issuer
@@ -271,6 +350,7 @@ impl RunningTts {
     /// Returns the server's I/O error if it failed while serving, or an error wrapping the join
     /// error if its task panicked or was cancelled.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.background.clear();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -16,7 +16,8 @@ use elevate_core::token::TXN_TOKEN_TYP;
 use jsonwebtoken::jwk::Jwk;
 use serde::{Deserialize, Serialize};
 
-use super::config::{ConfigError, ServiceConfig, read_json, resolve};
+use super::config::{ConfigError, ServiceConfig, resolve};
+use super::key_files::{jwks_from_value, read_key_file};
 use super::keyring::{KeyRing, derived_kid, generate_key};
 use super::registry::WorkloadRegistry;
 use super::user_issuer::AccessTokenVerifier;
@@ -51,6 +52,8 @@ pub struct IssuerSettings {
     /// Previous signing keys kept in the JWKS after rotation, on top of those
     /// kept for [`IssuerSettings::key_retention`].
     pub keep_previous_keys: usize,
+    /// `Cache-Control: max-age` of the workload key directory.
+    pub workload_jwks_max_age: Duration,
 }
 
 impl IssuerSettings {
@@ -65,6 +68,7 @@ impl IssuerSettings {
             max_reference_horizon: Duration::from_secs(24 * 3600),
             max_depth: 4,
             keep_previous_keys: 1,
+            workload_jwks_max_age: Duration::from_secs(30),
         }
     }
 
@@ -202,14 +206,15 @@ impl Issuer {
     /// Returns [`ConfigError::Key`] if the signing key file cannot be read or loaded, or a
     /// workload's key is refused; [`ConfigError::Invalid`] if a workload has both or neither of
     /// `public_jwk` and `jwk_file`; [`ConfigError::Io`] or [`ConfigError::Parse`] if a JWK or JWKS
-    /// file cannot be read or parsed; and the errors of [`AccessTokenVerifier::from_config`] for
-    /// the `[user_issuer]` section.
+    /// file cannot be read or parsed, or holds no key (see [`read_key_file`]); and the errors of
+    /// [`AccessTokenVerifier::from_config`] for the `[user_issuer]` section.
     pub fn from_config(cfg: &ServiceConfig, base: &Path) -> Result<Arc<Self>, ConfigError> {
         let mut settings = IssuerSettings::new(&cfg.trust_domain);
         settings.token_path = cfg.token_endpoint_path.clone();
         settings.public_url = cfg.public_url.clone();
         settings.token_lifetime = Duration::from_secs(cfg.token_lifetime_secs);
         settings.keep_previous_keys = cfg.keep_previous_keys;
+        settings.workload_jwks_max_age = Duration::from_secs(cfg.workload_jwks_max_age_secs);
         let key_err = |what: &str| {
             let what = what.to_string();
             move |source| ConfigError::Key { what, source }
@@ -230,23 +235,33 @@ impl Issuer {
         };
         let issuer = Self::new(settings, key).map_err(key_err("signing key"))?;
         for w in &cfg.workloads {
-            let jwk_value = match (&w.public_jwk, &w.jwk_file) {
-                (Some(v), None) => v.clone(),
-                (None, Some(p)) => read_json(&resolve(base, p))?,
+            let jwks = match (&w.public_jwk, &w.jwk_file) {
+                (Some(v), None) => {
+                    jwks_from_value(v.clone()).map_err(|reason| ConfigError::Parse {
+                        path: format!("workload {}", w.id),
+                        reason,
+                    })?
+                }
+                (None, Some(p)) => read_key_file(&resolve(base, p))?,
                 _ => {
                     return Err(ConfigError::Invalid(format!(
-                        "workload {} needs exactly one of public_jwk or jwk_file",
+                        "workload {} needs exactly one of public_jwk or jwk_file (jwks_file)",
                         w.id
                     )));
                 }
             };
-            let jwk: Jwk = serde_json::from_value(jwk_value).map_err(|e| ConfigError::Parse {
-                path: format!("workload {}", w.id),
-                reason: e.to_string(),
+            let what = format!("workload {}", w.id);
+            let (first, rest) = jwks.split_first().ok_or_else(|| {
+                ConfigError::Invalid(format!("workload {} has no public key", w.id))
             })?;
             issuer
-                .register_workload(&w.id, &jwk, &w.allowed_scopes.iter().collect())
-                .map_err(key_err(&format!("workload {}", w.id)))?;
+                .register_workload(&w.id, first, &w.allowed_scopes.iter().collect())
+                .map_err(key_err(&what))?;
+            for jwk in rest {
+                issuer
+                    .add_workload_key(&w.id, jwk)
+                    .map_err(key_err(&what))?;
+            }
         }
         issuer
             .registry
@@ -270,6 +285,49 @@ impl Issuer {
         allowed_scopes: &Scope,
     ) -> Result<(), KeyError> {
         self.registry.register(id, public_jwk, allowed_scopes)
+    }
+
+    /// Adds a public key to a registered workload, keeping its other keys
+    /// (a rollover: both verify until the old one is removed).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if the workload is not registered, the JWK is not a usable
+    /// public key, or its `kid` is registered to another workload.
+    pub fn add_workload_key(&self, id: &str, public_jwk: &Jwk) -> Result<(), KeyError> {
+        self.registry.add_key(id, public_jwk)?;
+        tracing::info!(workload = %id, kid = ?public_jwk.common.key_id, "workload key added");
+        Ok(())
+    }
+
+    /// Removes one key of a workload (the end of a rollover). Returns false
+    /// when the workload does not own that `kid`.
+    pub fn remove_workload_key(&self, id: &str, kid: &str) -> bool {
+        let removed = self.registry.remove_key(id, kid);
+        tracing::info!(workload = %id, %kid, removed, "workload key removed");
+        removed
+    }
+
+    /// Makes `jwks` the whole key set of a registered workload, at once (what
+    /// a reloaded key file does); on an error its keys stay as they were.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`WorkloadRegistry::replace_keys`].
+    pub fn replace_workload_keys(&self, id: &str, jwks: &[Jwk]) -> Result<(), KeyError> {
+        self.registry.replace_keys(id, jwks)
+    }
+
+    /// The `kid`s a workload owns, sorted.
+    pub fn workload_kids(&self, id: &str) -> Vec<String> {
+        self.registry.kids_of(id)
+    }
+
+    /// The trust domain's key directory (`GET /.well-known/workload-jwks`):
+    /// every key of every registered, non-suspended workload with its owner
+    /// (see [`elevate_core::keys::directory`]).
+    pub fn workload_jwks(&self) -> serde_json::Value {
+        self.registry.workload_jwks()
     }
 
     /// Removes a workload from the registry (its keys and allowance): it gets no

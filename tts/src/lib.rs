@@ -14,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod inprocess;
 pub mod issuer;
+pub mod key_files;
 pub mod keyring;
 pub mod registry;
 pub mod test_issuer;
@@ -23,6 +24,7 @@ pub use config::{ConfigError, ServiceConfig, UserIssuerConfig, WorkloadConfig};
 pub use http::{RunningTts, router};
 pub use inprocess::InProcessTts;
 pub use issuer::{Issued, Issuer, IssuerSettings, MintedClaims};
+pub use key_files::KeyFileWatcher;
 pub use test_issuer::TestIssuer;
 pub use user_issuer::AccessTokenVerifier;
 

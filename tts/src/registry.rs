@@ -3,11 +3,18 @@
 //! be granted. Shared with the context-reference verifier, so producer keys
 //! and requester keys are one set.
 //!
+//! A workload may hold **several keys** at once (rollover: the old and the
+//! new key both verify while messages signed by the old one are in flight):
+//! [`WorkloadRegistry::add_key`], [`WorkloadRegistry::remove_key`], or
+//! [`WorkloadRegistry::replace_keys`] (what a reloaded key file does). The
+//! registry keeps every public JWK it was given, to publish them as the
+//! trust domain's key directory ([`WorkloadRegistry::workload_jwks`]).
+//!
 //! A workload can be **removed** (its keys and allowance are gone: nothing it
 //! ever signed verifies any more) or **suspended** (keys kept, trust withdrawn:
 //! it gets no Txn-Token and no chain that passes through it is honoured).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -16,10 +23,20 @@ use elevate_core::scope::Scope;
 use jsonwebtoken::jwk::Jwk;
 use parking_lot::{Mutex, RwLock};
 
+/// A registered public key: the workload that owns it and the JWK as given.
+#[derive(Debug, Clone)]
+struct OwnedJwk {
+    owner: String,
+    jwk: Jwk,
+}
+
 /// Registered workloads, their keys and allowed scopes.
 #[derive(Debug)]
 pub struct WorkloadRegistry {
     keys: Arc<ArcSwap<KeySet>>,
+    /// Every registered public JWK by `kid` (changed only under `write`,
+    /// always together with `keys`).
+    jwks: RwLock<BTreeMap<String, OwnedJwk>>,
     scopes: RwLock<HashMap<String, Scope>>,
     extra_known: RwLock<Scope>,
     suspended: RwLock<HashSet<String>>,
@@ -30,6 +47,7 @@ impl Default for WorkloadRegistry {
     fn default() -> Self {
         WorkloadRegistry {
             keys: Arc::new(ArcSwap::from_pointee(KeySet::new())),
+            jwks: RwLock::new(BTreeMap::new()),
             scopes: RwLock::new(HashMap::new()),
             extra_known: RwLock::new(Scope::default()),
             suspended: RwLock::new(HashSet::new()),
@@ -50,7 +68,8 @@ impl WorkloadRegistry {
     }
 
     /// Registers (or updates) a workload with one public key and its allowed scopes.
-    /// A `kid` already registered to another workload is refused.
+    /// A `kid` already registered to another workload is refused. Keys the
+    /// workload already has are kept (see [`replace_keys`](Self::replace_keys)).
     ///
     /// # Errors
     ///
@@ -69,9 +88,147 @@ impl WorkloadRegistry {
             });
         }
         set.insert_jwk_owned(jwk, Some(id.to_string()))?;
+        self.store_jwk(id, jwk);
         self.keys.store(Arc::new(set));
         self.scopes.write().insert(id.to_string(), allowed.clone());
         Ok(())
+    }
+
+    fn store_jwk(&self, id: &str, jwk: &Jwk) {
+        if let Some(kid) = &jwk.common.key_id {
+            self.jwks.write().insert(
+                kid.clone(),
+                OwnedJwk {
+                    owner: id.to_string(),
+                    jwk: jwk.clone(),
+                },
+            );
+        }
+    }
+
+    fn not_registered(&self, id: &str, jwk: Option<&Jwk>) -> Option<KeyError> {
+        (!self.scopes.read().contains_key(id)).then(|| KeyError::InvalidJwk {
+            kid: jwk.and_then(|j| j.common.key_id.clone()),
+            reason: format!("workload {id:?} is not registered"),
+        })
+    }
+
+    /// Adds a public key to a registered workload, keeping the keys it has
+    /// (the first half of a rollover).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if `id` is not registered, the `kid`
+    /// is registered to another workload, or the JWK is refused (see
+    /// [`register`](Self::register)).
+    pub fn add_key(&self, id: &str, jwk: &Jwk) -> Result<(), KeyError> {
+        if let Some(e) = self.not_registered(id, Some(jwk)) {
+            return Err(e);
+        }
+        let allowed = self.allowed(id).unwrap_or_default();
+        self.register(id, jwk, &allowed)
+    }
+
+    /// Removes one key of workload `id` (the end of a rollover); a `kid` it
+    /// does not own is left alone. Returns true when a key was removed.
+    pub fn remove_key(&self, id: &str, kid: &str) -> bool {
+        let _w = self.write.lock();
+        let mut set = (**self.keys.load()).clone();
+        if set.get(kid).and_then(|k| k.owner.as_deref()) != Some(id) {
+            return false;
+        }
+        set.remove(kid);
+        self.jwks.write().remove(kid);
+        self.keys.store(Arc::new(set));
+        true
+    }
+
+    /// Makes `jwks` the whole key set of registered workload `id`, at once:
+    /// its keys not in `jwks` are removed, the others added. All or nothing —
+    /// on an error the workload keeps the keys it had.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if `id` is not registered, `jwks` is
+    /// empty or names a `kid` twice, a `kid` is registered to another
+    /// workload, or a JWK is refused (see [`register`](Self::register)).
+    pub fn replace_keys(&self, id: &str, jwks: &[Jwk]) -> Result<(), KeyError> {
+        let _w = self.write.lock();
+        if let Some(e) = self.not_registered(id, None) {
+            return Err(e);
+        }
+        if jwks.is_empty() {
+            return Err(KeyError::InvalidJwk {
+                kid: None,
+                reason: format!("no keys for workload {id:?} (to remove it, revoke it)"),
+            });
+        }
+        let mut set = (**self.keys.load()).clone();
+        let owned: Vec<String> = self.kids_of(id);
+        for kid in &owned {
+            set.remove(kid);
+        }
+        let mut seen = HashSet::new();
+        for jwk in jwks {
+            let kid = jwk.common.key_id.clone();
+            if let Some(k) = kid.as_deref() {
+                if !seen.insert(k.to_string()) {
+                    return Err(KeyError::InvalidJwk {
+                        kid,
+                        reason: "kid listed twice".into(),
+                    });
+                }
+                if set.get(k).is_some() {
+                    return Err(KeyError::InvalidJwk {
+                        kid,
+                        reason: "kid already registered to another workload".into(),
+                    });
+                }
+            }
+            set.insert_jwk_owned(jwk, Some(id.to_string()))?;
+        }
+        {
+            let mut published = self.jwks.write();
+            for kid in &owned {
+                published.remove(kid);
+            }
+        }
+        for jwk in jwks {
+            self.store_jwk(id, jwk);
+        }
+        self.keys.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// The `kid`s workload `id` owns, sorted.
+    pub fn kids_of(&self, id: &str) -> Vec<String> {
+        self.jwks
+            .read()
+            .iter()
+            .filter(|(_, k)| k.owner == id)
+            .map(|(kid, _)| kid.clone())
+            .collect()
+    }
+
+    /// The trust domain's key directory: a JWKS of every key of every
+    /// registered, non-suspended workload, each with its owner
+    /// ([`elevate_core::keys::OWNER_MEMBER`]), sorted by owner and `kid`
+    /// (see [`elevate_core::keys::directory`]).
+    pub fn workload_jwks(&self) -> serde_json::Value {
+        let published = self.jwks.read();
+        let suspended = self.suspended.read();
+        let trusted = published
+            .values()
+            .filter(|k| !suspended.contains(&k.owner))
+            .map(|k| (k.owner.as_str(), &k.jwk));
+        match elevate_core::keys::directory::workload_jwks_document(trusted) {
+            Ok(doc) => doc,
+            Err(e) => {
+                // Every stored JWK was accepted by the key set, so this is a bug.
+                tracing::error!(error = %e, "workload key directory cannot be built");
+                serde_json::json!({ "keys": [] })
+            }
+        }
     }
 
     /// Removes a workload: every key it owns and its allowed scopes. Returns
@@ -86,6 +243,12 @@ impl WorkloadRegistry {
             .collect();
         for kid in &owned {
             set.remove(kid);
+        }
+        {
+            let mut published = self.jwks.write();
+            for kid in &owned {
+                published.remove(kid);
+            }
         }
         self.keys.store(Arc::new(set));
         self.suspended.write().remove(id);
@@ -198,5 +361,116 @@ mod tests {
         assert!(!r.is_trusted("spiffe://d/a"));
         assert_eq!(r.allowed("spiffe://d/a"), None);
         assert!(!r.remove("spiffe://d/a"));
+    }
+
+    #[test]
+    fn several_keys_per_workload_and_rollover() {
+        let r = WorkloadRegistry::new();
+        let old = SigningKey::generate(SigningAlg::ES256, "a-1").unwrap();
+        let new = SigningKey::generate(SigningAlg::EdDSA, "a-2").unwrap();
+        let b = SigningKey::generate(SigningAlg::ES256, "b-1").unwrap();
+        // add_key needs a registered workload
+        assert!(r.add_key("spiffe://d/a", old.public_jwk()).is_err());
+        r.register("spiffe://d/a", old.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        r.register("spiffe://d/b", b.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        r.add_key("spiffe://d/a", new.public_jwk()).unwrap();
+        assert_eq!(r.kids_of("spiffe://d/a"), ["a-1", "a-2"]);
+        assert!(r.keys().load().get("a-1").is_some() && r.keys().load().get("a-2").is_some());
+        // another workload's kid is refused, and so is removing it as "a"
+        assert!(r.add_key("spiffe://d/a", b.public_jwk()).is_err());
+        assert!(!r.remove_key("spiffe://d/a", "b-1"));
+        assert!(r.remove_key("spiffe://d/a", "a-1"));
+        assert!(!r.remove_key("spiffe://d/a", "a-1"));
+        assert!(r.keys().load().get("a-1").is_none());
+        assert_eq!(r.kids_of("spiffe://d/a"), ["a-2"]);
+        assert_eq!(r.allowed("spiffe://d/a"), Some(Scope::parse("x")));
+    }
+
+    #[test]
+    fn replace_keys_is_all_or_nothing() {
+        let r = WorkloadRegistry::new();
+        let a1 = SigningKey::generate(SigningAlg::ES256, "a-1").unwrap();
+        let a2 = SigningKey::generate(SigningAlg::ES256, "a-2").unwrap();
+        let b = SigningKey::generate(SigningAlg::ES256, "b-1").unwrap();
+        r.register("spiffe://d/a", a1.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        r.register("spiffe://d/b", b.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        let jwk = |k: &SigningKey| k.public_jwk().clone();
+        // refused: empty, a kid twice, another workload's kid, unregistered
+        assert!(r.replace_keys("spiffe://d/a", &[]).is_err());
+        assert!(
+            r.replace_keys("spiffe://d/a", &[jwk(&a2), jwk(&a2)])
+                .is_err()
+        );
+        assert!(
+            r.replace_keys("spiffe://d/a", &[jwk(&a2), jwk(&b)])
+                .is_err()
+        );
+        assert!(r.replace_keys("spiffe://d/c", &[jwk(&a2)]).is_err());
+        assert_eq!(r.kids_of("spiffe://d/a"), ["a-1"], "previous keys kept");
+        assert!(r.keys().load().get("a-2").is_none());
+        // both, then the new one only
+        r.replace_keys("spiffe://d/a", &[jwk(&a1), jwk(&a2)])
+            .unwrap();
+        assert_eq!(r.kids_of("spiffe://d/a"), ["a-1", "a-2"]);
+        r.replace_keys("spiffe://d/a", &[jwk(&a2)]).unwrap();
+        assert_eq!(r.kids_of("spiffe://d/a"), ["a-2"]);
+        assert!(r.keys().load().get("a-1").is_none());
+        assert!(r.keys().load().get("b-1").is_some());
+    }
+
+    #[test]
+    fn the_directory_lists_trusted_keys_with_owners() {
+        use elevate_core::keys::OWNER_MEMBER;
+        let r = WorkloadRegistry::new();
+        let a1 = SigningKey::generate(SigningAlg::ES256, "a-1").unwrap();
+        let a2 = SigningKey::generate(SigningAlg::EdDSA, "a-2").unwrap();
+        let b = SigningKey::generate(SigningAlg::ES256, "b-1").unwrap();
+        r.register("spiffe://d/a", a1.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        r.add_key("spiffe://d/a", a2.public_jwk()).unwrap();
+        r.register("spiffe://d/b", b.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        let owners = |doc: &serde_json::Value| -> Vec<(String, String)> {
+            doc["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| {
+                    (
+                        k["kid"].as_str().unwrap().to_string(),
+                        k[OWNER_MEMBER].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let doc = r.workload_jwks();
+        assert_eq!(
+            owners(&doc),
+            [
+                ("a-1".to_string(), "spiffe://d/a".to_string()),
+                ("a-2".into(), "spiffe://d/a".into()),
+                ("b-1".into(), "spiffe://d/b".into()),
+            ]
+        );
+        let set = KeySet::from_workload_jwks(&doc).unwrap();
+        assert_eq!(
+            set.get("a-2").unwrap().owner.as_deref(),
+            Some("spiffe://d/a")
+        );
+        // suspended: not published; removed: gone
+        r.suspend("spiffe://d/a");
+        assert_eq!(
+            owners(&r.workload_jwks()),
+            [("b-1".to_string(), "spiffe://d/b".to_string())]
+        );
+        r.reinstate("spiffe://d/a");
+        assert_eq!(owners(&r.workload_jwks()).len(), 3);
+        r.remove("spiffe://d/a");
+        assert_eq!(owners(&r.workload_jwks()).len(), 1);
+        assert!(r.kids_of("spiffe://d/a").is_empty());
     }
 }

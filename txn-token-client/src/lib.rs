@@ -8,17 +8,20 @@
 //! Module map, by protocol step: [`protocol`] (wire names and messages),
 //! [`assertion`] (RFC 7523 client authentication), [`breaker`] (outage →
 //! fast Retry), [`entry`] (the produce-side entry flow: verified Txn-Token
-//! in, subject context out).
+//! in, subject context out), [`key_directory`] (the trust domain's producer
+//! keys, fetched from the TTS and refreshed on rotation).
 
 pub mod assertion;
 pub mod breaker;
 pub mod client;
 pub mod entry;
+pub mod key_directory;
 pub mod protocol;
 pub mod verify;
 
 pub use client::{TtsClient, TtsClientConfig};
 pub use entry::subject_context;
+pub use key_directory::{KeyDirectory, KeyDirectoryConfig, KeyDirectoryError};
 pub use verify::{JwksProvider, TxnTokenVerifier, VerifyError};
 
 /// Installs the aws-lc-rs rustls crypto provider as the process default.

@@ -23,6 +23,10 @@ pub const TOKEN_TYPE_NA: &str = "N_A";
 pub const TXN_TOKEN_HEADER: &str = "txn-token";
 /// Path of the published key set.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Path of the trust domain's workload key directory: every registered
+/// workload's public keys, each with its owner
+/// (`elevate_core::keys::directory`).
+pub const WORKLOAD_JWKS_PATH: &str = "/.well-known/workload-jwks";
 /// Default token endpoint path.
 pub const DEFAULT_TOKEN_PATH: &str = "/token";
 

@@ -293,7 +293,7 @@ impl Guard {
         facts: &mut Facts,
     ) -> Step<AuthContext> {
         credentials::check(&self.credentials, msg)?;
-        let verified = reference::verify(&self.verifier, msg)?;
+        let verified = reference::verify(&self.verifier, msg).await?;
         facts.reference = Some(verified.clone());
         let claims = &verified.claims;
         replay::check(self.replay.as_deref(), msg, claims).await?;

@@ -1,5 +1,8 @@
 //! Step 2: exactly one context reference, verified (signature, type,
-//! audience, issuer, lifetime, destination, payload digest, chain).
+//! audience, issuer, lifetime, destination, payload digest, chain). A key
+//! the verifier does not know is asked for once through its
+//! [`KeyRefresh`](crate::ctxref::KeyRefresh), when it has one (a producer
+//! that just rotated its key); a refresh that fails changes nothing.
 
 use super::rejection::{Rejection, Step};
 use crate::ctxref::{CTX_REF_HEADER, ContextRefVerifier, VerifiedRef};
@@ -7,7 +10,10 @@ use crate::message::InboundMessage;
 use crate::verdict::Reason;
 
 /// The message's one reference, verified for its destination and payload.
-pub(crate) fn verify(verifier: &ContextRefVerifier, msg: &InboundMessage) -> Step<VerifiedRef> {
+pub(crate) async fn verify(
+    verifier: &ContextRefVerifier,
+    msg: &InboundMessage,
+) -> Step<VerifiedRef> {
     let mut refs = msg.headers.get_all(CTX_REF_HEADER);
     let raw = match (refs.next(), refs.next()) {
         (None, _) => {
@@ -26,6 +32,7 @@ pub(crate) fn verify(verifier: &ContextRefVerifier, msg: &InboundMessage) -> Ste
             .map_err(|_| Rejection::new(Reason::MalformedReference, "reference is not UTF-8"))?,
     };
     verifier
-        .verify(raw.trim(), &msg.destination, &msg.payload)
+        .verify_refreshing(raw.trim(), &msg.destination, &msg.payload)
+        .await
         .map_err(|e| Rejection::new(e.reason(), e.to_string()))
 }

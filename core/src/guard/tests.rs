@@ -407,3 +407,208 @@ async fn record_step_fails_closed() {
     assert_eq!(d.verdict(), Verdict::Retry);
     assert!(d.auth().is_none(), "an unrecorded decision never permits");
 }
+
+/// A key refresh double: on a call it adds `add` (if any) to the shared key
+/// set under `owner`, and answers `answer`.
+struct FakeRefresh {
+    keys: Arc<arc_swap::ArcSwap<KeySet>>,
+    add: Option<SigningKey>,
+    owner: &'static str,
+    answer: bool,
+    calls: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl crate::ctxref::KeyRefresh for FakeRefresh {
+    async fn refresh(&self, kid: &str) -> bool {
+        self.calls.lock().push(kid.to_string());
+        if let Some(key) = &self.add {
+            let mut set = (**self.keys.load()).clone();
+            set.insert_workload_key(self.owner, key).unwrap();
+            self.keys.store(Arc::new(set));
+        }
+        self.answer
+    }
+}
+
+impl World {
+    /// A guard whose verifier asks `refresh` about unknown keys; the
+    /// refresh shares the verifier's key set.
+    fn refreshing_guard(
+        &self,
+        add: Option<SigningKey>,
+        owner: &'static str,
+        answer: bool,
+    ) -> (Guard, Arc<FakeRefresh>) {
+        let keys = Arc::new(arc_swap::ArcSwap::from_pointee(self.keys.clone()));
+        let refresh = Arc::new(FakeRefresh {
+            keys: keys.clone(),
+            add,
+            owner,
+            answer,
+            calls: Mutex::new(Vec::new()),
+        });
+        let verifier = ContextRefVerifier::with_shared_keys(keys, VerifyPolicy::new(WORKER))
+            .with_refresh(refresh.clone());
+        let guard = Guard::new(
+            WORKER,
+            verifier,
+            self.tokens.clone(),
+            self.pdp.clone(),
+            self.sink.clone(),
+            fixed(),
+        );
+        (guard, refresh)
+    }
+}
+
+/// A message signed by the producer's rotated key `key` (not yet in the set).
+fn rotated_message(w: &World, key: &SigningKey) -> InboundMessage {
+    let minter = ContextRefMinter::new(PRODUCER, key.clone(), Duration::from_secs(300));
+    let token = minter
+        .mint(&MintRequest {
+            subject: "alice",
+            sub_kind: SubjectKind::Human,
+            audience: &[WORKER.to_string()],
+            scope: &Scope::parse("job.run"),
+            txn: "txn-1",
+            destination: DST,
+            payload: b"{}",
+        })
+        .unwrap()
+        .token;
+    let h: Headers = [(crate::CTX_REF_HEADER, token)].into_iter().collect();
+    w.message(h, b"{}")
+}
+
+#[tokio::test]
+async fn reference_step_asks_for_an_unknown_key_once() {
+    let w = World::new();
+    let rotated = SigningKey::generate(SigningAlg::ES256, "p2").unwrap();
+    // The refresh brings the producer's new key: permitted, one call for "p2".
+    let (g, r) = w.refreshing_guard(Some(rotated.clone()), PRODUCER, true);
+    let d = decide(&g, &rotated_message(&w, &rotated)).await;
+    assert!(d.auth().is_some(), "{d:?}");
+    assert_eq!(*r.calls.lock(), ["p2"]);
+    // Known now: no second call.
+    assert!(
+        decide(&g, &rotated_message(&w, &rotated))
+            .await
+            .auth()
+            .is_some()
+    );
+    assert_eq!(r.calls.lock().len(), 1);
+}
+
+#[tokio::test]
+async fn reference_step_refresh_failures_change_nothing() {
+    let w = World::new();
+    let rotated = SigningKey::generate(SigningAlg::ES256, "p2").unwrap();
+    let msg = rotated_message(&w, &rotated);
+    // Without a refresh: unknown-key.
+    let plain = decide(&w.guard(fixed()), &msg).await;
+    assert_eq!(reason(&plain), Reason::UnknownKey);
+    // A failed (or rate-limited) refresh: the same reason and verdict.
+    let (g, r) = w.refreshing_guard(None, PRODUCER, false);
+    let d = decide(&g, &msg).await;
+    assert_eq!(reason(&d), Reason::UnknownKey);
+    assert_eq!(d.verdict(), plain.verdict());
+    assert_eq!(*r.calls.lock(), ["p2"]);
+    // A refresh that claims a change but brings nothing: still unknown-key,
+    // and asked once only (no loop).
+    let (g, r) = w.refreshing_guard(None, PRODUCER, true);
+    assert_eq!(reason(&decide(&g, &msg).await), Reason::UnknownKey);
+    assert_eq!(r.calls.lock().len(), 1);
+    // The refresh brings the key, but owned by another workload: the owner
+    // rule still holds.
+    let (g, r) = w.refreshing_guard(Some(rotated.clone()), "spiffe://t/other", true);
+    assert_eq!(reason(&decide(&g, &msg).await), Reason::IssuerMismatch);
+    assert_eq!(r.calls.lock().len(), 1);
+}
+
+#[tokio::test]
+async fn reference_step_refreshes_only_for_unknown_keys() {
+    let w = World::new();
+    let (g, r) = w.refreshing_guard(None, PRODUCER, true);
+    // A known key with a bad signature (another key under the trusted kid).
+    let stranger = World::new();
+    assert_eq!(
+        reason(&decide(&g, &stranger.good()).await),
+        Reason::BadSignature
+    );
+    // Bound to another payload.
+    let h: Headers = [(crate::CTX_REF_HEADER, w.reference("job.run", b"{}"))]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        reason(&decide(&g, &w.message(h, b"{\"x\":1}")).await),
+        Reason::DigestMismatch
+    );
+    // No kid at all.
+    let minted = w.minter.mint(&MintRequest {
+        subject: "alice",
+        sub_kind: SubjectKind::Human,
+        audience: &[WORKER.to_string()],
+        scope: &Scope::parse("job.run"),
+        txn: "txn-1",
+        destination: DST,
+        payload: b"{}",
+    });
+    let key = SigningKey::generate(SigningAlg::ES256, "p1").unwrap();
+    let no_kid = crate::jws::sign_with(
+        key.encoding_key(),
+        SigningAlg::ES256,
+        None,
+        crate::ctxref::CTX_REF_TYP,
+        &minted.unwrap().claims,
+    )
+    .unwrap();
+    let h: Headers = [(crate::CTX_REF_HEADER, no_kid)].into_iter().collect();
+    assert_eq!(
+        reason(&decide(&g, &w.message(h, b"{}")).await),
+        Reason::MissingKid
+    );
+    assert!(r.calls.lock().is_empty(), "{:?}", r.calls.lock());
+}
+
+#[tokio::test]
+async fn reference_step_asks_for_a_prior_hops_unknown_key() {
+    // origin (key "o2", unknown to the worker) → middle (known) → worker
+    const ORIGIN: &str = "spiffe://t/origin";
+    let origin_key = SigningKey::generate(SigningAlg::ES256, "o2").unwrap();
+    let origin = ContextRefMinter::new(ORIGIN, origin_key.clone(), Duration::from_secs(300));
+    let parent = origin
+        .mint(&MintRequest {
+            subject: "alice",
+            sub_kind: SubjectKind::Human,
+            audience: &[PRODUCER.to_string()],
+            scope: &Scope::parse("job.run"),
+            txn: "txn-1",
+            destination: "upstream",
+            payload: b"{}",
+        })
+        .unwrap();
+    let w = World::new();
+    let derived = w
+        .minter
+        .derive(
+            &parent.claims,
+            &parent.token,
+            None,
+            &[WORKER.to_string()],
+            DST,
+            b"{}",
+        )
+        .unwrap();
+    let h: Headers = [(crate::CTX_REF_HEADER, derived.token)]
+        .into_iter()
+        .collect();
+    let msg = w.message(h, b"{}");
+    let (g, r) = w.refreshing_guard(None, ORIGIN, false);
+    assert_eq!(reason(&decide(&g, &msg).await), Reason::ChainInvalid);
+    assert_eq!(*r.calls.lock(), ["o2"]);
+    let (g, r) = w.refreshing_guard(Some(origin_key), ORIGIN, true);
+    let d = decide(&g, &msg).await;
+    assert!(d.auth().is_some(), "{d:?}");
+    assert_eq!(*r.calls.lock(), ["o2"]);
+}
