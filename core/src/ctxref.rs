@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::jws::{self, JwsError};
-use crate::keys::{KeySet, SigningKey, sha256_b64url, sha256_hex};
+use crate::keys::{CurrentKey, KeySet, SigningKey, sha256_b64url, sha256_hex};
 use crate::scope::Scope;
 use crate::token::Redacted;
 use crate::verdict::Reason;
@@ -205,7 +205,7 @@ pub struct MintedRef {
 /// Signs context references for one producer workload.
 #[derive(Debug, Clone)]
 pub struct ContextRefMinter {
-    key: SigningKey,
+    key: CurrentKey,
     issuer: String,
     ttl: Duration,
     max_depth: u32,
@@ -214,6 +214,12 @@ pub struct ContextRefMinter {
 impl ContextRefMinter {
     /// A minter for workload `issuer`, signing with `key`; `ttl` is the async horizon.
     pub fn new(issuer: impl Into<String>, key: SigningKey, ttl: Duration) -> Self {
+        Self::with_current_key(issuer, CurrentKey::new(key), ttl)
+    }
+
+    /// A minter signing with whatever key `key` holds at the time of each
+    /// signature, so that a rotated key file takes effect without a restart.
+    pub fn with_current_key(issuer: impl Into<String>, key: CurrentKey, ttl: Duration) -> Self {
         ContextRefMinter {
             key,
             issuer: issuer.into(),
@@ -337,7 +343,7 @@ impl ContextRefMinter {
     /// Returns [`MintError::Signing`] if the claims cannot be serialized or signed with this
     /// minter's key.
     pub fn sign(&self, claims: ContextRefClaims) -> Result<MintedRef, MintError> {
-        let token = jws::sign(&self.key, CTX_REF_TYP, &claims)
+        let token = jws::sign(&self.key.get(), CTX_REF_TYP, &claims)
             .map_err(|e| MintError::Signing(e.to_string()))?;
         Ok(MintedRef { token, claims })
     }

@@ -94,6 +94,44 @@ pub enum KeyError {
     },
 }
 
+/// The signing key in force for one workload, shared by everything that
+/// signs for it (the context-reference minter, the TTS client's assertions)
+/// and swapped when the key rotates: whoever watches the key files calls
+/// [`CurrentKey::set`], and the next signature uses the new key.
+#[derive(Clone)]
+pub struct CurrentKey(Arc<arc_swap::ArcSwap<SigningKey>>);
+
+impl CurrentKey {
+    /// Starts with `key`.
+    pub fn new(key: SigningKey) -> Self {
+        CurrentKey(Arc::new(arc_swap::ArcSwap::from_pointee(key)))
+    }
+
+    /// The key to sign with now.
+    pub fn get(&self) -> Arc<SigningKey> {
+        self.0.load_full()
+    }
+
+    /// Signs with `key` from now on (every clone of this handle sees it).
+    pub fn set(&self, key: SigningKey) {
+        self.0.store(Arc::new(key));
+    }
+}
+
+impl std::fmt::Debug for CurrentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CurrentKey")
+            .field(&self.0.load().kid)
+            .finish()
+    }
+}
+
+impl From<SigningKey> for CurrentKey {
+    fn from(key: SigningKey) -> Self {
+        CurrentKey::new(key)
+    }
+}
+
 /// A private signing key with its `kid` and algorithm.
 #[derive(Clone)]
 pub struct SigningKey {

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use elevate_core::keys::SigningKey;
+use elevate_core::keys::{CurrentKey, SigningKey};
 use elevate_core::scope::Scope;
 use elevate_core::token::{SecretToken, TokenError, TokenRequest, TokenSource, TxnToken};
 use reqwest::StatusCode;
@@ -127,7 +127,7 @@ pub enum ClientBuildError {
 /// The RFC 8693 Txn-Token client for one consuming (or producing) workload.
 pub struct TtsClient {
     config: TtsClientConfig,
-    key: SigningKey,
+    key: CurrentKey,
     http: reqwest::Client,
     verifier: TxnTokenVerifier,
     breaker: CircuitBreaker,
@@ -270,6 +270,20 @@ impl TtsClient {
     /// not a valid URL, and [`ClientBuildError::Http`] if the mTLS identity or root CA PEM does not
     /// parse or the HTTP client cannot be built.
     pub fn new(config: TtsClientConfig, key: SigningKey) -> Result<Self, ClientBuildError> {
+        Self::with_current_key(config, CurrentKey::new(key))
+    }
+
+    /// As [`TtsClient::new`], signing each client assertion with whatever key
+    /// `key` holds at that moment (a rotated key file takes effect without a
+    /// restart; the TTS must already know the new public key).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`TtsClient::new`].
+    pub fn with_current_key(
+        config: TtsClientConfig,
+        key: CurrentKey,
+    ) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
         reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
             url: config.token_endpoint.clone(),
@@ -415,7 +429,7 @@ impl TtsClient {
             })
         })?;
         let assertion = sign_assertion(
-            &self.key,
+            &self.key.get(),
             &self.config.workload_id,
             &self.config.token_endpoint,
             self.config.assertion_ttl,

@@ -1,0 +1,389 @@
+//! `elevate.toml` end to end: workloads built by `elevate_config::Workload`
+//! from real files (PEM keys, the example Cedar bundle) against the TTS
+//! binary on loopback, trusting producers through its key directory.
+//! Wrong files get named errors; replay protection is on unless turned off;
+//! a signing-key rollover (two keys, then the old one removed) keeps every
+//! message flowing, and the rotated key is trusted by the running consumer
+//! without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use elevate_config::{ConfigError, ErrorKind, Loaded, Workload};
+use elevate_core::keys::{SigningAlg, SigningKey};
+use elevate_core::producer::{PublishRequest, SubjectContext};
+use elevate_core::scope::Scope;
+use elevate_core::{
+    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, Reason, SubjectKind,
+};
+use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
+use elevate_testing::tts::TtsProcess;
+use elevate_tts::{ServiceConfig, WorkloadConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_elevate-tts");
+const DESTINATION: &str = "orders";
+const ACTION: &str = "test.process";
+
+fn wl(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/{name}")
+}
+
+fn key(kid: &str) -> SigningKey {
+    SigningKey::generate(SigningAlg::ES256, kid).unwrap_or_else(|e| panic!("key: {e}"))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {}: {e}", path.display()));
+}
+
+/// The public keys the TTS registers for a workload (its key file).
+fn write_public(path: &Path, keys: &[&SigningKey]) {
+    let doc =
+        serde_json::json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() });
+    write_atomically(path, doc.to_string().as_bytes());
+}
+
+/// A trust domain on disk: the TTS's configuration and key files, and one
+/// directory per workload holding its private key files.
+struct Domain {
+    dir: tempfile::TempDir,
+    tts: Option<TtsProcess>,
+}
+
+impl Domain {
+    /// Registers `workloads` (name, its keys) and starts the TTS binary.
+    fn start(workloads: &[(&str, &[&SigningKey])]) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut config = ServiceConfig::new(TRUST_DOMAIN);
+        config.listen = "127.0.0.1:0".into();
+        config.key_reload_secs = 1;
+        config.workloads = workloads
+            .iter()
+            .map(|(name, keys)| {
+                let file = format!("{name}.jwks.json");
+                write_public(&dir.path().join(&file), keys);
+                let own = dir.path().join(name);
+                std::fs::create_dir_all(&own).unwrap_or_else(|e| panic!("{e}"));
+                for k in keys.iter() {
+                    std::fs::write(own.join(format!("{}.pem", k.kid())), k.to_pkcs8_pem())
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                WorkloadConfig {
+                    id: wl(name),
+                    public_jwk: None,
+                    jwk_file: Some(PathBuf::from(file)),
+                    allowed_scopes: vec![ACTION.into()],
+                }
+            })
+            .collect();
+        let path = dir.path().join("tts.toml");
+        let text = config.to_toml().unwrap_or_else(|e| panic!("config: {e}"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
+        let tts = TtsProcess::spawn(Path::new(BIN), &path, None)
+            .unwrap_or_else(|e| panic!("TTS binary: {e}"));
+        Domain {
+            dir,
+            tts: Some(tts),
+        }
+    }
+
+    fn token_endpoint(&self) -> String {
+        match &self.tts {
+            Some(t) => t.token_endpoint(),
+            None => "http://127.0.0.1:9/token".into(),
+        }
+    }
+
+    fn keys_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `<name>.toml` for workload `name` with `extra` TOML appended.
+    fn workload_config(&self, name: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\nreload_secs = 1\n\n[tts]\nurl = \"{}\"\n\n[pdp]\ncedar_bundle = \"{}\"\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"{DESTINATION}\"\naction = \"{ACTION}\"\n{extra}",
+            wl(name),
+            self.token_endpoint(),
+            policy_dir().display(),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+}
+
+async fn build(path: &Path) -> Result<Workload, ConfigError> {
+    Workload::build(&Loaded::read_file_only(path)?).await
+}
+
+async fn workload(path: &Path) -> Workload {
+    build(path)
+        .await
+        .unwrap_or_else(|e| panic!("workload from {}: {e}", path.display()))
+}
+
+fn expect_error(r: Result<Workload, ConfigError>, kind: ErrorKind, key: &str) -> ConfigError {
+    match r {
+        Ok(w) => panic!("expected a {kind:?} error at `{key}`, built {w:?}"),
+        Err(e) => {
+            assert_eq!(e.kind, kind, "{e}");
+            assert_eq!(e.key, key, "{e}");
+            assert!(!e.fix.is_empty(), "an error says what to do: {e}");
+            e
+        }
+    }
+}
+
+fn subject() -> SubjectContext {
+    SubjectContext {
+        subject: "alice".into(),
+        sub_kind: SubjectKind::Human,
+        txn: uuid::Uuid::now_v7().to_string(),
+        scope: Scope::parse(ACTION),
+    }
+}
+
+/// Publishes one message through `producer` for `consumer`; returns it as
+/// the consumer reads it at `position`, and the signing key's id.
+async fn publish(producer: &Workload, consumer: &Workload, n: u64) -> (InboundMessage, String) {
+    let subject = subject();
+    let audience = [consumer.id().to_string()];
+    let req = PublishRequest {
+        subject: &subject,
+        action: ACTION,
+        audience: &audience,
+        destination: DESTINATION,
+        scope: None,
+    };
+    let p = producer
+        .producer()
+        .prepare(
+            &req,
+            OutboundMessage {
+                headers: Headers::new(),
+                payload: format!("{{\"order\":{n}}}").into_bytes(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("prepare: {e}"));
+    let kid = producer.signing_key().get().kid().to_string();
+    let msg = InboundMessage::new(
+        Coordinates::new("test", format!("{DESTINATION}/{n}")),
+        DESTINATION,
+        p.headers,
+        p.payload,
+    );
+    (msg, kid)
+}
+
+fn reason(d: &GuardDecision) -> Option<Reason> {
+    match d {
+        GuardDecision::Permit(_) => None,
+        GuardDecision::Deny(r) | GuardDecision::Quarantine(r) | GuardDecision::Retry(r) => {
+            Some(r.reason())
+        }
+        _ => panic!("unknown decision"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
+    let d = Domain {
+        dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        tts: None,
+    };
+    let k = key("worker-1");
+    std::fs::create_dir_all(d.keys_dir("worker")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.keys_dir("worker").join("worker-1.pem"), k.to_pkcs8_pem())
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A file that is not there.
+    let missing = d.dir.path().join("nowhere.toml");
+    let e = expect_error(build(&missing).await, ErrorKind::File, "");
+    assert!(e.origin.contains("nowhere.toml"), "{e}");
+
+    // A typo.
+    let typo = d.workload_config("worker", "\n[replay]\nstroe = \"memory\"\n");
+    let e = expect_error(build(&typo).await, ErrorKind::UnknownKey, "replay.stroe");
+    assert!(
+        e.origin.contains("worker.toml") && e.fix.contains("`store`"),
+        "{e}"
+    );
+
+    // No TTS.
+    let no_tts = d.dir.path().join("no-tts.toml");
+    std::fs::write(
+        &no_tts,
+        format!(
+            "workload = \"{}\"\n[keys]\ndir = \"worker\"\n[pdp]\ncedar_bundle = \"{}\"\n",
+            wl("worker"),
+            policy_dir().display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    expect_error(build(&no_tts).await, ErrorKind::Missing, "tts");
+
+    // Not a SPIFFE ID.
+    let bad_id = d.dir.path().join("bad-id.toml");
+    let text = std::fs::read_to_string(&typo)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .replace(&wl("worker"), "spiffe://Elevate Example/worker")
+        .replace("stroe", "store");
+    std::fs::write(&bad_id, text).unwrap_or_else(|e| panic!("{e}"));
+    expect_error(build(&bad_id).await, ErrorKind::Invalid, "workload");
+
+    // A key file that is not a key.
+    std::fs::write(d.keys_dir("worker").join("broken.pem"), "not a key")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = d.workload_config("worker", "");
+    let e = expect_error(build(&cfg).await, ErrorKind::Key, "keys.dir");
+    assert!(e.problem.contains("broken.pem"), "{e}");
+    std::fs::remove_file(d.keys_dir("worker").join("broken.pem")).unwrap_or_else(|e| panic!("{e}"));
+
+    // A malformed trusted-producer JWKS.
+    let jwks = d.dir.path().join("producers.jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[{"kty":"EC","crv":"P-256"}]}"#)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = d.workload_config("worker", "").with_extension("toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .replace(
+            "[trust]\n",
+            "[trust]\njwks_file = \"producers.jwks.json\"\n",
+        );
+    std::fs::write(&cfg, text).unwrap_or_else(|e| panic!("{e}"));
+    let e = expect_error(build(&cfg).await, ErrorKind::Jwks, "trust.jwks_file");
+    assert!(e.problem.contains("producers.jwks.json"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_registered_to_another_workload_is_refused() {
+    let shared = key("shared-1");
+    let d = Domain::start(&[("billing", &[&shared])]);
+    // orders-api presents billing's key as its own.
+    std::fs::create_dir_all(d.keys_dir("orders-api")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        d.keys_dir("orders-api").join("shared-1.pem"),
+        shared.to_pkcs8_pem(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = d.workload_config("orders-api", "");
+    let e = expect_error(build(&cfg).await, ErrorKind::KeyOwner, "keys");
+    assert!(e.problem.contains(&wl("billing")), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_tts_at_start_is_a_warning_and_the_workload_builds() {
+    let d = Domain {
+        dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        tts: None,
+    };
+    let k = key("worker-1");
+    std::fs::create_dir_all(d.keys_dir("worker")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(d.keys_dir("worker").join("worker-1.pem"), k.to_pkcs8_pem())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let w = workload(&d.workload_config("worker", "")).await;
+    assert_eq!(w.trusted_keys().load().len(), 0);
+    assert_eq!(w.signing_key().get().kid(), "worker-1");
+    assert_eq!(w.dead_letter_for("orders"), "orders.dlq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_protection_is_on_unless_turned_off() {
+    let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
+    let d = Domain::start(&[("orders-api", &[&p1]), ("test-worker", &[&w1])]);
+    let producer = workload(&d.workload_config("orders-api", "")).await;
+    let consumer = workload(&d.workload_config("test-worker", "")).await;
+    assert_eq!(consumer.replay_store(), "memory");
+    let (msg, _) = publish(&producer, &consumer, 1).await;
+    let first = consumer.guard().decide(&msg, 1).await;
+    assert_eq!(reason(&first), None, "the first delivery is permitted");
+    // The same message copied to another position is a replay.
+    let mut copy = msg.clone();
+    copy.position = "test:orders/elsewhere".into();
+    let second = consumer.guard().decide(&copy, 1).await;
+    assert_eq!(reason(&second), Some(Reason::Replayed));
+
+    let off = d.workload_config("test-worker", "\n[replay]\nstore = \"off\"\n");
+    let unguarded = workload(&off).await;
+    assert_eq!(unguarded.replay_store(), "off");
+    assert_eq!(reason(&unguarded.guard().decide(&msg, 1).await), None);
+    assert_eq!(reason(&unguarded.guard().decide(&copy, 1).await), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() {
+    let (k1, k2, w1) = (
+        key("orders-api-1"),
+        key("orders-api-2"),
+        key("test-worker-1"),
+    );
+    let d = Domain::start(&[("orders-api", &[&k1]), ("test-worker", &[&w1])]);
+    let producer = Arc::new(workload(&d.workload_config("orders-api", "")).await);
+    let consumer = Arc::new(workload(&d.workload_config("test-worker", "")).await);
+    assert_eq!(consumer.trusted_keys().load().len(), 2);
+
+    // A steady stream of messages for the whole rollover; every one must pass.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (producer, consumer, stop) = (producer.clone(), consumer.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let (msg, kid) = publish(&producer, &consumer, n).await;
+                let d = consumer.guard().decide(&msg, 1).await;
+                seen.push((n, kid, reason(&d)));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 1. The operator registers key 2 at the TTS, then gives it to the producer.
+    write_public(&d.dir.path().join("orders-api.jwks.json"), &[&k1, &k2]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(
+        d.keys_dir("orders-api").join("orders-api-2.pem"),
+        k2.to_pkcs8_pem(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while producer.signing_key().get().kid() != "orders-api-2" {
+        assert!(
+            Instant::now() < deadline,
+            "the producer never signed with key 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 2. Key 1 leaves the producer, then the TTS.
+    std::fs::remove_file(d.keys_dir("orders-api").join("orders-api-1.pem"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    write_public(&d.dir.path().join("orders-api.jwks.json"), &[&k2]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = stream.await.unwrap_or_else(|e| panic!("stream: {e}"));
+    let refused: Vec<_> = seen.iter().filter(|(_, _, r)| r.is_some()).collect();
+    assert!(
+        refused.is_empty(),
+        "refused during the rollover: {refused:?}"
+    );
+    let by_k2 = seen.iter().filter(|(_, k, _)| k == "orders-api-2").count();
+    let by_k1 = seen.len() - by_k2;
+    assert!(by_k1 > 5 && by_k2 > 20, "k1 {by_k1}, k2 {by_k2}");
+    assert_eq!(producer.signing_key().get().kid(), "orders-api-2");
+
+    // The running consumer trusts key 2 (learned through the directory).
+    let (msg, _) = publish(&producer, &consumer, 100_000).await;
+    assert_eq!(reason(&consumer.guard().decide(&msg, 1).await), None);
+    assert!(consumer.trusted_keys().load().get("orders-api-2").is_some());
+}
