@@ -79,7 +79,10 @@ impl Loaded {
         if let Some(env) = env {
             let env = env
                 .split("__")
-                .filter(|k| TOP_LEVEL.iter().any(|t| k.as_str().starts_with(t)));
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    TOP_LEVEL.iter().any(|t| k.starts_with(t))
+                });
             figment = figment.merge(env);
         }
         let config: FileConfig = figment

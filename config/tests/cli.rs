@@ -1,0 +1,46 @@
+//! `elevate-config check` as an operator runs it: the annotated example
+//! parses, a wrong value given through the environment is reported with the
+//! variable's name and the key, a missing file with its path.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_elevate-config");
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("elevate.example.toml")
+}
+
+#[test]
+fn the_annotated_example_is_a_valid_configuration() {
+    let l = elevate_config::Loaded::read_file_only(example())
+        .unwrap_or_else(|e| panic!("the example does not read: {e}"));
+    assert_eq!(l.config.workload, "spiffe://elevate.example/orders-worker");
+    assert_eq!(l.spiffe_trust_domain().as_deref(), Some("elevate.example"));
+}
+
+#[test]
+fn an_environment_override_is_read_and_named_when_wrong() {
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(example())
+        .env("ELEVATE_REPLAY__STORE", "postgres://nope")
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN}: {e}"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replay.store"), "{err}");
+    assert!(err.contains("ELEVATE_REPLAY__STORE"), "{err}");
+    assert!(err.contains("postgres://nope"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let out = Command::new(BIN)
+        .args(["check", "/nonexistent/elevate.toml"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN}: {e}"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/elevate.toml") && err.contains("cannot read"), "{err}");
+}
