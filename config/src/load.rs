@@ -77,12 +77,10 @@ impl Loaded {
         })?;
         let mut figment = Figment::new().merge(Toml::file_exact(path));
         if let Some(env) = env {
-            let env = env
-                .split("__")
-                .filter(|k| {
-                    let k = k.as_str().to_ascii_lowercase();
-                    TOP_LEVEL.iter().any(|t| k.starts_with(t))
-                });
+            let env = env.split("__").filter(|k| {
+                let k = k.as_str().to_ascii_lowercase();
+                TOP_LEVEL.iter().any(|t| k.starts_with(t))
+            });
             figment = figment.merge(env);
         }
         let config: FileConfig = figment
@@ -151,15 +149,15 @@ impl Loaded {
                 "set it to this workload's id, e.g. spiffe://example.org/billing",
             ));
         }
-        if c.workload.starts_with("spiffe:") {
-            if let Err(e) = spiffe::SpiffeId::new(&c.workload) {
-                return Err(self.error(
-                    ErrorKind::Invalid,
-                    "workload",
-                    format!("`{}` is not a valid SPIFFE ID: {e}", c.workload),
-                    "use spiffe://<trust domain>/<path>, lower-case trust domain, no query or fragment",
-                ));
-            }
+        if c.workload.starts_with("spiffe:")
+            && let Err(e) = spiffe::SpiffeId::new(&c.workload)
+        {
+            return Err(self.error(
+                ErrorKind::Invalid,
+                "workload",
+                format!("`{}` is not a valid SPIFFE ID: {e}", c.workload),
+                "use spiffe://<trust domain>/<path>, lower-case trust domain, no query or fragment",
+            ));
         }
         if c.keys.files.is_empty() && c.keys.dir.is_none() {
             return Err(self.error(
