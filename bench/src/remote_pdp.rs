@@ -3,10 +3,11 @@
 //!
 //! [`router`] serves `POST /access/v1/evaluation` (one request) and
 //! `POST /access/v1/evaluations` (a batch) in front of any
-//! [`PolicyDecisionPoint`] (the benchmark wraps the same [`elevate_cedar::CedarPdp`]),
-//! and [`RemotePdp`] is the matching `reqwest` client implementing
-//! [`PolicyDecisionPoint`], so a guard can use it instead of the local PDP.
-//! It lives here, not in `core`: the core depends on no HTTP crate.
+//! [`PolicyDecisionPoint`] (the benchmark wraps the same Cedar PDP as its
+//! guarded rows use), and [`RemotePdp`] is the matching `reqwest` client
+//! implementing [`PolicyDecisionPoint`], so a guard can use it instead of the
+//! local PDP. It lives with the benchmark, not in `core`: the core depends on
+//! no HTTP crate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,7 +6,8 @@
 //! the destination carried across the retry queue); the queue's retry and
 //! dead-letter queues come from `elevate_amqp::declare_queues_with`, and a
 //! "tap" queue bound with the same key lets `read_raw` see exactly what was
-//! published. Scenario queues expire 10 minutes after their last use.
+//! published (and the plain consumer of [`BrokerBinding::start_raw_consumer`]
+//! reads). Scenario queues expire 10 minutes after their last use.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,17 +18,22 @@ use elevate_core::settle::Processor;
 use elevate_core::{Headers, OutboundMessage};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::binding::{
-    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+    BindResult, BrokerBinding, ConsumerHandle, ConsumerOptions, Endpoint, InboundLimits,
+    RawHandler, RawMessage,
 };
 
-/// Prefetch and concurrency of the binding's guarded consumers.
+/// Prefetch and concurrency of the binding's guarded consumers by default.
 pub const PREFETCH: u16 = 32;
+
+/// The most messages a tap queue keeps (the oldest go first): a bound for
+/// taps nobody reads, far above what a scenario or a benchmark row publishes.
+pub const TAP_MAX_LENGTH: i32 = 1_000_000;
 
 /// The broker address: `AMQP_URL`, else the local RabbitMQ, else a container
 /// where Docker runs (see [`crate::fixture`]).
@@ -42,17 +48,27 @@ fn err(e: impl std::fmt::Display) -> String {
 /// Connects to the broker under a connection name (visible in `rabbitmqctl list_connections`);
 /// panics with how to start RabbitMQ when it cannot be reached.
 pub async fn connect(name: &str) -> Connection {
-    let url = amqp_url();
+    try_connect(&amqp_url(), name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Connects to the broker at `url` under a connection name.
+///
+/// # Errors
+///
+/// Returns how to start RabbitMQ if the connection fails or takes over 10 s.
+pub async fn try_connect(url: &str, name: &str) -> BindResult<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(Duration::from_secs(10), Connection::connect(&url, props)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => panic!(
+    match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!(
             "cannot connect to RabbitMQ at {url} (AMQP_URL): {e}. Start it with `rabbitmq-server -detached` \
              (guest/guest on 127.0.0.1:5672), or point AMQP_URL at a broker"
-        ),
-        Err(_) => panic!(
+        )),
+        Err(_) => Err(format!(
             "timed out connecting to RabbitMQ at {url} (AMQP_URL): start it with `rabbitmq-server -detached`"
-        ),
+        )),
     }
 }
 
@@ -61,6 +77,16 @@ pub fn scenario_queue_args() -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("x-expires".into(), AMQPValue::LongInt(600_000));
     t
+}
+
+/// The properties of a plain publish: `headers` as the header table,
+/// persistent, a fresh message id.
+fn plain_properties(headers: &Headers) -> BindResult<BasicProperties> {
+    Ok(BasicProperties::default()
+        .with_headers(headers::encode(headers).map_err(err)?)
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(uuid::Uuid::new_v4().to_string().into()))
 }
 
 /// The tap queue that records what was published to an endpoint.
@@ -111,6 +137,7 @@ pub async fn drain(
 
 /// AMQP binding over one connection to the real broker.
 pub struct AmqpBinding {
+    url: String,
     conn: Arc<Connection>,
     admin: Channel,
     confirms: ConfirmChannel,
@@ -119,19 +146,28 @@ pub struct AmqpBinding {
 impl AmqpBinding {
     /// Connects to the real broker (panics with how to start it if unreachable).
     pub async fn real() -> Self {
-        let conn = connect(&format!("elevate-test-{}", uuid::Uuid::new_v4().simple())).await;
-        let admin = conn
-            .create_channel()
+        Self::connect_to(&amqp_url())
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let confirms = ConfirmChannel::open(&conn)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        AmqpBinding {
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Connects to the broker at `url`.
+    ///
+    /// # Errors
+    ///
+    /// Returns how to start RabbitMQ if it cannot be reached, and the broker's
+    /// error if a channel cannot be opened on the connection.
+    pub async fn connect_to(url: &str) -> BindResult<Self> {
+        let name = format!("elevate-test-{}", uuid::Uuid::new_v4().simple());
+        let conn = try_connect(url, &name).await?;
+        let admin = conn.create_channel().await.map_err(err)?;
+        let confirms = ConfirmChannel::open(&conn).await.map_err(err)?;
+        Ok(AmqpBinding {
+            url: url.to_string(),
             conn: Arc::new(conn),
             admin,
             confirms,
-        }
+        })
     }
 
     /// The binding's connection.
@@ -188,7 +224,7 @@ impl BrokerBinding for AmqpBinding {
         .await
         .map_err(err)?;
         let mut tap_args = scenario_queue_args();
-        tap_args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
+        tap_args.insert("x-max-length".into(), AMQPValue::LongInt(TAP_MAX_LENGTH));
         self.admin
             .queue_declare(
                 tap_queue(&queue).as_str().into(),
@@ -244,7 +280,6 @@ impl BrokerBinding for AmqpBinding {
         payload: Vec<u8>,
     ) -> BindResult<()> {
         let (exchange, rk) = elevate_amqp::address(&ep.destination);
-        let table = headers::encode(&headers).map_err(err)?;
         let confirm = self
             .admin
             .basic_publish(
@@ -252,11 +287,7 @@ impl BrokerBinding for AmqpBinding {
                 rk.into(),
                 BasicPublishOptions::default(),
                 &payload,
-                BasicProperties::default()
-                    .with_headers(table)
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(uuid::Uuid::new_v4().to_string().into()),
+                plain_properties(&headers)?,
             )
             .await
             .map_err(err)?;
@@ -264,29 +295,114 @@ impl BrokerBinding for AmqpBinding {
         Ok(())
     }
 
-    async fn start_consumer(
+    async fn publish_batch(
+        &self,
+        ep: &Endpoint,
+        messages: Vec<(Headers, Vec<u8>)>,
+    ) -> BindResult<()> {
+        // On the confirming channel, up to 500 publishes in flight; each must
+        // be routed (`mandatory`) and acknowledged.
+        let (exchange, rk) = elevate_amqp::address(&ep.destination);
+        let channel = self.confirms.channel();
+        for chunk in messages.chunks(500) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (headers, payload) in chunk {
+                confirms.push(
+                    channel
+                        .basic_publish(
+                            exchange.into(),
+                            rk.into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            payload,
+                            plain_properties(headers)?,
+                        )
+                        .await
+                        .map_err(err)?,
+                );
+            }
+            for c in confirms {
+                match c.await.map_err(err)? {
+                    lapin::Confirmation::Ack(None) => {}
+                    other => return Err(format!("amqp: publish not confirmed: {other:?}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_consumer_with(
         &self,
         ep: &Endpoint,
         processor: Arc<Processor>,
+        opts: &ConsumerOptions,
     ) -> BindResult<ConsumerHandle> {
-        let (worker, channel, confirms) = self.worker(ep, processor).await?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(e) = worker
-                .run(async move {
-                    let _ = stopped.await;
-                })
-                .await
-            {
+        let (worker, channel, confirms) = self.worker(ep, processor, opts).await?;
+        Ok(ConsumerHandle::spawn(|stopped| async move {
+            if let Err(e) = worker.run(stopped).await {
                 tracing::warn!(error = %e, "amqp worker ended");
             }
             let _ = channel.close(200, "done".into()).await;
             let _ = confirms.channel().close(200, "done".into()).await;
-        });
-        Ok(ConsumerHandle {
-            stop: Some(stop),
-            task,
-        })
+        }))
+    }
+
+    async fn start_raw_consumer(
+        &self,
+        ep: &Endpoint,
+        on_message: RawHandler,
+        opts: &ConsumerOptions,
+    ) -> BindResult<ConsumerHandle> {
+        // The tap queue gets a copy of everything routed to the work queue.
+        let concurrency = opts.concurrency_or(usize::from(PREFETCH));
+        let channel = self.conn.create_channel().await.map_err(err)?;
+        channel
+            .basic_qos(
+                u16::try_from(concurrency).unwrap_or(u16::MAX),
+                BasicQosOptions::default(),
+            )
+            .await
+            .map_err(err)?;
+        let consumer = channel
+            .basic_consume(
+                tap_queue(&ep.name).as_str().into(),
+                format!("plain-{}", uuid::Uuid::new_v4().simple()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err)?;
+        let on_each = move |d: Result<lapin::message::Delivery, _>| {
+            let on_message = on_message.clone();
+            async move {
+                if let Ok(d) = d {
+                    on_message(&headers::decode(d.properties.headers().as_ref()), &d.data);
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                }
+            }
+        };
+        let close = async move {
+            let _ = channel.close(200, "done".into()).await;
+        };
+        Ok(ConsumerHandle::spawn_plain(
+            consumer,
+            concurrency,
+            on_each,
+            close,
+        ))
+    }
+
+    async fn teardown(&self, ep: &Endpoint) {
+        // (the exchange is auto-delete: it goes with its last binding)
+        let q = elevate_amqp::Queues::named(&ep.name);
+        for queue in [q.work, q.retry, q.dead_letter, tap_queue(&ep.name)] {
+            let _ = self
+                .admin
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
     }
 
     async fn dead_letters(
@@ -316,10 +432,13 @@ impl AmqpBinding {
         &self,
         ep: &Endpoint,
         processor: Arc<Processor>,
+        opts: &ConsumerOptions,
     ) -> BindResult<(GuardedConsumer, Channel, ConfirmChannel)> {
+        let prefetch =
+            u16::try_from(opts.concurrency_or(usize::from(PREFETCH))).unwrap_or(u16::MAX);
         let channel = self.conn.create_channel().await.map_err(err)?;
         channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(err)?;
         let consumer = channel
@@ -334,10 +453,11 @@ impl AmqpBinding {
         let confirms = ConfirmChannel::open(&self.conn).await.map_err(err)?;
         let dead_letters =
             AmqpDeadLetters::with_confirm_channel(confirms.clone(), "", &ep.dead_letter);
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let processor =
+            Arc::new(processor.with_dead_letters(opts.dead_letters(Arc::new(dead_letters))));
         let mut worker = GuardedConsumer::new(consumer, processor, confirms.clone())
-            .concurrency(usize::from(PREFETCH));
-        if let Some(user) = elevate_amqp::uri_user(&amqp_url()) {
+            .concurrency(usize::from(prefetch));
+        if let Some(user) = elevate_amqp::uri_user(&self.url) {
             worker = worker.retry_user(user);
         }
         Ok((worker, channel, confirms))
@@ -353,7 +473,9 @@ impl crate::delivery::DeliveryBinding for AmqpBinding {
         ep: &Endpoint,
         processor: Arc<Processor>,
     ) -> BindResult<Self::Source> {
-        let (worker, channel, confirms) = self.worker(ep, processor).await?;
+        let (worker, channel, confirms) = self
+            .worker(ep, processor, &ConsumerOptions::default())
+            .await?;
         Ok(ClosingSource {
             inner: worker.into_parts().1,
             channels: vec![channel, confirms.channel().clone()],

@@ -1,7 +1,10 @@
 //! The test environment every conformance scenario and broker test shares:
 //! real keys, the example Cedar bundle, a real Transaction Token Service over
 //! HTTP on loopback (stoppable, to simulate an outage), a producer guard for
-//! `orders-api` and processors for the `test-worker` consumer.
+//! `orders-api` and processors for the `test-worker` consumer. The benchmark
+//! (`elevate-bench`) runs on it too, wiring its guards with
+//! [`TestEnv::guard_with`] (the TTS in process or over HTTP, a PDP and a
+//! decision log of its choice).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,13 +14,15 @@ use elevate_cedar::CedarPdp;
 use elevate_core::ctxref::{
     ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now,
 };
-use elevate_core::decision::{DecisionRecord, MemorySink};
+use elevate_core::decision::{DecisionRecord, DecisionSink, MemorySink};
 use elevate_core::keys::{KeySet, SigningAlg, SigningKey};
+use elevate_core::pdp::PolicyDecisionPoint;
 use elevate_core::producer::{ProducerGuard, PublishRequest, SubjectContext};
 use elevate_core::retry::RetryPolicy;
 use elevate_core::scope::Scope;
 use elevate_core::settle::{Handler, Processor, UnboundDeadLetters};
 use elevate_core::strip::CredentialPolicy;
+use elevate_core::token::TokenSource;
 use elevate_core::{
     AuthContext, CTX_REF_HEADER, FixedAction, Guard, Headers, InboundMessage, SubjectKind,
     handler_fn,
@@ -127,19 +132,56 @@ impl TestEnv {
 
     /// The guard for the test consumer (real TTS client, real Cedar, memory decision sink).
     pub fn guard(&self) -> Guard {
+        self.guard_with(
+            self.http_tokens(),
+            self.pdp.clone(),
+            Arc::new(self.sink.clone()),
+        )
+    }
+
+    /// The test consumer's guard (verifying the producer's references, the
+    /// test action) on these Txn-Tokens, this PDP and this decision log.
+    pub fn guard_with(
+        &self,
+        tokens: Arc<dyn TokenSource>,
+        pdp: Arc<dyn PolicyDecisionPoint>,
+        decisions: Arc<dyn DecisionSink>,
+    ) -> Guard {
         Guard::new(
             CONSUMER,
             ContextRefVerifier::new(self.producer_keys.clone(), VerifyPolicy::new(CONSUMER)),
-            self.tts.client(CONSUMER, &self.consumer_key),
-            self.pdp.clone(),
-            Arc::new(self.sink.clone()),
+            tokens,
+            pdp,
+            decisions,
             Arc::new(FixedAction::new(ACTION, "Destination")),
         )
+    }
+
+    /// The test consumer's Txn-Tokens from the TTS over HTTP on loopback
+    /// (stopped by [`TestEnv::stop_tts`]).
+    pub fn http_tokens(&self) -> Arc<dyn TokenSource> {
+        self.tts.client(CONSUMER, &self.consumer_key)
+    }
+
+    /// The test consumer's Txn-Tokens from the same TTS's issuer called in
+    /// process (no HTTP, no outage).
+    pub fn in_process_tokens(&self) -> Arc<dyn TokenSource> {
+        Arc::new(elevate_tts::InProcessTts::new(
+            self.tts.issuer().clone(),
+            CONSUMER,
+            self.consumer_key.clone(),
+        ))
     }
 
     /// A processor with a retry budget long enough to ride out a short TTS outage.
     pub fn processor(&self, handler: Arc<dyn Handler>) -> Arc<Processor> {
         self.processor_with_retry(handler, Self::patient_retry())
+    }
+
+    /// A processor running `guard` (e.g. from [`TestEnv::guard_with`]) with
+    /// the retry budget of [`TestEnv::processor`].
+    pub fn processor_on(&self, guard: Guard, handler: Arc<dyn Handler>) -> Arc<Processor> {
+        Self::processor_around(guard, handler, Self::patient_retry())
     }
 
     /// A processor with an explicit retry budget.
@@ -162,6 +204,14 @@ impl TestEnv {
             Some(r) => self.guard().with_replay_guard(r),
             None => self.guard(),
         };
+        Self::processor_around(guard, handler, retry)
+    }
+
+    fn processor_around(
+        guard: Guard,
+        handler: Arc<dyn Handler>,
+        retry: RetryPolicy,
+    ) -> Arc<Processor> {
         Arc::new(
             Processor::new(Arc::new(guard), handler, Arc::new(UnboundDeadLetters))
                 .with_retry(retry)

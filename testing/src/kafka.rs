@@ -20,11 +20,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::binding::{
-    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+    BindResult, BrokerBinding, ConsumerHandle, ConsumerOptions, Endpoint, InboundLimits,
+    RawHandler, RawMessage,
 };
 
-/// Partitions of every scenario topic (dead-letter topics get one).
+/// Partitions of every scenario topic by default (dead-letter topics get one);
+/// see [`KafkaBinding::with_partitions`].
 pub const PARTITIONS: i32 = 3;
+
+/// Messages in flight in the binding's guarded consumer by default.
+pub const CONCURRENCY: usize = 8;
 
 /// One record read back with a plain consumer.
 #[derive(Debug, Clone)]
@@ -54,8 +59,12 @@ impl From<Record> for RawMessage {
 pub struct KafkaBinding {
     name: &'static str,
     bootstrap: String,
-    embedded: Option<Arc<EmbeddedKafka>>,
+    // (fields drop in order: the producer goes before the mock cluster it
+    // talks to, which would otherwise log every broker as down)
     plain: FutureProducer,
+    embedded: Option<Arc<EmbeddedKafka>>,
+    partitions: i32,
+    consumer_settings: Vec<(String, String)>,
 }
 
 fn kafka_err(e: impl std::fmt::Display) -> String {
@@ -66,23 +75,43 @@ impl KafkaBinding {
     /// The real broker at `KAFKA_BOOTSTRAP` (default `127.0.0.1:9092`); panics with how to start it if unreachable.
     pub async fn real() -> Self {
         let bootstrap = crate::fixture::address(crate::fixture::Service::Kafka);
+        Self::connect(&bootstrap).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The real broker at `bootstrap` (comma-separated servers).
+    ///
+    /// # Errors
+    ///
+    /// Returns how to start the local broker if nothing answers at the first
+    /// server within 2 s, and a message if the plain producer cannot be created.
+    pub fn connect(bootstrap: &str) -> BindResult<Self> {
         let first = bootstrap.split(',').next().unwrap_or_default().to_string();
         let reachable = match first.to_socket_addrs() {
             Ok(mut addrs) => addrs
                 .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
             Err(_) => false,
         };
-        assert!(
-            reachable,
-            "no Kafka broker reachable at {bootstrap} (KAFKA_BOOTSTRAP): start the local tansu broker with `scripts/kafka-up` \
-             (or point KAFKA_BOOTSTRAP at an Apache Kafka)"
-        );
-        Self::with_bootstrap("kafka", bootstrap, None)
+        if !reachable {
+            return Err(format!(
+                "no Kafka broker reachable at {bootstrap} (KAFKA_BOOTSTRAP): start the local tansu broker with `scripts/kafka-up` \
+                 (or point KAFKA_BOOTSTRAP at an Apache Kafka)"
+            ));
+        }
+        Self::with_bootstrap("kafka", bootstrap.to_string(), None)
     }
 
     /// librdkafka's in-process mock cluster (no server needed).
     pub async fn mock() -> Self {
-        let embedded = EmbeddedKafka::start(1).unwrap_or_else(|e| panic!("mock cluster: {e}"));
+        Self::start_mock().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// librdkafka's in-process mock cluster, started now.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message if the mock cluster or the plain producer cannot be created.
+    pub fn start_mock() -> BindResult<Self> {
+        let embedded = EmbeddedKafka::start(1).map_err(|e| format!("mock cluster: {e}"))?;
         let bootstrap = embedded.bootstrap_servers().to_string();
         Self::with_bootstrap("kafka-mock", bootstrap, Some(Arc::new(embedded)))
     }
@@ -91,21 +120,45 @@ impl KafkaBinding {
         name: &'static str,
         bootstrap: String,
         embedded: Option<Arc<EmbeddedKafka>>,
-    ) -> Self {
-        let plain = Self::config_for(&bootstrap)
+    ) -> BindResult<Self> {
+        let mut config = Self::config_for(&bootstrap);
+        config
             .set("acks", "all")
             .set("linger.ms", "1")
-            // one record per batch: see the tansu note in kafka/README.md
-            .set("batch.num.messages", "1")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .unwrap_or_else(|e| panic!("producer: {e}"));
-        KafkaBinding {
+            .set("message.timeout.ms", "30000");
+        if embedded.is_none() {
+            // One record per batch on a real broker: see the tansu note in
+            // kafka/README.md. The mock cluster reads batches whole (and a
+            // consumer of single-record batches there is several times slower).
+            config.set("batch.num.messages", "1");
+        }
+        let plain = config.create().map_err(|e| format!("producer: {e}"))?;
+        Ok(KafkaBinding {
             name,
             bootstrap,
             embedded,
             plain,
-        }
+            partitions: PARTITIONS,
+            consumer_settings: Vec::new(),
+        })
+    }
+
+    /// The same binding creating endpoint topics of `partitions` partitions
+    /// (default [`PARTITIONS`]); the guarded consumer works one record per
+    /// partition at a time.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// The same binding setting `key` to `value` in the config of every
+    /// consumer it creates, guarded and plain (e.g. `fetch.wait.max.ms`).
+    #[must_use]
+    pub fn with_consumer_setting(mut self, key: &str, value: &str) -> Self {
+        self.consumer_settings
+            .push((key.to_string(), value.to_string()));
+        self
     }
 
     fn config_for(bootstrap: &str) -> ClientConfig {
@@ -185,15 +238,39 @@ impl KafkaBinding {
 
     /// Consumer config for a guarded consumer in `group` (offsets stored after settlement).
     pub fn guarded_consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.plain_consumer_config(group);
+        c.set("enable.auto.offset.store", "false");
+        c
+    }
+
+    /// Consumer config for a plain consumer in `group`: from the earliest
+    /// offset, committing automatically what it was handed.
+    pub fn plain_consumer_config(&self, group: &str) -> ClientConfig {
         let mut c = self.config();
         c.set("group.id", group)
-            .set("enable.auto.offset.store", "false")
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "200")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500");
+        for (k, v) in &self.consumer_settings {
+            c.set(k, v);
+        }
         c
+    }
+
+    /// Waits until the group has assigned `consumer` partitions (bounded: 60 s).
+    async fn wait_assigned(consumer: &StreamConsumer, topic: &str, group: &str) -> BindResult<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "consumer in group {group} got no partitions of {topic} within 60 s"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Starts a guarded consumer on `topic` in `group`, dead letters to `<topic>.dlq`;
@@ -211,43 +288,44 @@ impl KafkaBinding {
         processor: Arc<Processor>,
         concurrency: usize,
     ) -> BindResult<ConsumerHandle> {
+        let opts = ConsumerOptions {
+            concurrency: Some(concurrency),
+            ..ConsumerOptions::default()
+        };
+        self.spawn_guarded_with(topic, group, processor, &opts)
+            .await
+    }
+
+    /// [`KafkaBinding::spawn_guarded`] tuned by `opts` (concurrency, dead-letter tap).
+    async fn spawn_guarded_with(
+        &self,
+        topic: &str,
+        group: &str,
+        processor: Arc<Processor>,
+        opts: &ConsumerOptions,
+    ) -> BindResult<ConsumerHandle> {
         // One record per batch: tansu 0.6 loses records when a fetch starts inside a
         // stored multi-record batch (kafka/README.md); Apache Kafka does not need this.
         let mut dl_config = self.config();
         dl_config.set("batch.num.messages", "1");
         let dead_letters = KafkaDeadLetters::from_config(&dl_config).map_err(kafka_err)?;
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let processor =
+            Arc::new(processor.with_dead_letters(opts.dead_letters(Arc::new(dead_letters))));
         let guarded = GuardedConsumer::from_config(&self.guarded_consumer_config(group), processor)
             .map_err(kafka_err)?
-            .concurrency(concurrency);
+            .concurrency(opts.concurrency_or(CONCURRENCY));
         guarded.consumer().subscribe(&[topic]).map_err(kafka_err)?;
         let watch = guarded.consumer().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(e) = guarded
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-            {
+        let handle = ConsumerHandle::spawn(|stopped| async move {
+            if let Err(e) = guarded.run(stopped).await {
                 tracing::error!(error = %e, "guarded consumer ended");
             }
         });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while watch.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
-            if tokio::time::Instant::now() > deadline {
-                task.abort();
-                return Err(format!(
-                    "consumer in group {group} got no partitions of {topic} within 60 s"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(e) = Self::wait_assigned(&watch, topic, group).await {
+            handle.kill();
+            return Err(e);
         }
-        drop(watch);
-        Ok(ConsumerHandle {
-            stop: Some(stop),
-            task,
-        })
+        Ok(handle)
     }
 
     /// Reads `topic` from the beginning with a plain consumer: waits until at
@@ -434,7 +512,7 @@ impl BrokerBinding for KafkaBinding {
     async fn setup(&self, scenario: &str) -> BindResult<Endpoint> {
         let name = format!("{scenario}-{}", uuid::Uuid::new_v4().simple());
         let dead_letter = format!("{name}.dlq");
-        self.create_topic(&name, PARTITIONS).await?;
+        self.create_topic(&name, self.partitions).await?;
         self.create_topic(&dead_letter, 1).await?;
         // tansu creates no topic on demand: the claim-check topic too
         self.create_topic(
@@ -478,13 +556,87 @@ impl BrokerBinding for KafkaBinding {
             .map(|_| ())
     }
 
-    async fn start_consumer(
+    async fn publish_batch(
+        &self,
+        ep: &Endpoint,
+        messages: Vec<(Headers, Vec<u8>)>,
+    ) -> BindResult<()> {
+        // Up to 500 sends in flight, each awaited for its acknowledgement.
+        for chunk in messages.chunks(500) {
+            let sends = chunk.iter().map(|(headers, payload)| {
+                let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&ep.name)
+                    .payload(payload.as_slice())
+                    .headers(to_kafka(headers));
+                self.plain.send(record, Duration::from_secs(10))
+            });
+            for r in futures::future::join_all(sends).await {
+                r.map_err(|(e, _)| kafka_err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_consumer_with(
         &self,
         ep: &Endpoint,
         processor: Arc<Processor>,
+        opts: &ConsumerOptions,
     ) -> BindResult<ConsumerHandle> {
-        self.spawn_guarded(&ep.name, &format!("{}-group", ep.name), processor, 8)
+        self.spawn_guarded_with(&ep.name, &format!("{}-group", ep.name), processor, opts)
             .await
+    }
+
+    async fn start_raw_consumer(
+        &self,
+        ep: &Endpoint,
+        on_message: RawHandler,
+        _opts: &ConsumerOptions,
+    ) -> BindResult<ConsumerHandle> {
+        // Its own group: it reads every record the guarded consumer's group does.
+        let group = format!("{}-raw", ep.name);
+        let consumer: StreamConsumer = self
+            .plain_consumer_config(&group)
+            .create()
+            .map_err(kafka_err)?;
+        consumer.subscribe(&[ep.name.as_str()]).map_err(kafka_err)?;
+        let consumer = Arc::new(consumer);
+        let reader = consumer.clone();
+        // One record at a time, as it arrives; offsets are committed automatically.
+        let handle = ConsumerHandle::spawn(|mut stopped| async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    m = reader.recv() => match m {
+                        Ok(m) => on_message(&from_kafka(m.headers()), m.payload().unwrap_or_default()),
+                        Err(e) => tracing::warn!(error = %e, "plain consumer"),
+                    }
+                }
+            }
+        });
+        if let Err(e) = Self::wait_assigned(&consumer, &ep.name, &group).await {
+            handle.kill();
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    async fn teardown(&self, ep: &Endpoint) {
+        if self.embedded.is_some() {
+            return; // the mock cluster goes with the binding
+        }
+        let claims = format!(
+            "{}{}",
+            ep.dead_letter,
+            elevate_kafka::deadletter::CLAIMS_SUFFIX
+        );
+        if let Ok(admin) = self.config().create::<AdminClient<DefaultClientContext>>() {
+            let _ = admin
+                .delete_topics(
+                    &[ep.name.as_str(), ep.dead_letter.as_str(), claims.as_str()],
+                    &AdminOptions::new(),
+                )
+                .await;
+        }
     }
 
     async fn dead_letters(

@@ -1,4 +1,8 @@
 //! The conformance binding for the in-memory transport (the reference broker).
+//!
+//! Every message published to an endpoint's queue is also published to its
+//! tap queue (`<queue>.tap`), which the plain consumer of
+//! [`BrokerBinding::start_raw_consumer`] reads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +13,14 @@ use elevate_core::settle::Processor;
 use elevate_core::{Headers, OutboundMessage};
 
 use crate::binding::{
-    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+    BindResult, BrokerBinding, ConsumerHandle, ConsumerOptions, Endpoint, InboundLimits,
+    RawHandler, RawMessage,
 };
+
+/// The queue that receives a copy of everything published to `queue`.
+pub fn tap_queue(queue: &str) -> String {
+    format!("{queue}.tap")
+}
 
 /// In-memory broker binding: a fresh broker per binding, one queue per scenario.
 #[derive(Clone, Default)]
@@ -38,6 +48,8 @@ impl MemoryBinding {
                 payload: payload.clone(),
             },
         ));
+        self.broker
+            .publish(&tap_queue(&ep.name), headers.clone(), payload.clone());
         self.broker.publish(&ep.name, headers, payload);
     }
 }
@@ -92,33 +104,49 @@ impl BrokerBinding for MemoryBinding {
         Ok(())
     }
 
-    async fn start_consumer(
+    async fn start_consumer_with(
         &self,
         ep: &Endpoint,
         processor: Arc<Processor>,
+        opts: &ConsumerOptions,
     ) -> BindResult<ConsumerHandle> {
-        let (stop, mut stopped) = tokio::sync::oneshot::channel();
-        let broker = self.broker.clone();
-        let queue = ep.name.clone();
-        let processor = Arc::new(
-            processor.with_dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter))),
-        );
-        let source = elevate_core::memory::MemorySource::new(&broker, queue);
-        let task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = (&mut stopped).await;
-            };
-            if let Err(e) = elevate_core::Runtime::new()
-                .run(source, processor, stopped)
-                .await
-            {
+        let dead_letters =
+            opts.dead_letters(Arc::new(self.broker.dead_letter_queue(&ep.dead_letter)));
+        let processor = Arc::new(processor.with_dead_letters(dead_letters));
+        let source = elevate_core::memory::MemorySource::new(&self.broker, ep.name.clone());
+        let runtime = elevate_core::Runtime::new()
+            .concurrency(opts.concurrency_or(elevate_core::runtime::DEFAULT_CONCURRENCY));
+        Ok(ConsumerHandle::spawn(|stopped| async move {
+            if let Err(e) = runtime.run(source, processor, stopped).await {
                 tracing::error!(error = %e, "memory consumer ended");
             }
-        });
-        Ok(ConsumerHandle {
-            stop: Some(stop),
-            task,
-        })
+        }))
+    }
+
+    async fn start_raw_consumer(
+        &self,
+        ep: &Endpoint,
+        on_message: RawHandler,
+        _opts: &ConsumerOptions,
+    ) -> BindResult<ConsumerHandle> {
+        use elevate_core::settle::Delivery;
+        let broker = self.broker.clone();
+        let queue = tap_queue(&ep.name);
+        // One message at a time: receiving and acknowledging is all it does.
+        Ok(ConsumerHandle::spawn(|mut stopped| async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    d = broker.receive(&queue, Duration::from_millis(100)) => {
+                        if let Some(d) = d {
+                            let m = d.message();
+                            on_message(&m.headers, &m.payload);
+                            let _ = d.ack().await;
+                        }
+                    }
+                }
+            }
+        }))
     }
 
     async fn dead_letters(

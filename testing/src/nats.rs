@@ -20,7 +20,8 @@ use elevate_nats::{
 };
 
 use crate::binding::{
-    BindResult, BrokerBinding, ConsumerHandle, Endpoint, InboundLimits, RawMessage,
+    BindResult, BrokerBinding, ConsumerHandle, ConsumerOptions, DeadLetterTap, Endpoint,
+    InboundLimits, RawHandler, RawMessage,
 };
 
 /// Prefix of every stream the tests create (old ones are swept at start).
@@ -98,14 +99,27 @@ pub fn nats_url() -> String {
 
 /// Connects to `url`; panics with how to start the local server if it cannot.
 pub async fn connect(url: &str) -> Client {
+    try_connect(url).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Connects to `url`.
+///
+/// # Errors
+///
+/// Returns how to start the local server if the connection fails or takes over 5 s.
+pub async fn try_connect(url: &str) -> BindResult<Client> {
     let how = "start the local NATS server with JetStream: `start-stop-daemon --start --oknodo --background \
                --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log` \
                (or point NATS_URL at a NATS 2.9+ server with JetStream)";
     let opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
     match tokio::time::timeout(Duration::from_secs(5), opts.connect(url)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => panic!("cannot connect to NATS at {url} (NATS_URL): {e}; {how}"),
-        Err(_) => panic!("no NATS server reachable at {url} (NATS_URL); {how}"),
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to NATS at {url} (NATS_URL): {e}; {how}"
+        )),
+        Err(_) => Err(format!(
+            "no NATS server reachable at {url} (NATS_URL); {how}"
+        )),
     }
 }
 
@@ -121,21 +135,34 @@ impl NatsBinding {
     }
 
     async fn new(mode: NatsMode) -> Self {
-        let url = nats_url();
-        let client = connect(&url).await;
+        Self::connect_to(&nats_url(), mode)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The fixture on the server at `url`, running the guard of `mode`;
+    /// test streams older than an hour are deleted first.
+    ///
+    /// # Errors
+    ///
+    /// Returns how to start the server if it cannot be reached or has no JetStream.
+    pub async fn connect_to(url: &str, mode: NatsMode) -> BindResult<Self> {
+        let client = try_connect(url).await?;
         let js = jetstream::new(client.clone());
         // (account info is probed raw: async-nats 0.51 cannot decode NATS 2.9's reply)
         if let Err(e) = client.request("$JS.API.INFO", bytes::Bytes::new()).await {
-            panic!("NATS at {url} has no JetStream ({e}): start nats-server with `-js`");
+            return Err(format!(
+                "NATS at {url} has no JetStream ({e}): start nats-server with `-js`"
+            ));
         }
         let b = NatsBinding {
             mode,
-            url,
+            url: url.to_string(),
             client,
             js,
         };
         b.sweep_old_streams().await;
-        b
+        Ok(b)
     }
 
     /// The plain client (also what the guarded publisher wraps).
@@ -242,7 +269,21 @@ impl NatsBinding {
         processor: Arc<Processor>,
         cfg: &WorkerConfig,
     ) -> BindResult<ConsumerHandle> {
-        let conn = connect(&self.url).await;
+        self.spawn_jetstream_tapped(stream, durable, dead_letter_subject, processor, cfg, None)
+            .await
+    }
+
+    /// [`NatsBinding::spawn_jetstream`], its dead letters seen by `tap`.
+    async fn spawn_jetstream_tapped(
+        &self,
+        stream: &str,
+        durable: &str,
+        dead_letter_subject: &str,
+        processor: Arc<Processor>,
+        cfg: &WorkerConfig,
+        tap: Option<DeadLetterTap>,
+    ) -> BindResult<ConsumerHandle> {
+        let conn = try_connect(&self.url).await?;
         let js = jetstream::new(conn);
         let consumer: consumer::PullConsumer = js
             .get_stream(stream)
@@ -252,7 +293,8 @@ impl NatsBinding {
             .await
             .map_err(nats_err)?;
         let dead_letters = NatsDeadLetters::jetstream(js.clone(), dead_letter_subject);
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let dead_letters = tapped(tap).dead_letters(Arc::new(dead_letters));
+        let processor = Arc::new(processor.with_dead_letters(dead_letters));
         let guarded = GuardedConsumer::new(consumer, processor)
             .concurrency(cfg.concurrency)
             .fetch_expires(Duration::from_millis(500))
@@ -276,7 +318,28 @@ impl NatsBinding {
         processor: Arc<Processor>,
         concurrency: usize,
     ) -> BindResult<ConsumerHandle> {
-        let conn = connect(&self.url).await;
+        self.spawn_core_tapped(
+            subject,
+            group,
+            dead_letter_subject,
+            processor,
+            concurrency,
+            None,
+        )
+        .await
+    }
+
+    /// [`NatsBinding::spawn_core`], its dead letters seen by `tap`.
+    async fn spawn_core_tapped(
+        &self,
+        subject: &str,
+        group: &str,
+        dead_letter_subject: &str,
+        processor: Arc<Processor>,
+        concurrency: usize,
+        tap: Option<DeadLetterTap>,
+    ) -> BindResult<ConsumerHandle> {
+        let conn = try_connect(&self.url).await?;
         let subscriber = conn
             .queue_subscribe(subject.to_string(), group.to_string())
             .await
@@ -286,7 +349,8 @@ impl NatsBinding {
         let dead_letters = NatsDeadLetters::auto(conn.clone(), dead_letter_subject)
             .await
             .map_err(nats_err)?;
-        let processor = Arc::new(processor.with_dead_letters(Arc::new(dead_letters)));
+        let dead_letters = tapped(tap).dead_letters(Arc::new(dead_letters));
+        let processor = Arc::new(processor.with_dead_letters(dead_letters));
         let guarded = GuardedSubscriber::new(subscriber, processor).concurrency(concurrency);
         Ok(spawn(move |stopped| async move {
             let r = guarded.run(stopped).await;
@@ -354,6 +418,24 @@ impl NatsBinding {
             .await
             .map_err(nats_err)
             .map(|_| ())
+    }
+}
+
+/// Options that only tap dead letters.
+fn tapped(tap: Option<DeadLetterTap>) -> ConsumerOptions {
+    ConsumerOptions {
+        dead_letter_tap: tap,
+        ..ConsumerOptions::default()
+    }
+}
+
+/// The worker config `opts` ask for, on the binding's defaults.
+fn worker_config(opts: &ConsumerOptions) -> WorkerConfig {
+    let default = WorkerConfig::default();
+    WorkerConfig {
+        concurrency: opts.concurrency_or(default.concurrency),
+        ack_wait: opts.redeliver_after.unwrap_or(default.ack_wait),
+        max_deliver: default.max_deliver,
     }
 }
 
@@ -473,27 +555,132 @@ impl BrokerBinding for NatsBinding {
         }
     }
 
-    async fn start_consumer(
+    async fn publish_batch(
+        &self,
+        ep: &Endpoint,
+        messages: Vec<(Headers, Vec<u8>)>,
+    ) -> BindResult<()> {
+        if self.mode == NatsMode::Core {
+            for (headers, payload) in messages {
+                self.publish_raw(ep, headers, payload).await?;
+            }
+            return Ok(());
+        }
+        // Up to 500 JetStream publishes in flight, each awaited for the stream's ack.
+        for chunk in messages.chunks(500) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (headers, payload) in chunk {
+                let map = to_nats_headers(headers).map_err(nats_err)?;
+                acks.push(
+                    self.js
+                        .publish_with_headers(ep.destination.clone(), map, payload.clone().into())
+                        .await
+                        .map_err(nats_err)?,
+                );
+            }
+            for ack in acks {
+                ack.await.map_err(nats_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_consumer_with(
         &self,
         ep: &Endpoint,
         processor: Arc<Processor>,
+        opts: &ConsumerOptions,
     ) -> BindResult<ConsumerHandle> {
+        let cfg = worker_config(opts);
+        let tap = opts.dead_letter_tap.clone();
         match self.mode {
             NatsMode::JetStream => {
-                self.spawn_jetstream(
+                self.spawn_jetstream_tapped(
                     &ep.name,
                     "worker",
                     &ep.dead_letter,
                     processor,
-                    &WorkerConfig::default(),
+                    &cfg,
+                    tap,
                 )
                 .await
             }
             NatsMode::Core => {
-                self.spawn_core(&ep.destination, "workers", &ep.dead_letter, processor, 16)
-                    .await
+                self.spawn_core_tapped(
+                    &ep.destination,
+                    "workers",
+                    &ep.dead_letter,
+                    processor,
+                    cfg.concurrency,
+                    tap,
+                )
+                .await
             }
         }
+    }
+
+    /// JetStream: a durable pull consumer `raw` on the endpoint's stream,
+    /// double-acking. Core NATS: a plain subscriber to the subject (it sees
+    /// only what is published after it subscribed).
+    async fn start_raw_consumer(
+        &self,
+        ep: &Endpoint,
+        on_message: RawHandler,
+        opts: &ConsumerOptions,
+    ) -> BindResult<ConsumerHandle> {
+        let cfg = worker_config(opts);
+        let concurrency = cfg.concurrency;
+        match self.mode {
+            NatsMode::JetStream => {
+                let messages = self
+                    .create_consumer(&ep.name, "raw", &cfg)
+                    .await?
+                    .messages()
+                    .await
+                    .map_err(nats_err)?;
+                let on_each = move |m: Result<jetstream::Message, _>| {
+                    let on_message = on_message.clone();
+                    async move {
+                        if let Ok(m) = m {
+                            on_message(&from_nats_headers(m.headers.as_ref()), &m.payload);
+                            let _ = m.double_ack().await;
+                        }
+                    }
+                };
+                let done = std::future::ready(());
+                Ok(ConsumerHandle::spawn_plain(
+                    messages,
+                    concurrency,
+                    on_each,
+                    done,
+                ))
+            }
+            NatsMode::Core => {
+                let subscriber = self
+                    .client
+                    .subscribe(ep.destination.clone())
+                    .await
+                    .map_err(nats_err)?;
+                self.client.flush().await.map_err(nats_err)?;
+                let on_each = move |m: async_nats::Message| {
+                    on_message(&from_nats_headers(m.headers.as_ref()), &m.payload);
+                    std::future::ready(())
+                };
+                let done = std::future::ready(());
+                Ok(ConsumerHandle::spawn_plain(
+                    subscriber,
+                    concurrency,
+                    on_each,
+                    done,
+                ))
+            }
+        }
+    }
+
+    async fn teardown(&self, ep: &Endpoint) {
+        let (stream, dlq) = stream_names(ep);
+        let _ = self.js.delete_stream(&stream).await;
+        let _ = self.js.delete_stream(&dlq).await;
     }
 
     async fn dead_letters(

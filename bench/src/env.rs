@@ -1,0 +1,142 @@
+//! The benchmark's environment: the test kit's ([`TestEnv`]: keys, the
+//! example Cedar bundle, the TTS on loopback, the producer guard, the
+//! consumer's guard and processor) plus what only the benchmark has: the
+//! remote-PDP baseline and a decision log on disk.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elevate_core::decision::FileSink;
+use elevate_core::pdp::PolicyDecisionPoint;
+use elevate_core::pdp_cache::CachingPdp;
+use elevate_core::settle::Processor;
+use elevate_core::token::TokenSource;
+use elevate_core::token_cache::CachingTokenSource;
+use elevate_core::{AuthContext, Headers, InboundMessage, OutboundMessage, handler_fn};
+use elevate_testing::env::TestEnv;
+
+use crate::remote_pdp::{self, RemotePdp};
+use crate::scenario::{Contexts, PER_CONTEXT, PdpMode, Scenario, TtsMode};
+use crate::tally::{H_SEQ, Tally};
+
+/// The user every benchmark message is sent for.
+const SUBJECT: &str = "carol";
+
+/// The test kit's environment, the remote PDP and the decision log.
+pub struct BenchEnv {
+    test: TestEnv,
+    remote_pdp_url: String,
+    log: Arc<FileSink>,
+    log_path: PathBuf,
+}
+
+impl BenchEnv {
+    /// Starts the test environment, the remote PDP on loopback (the same
+    /// Cedar bundle) and a fresh decision log in the temporary directory.
+    pub async fn start() -> Result<BenchEnv, String> {
+        let test = TestEnv::start().await;
+        let (pdp_addr, _task) =
+            remote_pdp::serve(test.pdp.clone(), SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .map_err(|e| format!("remote PDP on loopback: {e}"))?;
+        let log_path = std::env::temp_dir().join(format!(
+            "elevate-bench-decisions-{}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log_path);
+        let log = Arc::new(FileSink::open(&log_path).map_err(|e| e.to_string())?);
+        Ok(BenchEnv {
+            test,
+            remote_pdp_url: format!("http://{pdp_addr}"),
+            log,
+            log_path,
+        })
+    }
+
+    /// Removes the decision log.
+    pub fn remove_log(&self) {
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+
+    /// The guarded side of one row: a fresh token cache, the TTS and PDP the
+    /// scenario names, the decision log on disk, and a handler that tallies.
+    pub fn processor(&self, sc: Scenario, tally: &Arc<Tally>) -> Result<Arc<Processor>, String> {
+        let inner = match sc.tts {
+            TtsMode::InProcess => self.test.in_process_tokens(),
+            TtsMode::Http => self.test.http_tokens(),
+        };
+        let tokens: Arc<dyn TokenSource> = Arc::new(CachingTokenSource::new(
+            inner,
+            10_000,
+            Duration::from_secs(30),
+        ));
+        let pdp: Arc<dyn PolicyDecisionPoint> = match sc.pdp {
+            // The embedded Cedar PDP behind its per-version answer cache
+            // (elevate_core::pdp_cache): one context's messages ask the same two questions.
+            PdpMode::Local => Arc::new(CachingPdp::new(self.test.pdp.clone(), 10_000)),
+            PdpMode::Remote => Arc::new(
+                RemotePdp::new(&self.remote_pdp_url, self.test.pdp.version())
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        let guard = self.test.guard_with(tokens, pdp, self.log.clone());
+        let t = tally.clone();
+        let handler = handler_fn(move |msg: InboundMessage, _auth: AuthContext| {
+            let t = t.clone();
+            async move {
+                t.mark(&msg.headers, false);
+                Ok(())
+            }
+        });
+        Ok(self.test.processor_on(guard, Arc::new(handler)))
+    }
+
+    /// Prepares `n` messages (producer PDP check, stripping, a signed
+    /// reference) for `destination`, numbered from `seq0`.
+    pub async fn prepare(
+        &self,
+        sc: Scenario,
+        destination: &str,
+        seq0: usize,
+        n: usize,
+    ) -> Result<Vec<(Headers, Vec<u8>)>, String> {
+        let audience = self.test.audience();
+        let mut subject = self.test.subject(SUBJECT);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let seq = seq0 + i;
+            let new_context = match sc.contexts {
+                Contexts::Repeated => i % PER_CONTEXT == 0,
+                Contexts::Distinct => true,
+            };
+            if new_context && i > 0 {
+                subject = self.test.subject(SUBJECT);
+            }
+            let mut headers = Headers::new();
+            headers.append(H_SEQ, seq.to_string());
+            headers.append("content-type", "application/json");
+            headers.append(
+                "traceparent",
+                format!("00-{}-00f067aa0ba902b7-01", uuid::Uuid::new_v4().simple()),
+            );
+            let payload = serde_json::to_vec(&serde_json::json!({
+                "order": seq, "amount": 120 + (seq % 50), "currency": "EUR",
+                "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]
+            }))
+            .map_err(|e| e.to_string())?;
+            let prepared = self
+                .test
+                .producer
+                .prepare(
+                    &self.test.publish_request(&subject, &audience, destination),
+                    OutboundMessage { headers, payload },
+                )
+                .await
+                .map_err(|e| format!("prepare: {e}"))?;
+            out.push((prepared.headers, prepared.payload));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,214 @@
+//! The end-to-end benchmark: what does the guard cost?
+//!
+//! For each broker (the in-memory transport, Kafka on librdkafka's mock
+//! cluster and on the real broker, RabbitMQ, NATS JetStream) and each
+//! scenario, it produces N messages once and consumes them twice in the same
+//! run — with the plain client (raw) and through the broker crate's guarded
+//! consumer and core's `Processor` (guarded) — then sends a paced trickle to
+//! both consumers to measure latency from the publish timestamp (header
+//! `x-bench-ts`) to the handler. It prints one table and, in full mode or
+//! with `--write`, regenerates `docs/BENCHMARKS.md`.
+//!
+//! It runs on the test kit (`elevate-testing`): its environment (keys, the
+//! example bundle, the TTS on loopback, the producer guard, the consumer's
+//! guard and processor) and its broker bindings (setup, publishing, the
+//! guarded consumer and a plain one beside it). What is its own: the
+//! scenarios ([`scenario`]), the counting ([`tally`]), a row's phases
+//! ([`row`]), the remote-PDP baseline ([`remote_pdp`]) and the report
+//! ([`report`]).
+//!
+//! ```sh
+//! cargo run --release -p elevate-bench --bin bench -- [--quick] [--messages N] \
+//!     [--brokers memory,kafka-mock,kafka,amqp,nats] [--write]
+//! ```
+//!
+//! Exits non-zero when a guarded run loses a message or handles one twice
+//! (handled + dead-lettered must equal produced), or a broker cannot be used.
+
+mod brokers;
+mod env;
+mod remote_pdp;
+mod report;
+mod row;
+mod scenario;
+mod tally;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+use crate::env::BenchEnv;
+use crate::report::{MANUAL_MARK, Progress, fmt_rate, render, table, targets};
+use crate::row::{Plan, Row};
+use crate::scenario::scenarios;
+
+/// A broker the benchmark can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    /// core's in-memory transport.
+    Memory,
+    /// Kafka on librdkafka's in-process mock cluster.
+    KafkaMock,
+    /// Kafka on the real broker at KAFKA_BOOTSTRAP.
+    Kafka,
+    /// RabbitMQ at AMQP_URL.
+    Amqp,
+    /// NATS JetStream at NATS_URL.
+    Nats,
+}
+
+impl BrokerKind {
+    /// The broker's name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Memory => "memory",
+            BrokerKind::KafkaMock => "kafka-mock",
+            BrokerKind::Kafka => "kafka",
+            BrokerKind::Amqp => "amqp",
+            BrokerKind::Nats => "nats",
+        }
+    }
+}
+
+/// Raw vs guarded consumption on every broker, and the first performance targets.
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+pub struct Args {
+    /// CI smoke: few messages, fewer rows (does not write docs/BENCHMARKS.md unless --write).
+    #[arg(long)]
+    quick: bool,
+    /// Messages per row (default 3000; 200 with --quick).
+    #[arg(long)]
+    messages: Option<usize>,
+    /// Brokers to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,kafka-mock,kafka,amqp,nats"
+    )]
+    brokers: Vec<BrokerKind>,
+    /// Write the results file even in --quick mode.
+    #[arg(long)]
+    write: bool,
+    /// Where the results go.
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    output: PathBuf,
+    /// Messages in flight per consumer (raw and guarded alike).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Kafka bootstrap servers of the real broker.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub kafka_bootstrap: String,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// NATS URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,elevate::decision=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    txn_token_client::install_crypto_provider();
+    match run(args).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, String> {
+    let started = Instant::now();
+    let messages = args
+        .messages
+        .unwrap_or(if args.quick { 200 } else { 3000 })
+        .max(2);
+    let plan = Plan {
+        messages,
+        latency_messages: if args.quick { 50 } else { 400 },
+        latency_interval: Duration::from_millis(if args.quick { 4 } else { 5 }),
+        concurrency: args.concurrency.max(1),
+    };
+    let env = BenchEnv::start().await?;
+    let total: usize = args
+        .brokers
+        .iter()
+        .map(|b| scenarios(args.quick, *b).len())
+        .sum();
+    let progress = Progress::new(std::io::stdout().is_terminal(), total);
+    println!(
+        "bench: {} messages per row, {} rows, brokers {}",
+        plan.messages,
+        total,
+        args.brokers
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut rows = Vec::new();
+    let mut row_id = 0;
+    for kind in &args.brokers {
+        let broker = brokers::connect(*kind, &args).await;
+        for sc in scenarios(args.quick, *kind) {
+            row_id += 1;
+            let row = match &broker {
+                Ok(b) => {
+                    row::run(&env, b.as_ref(), kind.name(), row_id, sc, &plan, &progress).await
+                }
+                Err(e) => Row {
+                    problem: Some(e.clone()),
+                    ..Row::new(kind.name(), sc)
+                },
+            };
+            progress.row_done();
+            progress.clear();
+            match &row.problem {
+                None => println!(
+                    "{:10} {:52} raw {:>6} msgs/s  guarded {:>6} msgs/s  ({} handled, {} dead-lettered)",
+                    row.broker,
+                    sc.label(),
+                    fmt_rate(row.raw_rate),
+                    fmt_rate(row.guarded_rate),
+                    row.handled,
+                    row.dead
+                ),
+                Some(p) => println!("{:10} {:52} FAILED: {p}", row.broker, sc.label()),
+            }
+            rows.push(row);
+        }
+    }
+    progress.clear();
+    env.remove_log();
+    let elapsed = started.elapsed();
+    println!("\n{}", table(&rows));
+    println!("{}", targets(&rows));
+    if !args.quick || args.write {
+        let extra = std::fs::read_to_string(&args.output)
+            .ok()
+            .and_then(|old| old.find(MANUAL_MARK).map(|i| old[i..].to_string()))
+            .unwrap_or_default();
+        let doc = render(args.quick, &plan, &rows, elapsed, &extra);
+        std::fs::write(&args.output, doc)
+            .map_err(|e| format!("write {}: {e}", args.output.display()))?;
+        println!("wrote {}", args.output.display());
+    }
+    Ok(rows.iter().all(|r| r.problem.is_none()))
+}

@@ -1,0 +1,276 @@
+//! The output: the progress line, the Markdown table, the targets checked
+//! against it, and the results file (docs/BENCHMARKS.md).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::row::{Plan, Row};
+use crate::scenario::{Contexts, PdpMode, Scenario};
+
+/// Everything from this line on in the results file is kept when the harness regenerates it
+/// (the profile and optimisation notes written by hand).
+pub const MANUAL_MARK: &str = "<!-- notes kept across regenerations -->";
+
+/// The progress line on a terminal.
+pub struct Progress {
+    on: bool,
+    total: usize,
+    done: AtomicUsize,
+    dirty: AtomicBool,
+}
+
+impl Progress {
+    /// A progress bar over `total` rows, drawn only when `on` (stdout is a terminal).
+    pub fn new(on: bool, total: usize) -> Progress {
+        Progress {
+            on,
+            total,
+            done: AtomicUsize::new(0),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Shows the phase of the row in progress.
+    pub fn step(&self, broker: &str, sc: &Scenario, phase: &str) {
+        if !self.on {
+            return;
+        }
+        let done = self.done.load(Ordering::Relaxed);
+        let width = 24;
+        let filled = (done * width).checked_div(self.total).unwrap_or(0);
+        let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+        let mut out = std::io::stdout();
+        let _ = write!(
+            out,
+            "\r\x1b[2K[{bar}] {done}/{} {broker}: {} ({phase})",
+            self.total,
+            sc.label()
+        );
+        let _ = out.flush();
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a finished row.
+    pub fn row_done(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Erases the progress line.
+    pub fn clear(&self) {
+        if self.on && self.dirty.swap(false, Ordering::Relaxed) {
+            print!("\r\x1b[2K");
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// A rate in messages per second, or `–`.
+pub fn fmt_rate(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.0}")).unwrap_or_else(|| "–".into())
+}
+
+fn fmt_ms(us: Option<f64>) -> String {
+    us.map(|u| format!("{:.2}", u / 1000.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// The Markdown table of the rows.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| broker | scenario | msgs/s raw | msgs/s guarded | ratio | added p50 (ms) | added p99 (ms) | CPU µs/msg raw | CPU µs/msg guarded |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let ratio = r
+            .ratio()
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "–".into());
+        let scenario = match &r.problem {
+            Some(p) => format!("{} — FAILED: {p}", r.scenario.label()),
+            None => r.scenario.label(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
+            r.broker,
+            scenario,
+            fmt_rate(r.raw_rate),
+            fmt_rate(r.guarded_rate),
+            ratio,
+            fmt_ms(r.added(false)),
+            fmt_ms(r.added(true)),
+            r.raw_cpu_us,
+            r.guarded_cpu_us,
+        ));
+    }
+    s
+}
+
+/// The issue's targets, checked against the rows.
+pub fn targets(rows: &[Row]) -> String {
+    let ok = |b: bool| if b { "met" } else { "**missed**" };
+    let mut s = String::new();
+    let repeated: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            r.scenario.contexts == Contexts::Repeated
+                && r.scenario.pdp == PdpMode::Local
+                && r.problem.is_none()
+        })
+        .collect();
+    let ratio_ok =
+        !repeated.is_empty() && repeated.iter().all(|r| r.ratio().is_some_and(|x| x >= 0.9));
+    let worst_ratio = repeated
+        .iter()
+        .filter_map(|r| r.ratio())
+        .fold(f64::INFINITY, f64::min);
+    let p99_ok = !repeated.is_empty()
+        && repeated
+            .iter()
+            .all(|r| r.added(true).is_some_and(|x| x <= 1000.0));
+    let worst_p99 = repeated
+        .iter()
+        .filter_map(|r| r.added(true))
+        .fold(f64::NEG_INFINITY, f64::max);
+    s.push_str(&format!(
+        "- repeated context, guarded ≥ 90% of raw on every broker: {} (worst ratio {:.2})\n",
+        ok(ratio_ok),
+        worst_ratio
+    ));
+    s.push_str(&format!(
+        "- repeated context, added p99 ≤ 1 ms: {} (worst {:.2} ms)\n",
+        ok(p99_ok),
+        worst_p99 / 1000.0
+    ));
+    let distinct: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            r.scenario.contexts == Contexts::Distinct
+                && r.scenario.pdp == PdpMode::Local
+                && r.problem.is_none()
+        })
+        .collect();
+    let min_distinct = distinct
+        .iter()
+        .filter_map(|r| r.guarded_rate)
+        .fold(f64::INFINITY, f64::min);
+    let max_distinct = distinct
+        .iter()
+        .filter_map(|r| r.guarded_rate)
+        .fold(0.0, f64::max);
+    s.push_str(&format!(
+        "- distinct context, ≥ 5,000 msgs/s guarded: {} (from {:.0} to {:.0} msgs/s across brokers and TTS modes)\n",
+        ok(!distinct.is_empty() && min_distinct >= 5000.0),
+        min_distinct,
+        max_distinct
+    ));
+    let mut vs = Vec::new();
+    for b in rows
+        .iter()
+        .filter(|r| r.scenario.pdp == PdpMode::Remote && r.problem.is_none())
+    {
+        if let Some(base) = b.guarded_rate {
+            for d in distinct.iter().filter(|d| d.broker == b.broker) {
+                if let Some(g) = d.guarded_rate {
+                    vs.push((b.broker, d.scenario.label(), g / base));
+                }
+            }
+        }
+    }
+    let vs_ok = !vs.is_empty() && vs.iter().all(|(_, _, x)| *x >= 10.0);
+    let detail: Vec<String> = vs
+        .iter()
+        .map(|(b, l, x)| format!("{b} {l}: {x:.1}×"))
+        .collect();
+    s.push_str(&format!(
+        "- distinct context ≥ 10× the remote-PDP baseline: {} ({})\n",
+        ok(vs_ok),
+        if detail.is_empty() {
+            "no baseline row".into()
+        } else {
+            detail.join("; ")
+        }
+    ));
+    s
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine(quick: bool, plan: &Plan, elapsed: Duration) -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "- date: {}\n- machine: {cores} cores, {}; load average at the end {load}\n- mode: {}{}, {} messages per row + {} paced for latency, concurrency {} per consumer; run took {:.0} s\n",
+        elevate_core::now_rfc3339(),
+        cpu_model(),
+        if quick { "quick" } else { "full" },
+        if cfg!(debug_assertions) {
+            " (debug build: numbers are not representative)"
+        } else {
+            " (release build)"
+        },
+        plan.messages,
+        plan.latency_messages,
+        plan.concurrency,
+        elapsed.as_secs_f64()
+    )
+}
+
+const NOTES: &str = r#"## How to read it
+
+- **raw**: the broker's plain client consumes the same N messages (Kafka: a
+  `StreamConsumer` in its own group; RabbitMQ: `basic_consume` + ack, same
+  prefetch; NATS: a pull consumer with double ack; memory: receive + ack) and
+  the handler only counts. **guarded**: the broker crate's guarded consumer
+  and core's `Processor`: credential scan, context-reference verification
+  (ES256), Txn-Token (per-context cache in front of the in-process TTS or the
+  HTTP client on loopback), trust elevation on the embedded Cedar PDP (both
+  checks; behind `CachingPdp`, which reuses the answer to the same two
+  questions under the same policy version, so one context's messages cost
+  one Cedar evaluation), a JSON Lines decision record written and flushed to a file, then
+  the same handler, then settlement.
+- **msgs/s** is drain throughput over a backlog of N messages (first to last
+  handler call). **ratio** = guarded / raw.
+- **added p50/p99** = guarded minus raw latency, publish timestamp (header
+  `x-bench-ts`) → handler, over a paced trickle sent to both consumers after
+  the drain.
+- **CPU µs/msg** = process CPU time (getrusage) during the drain / N; it
+  includes the TTS and the remote PDP server, which run in this process.
+- **repeated ctx**: 100 messages per origin transaction (one Txn-Token each
+  100 messages, never across contexts); **distinct ctx**: a new origin
+  transaction per message, so one token exchange per message.
+- **baseline**: the status quo, one authorization call per message to a
+  remote PDP (AuthZEN `POST /access/v1/evaluations`, axum on loopback, the
+  same Cedar bundle) instead of the embedded PDP.
+- The machine is shared (2 cores, other builds running): compare rows of the
+  same run, not runs.
+
+Regenerate: `cargo run --release -p elevate-bench --bin bench` (full) or
+`-- --quick --write`.
+"#;
+
+/// The results file: machine, table, targets, how to read it, then `extra` (the notes kept).
+pub fn render(quick: bool, plan: &Plan, rows: &[Row], elapsed: Duration, extra: &str) -> String {
+    format!(
+        "# Benchmarks: raw vs guarded\n\n_Generated by `cargo run --release -p elevate-bench --bin bench`; do not edit by hand._\n\n{}\n{}\n## Targets (issue 8)\n\n{}\n{}{}",
+        machine(quick, plan, elapsed),
+        table(rows),
+        targets(rows),
+        NOTES,
+        extra
+    )
+}
