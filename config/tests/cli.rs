@@ -42,5 +42,8 @@ fn a_missing_file_is_named() {
         .unwrap_or_else(|e| panic!("run {BIN}: {e}"));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/elevate.toml") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("/nonexistent/elevate.toml") && err.contains("cannot read"),
+        "{err}"
+    );
 }
