@@ -9,12 +9,13 @@ use bytes::Bytes;
 use elevate_core::CTX_REF_HEADER;
 use elevate_core::message::{Coordinates, InboundMessage};
 use elevate_core::runtime::{RunError, Runtime, Source};
-use elevate_core::settle::{Delivery, Processor, TransportError};
+use elevate_core::settle::{DeadLetterPublisher, Delivery, Processor, TransportError};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Acker, BasicProperties, Consumer};
 
+use crate::deadletter::AmqpDeadLetters;
 use crate::headers::{self, as_str, as_u64};
 use crate::publish::{ConfirmChannel, carried_properties, destination, properties_by_name};
 use crate::{Error, H_ATTEMPT, H_DESTINATION, X_DEATH};
@@ -63,8 +64,24 @@ impl GuardedConsumer {
     /// Wraps `consumer` (created by the user with `basic_consume`, `no_ack: false`).
     /// `retry` is a confirming channel used to publish retry copies (it may be the
     /// dead-letter publisher's channel).
+    ///
+    /// A processor without a dead-letter publisher gets the default: letters
+    /// of `<queue>` go to the queue `<queue>` + [`Processor::dead_letter_suffix`]
+    /// (`.dlq`, as [`crate::declare_queues`] declares it) through `retry`'s
+    /// confirming channel. Declare it: a letter to a missing queue is
+    /// returned unroutable and its message stays unsettled.
     pub fn new(consumer: Consumer, processor: Arc<Processor>, retry: ConfirmChannel) -> Self {
         let queue = consumer.queue().to_string();
+        let processor = processor
+            .or_bind_dead_letters(|suffix| {
+                Ok::<_, std::convert::Infallible>(Arc::new(AmqpDeadLetters::with_confirm_channel(
+                    retry.clone(),
+                    "",
+                    format!("{queue}{suffix}"),
+                ))
+                    as Arc<dyn DeadLetterPublisher>)
+            })
+            .unwrap_or_else(|never| match never {});
         GuardedConsumer {
             retry_queue: crate::retry_queue_name(&queue),
             queue,

@@ -75,6 +75,11 @@ impl Workload {
         Self::build(&Loaded::read(path.into())?).await
     }
 
+    /// A builder for the workload `id`, in code, without a file.
+    pub fn builder(id: impl Into<String>) -> crate::WorkloadBuilder {
+        crate::WorkloadBuilder::new(id)
+    }
+
     /// Builds the workload from a configuration already read.
     ///
     /// # Errors
@@ -251,11 +256,12 @@ impl Workload {
     }
 
     /// A processor running `handler` behind the guard, with the configured
-    /// retries. Its dead-letter publisher is unbound: the broker binding
-    /// binds its own (`<destination>` + [`Workload::dead_letter_suffix`]).
+    /// retries. Its dead-letter publisher is unbound: the broker binding's
+    /// consumer binds its default (`<destination>` + [`Workload::dead_letter_suffix`]).
     pub fn processor(&self, handler: Arc<dyn Handler>) -> Arc<Processor> {
         Arc::new(
             Processor::new(self.guard.clone(), handler, Arc::new(UnboundDeadLetters))
+                .with_dead_letter_suffix(self.dead_letter_suffix.clone())
                 .with_retry(self.retry)
                 .with_handler_retry(self.handler_retry),
         )

@@ -84,7 +84,7 @@ pub struct TrustConfig {
 }
 
 /// The Transaction Token Service this workload exchanges references at.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TtsConfig {
     /// The token endpoint URL, e.g. `http://127.0.0.1:8400/token`.

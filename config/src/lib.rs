@@ -20,6 +20,7 @@
 
 pub mod actions;
 pub mod build;
+pub mod builder;
 pub mod error;
 pub mod file;
 pub mod keyfiles;
@@ -27,6 +28,7 @@ pub mod load;
 mod trust_file;
 
 pub use build::Workload;
+pub use builder::WorkloadBuilder;
 pub use error::{ConfigError, ErrorKind};
 pub use file::FileConfig;
 pub use load::Loaded;

@@ -10,12 +10,15 @@
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 
 use crate::error::{ConfigError, ErrorKind};
 use crate::file::FileConfig;
 
 /// The top-level keys, which an environment override must start with.
+/// The origin errors name for a configuration made in code.
+const IN_CODE: &str = "(in code)";
+
 const TOP_LEVEL: [&str; 11] = [
     "workload",
     "keys",
@@ -57,6 +60,22 @@ impl Loaded {
     /// As [`Loaded::read`].
     pub fn read_file_only(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         Self::read_inner(path.as_ref(), None)
+    }
+
+    /// A configuration made in code ([`crate::WorkloadBuilder`]), checked
+    /// like a file; relative paths are taken from the working directory and
+    /// errors name the origin `(in code)`.
+    ///
+    /// # Errors
+    /// As [`Loaded::read`].
+    pub fn from_config(config: FileConfig) -> Result<Self, ConfigError> {
+        let loaded = Loaded {
+            figment: Figment::from(Serialized::defaults(&config)),
+            config,
+            path: PathBuf::from(IN_CODE),
+        };
+        loaded.check()?;
+        Ok(loaded)
     }
 
     fn read_with_env(path: impl AsRef<Path>, env: Env) -> Result<Self, ConfigError> {
@@ -123,9 +142,10 @@ impl Loaded {
         ConfigError::new(kind, self.origin(key), key, problem, fix)
     }
 
-    /// `p` resolved against the configuration file's directory.
+    /// `p` resolved against the configuration file's directory (the
+    /// working directory for a configuration made in code).
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
+        if p.is_absolute() || self.path == Path::new(IN_CODE) {
             p.to_path_buf()
         } else {
             self.path.parent().unwrap_or_else(|| Path::new(".")).join(p)

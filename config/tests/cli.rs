@@ -20,6 +20,25 @@ fn the_annotated_example_is_a_valid_configuration() {
 }
 
 #[test]
+fn the_readme_configuration_is_valid() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap_or_else(|e| panic!("README: {e}"));
+    let block = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("the README shows no elevate.toml"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("elevate.toml");
+    std::fs::write(&path, block).unwrap_or_else(|e| panic!("{e}"));
+    let l = elevate_config::Loaded::read_file_only(&path)
+        .unwrap_or_else(|e| panic!("the README's elevate.toml does not read: {e}"));
+    assert_eq!(l.config.actions.len(), 1);
+    assert!(l.config.tts.is_some() && l.config.pdp.cedar_bundle.is_some());
+}
+
+#[test]
 fn an_environment_override_is_read_and_named_when_wrong() {
     let out = Command::new(BIN)
         .arg("check")

@@ -190,12 +190,12 @@ pub enum StartError {
         source_name: String,
     },
     /// The dead letters of a source cannot be stored.
-    #[error("dead letters of {source_name} cannot be stored")]
+    #[error("dead letters of {source_name} cannot be stored: {error}")]
     DeadLetters {
         /// The source.
         source_name: String,
-        /// What the dead-letter publisher found.
-        #[source]
+        /// What the dead-letter publisher found (in the message: an operator
+        /// printing the error sees what to fix).
         error: TransportError,
     },
 }

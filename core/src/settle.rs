@@ -152,11 +152,23 @@ pub trait DeadLetterPublisher: Send + Sync {
     async fn preflight(&self, _source: &str) -> Result<(), TransportError> {
         Ok(())
     }
+
+    /// Whether this publisher sends letters anywhere. Only the placeholder
+    /// [`UnboundDeadLetters`] says no: a broker binding then binds its
+    /// default (`<destination>` + [`Processor::dead_letter_suffix`]).
+    fn is_bound(&self) -> bool {
+        true
+    }
 }
 
+/// The default dead-letter naming: letters of `<destination>` go to
+/// `<destination>.dlq`.
+pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".dlq";
+
 /// A dead-letter publisher that refuses every publish: the safe placeholder
-/// until a broker binding supplies its own (messages are then redelivered,
-/// never dropped).
+/// until a broker binding supplies its own. A broker binding's consumer
+/// replaces it with the broker's default publisher; core's runtime refuses
+/// to start a consumer on it (no message could ever be dead-lettered).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnboundDeadLetters;
 
@@ -167,6 +179,21 @@ impl DeadLetterPublisher for UnboundDeadLetters {
             "dead-letter publish",
             "no dead-letter destination bound",
         ))
+    }
+
+    async fn preflight(&self, source: &str) -> Result<(), TransportError> {
+        Err(TransportError::permanent(
+            "dead-letter preflight",
+            format!(
+                "no dead-letter destination is bound for {source}: build the consumer with the \
+                 binding's constructor (it binds `<destination>.dlq`) or give the processor a \
+                 publisher with Processor::with_dead_letters"
+            ),
+        ))
+    }
+
+    fn is_bound(&self) -> bool {
+        false
     }
 }
 
@@ -255,6 +282,7 @@ pub struct Processor {
     guard: Arc<Guard>,
     handler: Arc<dyn Handler>,
     dead_letters: Arc<dyn DeadLetterPublisher>,
+    dead_letter_suffix: Arc<str>,
     retry: RetryPolicy,
     handler_retry: RetryPolicy,
     keep_alive_every: Duration,
@@ -297,6 +325,7 @@ impl Processor {
             guard,
             handler,
             dead_letters,
+            dead_letter_suffix: DEFAULT_DEAD_LETTER_SUFFIX.into(),
             retry: RetryPolicy::default(),
             handler_retry: RetryPolicy::handler_default(),
             keep_alive_every: Duration::from_secs(5),
@@ -312,6 +341,42 @@ impl Processor {
             dead_letters,
             ..self.clone()
         }
+    }
+
+    /// Names the default dead-letter destination of a broker binding:
+    /// `<destination><suffix>` (default [`DEFAULT_DEAD_LETTER_SUFFIX`]).
+    /// Used only while the dead letters are unbound.
+    pub fn with_dead_letter_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dead_letter_suffix = suffix.into().into();
+        self
+    }
+
+    /// The suffix a binding appends to a destination to name its default
+    /// dead-letter destination.
+    pub fn dead_letter_suffix(&self) -> &str {
+        &self.dead_letter_suffix
+    }
+
+    /// Whether a dead-letter publisher is bound (not [`UnboundDeadLetters`]).
+    pub fn dead_letters_bound(&self) -> bool {
+        self.dead_letters.is_bound()
+    }
+
+    /// This processor if its dead letters are bound, else the same
+    /// processor publishing through `default(suffix)`: how a broker
+    /// binding binds its default dead-letter destination.
+    ///
+    /// # Errors
+    /// Whatever `default` returns.
+    pub fn or_bind_dead_letters<E>(
+        self: Arc<Self>,
+        default: impl FnOnce(&str) -> Result<Arc<dyn DeadLetterPublisher>, E>,
+    ) -> Result<Arc<Self>, E> {
+        if self.dead_letters_bound() {
+            return Ok(self);
+        }
+        let publisher = default(&self.dead_letter_suffix)?;
+        Ok(Arc::new(self.with_dead_letters(publisher)))
     }
 
     /// Bounds Retry verdicts (TTS/PDP outages); its delays also pace the

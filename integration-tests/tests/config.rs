@@ -6,20 +6,18 @@
 //! message flowing, and the rotated key is trusted by the running consumer
 //! without a restart.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elevate_config::{ConfigError, ErrorKind, Loaded, Workload};
-use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::producer::{PublishRequest, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::{
     Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, Reason, SubjectKind,
 };
+use elevate_testing::domain::{FileDomain, key, write_public_keys};
 use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
-use elevate_testing::tts::TtsProcess;
-use elevate_tts::{ServiceConfig, WorkloadConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_elevate-tts");
 const DESTINATION: &str = "orders";
@@ -27,92 +25,6 @@ const ACTION: &str = "test.process";
 
 fn wl(name: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/{name}")
-}
-
-fn key(kid: &str) -> SigningKey {
-    SigningKey::generate(SigningAlg::ES256, kid).unwrap_or_else(|e| panic!("key: {e}"))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {}: {e}", path.display()));
-}
-
-/// The public keys the TTS registers for a workload (its key file).
-fn write_public(path: &Path, keys: &[&SigningKey]) {
-    let doc =
-        serde_json::json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() });
-    write_atomically(path, doc.to_string().as_bytes());
-}
-
-/// A trust domain on disk: the TTS's configuration and key files, and one
-/// directory per workload holding its private key files.
-struct Domain {
-    dir: tempfile::TempDir,
-    tts: Option<TtsProcess>,
-}
-
-impl Domain {
-    /// Registers `workloads` (name, its keys) and starts the TTS binary.
-    fn start(workloads: &[(&str, &[&SigningKey])]) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let mut config = ServiceConfig::new(TRUST_DOMAIN);
-        config.listen = "127.0.0.1:0".into();
-        config.key_reload_secs = 1;
-        config.workloads = workloads
-            .iter()
-            .map(|(name, keys)| {
-                let file = format!("{name}.jwks.json");
-                write_public(&dir.path().join(&file), keys);
-                let own = dir.path().join(name);
-                std::fs::create_dir_all(&own).unwrap_or_else(|e| panic!("{e}"));
-                for k in keys.iter() {
-                    std::fs::write(own.join(format!("{}.pem", k.kid())), k.to_pkcs8_pem())
-                        .unwrap_or_else(|e| panic!("{e}"));
-                }
-                WorkloadConfig {
-                    id: wl(name),
-                    public_jwk: None,
-                    jwk_file: Some(PathBuf::from(file)),
-                    allowed_scopes: vec![ACTION.into()],
-                }
-            })
-            .collect();
-        let path = dir.path().join("tts.toml");
-        let text = config.to_toml().unwrap_or_else(|e| panic!("config: {e}"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
-        let tts = TtsProcess::spawn(Path::new(BIN), &path, None)
-            .unwrap_or_else(|e| panic!("TTS binary: {e}"));
-        Domain {
-            dir,
-            tts: Some(tts),
-        }
-    }
-
-    fn token_endpoint(&self) -> String {
-        match &self.tts {
-            Some(t) => t.token_endpoint(),
-            None => "http://127.0.0.1:9/token".into(),
-        }
-    }
-
-    fn keys_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes `<name>.toml` for workload `name` with `extra` TOML appended.
-    fn workload_config(&self, name: &str, extra: &str) -> PathBuf {
-        let text = format!(
-            "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\nreload_secs = 1\n\n[tts]\nurl = \"{}\"\n\n[pdp]\ncedar_bundle = \"{}\"\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"{DESTINATION}\"\naction = \"{ACTION}\"\n{extra}",
-            wl(name),
-            self.token_endpoint(),
-            policy_dir().display(),
-        );
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-        path
-    }
 }
 
 async fn build(path: &Path) -> Result<Workload, ConfigError> {
@@ -191,22 +103,24 @@ fn reason(d: &GuardDecision) -> Option<Reason> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
-    let d = Domain {
-        dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
-        tts: None,
-    };
+    let d = FileDomain::empty(TRUST_DOMAIN);
     let k = key("worker-1");
     std::fs::create_dir_all(d.keys_dir("worker")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(d.keys_dir("worker").join("worker-1.pem"), k.to_pkcs8_pem())
         .unwrap_or_else(|e| panic!("{e}"));
 
     // A file that is not there.
-    let missing = d.dir.path().join("nowhere.toml");
+    let missing = d.path().join("nowhere.toml");
     let e = expect_error(build(&missing).await, ErrorKind::File, "");
     assert!(e.origin.contains("nowhere.toml"), "{e}");
 
     // A typo.
-    let typo = d.workload_config("worker", "\n[replay]\nstroe = \"memory\"\n");
+    let typo = d.workload_config(
+        "worker",
+        DESTINATION,
+        ACTION,
+        "\n[replay]\nstroe = \"memory\"\n",
+    );
     let e = expect_error(build(&typo).await, ErrorKind::UnknownKey, "replay.stroe");
     assert!(
         e.origin.contains("worker.toml") && e.fix.contains("`store`"),
@@ -214,7 +128,7 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
     );
 
     // No TTS.
-    let no_tts = d.dir.path().join("no-tts.toml");
+    let no_tts = d.path().join("no-tts.toml");
     std::fs::write(
         &no_tts,
         format!(
@@ -227,7 +141,7 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
     expect_error(build(&no_tts).await, ErrorKind::Missing, "tts");
 
     // Not a SPIFFE ID.
-    let bad_id = d.dir.path().join("bad-id.toml");
+    let bad_id = d.path().join("bad-id.toml");
     let text = std::fs::read_to_string(&typo)
         .unwrap_or_else(|e| panic!("{e}"))
         .replace(&wl("worker"), "spiffe://Elevate Example/worker")
@@ -238,16 +152,18 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
     // A key file that is not a key.
     std::fs::write(d.keys_dir("worker").join("broken.pem"), "not a key")
         .unwrap_or_else(|e| panic!("{e}"));
-    let cfg = d.workload_config("worker", "");
+    let cfg = d.workload_config("worker", DESTINATION, ACTION, "");
     let e = expect_error(build(&cfg).await, ErrorKind::Key, "keys.dir");
     assert!(e.problem.contains("broken.pem"), "{e}");
     std::fs::remove_file(d.keys_dir("worker").join("broken.pem")).unwrap_or_else(|e| panic!("{e}"));
 
     // A malformed trusted-producer JWKS.
-    let jwks = d.dir.path().join("producers.jwks.json");
+    let jwks = d.path().join("producers.jwks.json");
     std::fs::write(&jwks, r#"{"keys":[{"kty":"EC","crv":"P-256"}]}"#)
         .unwrap_or_else(|e| panic!("{e}"));
-    let cfg = d.workload_config("worker", "").with_extension("toml");
+    let cfg = d
+        .workload_config("worker", DESTINATION, ACTION, "")
+        .with_extension("toml");
     let text = std::fs::read_to_string(&cfg)
         .unwrap_or_else(|e| panic!("{e}"))
         .replace(
@@ -262,7 +178,12 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signing_key_registered_to_another_workload_is_refused() {
     let shared = key("shared-1");
-    let d = Domain::start(&[("billing", &[&shared])]);
+    let d = FileDomain::start(
+        Path::new(BIN),
+        TRUST_DOMAIN,
+        &[ACTION],
+        &[("billing", &[&shared])],
+    );
     // orders-api presents billing's key as its own.
     std::fs::create_dir_all(d.keys_dir("orders-api")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(
@@ -270,22 +191,19 @@ async fn a_signing_key_registered_to_another_workload_is_refused() {
         shared.to_pkcs8_pem(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let cfg = d.workload_config("orders-api", "");
+    let cfg = d.workload_config("orders-api", DESTINATION, ACTION, "");
     let e = expect_error(build(&cfg).await, ErrorKind::KeyOwner, "keys");
     assert!(e.problem.contains(&wl("billing")), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_tts_at_start_is_a_warning_and_the_workload_builds() {
-    let d = Domain {
-        dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
-        tts: None,
-    };
+    let d = FileDomain::empty(TRUST_DOMAIN);
     let k = key("worker-1");
     std::fs::create_dir_all(d.keys_dir("worker")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(d.keys_dir("worker").join("worker-1.pem"), k.to_pkcs8_pem())
         .unwrap_or_else(|e| panic!("{e}"));
-    let w = workload(&d.workload_config("worker", "")).await;
+    let w = workload(&d.workload_config("worker", DESTINATION, ACTION, "")).await;
     assert_eq!(w.trusted_keys().load().len(), 0);
     assert_eq!(w.signing_key().get().kid(), "worker-1");
     assert_eq!(w.dead_letter_for("orders"), "orders.dlq");
@@ -294,9 +212,14 @@ async fn an_unreachable_tts_at_start_is_a_warning_and_the_workload_builds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_protection_is_on_unless_turned_off() {
     let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
-    let d = Domain::start(&[("orders-api", &[&p1]), ("test-worker", &[&w1])]);
-    let producer = workload(&d.workload_config("orders-api", "")).await;
-    let consumer = workload(&d.workload_config("test-worker", "")).await;
+    let d = FileDomain::start(
+        Path::new(BIN),
+        TRUST_DOMAIN,
+        &[ACTION],
+        &[("orders-api", &[&p1]), ("test-worker", &[&w1])],
+    );
+    let producer = workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await;
+    let consumer = workload(&d.workload_config("test-worker", DESTINATION, ACTION, "")).await;
     assert_eq!(consumer.replay_store(), "memory");
     let (msg, _) = publish(&producer, &consumer, 1).await;
     let first = consumer.guard().decide(&msg, 1).await;
@@ -307,7 +230,12 @@ async fn replay_protection_is_on_unless_turned_off() {
     let second = consumer.guard().decide(&copy, 1).await;
     assert_eq!(reason(&second), Some(Reason::Replayed));
 
-    let off = d.workload_config("test-worker", "\n[replay]\nstore = \"off\"\n");
+    let off = d.workload_config(
+        "test-worker",
+        DESTINATION,
+        ACTION,
+        "\n[replay]\nstore = \"off\"\n",
+    );
     let unguarded = workload(&off).await;
     assert_eq!(unguarded.replay_store(), "off");
     assert_eq!(reason(&unguarded.guard().decide(&msg, 1).await), None);
@@ -321,9 +249,16 @@ async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() 
         key("orders-api-2"),
         key("test-worker-1"),
     );
-    let d = Domain::start(&[("orders-api", &[&k1]), ("test-worker", &[&w1])]);
-    let producer = Arc::new(workload(&d.workload_config("orders-api", "")).await);
-    let consumer = Arc::new(workload(&d.workload_config("test-worker", "")).await);
+    let d = FileDomain::start(
+        Path::new(BIN),
+        TRUST_DOMAIN,
+        &[ACTION],
+        &[("orders-api", &[&k1]), ("test-worker", &[&w1])],
+    );
+    let producer =
+        Arc::new(workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await);
+    let consumer =
+        Arc::new(workload(&d.workload_config("test-worker", DESTINATION, ACTION, "")).await);
     assert_eq!(consumer.trusted_keys().load().len(), 2);
 
     // A steady stream of messages for the whole rollover; every one must pass.
@@ -346,7 +281,7 @@ async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() 
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 1. The operator registers key 2 at the TTS, then gives it to the producer.
-    write_public(&d.dir.path().join("orders-api.jwks.json"), &[&k1, &k2]);
+    write_public_keys(&d.public_keys_file("orders-api"), &[&k1, &k2]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     std::fs::write(
         d.keys_dir("orders-api").join("orders-api-2.pem"),
@@ -367,7 +302,7 @@ async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() 
     std::fs::remove_file(d.keys_dir("orders-api").join("orders-api-1.pem"))
         .unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    write_public(&d.dir.path().join("orders-api.jwks.json"), &[&k2]);
+    write_public_keys(&d.public_keys_file("orders-api"), &[&k2]);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -386,4 +321,49 @@ async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() 
     let (msg, _) = publish(&producer, &consumer, 100_000).await;
     assert_eq!(reason(&consumer.guard().decide(&msg, 1).await), None);
     assert!(consumer.trusted_keys().load().get("orders-api-2").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_built_in_code_guards_like_one_built_from_its_file() {
+    let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
+    let d = FileDomain::start(
+        Path::new(BIN),
+        TRUST_DOMAIN,
+        &[ACTION],
+        &[("orders-api", &[&p1]), ("test-worker", &[&w1])],
+    );
+    let producer = workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await;
+    let consumer = Workload::builder(wl("test-worker"))
+        .tts(d.token_endpoint())
+        .signing_key_dir(d.keys_dir("test-worker"))
+        .cedar_bundle(policy_dir())
+        .action(DESTINATION, ACTION, None)
+        .dead_letter_suffix(".dead")
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("in code: {e}"));
+    assert_eq!(consumer.replay_store(), "memory", "the file's defaults");
+    assert_eq!(consumer.dead_letter_for(DESTINATION), "orders.dead");
+    let (msg, _) = publish(&producer, &consumer, 1).await;
+    let decided = consumer.guard().decide(&msg, 1).await;
+    assert_eq!(reason(&decided), None, "permitted: {decided:?}");
+    // An unmatched destination is denied, as from a file.
+    let mut elsewhere = msg.clone();
+    elsewhere.destination = "payments".into();
+    elsewhere.position = "test:payments/1".into();
+    assert!(reason(&consumer.guard().decide(&elsewhere, 1).await).is_some());
+
+    // The same checks as a file: a bad id is named, with the origin `(in code)`.
+    let e = Workload::builder("spiffe://Bad Domain/x")
+        .tts(d.token_endpoint())
+        .build()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a bad SPIFFE ID built"));
+    assert_eq!(
+        (e.kind, e.key.as_str()),
+        (ErrorKind::Invalid, "workload"),
+        "{e}"
+    );
+    assert!(e.origin.contains("in code"), "{e}");
 }

@@ -23,9 +23,10 @@ use elevate_core::ctxref::{
     VerifyPolicy,
 };
 use elevate_core::jws::JwsError;
-use elevate_core::keys::{JwksProblem, OWNER_MEMBER, SigningAlg, SigningKey};
+use elevate_core::keys::{JwksProblem, OWNER_MEMBER, SigningKey};
 use elevate_core::scope::Scope;
 use elevate_core::token::{TokenError, TokenRequest, TokenSource};
+use elevate_testing::domain::{key, write_atomically, write_public_keys};
 use elevate_testing::tts::{TTS_TRUST_DOMAIN, TtsProcess};
 use elevate_tts::{Issuer, KeyFileWatcher, ServiceConfig, WorkloadConfig};
 use parking_lot::Mutex;
@@ -39,24 +40,6 @@ const PAYLOAD: &[u8] = b"{\"order\":1}";
 
 fn wl(name: &str) -> String {
     format!("spiffe://{TTS_TRUST_DOMAIN}/{name}")
-}
-
-fn key(kid: &str) -> SigningKey {
-    SigningKey::generate(SigningAlg::ES256, kid).unwrap_or_else(|e| panic!("key: {e}"))
-}
-
-/// Writes a workload key file the way an operator should: a complete
-/// document renamed into place.
-fn write_keys(path: &Path, keys: &[&SigningKey]) {
-    let doc =
-        serde_json::json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() });
-    write_atomically(path, doc.to_string().as_bytes());
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {}: {e}", path.display()));
 }
 
 /// A TTS configuration directory: every workload's keys in `<name>.jwks.json`.
@@ -76,7 +59,7 @@ impl ConfigDir {
             .iter()
             .map(|(name, keys)| {
                 let file = format!("{name}.jwks.json");
-                write_keys(&dir.path().join(&file), keys);
+                write_public_keys(&dir.path().join(&file), keys);
                 WorkloadConfig {
                     id: wl(name),
                     public_jwk: None,
@@ -302,7 +285,7 @@ async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_
     ));
 
     // The operator adds key 2 to the producer's key file; the TTS reloads it.
-    write_keys(&cfg.key_file("orders"), &[&k1, &k2]);
+    write_public_keys(&cfg.key_file("orders"), &[&k1, &k2]);
     wait_until(
         "the TTS to publish key 2",
         Duration::from_secs(10),
@@ -329,7 +312,7 @@ async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_
     // The old key is removed from the file; the consumer's background refresh
     // drops it: key 1 is refused, key 2 still flows.
     let refresh = dir.spawn_refresh();
-    write_keys(&cfg.key_file("orders"), &[&k2]);
+    write_public_keys(&cfg.key_file("orders"), &[&k2]);
     wait_until(
         "the TTS to withdraw key 1",
         Duration::from_secs(10),
@@ -401,7 +384,7 @@ async fn a_malformed_key_file_at_the_tts_is_logged_and_the_previous_keys_stay() 
     }
     // Mended: applied again.
     let k2 = key("orders-2");
-    write_keys(&file, &[&k2]);
+    write_public_keys(&file, &[&k2]);
     wait_until("the mended file", Duration::from_secs(10), || async {
         published(&url).await.contains_key("orders-2")
     })

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use elevate_core::runtime::{RunError, Runtime, Source};
-use elevate_core::settle::{Delivery, RedeliveryMode, TransportError};
+use elevate_core::settle::{DeadLetterPublisher, Delivery, RedeliveryMode, TransportError};
 use elevate_core::{Coordinates, InboundMessage, Processor};
 use rdkafka::consumer::{
     CommitMode, Consumer, ConsumerContext, DefaultConsumerContext, StreamConsumer,
@@ -20,6 +20,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::deadletter::{KafkaDeadLetters, producer_config_of};
 use crate::headers::from_kafka;
 
 /// Why the guarded consumer could not start or had to stop.
@@ -146,6 +147,10 @@ impl GuardedConsumer<DefaultConsumerContext> {
     /// Builds the consumer from `config` (which must set `group.id` and
     /// `enable.auto.offset.store=false`, checked before anything is
     /// created); subscribe through [`GuardedConsumer::consumer`], then run.
+    /// A processor without a dead-letter publisher gets the default: a
+    /// producer on the same cluster (`acks=all`, idempotent) writing to
+    /// `<source topic>` + [`Processor::dead_letter_suffix`] (`.dlq`); the
+    /// topic must exist, which the start check verifies.
     ///
     /// # Errors
     /// A configuration the guard refuses, or one librdkafka refuses.
@@ -165,6 +170,10 @@ impl<C: ConsumerContext + 'static> GuardedConsumer<C> {
         processor: Arc<Processor>,
     ) -> Result<Self, Error> {
         check_config(config)?;
+        let processor = processor.or_bind_dead_letters(|suffix| {
+            let letters = KafkaDeadLetters::from_config(&producer_config_of(config))?;
+            Ok::<_, Error>(Arc::new(letters.with_suffix(suffix)) as Arc<dyn DeadLetterPublisher>)
+        })?;
         let consumer: StreamConsumer<C> = config.create_with_context(context)?;
         Ok(GuardedConsumer {
             consumer: Arc::new(consumer),

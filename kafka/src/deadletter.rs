@@ -77,6 +77,39 @@ impl KafkaDeadLetters<DefaultClientContext> {
     }
 }
 
+/// Consumer settings a dead-letter producer made from a consumer's
+/// configuration keeps: where the cluster is and how to reach it.
+const SHARED_PREFIXES: [&str; 8] = [
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "client.id",
+    "broker.address.family",
+    "security.",
+    "ssl.",
+    "sasl.",
+    "socket.",
+];
+
+/// The producer configuration of a consumer's default dead-letter
+/// publisher: the consumer's connection and security settings (servers,
+/// `security.*`, `ssl.*`, `sasl.*`, `socket.*`, client id), none of its
+/// consumer settings (librdkafka warns on each of those).
+pub fn producer_config_of(consumer: &ClientConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in consumer.config_map() {
+        if SHARED_PREFIXES.iter().any(|p| {
+            if p.ends_with('.') {
+                k.starts_with(p)
+            } else {
+                k == *p
+            }
+        }) {
+            config.set(k, v);
+        }
+    }
+    config
+}
+
 impl<C: ClientContext + 'static> KafkaDeadLetters<C> {
     /// Uses the application's producer (it should have `acks=all`); letters
     /// are sized for librdkafka's default `message.max.bytes` unless

@@ -36,11 +36,25 @@ enum Target {
     Core(Client),
 }
 
+/// Where a letter goes.
+#[derive(Clone, Debug)]
+enum Subject {
+    /// Every letter to one subject.
+    Fixed(String),
+    /// A letter of `<subject>` to `<subject><suffix>`; `filters` are the
+    /// source consumer's filter subjects (empty: the stream's subjects),
+    /// checked at start.
+    Suffix {
+        suffix: String,
+        filters: Vec<String>,
+    },
+}
+
 /// Publishes Elevate dead letters to NATS.
 #[derive(Clone)]
 pub struct NatsDeadLetters {
     target: Target,
-    subject: String,
+    subject: Subject,
     claim_bucket: String,
     claims: std::sync::Arc<OnceCell<jetstream::object_store::ObjectStore>>,
 }
@@ -56,7 +70,7 @@ impl std::fmt::Debug for NatsDeadLetters {
 }
 
 impl NatsDeadLetters {
-    fn with_target(target: Target, subject: String) -> Self {
+    fn with_target(target: Target, subject: Subject) -> Self {
         NatsDeadLetters {
             target,
             subject,
@@ -68,13 +82,36 @@ impl NatsDeadLetters {
     /// Dead letters go to `subject`, which a JetStream stream must capture; each
     /// publish waits for the stream's ack.
     pub fn jetstream(jetstream: jetstream::Context, subject: impl Into<String>) -> Self {
-        Self::with_target(Target::JetStream(jetstream), subject.into())
+        Self::with_target(Target::JetStream(jetstream), Subject::Fixed(subject.into()))
+    }
+
+    /// A letter of a message on `<subject>` goes to `<subject><suffix>`
+    /// (`orders.created` → `orders.created.dlq`), stored by a JetStream
+    /// stream; each publish waits for the stream's ack. `filters` are the
+    /// guarded consumer's filter subjects (empty: all of its stream's
+    /// subjects). The start check refuses a filter whose dead-letter
+    /// subjects no stream captures, or the source stream itself captures
+    /// (the letters would be consumed again), and a filter ending in `>`
+    /// (its dead-letter subjects match it): give those a fixed subject with
+    /// [`NatsDeadLetters::jetstream`].
+    pub fn jetstream_by_subject(
+        jetstream: jetstream::Context,
+        suffix: impl Into<String>,
+        filters: Vec<String>,
+    ) -> Self {
+        Self::with_target(
+            Target::JetStream(jetstream),
+            Subject::Suffix {
+                suffix: suffix.into(),
+                filters,
+            },
+        )
     }
 
     /// Dead letters go to a core NATS `subject` (at-most-once: a publish is
     /// "confirmed" once the server received it, not once anyone stored it).
     pub fn core(client: Client, subject: impl Into<String>) -> Self {
-        Self::with_target(Target::Core(client), subject.into())
+        Self::with_target(Target::Core(client), Subject::Fixed(subject.into()))
     }
 
     /// Stores oversized payloads in this Object Store bucket (created on first
@@ -116,9 +153,72 @@ impl NatsDeadLetters {
         }
     }
 
-    /// The dead-letter subject.
-    pub fn subject(&self) -> &str {
-        &self.subject
+    /// The dead-letter subject, when every letter goes to one
+    /// (`None` for [`NatsDeadLetters::jetstream_by_subject`]).
+    pub fn subject(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Fixed(s) => Some(s),
+            Subject::Suffix { .. } => None,
+        }
+    }
+
+    /// The subject `letter` is published to.
+    fn letter_subject(&self, letter: &DeadLetter) -> String {
+        match &self.subject {
+            Subject::Fixed(s) => s.clone(),
+            Subject::Suffix { suffix, .. } => {
+                let source = letter
+                    .source
+                    .field_str("subject")
+                    .unwrap_or(&letter.original_destination);
+                format!("{source}{suffix}")
+            }
+        }
+    }
+
+    /// The dead-letter subjects to check at start for letters of `stream`:
+    /// one fixed subject, or each filter with the suffix.
+    async fn subjects_to_check(
+        &self,
+        js: &jetstream::Context,
+        stream: &str,
+    ) -> Result<Vec<String>, TransportError> {
+        const OP: &str = "dead-letter preflight";
+        let (suffix, filters) = match &self.subject {
+            Subject::Fixed(s) => return Ok(vec![s.clone()]),
+            Subject::Suffix { suffix, filters } => (suffix, filters.clone()),
+        };
+        let filters = if filters.is_empty() {
+            let mut s = js
+                .get_stream(stream)
+                .await
+                .map_err(|e| TransportError::new(OP, e))?;
+            s.info()
+                .await
+                .map_err(|e| TransportError::new(OP, e))?
+                .config
+                .subjects
+                .clone()
+        } else {
+            filters
+        };
+        filters
+            .iter()
+            .map(|f| {
+                if f.split('.').any(|t| t == ">") {
+                    Err(TransportError::permanent(
+                        OP,
+                        format!(
+                            "the filter {f} of stream {stream} ends in `>`: its dead-letter subjects \
+                             ({f}{suffix}) would match it again; give the guard a fixed dead-letter \
+                             subject (NatsDeadLetters::jetstream)"
+                        ),
+                    ))
+                } else {
+                    Ok(format!("{f}{suffix}"))
+                }
+            })
+            .collect()
     }
 
     fn client(&self) -> Client {
@@ -192,30 +292,40 @@ impl DeadLetterPublisher for NatsDeadLetters {
             return Ok(());
         };
         use jetstream::context::GetStreamByNameErrorKind;
-        let name = match js.stream_by_subject(self.subject.clone()).await {
-            Ok(name) => name,
-            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+        for subject in self.subjects_to_check(js, source).await? {
+            let name = match js.stream_by_subject(subject.clone()).await {
+                Ok(name) => name,
+                Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                    return Err(TransportError::permanent(
+                        OP,
+                        format!(
+                            "no stream captures the dead-letter subject {subject} (letters of {source}): create one"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(TransportError::new(OP, e)),
+            };
+            if name == source && matches!(self.subject, Subject::Suffix { .. }) {
                 return Err(TransportError::permanent(
                     OP,
                     format!(
-                        "no stream captures the dead-letter subject {} (letters of {source}): create one",
-                        self.subject
+                        "the dead-letter subject {subject} is captured by the source stream {source} \
+                         itself: its letters would be consumed again; store them in a stream of their own"
                     ),
                 ));
             }
-            Err(e) => return Err(TransportError::new(OP, e)),
-        };
-        let mut stream = js
-            .get_stream(&name)
-            .await
-            .map_err(|e| TransportError::new(OP, e))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| TransportError::new(OP, e))?;
-        if info.config.storage == jetstream::stream::StorageType::Memory {
-            tracing::warn!(stream = %name, subject = %self.subject,
-                "the dead-letter stream uses memory storage: its letters do not survive a server restart");
+            let mut stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|e| TransportError::new(OP, e))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| TransportError::new(OP, e))?;
+            if info.config.storage == jetstream::stream::StorageType::Memory {
+                tracing::warn!(stream = %name, %subject,
+                    "the dead-letter stream uses memory storage: its letters do not survive a server restart");
+            }
         }
         Ok(())
     }
@@ -249,10 +359,11 @@ impl DeadLetterPublisher for NatsDeadLetters {
         // A header NATS cannot carry is a refusal a retry cannot change.
         let map =
             to_nats_headers(&wire_headers(letter)).map_err(|e| TransportError::permanent(OP, e))?;
+        let subject = self.letter_subject(letter);
         match &self.target {
             Target::JetStream(js) => {
                 let sent =
-                    js.publish_with_headers(self.subject.clone(), map, letter.payload.clone())
+                    js.publish_with_headers(subject, map, letter.payload.clone())
                         .await
                         .map_err(|e| match e.kind() {
                             PublishErrorKind::MaxPayloadExceeded
@@ -268,7 +379,7 @@ impl DeadLetterPublisher for NatsDeadLetters {
             }
             Target::Core(client) => {
                 client
-                    .publish_with_headers(self.subject.clone(), map, letter.payload.clone())
+                    .publish_with_headers(subject, map, letter.payload.clone())
                     .await
                     .map_err(|e| match e.kind() {
                         async_nats::client::PublishErrorKind::Send => TransportError::new(OP, e),

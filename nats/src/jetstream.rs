@@ -38,10 +38,11 @@ use async_nats::{Client, Subject};
 use bytes::Bytes;
 use elevate_core::message::{Coordinates, InboundMessage};
 use elevate_core::runtime::{Limits, RunError, Runtime, Source};
-use elevate_core::settle::{Delivery, Processor, TransportError};
+use elevate_core::settle::{DeadLetterPublisher, Delivery, Processor, TransportError};
 use futures::StreamExt;
 
 use crate::Error;
+use crate::deadletter::NatsDeadLetters;
 use crate::headers::{NATS_MSG_ID, from_nats_headers};
 use crate::unreadable::{Sweeper, UnreadableMessages};
 
@@ -69,9 +70,39 @@ impl std::fmt::Debug for GuardedConsumer {
 }
 
 impl GuardedConsumer {
+    /// Wraps a pull consumer with the defaults: a processor without a
+    /// dead-letter publisher gets one sending the letters of `<subject>` to
+    /// `<subject>` + [`Processor::dead_letter_suffix`] (`orders.created.dlq`;
+    /// [`crate::NatsDeadLetters::jetstream_by_subject`]: a stream other than
+    /// the source stream must store them, checked at start), and messages
+    /// async-nats cannot read are swept to the dead letters
+    /// ([`GuardedConsumer::unreadable`]).
+    pub fn bind(
+        js: &jetstream::Context,
+        consumer: PullConsumer,
+        processor: Arc<Processor>,
+    ) -> Self {
+        let config = &consumer.cached_info().config;
+        let mut filters = config.filter_subjects.clone();
+        if !config.filter_subject.is_empty() {
+            filters.push(config.filter_subject.clone());
+        }
+        let processor =
+            processor
+                .or_bind_dead_letters(|suffix| {
+                    Ok::<_, std::convert::Infallible>(Arc::new(
+                        NatsDeadLetters::jetstream_by_subject(js.clone(), suffix, filters),
+                    )
+                        as Arc<dyn DeadLetterPublisher>)
+                })
+                .unwrap_or_else(|never| match never {});
+        Self::new(consumer, processor).unreadable(UnreadableMessages::new(js.clone()))
+    }
+
     /// Wraps a pull consumer (durable, `AckPolicy::Explicit`); dead letters go
     /// wherever the processor's [`elevate_core::DeadLetterPublisher`] sends them
-    /// (use [`crate::NatsDeadLetters::jetstream`]).
+    /// (use [`crate::NatsDeadLetters::jetstream`], or [`GuardedConsumer::bind`]
+    /// for the defaults). The runtime refuses to start without one.
     pub fn new(consumer: PullConsumer, processor: Arc<Processor>) -> Self {
         GuardedConsumer {
             consumer,

@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod binding;
 pub mod conformance;
 pub mod delivery;
+pub mod domain;
 pub mod env;
 pub mod fixture;
 pub mod kafka;

@@ -205,6 +205,47 @@ async fn an_at_least_once_source_needs_durable_dead_letters() {
     );
 }
 
+#[tokio::test]
+async fn a_consumer_without_a_dead_letter_destination_does_not_start() {
+    let broker = MemoryBroker::new();
+    let bound = processor(Arc::new(Letters::default()));
+    let unbound = Arc::new(bound.with_dead_letters(Arc::new(crate::settle::UnboundDeadLetters)));
+    assert!(!unbound.dead_letters_bound() && bound.dead_letters_bound());
+    let ended = Runtime::new()
+        .run(
+            MemorySource::new(&broker, "q"),
+            unbound.clone(),
+            std::future::pending(),
+        )
+        .await;
+    match ended {
+        Err(RunError::Start(e @ StartError::DeadLetters { .. })) => {
+            assert!(
+                e.to_string()
+                    .contains("no dead-letter destination is bound for q"),
+                "{e}"
+            )
+        }
+        other => panic!("started without dead letters: {other:?}"),
+    }
+    // A binding binds its default only where none is bound, with the suffix.
+    let named = Arc::new((*unbound).clone().with_dead_letter_suffix(".dead"));
+    let mut asked = None;
+    let rebound = named
+        .or_bind_dead_letters(|suffix| {
+            asked = Some(suffix.to_string());
+            Ok::<_, ()>(Arc::new(Letters::default()) as Arc<dyn DeadLetterPublisher>)
+        })
+        .expect("bind");
+    assert!(rebound.dead_letters_bound());
+    assert_eq!(asked.as_deref(), Some(".dead"));
+    let kept = bound
+        .clone()
+        .or_bind_dead_letters(|_| Err::<Arc<dyn DeadLetterPublisher>, _>("must not be called"))
+        .expect("kept");
+    assert!(Arc::ptr_eq(&kept, &bound));
+}
+
 /// A source whose broker stops redelivering after 3 deliveries.
 struct Limited(MemorySource);
 
