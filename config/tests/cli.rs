@@ -66,3 +66,65 @@ fn a_missing_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn key_new_writes_a_private_key_and_key_public_the_jwks_the_tts_registers() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pem = dir.path().join("orders-api-2.pem");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {BIN}: {e}"))
+    };
+    let path = pem.to_str().unwrap_or_default();
+    let out = run(&["key", "new", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pem).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(
+            mode.ok(),
+            Some(0o600),
+            "a private key is readable by its owner only"
+        );
+    }
+    let again = run(&["key", "new", path]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing key is never overwritten"
+    );
+
+    let out = run(&["key", "public", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
+    let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["kid"], "orders-api-2");
+    assert!(
+        keys[0].get("d").is_none(),
+        "no private member in the public file"
+    );
+    // The key signs what its public half verifies.
+    let key = elevate_core::keys::SigningKey::from_pem_file(
+        elevate_core::keys::SigningAlg::ES256,
+        "orders-api-2",
+        &pem,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        serde_json::to_value(key.public_jwk()).unwrap_or_default(),
+        keys[0]
+    );
+}

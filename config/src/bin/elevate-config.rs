@@ -1,11 +1,14 @@
 //! `elevate-config check FILE`: reads a workload configuration, builds
 //! everything it names (keys, trust, TTS client, policy bundle, replay
 //! store) and says what is wrong, naming the file, the key and the fix.
+//! `elevate-config key new|public`: makes a workload signing key file and
+//! the public key file the TTS registers (what a rotation needs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use elevate_core::keys::{SigningAlg, SigningKey};
 
 /// Elevate workload configuration.
 #[derive(Parser)]
@@ -25,6 +28,34 @@ enum Command {
         #[arg(long)]
         no_env: bool,
     },
+    /// Signing keys: make one, or print the public keys the TTS registers.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Writes a fresh private key (PKCS#8 PEM, mode 0600) to FILE; its
+    /// `kid` is the file name without `.pem`. Refuses to overwrite.
+    New {
+        /// The key file, e.g. `keys/orders-api-2.pem`.
+        file: PathBuf,
+        /// `ES256` or `EdDSA`.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+    },
+    /// Prints the public keys of these private key files as a JWKS (the
+    /// TTS's `jwk_file` for the workload; write it atomically).
+    Public {
+        /// The private key files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// `ES256` or `EdDSA`.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+    },
 }
 
 #[tokio::main]
@@ -35,7 +66,58 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Check { file, no_env } = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Check { file, no_env } => check(file, no_env).await,
+        Command::Key { command } => match key(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn key(command: KeyCommand) -> Result<(), String> {
+    let parse = |alg: &str| {
+        SigningAlg::parse(alg).ok_or_else(|| format!("unknown algorithm {alg}: use ES256 or EdDSA"))
+    };
+    let kid = |file: &Path| {
+        file.file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("{}: the file name is the key id; give one", file.display()))
+    };
+    match command {
+        KeyCommand::New { file, alg } => {
+            let key = SigningKey::generate(parse(&alg)?, kid(&file)?).map_err(|e| e.to_string())?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options
+                .open(&file)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            std::io::Write::write_all(&mut f, key.to_pkcs8_pem().as_bytes())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("{}: new {alg} key `{}`", file.display(), key.kid());
+            Ok(())
+        }
+        KeyCommand::Public { files, alg } => {
+            let alg = parse(&alg)?;
+            let mut keys = Vec::new();
+            for file in &files {
+                let key = SigningKey::from_pem_file(alg, kid(file)?, file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                keys.push(serde_json::to_value(key.public_jwk()).map_err(|e| e.to_string())?);
+            }
+            println!("{}", serde_json::json!({ "keys": keys }));
+            Ok(())
+        }
+    }
+}
+
+async fn check(file: PathBuf, no_env: bool) -> ExitCode {
     let loaded = if no_env {
         elevate_config::Loaded::read_file_only(&file)
     } else {
