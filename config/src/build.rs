@@ -49,6 +49,7 @@ pub struct Workload {
     key: CurrentKey,
     trusted: Arc<ArcSwap<KeySet>>,
     guard: Arc<Guard>,
+    tts: Arc<TtsClient>,
     producer: ProducerGuard,
     retry: RetryPolicy,
     handler_retry: RetryPolicy,
@@ -181,14 +182,15 @@ impl Workload {
                 "check the URLs and the mTLS identity",
             )
         })?;
+        let client = Arc::new(client);
         let tokens: Arc<dyn TokenSource> = if tts.token_cache.unwrap_or(true) {
             Arc::new(CachingTokenSource::new(
-                Arc::new(client),
+                client.clone(),
                 TOKEN_CACHE,
                 TOKEN_MIN_REMAINING,
             ))
         } else {
-            Arc::new(client)
+            client.clone()
         };
 
         // PDP, sinks, actions, replay.
@@ -233,6 +235,7 @@ impl Workload {
             key,
             trusted: trusted.keys,
             guard: Arc::new(guard),
+            tts: client,
             producer,
             retry,
             handler_retry,
@@ -265,6 +268,13 @@ impl Workload {
                 .with_retry(self.retry)
                 .with_handler_retry(self.handler_retry),
         )
+    }
+
+    /// The workload's TTS client (signing its assertions with the current
+    /// key): an entry service exchanges its users' access tokens with it
+    /// ([`TtsClient::exchange_access_token`]).
+    pub fn tts_client(&self) -> &Arc<TtsClient> {
+        &self.tts
     }
 
     /// The producer guard (strips credentials, signs references with the current key).

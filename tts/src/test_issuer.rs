@@ -34,6 +34,20 @@ impl TestIssuer {
         })
     }
 
+    /// An issuer signing with `key` (a key file an operator made), so that
+    /// a TTS started separately can be given its public key beforehand.
+    pub fn with_key(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        key: SigningKey,
+    ) -> Self {
+        TestIssuer {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            key,
+        }
+    }
+
     /// Issues an RFC 9068-style access token (`typ` `at+jwt`) for `sub` with `scope`.
     ///
     /// # Errors

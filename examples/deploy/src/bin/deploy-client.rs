@@ -1,0 +1,363 @@
+//! The deployment's operator and user: creates and deletes a run's
+//! destinations on the brokers, places orders through the orders API as a
+//! signed-in user, and checks every worker's decision log against what the
+//! example policy prescribes. Exits 2 when an outcome differs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use elevate_deploy::{Broker, Placed, WORKERS, nats_stream};
+
+type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser, Debug)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the brokers are.
+#[derive(clap::Args, Debug)]
+struct Brokers {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    kafka: String,
+    /// NATS server.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Creates the run's destinations and dead-letter destinations.
+    Setup {
+        /// The run id.
+        #[arg(long)]
+        run: String,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Deletes them.
+    Teardown {
+        /// The run id.
+        #[arg(long)]
+        run: String,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Signs in as `user` and places `count` orders; appends each answer to `ledger`.
+    Send {
+        /// The orders API.
+        #[arg(long)]
+        api: String,
+        /// Who signs in.
+        #[arg(long)]
+        user: String,
+        /// How many orders.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+        /// A label for this batch (`phase-1`, …), part of each order id.
+        #[arg(long)]
+        phase: String,
+        /// The ledger of placed orders (JSON Lines).
+        #[arg(long)]
+        ledger: PathBuf,
+    },
+    /// Waits until every worker decided every order of the ledger, prints
+    /// the decisions, and fails unless each matches the policy.
+    Check {
+        /// The ledger of placed orders.
+        #[arg(long)]
+        ledger: PathBuf,
+        /// The run directory (`<dir>/<worker>/decisions.jsonl`).
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// `PHASE=KID`: the orders of PHASE must be signed with KID.
+        #[arg(long = "expect-kid")]
+        expect_kid: Vec<String>,
+        /// How long to wait for the last decisions, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let code = match run(Cli::parse().command).await {
+        Ok(true) => 0,
+        Ok(false) => 2,
+        Err(e) => {
+            eprintln!("deploy-client: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(command: Command) -> AppResult<bool> {
+    match command {
+        Command::Setup { run, brokers } => setup(&run, &brokers).await.map(|()| true),
+        Command::Teardown { run, brokers } => teardown(&run, &brokers).await.map(|()| true),
+        Command::Send {
+            api,
+            user,
+            count,
+            phase,
+            ledger,
+        } => send(&api, &user, count, &phase, &ledger)
+            .await
+            .map(|()| true),
+        Command::Check {
+            ledger,
+            run_dir,
+            expect_kid,
+            timeout,
+        } => check(&ledger, &run_dir, &expect_kid, Duration::from_secs(timeout)).await,
+    }
+}
+
+fn kafka_admin(
+    b: &Brokers,
+) -> AppResult<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>> {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", &b.kafka);
+    Ok(c.create()?)
+}
+
+async fn setup(run: &str, b: &Brokers) -> AppResult<()> {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    for w in WORKERS {
+        let dest = w.destination(run);
+        match w.broker {
+            Broker::Kafka => {
+                let admin = kafka_admin(b)?;
+                let dlq = format!("{dest}.dlq");
+                let topics = [&dest, &dlq].map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)));
+                for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
+                    if let Err((t, code)) = r
+                        && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+                    {
+                        return Err(
+                            format!("Kafka at {}: cannot create {t}: {code}", b.kafka).into()
+                        );
+                    }
+                }
+            }
+            Broker::Nats => {
+                use async_nats::jetstream::stream;
+                let js = async_nats::jetstream::new(
+                    async_nats::connect(&b.nats)
+                        .await
+                        .map_err(|e| format!("NATS at {}: {e}", b.nats))?,
+                );
+                for (name, subject) in [
+                    (nats_stream(run), dest.clone()),
+                    (format!("{}_DLQ", nats_stream(run)), format!("{dest}.dlq")),
+                ] {
+                    js.get_or_create_stream(stream::Config {
+                        name,
+                        subjects: vec![subject],
+                        storage: stream::StorageType::File,
+                        max_age: Duration::from_secs(24 * 3600),
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+            }
+            Broker::Amqp => {
+                let conn =
+                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
+                        .await
+                        .map_err(|e| format!("RabbitMQ at {}: {e}", b.amqp))?;
+                let ch = conn.create_channel().await?;
+                elevate_amqp::declare_queues(&ch, &dest).await?;
+            }
+        }
+        println!("{:?}: {dest} and {dest}.dlq", w.broker);
+    }
+    Ok(())
+}
+
+async fn teardown(run: &str, b: &Brokers) -> AppResult<()> {
+    use lapin::options::QueueDeleteOptions;
+    use rdkafka::admin::AdminOptions;
+    for w in WORKERS {
+        let dest = w.destination(run);
+        // Best effort: what is not there is already gone.
+        match w.broker {
+            Broker::Kafka => {
+                let admin = kafka_admin(b)?;
+                let dlq = format!("{dest}.dlq");
+                let _ = admin
+                    .delete_topics(&[&dest, &dlq], &AdminOptions::new())
+                    .await;
+            }
+            Broker::Nats => {
+                let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+                let _ = js.delete_stream(nats_stream(run)).await;
+                let _ = js.delete_stream(format!("{}_DLQ", nats_stream(run))).await;
+            }
+            Broker::Amqp => {
+                let conn =
+                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
+                        .await?;
+                let ch = conn.create_channel().await?;
+                for q in [dest.clone(), format!("{dest}.retry"), format!("{dest}.dlq")] {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn send(api: &str, user: &str, count: usize, phase: &str, ledger: &PathBuf) -> AppResult<()> {
+    let http = reqwest::Client::new();
+    let token = http
+        .post(format!("{api}/login"))
+        .json(&serde_json::json!({ "user": user }))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ledger)?;
+    for i in 1..=count {
+        let order = format!("{phase}-{user}-{i}");
+        let resp = http
+            .post(format!("{api}/orders"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "order": order }))
+            .send()
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("order {order}: {status} {}", resp.text().await?).into());
+        }
+        let placed: Placed = resp.json().await?;
+        println!(
+            "placed {} for {} (txn {}, signed with {})",
+            placed.order, placed.user, placed.txn, placed.kid
+        );
+        writeln!(out, "{}", serde_json::to_string(&placed)?)?;
+    }
+    Ok(())
+}
+
+/// A worker's final decision on one transaction: verdict and reason.
+type Decided = BTreeMap<String, (String, String)>;
+
+fn read_decisions(path: &std::path::Path) -> Decided {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Decided::new();
+    for line in text.lines() {
+        let Ok(r) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let verdict = field("verdict");
+        if verdict == "retry" {
+            continue;
+        }
+        out.insert(field("txn"), (verdict, field("reason")));
+    }
+    out
+}
+
+async fn check(
+    ledger: &std::path::Path,
+    run_dir: &std::path::Path,
+    expect_kid: &[String],
+    timeout: Duration,
+) -> AppResult<bool> {
+    let placed: Vec<Placed> = std::fs::read_to_string(ledger)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let mut ok = true;
+    for e in expect_kid {
+        let (phase, kid) = e.split_once('=').ok_or("--expect-kid takes PHASE=KID")?;
+        let orders: Vec<&Placed> = placed
+            .iter()
+            .filter(|p| p.order.starts_with(&format!("{phase}-")))
+            .collect();
+        let wrong: Vec<String> = orders
+            .iter()
+            .filter(|p| p.kid != kid)
+            .map(|p| format!("{} ({})", p.order, p.kid))
+            .collect();
+        if orders.is_empty() || !wrong.is_empty() {
+            println!(
+                "KEY  {phase}: expected every order signed with {kid}; not so: {wrong:?} of {}",
+                orders.len()
+            );
+            ok = false;
+        } else {
+            println!("KEY  {phase}: {} orders signed with {kid}", orders.len());
+        }
+    }
+    for w in WORKERS {
+        let path = run_dir.join(w.name).join("decisions.jsonl");
+        let deadline = Instant::now() + timeout;
+        let decided = loop {
+            let d = read_decisions(&path);
+            if placed.iter().all(|p| d.contains_key(&p.txn)) || Instant::now() > deadline {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        println!("{} ({:?}, {}):", w.name, w.broker, w.action);
+        let mut counts: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        for p in &placed {
+            let expected = if w.permits(&p.user) { "permit" } else { "deny" };
+            match decided.get(&p.txn) {
+                Some((verdict, reason)) => {
+                    *counts
+                        .entry((p.user.clone(), verdict.clone(), reason.clone()))
+                        .or_default() += 1;
+                    if verdict != expected {
+                        println!(
+                            "  WRONG {} for {}: {verdict} ({reason}), policy says {expected}",
+                            p.order, p.user
+                        );
+                        ok = false;
+                    }
+                }
+                None => {
+                    println!(
+                        "  MISSING {} for {}: no decision within {timeout:?}",
+                        p.order, p.user
+                    );
+                    ok = false;
+                }
+            }
+        }
+        for ((user, verdict, reason), n) in counts {
+            println!("  {user:<8} {verdict:<10} {reason:<28} {n}");
+        }
+    }
+    println!(
+        "{}",
+        if ok {
+            "deployment check: every outcome matches the policy"
+        } else {
+            "deployment check: FAILED"
+        }
+    );
+    Ok(ok)
+}

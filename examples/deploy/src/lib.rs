@@ -1,0 +1,105 @@
+//! Elevate as separate services (see `examples/deploy/README.md` and
+//! `scripts/demo-deploy`): what the orders API, the workers and the client
+//! agree on — the workload ids, the three destinations of one run, the
+//! order a user places, and the outcome the example policy prescribes.
+
+use serde::{Deserialize, Serialize};
+
+/// The example trust domain (`examples/policies/entities.json`).
+pub const TRUST_DOMAIN: &str = "elevate.example";
+/// The test IdP's issuer id (the TTS's `[user_issuer]`).
+pub const IDP_ISSUER: &str = "https://idp.elevate.example";
+/// The entry service.
+pub const ORDERS_API: &str = "spiffe://elevate.example/orders-api";
+/// What the entry service asks the TTS for, for a signed-in user.
+pub const ORIGIN_SCOPE: &str = "order.process billing.charge notification.send";
+
+/// The guarded workers: broker, workload, action.
+pub const WORKERS: [Worker; 3] = [
+    Worker {
+        broker: Broker::Kafka,
+        name: "order-worker",
+        action: "order.process",
+    },
+    Worker {
+        broker: Broker::Nats,
+        name: "billing-worker",
+        action: "billing.charge",
+    },
+    Worker {
+        broker: Broker::Amqp,
+        name: "notify-worker",
+        action: "notification.send",
+    },
+];
+
+/// A broker the deployment runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Broker {
+    /// Kafka (tansu locally).
+    Kafka,
+    /// NATS JetStream.
+    Nats,
+    /// RabbitMQ.
+    Amqp,
+}
+
+/// One guarded worker of the deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct Worker {
+    /// Its broker.
+    pub broker: Broker,
+    /// Its short name (`spiffe://elevate.example/<name>`, its directory).
+    pub name: &'static str,
+    /// The action its messages ask for.
+    pub action: &'static str,
+}
+
+impl Worker {
+    /// Its workload id.
+    pub fn id(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/{}", self.name)
+    }
+
+    /// Its destination in run `run`: a Kafka topic, a JetStream subject or
+    /// a RabbitMQ queue (dead letters: the same + `.dlq`).
+    pub fn destination(&self, run: &str) -> String {
+        match self.broker {
+            Broker::Kafka => format!("deploy-orders-{run}"),
+            Broker::Nats => format!("deploy.{run}.billing"),
+            Broker::Amqp => format!("deploy-notify-{run}"),
+        }
+    }
+
+    /// Whether the example policy lets it act for `user`: every worker for
+    /// alice; only the order worker for bob (entitled to `order.process`
+    /// only); none for mallory (inactive).
+    pub fn permits(&self, user: &str) -> bool {
+        match user {
+            "alice" => true,
+            "bob" => self.action == "order.process",
+            _ => false,
+        }
+    }
+}
+
+/// The JetStream stream of run `run` (its dead letters: `<stream>_DLQ`).
+pub fn nats_stream(run: &str) -> String {
+    format!("DEPLOY_{run}")
+}
+
+/// What `POST /orders` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placed {
+    /// The order id.
+    pub order: String,
+    /// The user it acts for.
+    pub user: String,
+    /// The origin transaction (the Txn-Token's `txn`).
+    pub txn: String,
+    /// The key id the references were signed with.
+    pub kid: String,
+    /// Where each message went.
+    pub published: Vec<String>,
+}
