@@ -1,5 +1,6 @@
 //! The `txn-token-service` command line: load a TOML configuration, start the
-//! HTTP service, print `listening on http://ADDR` as the first stdout line,
+//! HTTP service (HTTPS with `[tls]`), print `listening on http://ADDR` (or
+//! `https://ADDR`) as the first stdout line,
 //! reload workload key files when they change (every `key_reload_secs`),
 //! run until Ctrl-C or SIGTERM.
 
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::{Issuer, KeyFileWatcher, RunningTts, ServiceConfig};
+use crate::{Issuer, KeyFileWatcher, RunningTts, ServerTls, ServiceConfig};
 
 /// Command line of the reference Transaction Token Service.
 #[derive(Debug, Parser)]
@@ -86,9 +87,15 @@ async fn run(args: Args) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("listen address {listen:?}: {e}"))?;
     let issuer = Issuer::from_config(&cfg, &base).map_err(|e| e.to_string())?;
-    let mut running = RunningTts::start(issuer, listen, cfg.admin_endpoints)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let started = match &cfg.tls {
+        Some(t) => {
+            txn_token_client::install_crypto_provider();
+            let tls = ServerTls::load(t, &base).map_err(|e| e.to_string())?;
+            RunningTts::start_tls(issuer, listen, cfg.admin_endpoints, tls).await
+        }
+        None => RunningTts::start(issuer, listen, cfg.admin_endpoints).await,
+    };
+    let mut running = started.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     running.watch_key_files(KeyFileWatcher::from_config(&cfg, &base));
     {
         let mut out = std::io::stdout().lock();

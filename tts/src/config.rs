@@ -3,9 +3,11 @@
 //!
 //! Relative paths are resolved against the configuration file's directory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use txn_token_client::protocol::ClientAuthMethod;
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8400";
@@ -41,6 +43,32 @@ pub enum ConfigError {
     /// A value is missing or contradictory.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The `[tls]` files do not make a TLS configuration.
+    #[error("[tls] ({files}): {reason}")]
+    Tls {
+        /// The files of the `[tls]` table.
+        files: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// TLS for the listener (`[tls]`): without it the service speaks plain HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the server's certificate chain, leaf first (its SANs must
+    /// name the host clients connect to).
+    pub cert: PathBuf,
+    /// PEM file of its private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM bundle of the CAs client certificates must chain to (e.g. the
+    /// SPIFFE trust bundle). With it, clients are asked for a certificate
+    /// (not required: `private_key_jwt` clients present none) and
+    /// `tls_client_auth` is offered; a certificate that does not chain to
+    /// it fails the handshake. Without it no certificate is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A registered workload: its public key and the scopes it may be granted.
@@ -126,6 +154,17 @@ pub struct ServiceConfig {
     /// Extra known scopes besides those allowed to some workload.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// TLS for the listener; plain HTTP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// The client authentication methods a workload may use at the token
+    /// endpoint, by workload id (`private_key_jwt`, `tls_client_auth`). A
+    /// workload not listed uses `private_key_jwt` only; one listed uses
+    /// exactly the methods listed. `tls_client_auth` needs `[tls]` with a
+    /// `client_ca`. (A table beside `[[workloads]]`, not a key in it, so
+    /// code that builds `WorkloadConfig` values keeps compiling.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub token_endpoint_auth_methods: BTreeMap<String, Vec<ClientAuthMethod>>,
     /// The workload registry.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
@@ -169,6 +208,8 @@ impl ServiceConfig {
             workload_jwks_max_age_secs: default_directory_max_age(),
             admin_endpoints: false,
             scopes: Vec::new(),
+            tls: None,
+            token_endpoint_auth_methods: BTreeMap::new(),
             workloads: Vec::new(),
             user_issuer: None,
         }
@@ -180,7 +221,9 @@ impl ServiceConfig {
     ///
     /// Returns [`ConfigError::Parse`] if `text` is not valid TOML for this configuration, and
     /// [`ConfigError::Invalid`] if `trust_domain` is empty, `token_endpoint_path` does not start
-    /// with `/`, or `token_lifetime_secs` is not between 1 and 3600.
+    /// with `/`, `token_lifetime_secs` is not between 1 and 3600, or `token_endpoint_auth_methods`
+    /// gives a workload no method or names one that is not registered, or names
+    /// `tls_client_auth` without a `[tls]` `client_ca`.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: ServiceConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
@@ -201,7 +244,33 @@ impl ServiceConfig {
                 "token_lifetime_secs must be between 1 and 3600".into(),
             ));
         }
+        cfg.check_auth_methods()?;
         Ok(cfg)
+    }
+
+    /// The checks on `token_endpoint_auth_methods`: deny by default, so a
+    /// typo'd id or an empty list is an error, not a silent no-op.
+    fn check_auth_methods(&self) -> Result<(), ConfigError> {
+        let client_ca = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        for (id, methods) in &self.token_endpoint_auth_methods {
+            if !self.workloads.iter().any(|w| &w.id == id) {
+                return Err(ConfigError::Invalid(format!(
+                    "token_endpoint_auth_methods names {id:?}, which is not among [[workloads]]"
+                )));
+            }
+            if methods.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "token_endpoint_auth_methods gives {id:?} no method (to shut it out, remove it)"
+                )));
+            }
+            if methods.contains(&ClientAuthMethod::TlsClientAuth) && !client_ca {
+                return Err(ConfigError::Invalid(format!(
+                    "token_endpoint_auth_methods allows tls_client_auth for {id:?}, \
+                     but no client certificate is asked for: set [tls] cert, key and client_ca"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Reads and parses a TOML file.

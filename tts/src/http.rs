@@ -1,6 +1,8 @@
 //! The HTTP face of the service (axum): the token endpoint, the JWKS, the
 //! workload key directory, a health check and an optional loopback-only
-//! key-rotation endpoint.
+//! key-rotation endpoint — over plain HTTP ([`RunningTts::start`]) or TLS
+//! ([`RunningTts::start_tls`]), where each connection's verified client
+//! certificate reaches the token endpoint (RFC 8705 `tls_client_auth`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,9 +20,10 @@ use tokio::sync::oneshot;
 
 use super::issuer::Issuer;
 use super::key_files::KeyFileWatcher;
+use super::tls::{ClientCertificate, ServerTls, TlsConnection};
 use txn_token_client::protocol::{
-    ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, WORKLOAD_JWKS_PATH, check_form_content_type,
-    sanitize_description,
+    ClientAuthMethod, ErrorCode, ExchangeForm, JWKS_PATH, OAuthError, WORKLOAD_JWKS_PATH,
+    check_form_content_type, sanitize_description,
 };
 
 /// Path of the key-rotation admin endpoint.
@@ -32,6 +35,11 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// assertion, `private_key_jwt` in the OAuth Token Endpoint Authentication
 /// Methods registry). See the README for why not `Bearer`.
 pub const CLIENT_AUTH_SCHEME: &str = "private_key_jwt";
+/// The challenge scheme of RFC 8705 certificate authentication, named after
+/// `private_key_jwt` when the service asks clients for certificates.
+pub const TLS_CLIENT_AUTH_SCHEME: &str = "tls_client_auth";
+/// Longest time a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest `Authorization` scheme echoed back in a challenge.
 const MAX_ECHOED_SCHEME: usize = 32;
 
@@ -76,10 +84,15 @@ fn token_request(
 
 async fn token(
     State(state): State<AppState>,
+    tls: Option<Extension<TlsConnection>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = token_request(&headers, body).and_then(|f| state.issuer.exchange(&f));
+    let cert: Option<&ClientCertificate> = tls
+        .as_ref()
+        .and_then(|Extension(t)| t.client_certificate.as_deref());
+    let result = token_request(&headers, body)
+        .and_then(|f| state.issuer.exchange_with_certificate(&f, cert));
     match result {
         Ok(issued) => no_store((StatusCode::OK, axum::Json(issued.response)).into_response()),
         Err(e) => error_response(&e),
@@ -110,18 +123,32 @@ pub fn challenges(
     used_scheme: Option<&str>,
     code: Option<ErrorCode>,
 ) -> Vec<HeaderValue> {
+    challenges_for(realm, used_scheme, code, &[ClientAuthMethod::PrivateKeyJwt])
+}
+
+/// As [`challenges`], naming each of `methods` (in order) instead of
+/// `private_key_jwt` alone: a service that asks for client certificates
+/// names `private_key_jwt` and [`TLS_CLIENT_AUTH_SCHEME`].
+pub fn challenges_for(
+    realm: &str,
+    used_scheme: Option<&str>,
+    code: Option<ErrorCode>,
+    methods: &[ClientAuthMethod],
+) -> Vec<HeaderValue> {
     let realm = sanitize_description(realm);
     let params = match code {
         Some(c) => format!("realm=\"{realm}\", error=\"{}\"", c.as_str()),
         None => format!("realm=\"{realm}\""),
     };
-    let mut schemes = Vec::with_capacity(2);
+    let mut schemes = Vec::with_capacity(1 + methods.len());
     if let Some(used) = used_scheme.filter(|s| is_token(s))
-        && !used.eq_ignore_ascii_case(CLIENT_AUTH_SCHEME)
+        && !methods
+            .iter()
+            .any(|m| used.eq_ignore_ascii_case(m.as_str()))
     {
         schemes.push(used);
     }
-    schemes.push(CLIENT_AUTH_SCHEME);
+    schemes.extend(methods.iter().map(|m| m.as_str()));
     schemes
         .into_iter()
         .filter_map(|scheme| HeaderValue::from_str(&format!("{scheme} {params}")).ok())
@@ -129,7 +156,7 @@ pub fn challenges(
 }
 
 /// Adds the challenges to every 401 that has none, whichever route produced it.
-async fn www_authenticate(State(realm): State<Arc<str>>, req: Request, next: Next) -> Response {
+async fn www_authenticate(State(issuer): State<Arc<Issuer>>, req: Request, next: Next) -> Response {
     let used = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -139,7 +166,15 @@ async fn www_authenticate(State(realm): State<Arc<str>>, req: Request, next: Nex
         && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
     {
         let code = resp.extensions().get::<ErrorCode>().copied();
-        for value in challenges(&realm, used.as_deref(), code) {
+        let methods: &[ClientAuthMethod] = if issuer.offers_tls_client_auth() {
+            &[
+                ClientAuthMethod::PrivateKeyJwt,
+                ClientAuthMethod::TlsClientAuth,
+            ]
+        } else {
+            &[ClientAuthMethod::PrivateKeyJwt]
+        };
+        for value in challenges_for(issuer.trust_domain(), used.as_deref(), code, methods) {
             resp.headers_mut().append(header::WWW_AUTHENTICATE, value);
         }
     }
@@ -225,10 +260,11 @@ async fn rotate(
 /// The service's routes: `POST {token_path}`, `GET /.well-known/jwks.json`,
 /// `GET /.well-known/workload-jwks`, `GET /healthz`, and `POST
 /// /admin/rotate-keys` when `admin` is true. Every 401 carries
-/// `WWW-Authenticate` ([`challenges`]).
+/// `WWW-Authenticate` ([`challenges_for`]). On a TLS connection the token
+/// endpoint reads the client certificate from the [`TlsConnection`] request
+/// extension ([`RunningTts::start_tls`] inserts it).
 pub fn router(issuer: Arc<Issuer>, admin: bool) -> Router {
     let path = issuer.settings().token_path.clone();
-    let realm: Arc<str> = issuer.trust_domain().into();
     Router::new()
         .route(&path, post(token))
         .route(JWKS_PATH, get(jwks))
@@ -236,7 +272,10 @@ pub fn router(issuer: Arc<Issuer>, admin: bool) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route(ROTATE_PATH, post(rotate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(realm, www_authenticate))
+        .layer(middleware::from_fn_with_state(
+            issuer.clone(),
+            www_authenticate,
+        ))
         .with_state(AppState { issuer, admin })
 }
 
@@ -250,10 +289,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A running HTTP service.
+/// A running HTTP or HTTPS service.
 #[derive(Debug)]
 pub struct RunningTts {
     addr: SocketAddr,
+    scheme: &'static str,
     issuer: Arc<Issuer>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -272,28 +312,64 @@ impl RunningTts {
         listen: SocketAddr,
         admin: bool,
     ) -> std::io::Result<Self> {
+        Self::start_with(issuer, listen, admin, None).await
+    }
+
+    /// As [`start`](Self::start), over TLS: every connection is a TLS
+    /// connection (no plain HTTP on this port). When `tls` has a client CA,
+    /// each connection's verified client certificate is passed to the token
+    /// endpoint and `tls_client_auth` is offered.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`start`](Self::start).
+    pub async fn start_tls(
+        issuer: Arc<Issuer>,
+        listen: SocketAddr,
+        admin: bool,
+        tls: ServerTls,
+    ) -> std::io::Result<Self> {
+        Self::start_with(issuer, listen, admin, Some(tls)).await
+    }
+
+    async fn start_with(
+        issuer: Arc<Issuer>,
+        listen: SocketAddr,
+        admin: bool,
+        tls: Option<ServerTls>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let path = &issuer.settings().token_path;
-        issuer.add_token_endpoint(format!("http://{addr}{path}"));
+        issuer.add_token_endpoint(format!("{scheme}://{addr}{path}"));
         if addr.ip().is_loopback() {
-            issuer.add_token_endpoint(format!("http://localhost:{}{path}", addr.port()));
+            issuer.add_token_endpoint(format!("{scheme}://localhost:{}{path}", addr.port()));
         }
         let app = router(issuer.clone(), admin);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        tracing::info!(%addr, token_path = %path, "transaction token service listening");
+        let task = match tls {
+            None => tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+            }),
+            Some(tls) => {
+                if tls.client_auth() {
+                    issuer.offer_tls_client_auth();
+                }
+                tokio::spawn(serve_tls(listener, tls, app, rx))
+            }
+        };
+        tracing::info!(%addr, %scheme, token_path = %path, tls_client_auth = issuer.offers_tls_client_auth(), "transaction token service listening");
         Ok(RunningTts {
             addr,
+            scheme,
             issuer,
             shutdown: Some(tx),
             task,
@@ -318,9 +394,9 @@ impl RunningTts {
         self.addr
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR`, or `https://ADDR` over TLS.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The token endpoint URL.
@@ -369,4 +445,82 @@ impl RunningTts {
         signal.await;
         self.shutdown().await
     }
+}
+
+/// The TLS accept loop: each connection's handshake and requests run in a
+/// task of their own (a slow handshake holds up nobody, and is dropped after
+/// [`TLS_HANDSHAKE_TIMEOUT`]); every request carries the peer address
+/// (`ConnectInfo`) and a [`TlsConnection`] with the verified client
+/// certificate. At `shutdown` it stops accepting and waits for the open
+/// connections to finish their requests.
+async fn serve_tls(
+    listener: TcpListener,
+    tls: ServerTls,
+    app: Router,
+    mut shutdown: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.rustls_config().clone());
+    let builder = Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let client_certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| Arc::new(ClientCertificate::from_der(leaf.clone().into_owned())));
+            if let Some(c) = &client_certificate {
+                tracing::debug!(%peer, cert_sha256 = %c.sha256_hex(), uri_sans = ?c.uri_sans(), "TLS client certificate verified");
+            }
+            let connection = TlsConnection { client_certificate };
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(connection.clone());
+                    tower::ServiceExt::oneshot(app.clone(), req)
+                },
+            );
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -20,12 +21,13 @@ use super::config::{ConfigError, ServiceConfig, resolve};
 use super::key_files::{jwks_from_value, read_key_file};
 use super::keyring::{KeyRing, derived_kid, generate_key};
 use super::registry::WorkloadRegistry;
+use super::tls::ClientCertificate;
 use super::user_issuer::AccessTokenVerifier;
 use txn_token_client::assertion::AssertionVerifier;
 use txn_token_client::protocol::{
-    CLIENT_ASSERTION_TYPE_JWT_BEARER, ErrorCode, ExchangeForm, GRANT_TYPE_TOKEN_EXCHANGE,
-    MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError, TOKEN_TYPE_ACCESS_TOKEN,
-    TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse,
+    CLIENT_ASSERTION_TYPE_JWT_BEARER, ClientAuthMethod, ErrorCode, ExchangeForm,
+    GRANT_TYPE_TOKEN_EXCHANGE, MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError,
+    TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse,
 };
 use txn_token_client::verify::JwksProvider;
 
@@ -112,6 +114,11 @@ pub struct MintedClaims {
     /// Requester context: `req_wl` (asserted by the TTS), plus the requester's
     /// `request_context` object under [`RCTX_REQUEST_CONTEXT`] when it sent one.
     pub rctx: serde_json::Value,
+    /// Confirmation (RFC 7800): when the requester authenticated with its
+    /// certificate (`tls_client_auth`), `{"x5t#S256": <base64url SHA-256 of
+    /// the DER certificate>}` binds the token to it (RFC 8705 §3.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<serde_json::Value>,
 }
 
 /// A minted token: the response to send and the claims it carries.
@@ -121,6 +128,12 @@ pub struct Issued {
     pub response: TokenResponse,
     /// The claims minted.
     pub claims: MintedClaims,
+}
+
+/// The authenticated requester and, for `tls_client_auth`, the token's `cnf`.
+struct Requester {
+    id: String,
+    cnf: Option<serde_json::Value>,
 }
 
 /// Who and what the subject token says.
@@ -140,6 +153,7 @@ pub struct Issuer {
     assertions: AssertionVerifier,
     endpoints: ArcSwap<Vec<String>>,
     users: ArcSwapOption<AccessTokenVerifier>,
+    tls_client_auth: AtomicBool,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -186,6 +200,7 @@ impl Issuer {
             refs,
             endpoints: ArcSwap::from_pointee(vec![primary]),
             users: ArcSwapOption::empty(),
+            tls_client_auth: AtomicBool::new(false),
         }))
     }
 
@@ -205,7 +220,8 @@ impl Issuer {
     ///
     /// Returns [`ConfigError::Key`] if the signing key file cannot be read or loaded, or a
     /// workload's key is refused; [`ConfigError::Invalid`] if a workload has both or neither of
-    /// `public_jwk` and `jwk_file`; [`ConfigError::Io`] or [`ConfigError::Parse`] if a JWK or JWKS
+    /// `public_jwk` and `jwk_file`, or `token_endpoint_auth_methods` names a workload not in
+    /// `[[workloads]]`; [`ConfigError::Io`] or [`ConfigError::Parse`] if a JWK or JWKS
     /// file cannot be read or parsed, or holds no key (see [`read_key_file`]); and the errors of
     /// [`AccessTokenVerifier::from_config`] for the `[user_issuer]` section.
     pub fn from_config(cfg: &ServiceConfig, base: &Path) -> Result<Arc<Self>, ConfigError> {
@@ -261,6 +277,13 @@ impl Issuer {
                 issuer
                     .add_workload_key(&w.id, jwk)
                     .map_err(key_err(&what))?;
+            }
+        }
+        for (id, methods) in &cfg.token_endpoint_auth_methods {
+            if !issuer.set_workload_auth_methods(id, methods) {
+                return Err(ConfigError::Invalid(format!(
+                    "token_endpoint_auth_methods names {id:?}, which is not among [[workloads]]"
+                )));
             }
         }
         issuer
@@ -356,6 +379,33 @@ impl Issuer {
         reinstated
     }
 
+    /// Sets the client authentication methods a registered workload may use
+    /// at the token endpoint (by default `private_key_jwt` only). Returns
+    /// false when it is not registered.
+    pub fn set_workload_auth_methods(&self, id: &str, methods: &[ClientAuthMethod]) -> bool {
+        let set = self.registry.set_auth_methods(id, methods);
+        let names: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+        tracing::info!(workload = %id, methods = ?names, set, "workload client authentication methods");
+        set
+    }
+
+    /// The client authentication methods a workload may use (none when it is
+    /// not registered).
+    pub fn workload_auth_methods(&self, id: &str) -> Vec<ClientAuthMethod> {
+        self.registry.auth_methods(id)
+    }
+
+    /// True when a listener asks clients for certificates, so
+    /// `tls_client_auth` can be used (the 401 challenge then names it).
+    pub fn offers_tls_client_auth(&self) -> bool {
+        self.tls_client_auth.load(Ordering::Relaxed)
+    }
+
+    /// Marks `tls_client_auth` as offered (a TLS listener with a client CA).
+    pub(crate) fn offer_tls_client_auth(&self) {
+        self.tls_client_auth.store(true, Ordering::Relaxed);
+    }
+
     /// True when `id` is registered and not suspended.
     pub fn is_trusted_workload(&self, id: &str) -> bool {
         self.registry.is_trusted(id)
@@ -420,18 +470,38 @@ impl Issuer {
         Ok(kid)
     }
 
-    /// Handles one token request end to end.
+    /// Handles one token request end to end (no TLS client certificate: the
+    /// in-process mode, plain HTTP, or a TLS client that presented none).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`exchange_with_certificate`](Self::exchange_with_certificate).
+    pub fn exchange(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
+        self.exchange_with_certificate(form, None)
+    }
+
+    /// Handles one token request end to end, `certificate` being the client
+    /// certificate verified on the request's TLS connection, if any. The
+    /// client authenticates with exactly one method: a `private_key_jwt`
+    /// assertion (no certificate), or `tls_client_auth` (a certificate whose
+    /// URI SAN is a registered workload that allows it, and no assertion).
     ///
     /// # Errors
     ///
     /// Returns an [`OAuthError`] whose code the token endpoint answers with: `invalid_request` for
     /// a missing, repeated or malformed parameter; `unsupported_grant_type`; `invalid_client` if
-    /// the client assertion fails; `unauthorized_client` if the requesting workload is suspended;
+    /// the client sent both a certificate and an assertion, or neither, the assertion fails, the
+    /// certificate names no registered workload (or several), or the workload does not allow the
+    /// method used; `unauthorized_client` if the requesting workload is suspended;
     /// `invalid_target` if `audience` is not this trust domain; `invalid_grant` if the subject
     /// token does not verify; `invalid_scope` if the scope is not allowed; and `server_error` if
     /// signing fails.
-    pub fn exchange(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
-        match self.exchange_inner(form) {
+    pub fn exchange_with_certificate(
+        &self,
+        form: &ExchangeForm,
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Issued, OAuthError> {
+        match self.exchange_inner(form, certificate) {
             Ok(issued) => Ok(issued),
             Err(e) => {
                 tracing::info!(code = %e.code, reason = %e.description(), "txn-token request refused");
@@ -440,7 +510,11 @@ impl Issuer {
         }
     }
 
-    fn exchange_inner(&self, form: &ExchangeForm) -> Result<Issued, OAuthError> {
+    fn exchange_inner(
+        &self,
+        form: &ExchangeForm,
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Issued, OAuthError> {
         // 1. grant
         let grant = form.require("grant_type")?;
         if grant != GRANT_TYPE_TOKEN_EXCHANGE {
@@ -450,7 +524,7 @@ impl Issuer {
             ));
         }
         // 2. client authentication (a suspended workload authenticates but gets nothing)
-        let requester = self.authenticate(form)?;
+        let Requester { id: requester, cnf } = self.authenticate(form, certificate)?;
         if !self.registry.is_trusted(&requester) {
             return Err(invalid(
                 ErrorCode::UnauthorizedClient,
@@ -500,10 +574,113 @@ impl Issuer {
         if let (Some(context), Some(r)) = (request_context, rctx.as_object_mut()) {
             r.insert(RCTX_REQUEST_CONTEXT.to_string(), context);
         }
-        self.mint(subject, granted, requester, rctx)
+        self.mint(subject, granted, requester, rctx, cnf)
     }
 
-    fn authenticate(&self, form: &ExchangeForm) -> Result<String, OAuthError> {
+    /// Client authentication: exactly one method per request (RFC 6749
+    /// §2.3), and only one the workload allows.
+    fn authenticate(
+        &self,
+        form: &ExchangeForm,
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Requester, OAuthError> {
+        let asserted =
+            form.get("client_assertion").is_some() || form.get("client_assertion_type").is_some();
+        match (asserted, certificate) {
+            (true, Some(cert)) => {
+                tracing::info!(cert_sha256 = %cert.sha256_hex(), "client sent a certificate and an assertion");
+                Err(invalid(
+                    ErrorCode::InvalidClient,
+                    "a client certificate and a client assertion: authenticate with one method \
+                     (tls_client_auth: no client_assertion; private_key_jwt: no certificate)",
+                ))
+            }
+            (false, Some(cert)) => self.certificate_client(form, cert),
+            (true, None) => {
+                let id = self.assertion_client(form)?;
+                if !self
+                    .registry
+                    .allows_auth(&id, ClientAuthMethod::PrivateKeyJwt)
+                {
+                    return Err(invalid(
+                        ErrorCode::InvalidClient,
+                        format!("workload {id} may not authenticate with private_key_jwt"),
+                    ));
+                }
+                Ok(Requester { id, cnf: None })
+            }
+            (false, None) => Err(invalid(
+                ErrorCode::InvalidClient,
+                if self.offers_tls_client_auth() {
+                    "client authentication required: a private_key_jwt client assertion, \
+                     or a tls_client_auth client certificate"
+                } else {
+                    "client authentication (private_key_jwt client assertion) required"
+                },
+            )),
+        }
+    }
+
+    /// RFC 8705 §2.1.2 `tls_client_auth`: the verified certificate's URI SAN
+    /// names the workload (the one `client_id` names, when sent), which must
+    /// be registered and allow the method. The token is bound to the
+    /// certificate (`cnf.x5t#S256`).
+    fn certificate_client(
+        &self,
+        form: &ExchangeForm,
+        cert: &ClientCertificate,
+    ) -> Result<Requester, OAuthError> {
+        let fp = cert.sha256_hex();
+        let client_id = form.get("client_id");
+        let refuse = |why: String| {
+            tracing::info!(cert_sha256 = %fp, uri_sans = ?cert.uri_sans(), client_id = ?client_id, reason = %why, "tls_client_auth refused");
+            invalid(ErrorCode::InvalidClient, why)
+        };
+        if let Some(c) = client_id
+            && !cert.uri_sans().iter().any(|u| u == c)
+        {
+            return Err(refuse(format!(
+                "client_id {c:?} is not a URI SAN of the client certificate"
+            )));
+        }
+        let named: Vec<&String> = cert
+            .uri_sans()
+            .iter()
+            .filter(|u| client_id.is_none_or(|c| c == u.as_str()))
+            .filter(|u| self.registry.is_registered(u))
+            .collect();
+        let id = match named.as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(refuse(format!(
+                    "the client certificate names no registered workload (URI SANs: {})",
+                    cert.uri_sans().join(" ")
+                )));
+            }
+            _ => {
+                return Err(refuse(
+                    "the client certificate names several registered workloads: send client_id"
+                        .to_string(),
+                ));
+            }
+        };
+        if !self
+            .registry
+            .allows_auth(&id, ClientAuthMethod::TlsClientAuth)
+        {
+            return Err(refuse(format!(
+                "workload {id} may not authenticate with tls_client_auth"
+            )));
+        }
+        tracing::debug!(workload = %id, cert_sha256 = %fp, "tls_client_auth");
+        Ok(Requester {
+            id,
+            cnf: Some(serde_json::json!({ "x5t#S256": cert.x5t_s256() })),
+        })
+    }
+
+    /// RFC 7523 `private_key_jwt`: the assertion's signer is the workload.
+    fn assertion_client(&self, form: &ExchangeForm) -> Result<String, OAuthError> {
         let (Some(kind), Some(assertion)) = (
             form.get("client_assertion_type"),
             form.get("client_assertion"),
@@ -640,6 +817,7 @@ impl Issuer {
         scope: Scope,
         req_wl: String,
         rctx: serde_json::Value,
+        cnf: Option<serde_json::Value>,
     ) -> Result<Issued, OAuthError> {
         let now = unix_now();
         let lifetime = self.settings.token_lifetime.as_secs().max(1);
@@ -654,6 +832,7 @@ impl Issuer {
             jti: uuid::Uuid::now_v7().to_string(),
             tctx: subject.tctx,
             rctx,
+            cnf,
         };
         let key = self.ring.current();
         let token = jws::sign(&key, TXN_TOKEN_TYP, &claims)
@@ -665,6 +844,7 @@ impl Issuer {
             scope = %claims.scope,
             jti = %claims.jti,
             kid = %key.kid(),
+            cnf_x5t_s256 = ?claims.cnf.as_ref().and_then(|c| c["x5t#S256"].as_str()),
             token_sha256 = %sha256_hex(token.as_bytes()),
             "txn-token issued"
         );

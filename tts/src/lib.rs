@@ -1,6 +1,6 @@
 //! The reference Transaction Token Service: one [`Issuer`] (registry, key
-//! ring, validation, minting) behind two faces — the axum HTTP service
-//! ([`RunningTts`]) and the in-process [`InProcessTts`] — and the
+//! ring, validation, minting) behind two faces — the axum HTTP(S) service
+//! ([`RunningTts`], TLS and RFC 8705 client certificates in [`tls`]) and the in-process [`InProcessTts`] — and the
 //! `txn-token-service` binary ([`cli`]).
 //!
 //! It is its own crate so that a consumer, which only needs the client side
@@ -18,14 +18,16 @@ pub mod key_files;
 pub mod keyring;
 pub mod registry;
 pub mod test_issuer;
+pub mod tls;
 pub mod user_issuer;
 
-pub use config::{ConfigError, ServiceConfig, UserIssuerConfig, WorkloadConfig};
+pub use config::{ConfigError, ServiceConfig, TlsConfig, UserIssuerConfig, WorkloadConfig};
 pub use http::{RunningTts, router};
 pub use inprocess::InProcessTts;
 pub use issuer::{Issued, Issuer, IssuerSettings, MintedClaims};
 pub use key_files::KeyFileWatcher;
 pub use test_issuer::TestIssuer;
+pub use tls::{ClientCertificate, ServerTls, TlsConnection};
 pub use user_issuer::AccessTokenVerifier;
 
 #[cfg(test)]

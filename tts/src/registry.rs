@@ -13,6 +13,10 @@
 //! A workload can be **removed** (its keys and allowance are gone: nothing it
 //! ever signed verifies any more) or **suspended** (keys kept, trust withdrawn:
 //! it gets no Txn-Token and no chain that passes through it is honoured).
+//!
+//! Each workload has the **client authentication methods** it may use at
+//! the token endpoint ([`WorkloadRegistry::set_auth_methods`]):
+//! `private_key_jwt` unless it opts into something else, deny by default.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use elevate_core::keys::{KeyError, KeySet};
 use elevate_core::scope::Scope;
 use jsonwebtoken::jwk::Jwk;
 use parking_lot::{Mutex, RwLock};
+use txn_token_client::protocol::ClientAuthMethod;
 
 /// A registered public key: the workload that owns it and the JWK as given.
 #[derive(Debug, Clone)]
@@ -40,6 +45,9 @@ pub struct WorkloadRegistry {
     scopes: RwLock<HashMap<String, Scope>>,
     extra_known: RwLock<Scope>,
     suspended: RwLock<HashSet<String>>,
+    /// Client authentication methods of the workloads that opted into a set
+    /// other than the default (`private_key_jwt` only).
+    auth_methods: RwLock<HashMap<String, Vec<ClientAuthMethod>>>,
     write: Mutex<()>,
 }
 
@@ -51,6 +59,7 @@ impl Default for WorkloadRegistry {
             scopes: RwLock::new(HashMap::new()),
             extra_known: RwLock::new(Scope::default()),
             suspended: RwLock::new(HashSet::new()),
+            auth_methods: RwLock::new(HashMap::new()),
             write: Mutex::new(()),
         }
     }
@@ -252,6 +261,7 @@ impl WorkloadRegistry {
         }
         self.keys.store(Arc::new(set));
         self.suspended.write().remove(id);
+        self.auth_methods.write().remove(id);
         self.scopes.write().remove(id).is_some() || !owned.is_empty()
     }
 
@@ -268,6 +278,48 @@ impl WorkloadRegistry {
     /// Restores trust in a suspended workload. Returns false when it was not suspended.
     pub fn reinstate(&self, id: &str) -> bool {
         self.suspended.write().remove(id)
+    }
+
+    /// Sets the client authentication methods registered workload `id` may
+    /// use at the token endpoint (an empty list: none, it cannot
+    /// authenticate). Returns false, changing nothing, when `id` is not
+    /// registered.
+    pub fn set_auth_methods(&self, id: &str, methods: &[ClientAuthMethod]) -> bool {
+        let _w = self.write.lock();
+        if !self.scopes.read().contains_key(id) {
+            return false;
+        }
+        let mut list: Vec<ClientAuthMethod> = Vec::with_capacity(methods.len());
+        for m in methods {
+            if !list.contains(m) {
+                list.push(*m);
+            }
+        }
+        self.auth_methods.write().insert(id.to_string(), list);
+        true
+    }
+
+    /// The client authentication methods workload `id` may use: those set
+    /// for it, else `private_key_jwt` alone; none when it is not registered.
+    pub fn auth_methods(&self, id: &str) -> Vec<ClientAuthMethod> {
+        if !self.scopes.read().contains_key(id) {
+            return Vec::new();
+        }
+        self.auth_methods
+            .read()
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| vec![ClientAuthMethod::PrivateKeyJwt])
+    }
+
+    /// True when registered workload `id` may authenticate with `method`.
+    pub fn allows_auth(&self, id: &str, method: ClientAuthMethod) -> bool {
+        self.auth_methods(id).contains(&method)
+    }
+
+    /// True when `id` is registered (suspended or not).
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.scopes.read().contains_key(id)
     }
 
     /// True when `id` is registered and not suspended.
@@ -361,6 +413,51 @@ mod tests {
         assert!(!r.is_trusted("spiffe://d/a"));
         assert_eq!(r.allowed("spiffe://d/a"), None);
         assert!(!r.remove("spiffe://d/a"));
+    }
+
+    #[test]
+    fn auth_methods_default_to_private_key_jwt_and_go_with_the_workload() {
+        let r = WorkloadRegistry::new();
+        let a = SigningKey::generate(SigningAlg::ES256, "a-1").unwrap();
+        let (jwt, tls) = (
+            ClientAuthMethod::PrivateKeyJwt,
+            ClientAuthMethod::TlsClientAuth,
+        );
+        assert!(
+            !r.set_auth_methods("spiffe://d/a", &[tls]),
+            "not registered"
+        );
+        assert!(r.auth_methods("spiffe://d/a").is_empty());
+        r.register("spiffe://d/a", a.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        assert_eq!(r.auth_methods("spiffe://d/a"), [jwt]);
+        assert!(!r.allows_auth("spiffe://d/a", tls), "deny by default");
+        assert!(r.set_auth_methods("spiffe://d/a", &[tls, tls]));
+        assert_eq!(r.auth_methods("spiffe://d/a"), [tls]);
+        assert!(
+            !r.allows_auth("spiffe://d/a", jwt),
+            "exactly the methods set"
+        );
+        r.add_key(
+            "spiffe://d/a",
+            SigningKey::generate(SigningAlg::ES256, "a-2")
+                .unwrap()
+                .public_jwk(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.auth_methods("spiffe://d/a"),
+            [tls],
+            "kept across key changes"
+        );
+        r.remove("spiffe://d/a");
+        r.register("spiffe://d/a", a.public_jwk(), &Scope::parse("x"))
+            .unwrap();
+        assert_eq!(
+            r.auth_methods("spiffe://d/a"),
+            [jwt],
+            "removed with the workload"
+        );
     }
 
     #[test]

@@ -1141,3 +1141,281 @@ fn challenges_are_valid_header_values_for_any_realm() {
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].to_str().unwrap(), "private_key_jwt realm=\"td\"");
 }
+
+// ---- RFC 8705 tls_client_auth (the TLS listener itself is tested with the
+// binary in integration-tests/tests/tts_mtls.rs) ----
+
+use crate::tls::{ClientCertificate, ServerTls, TlsError};
+use txn_token_client::protocol::{ClientAuthMethod, with_client_id};
+
+/// A CA and a certificate it issued with these URI SANs (DER), and the CA PEM.
+fn svid(uris: &[&str]) -> (rustls::pki_types::CertificateDer<'static>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer as CaIssuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = CaIssuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.der().clone(), ca_cert.pem())
+}
+
+fn mtls_form(reference: &str, client_id: Option<&str>) -> ExchangeForm {
+    let form = exchange_form(
+        TD,
+        &Scope::parse("orders.read"),
+        reference,
+        TOKEN_TYPE_JWT,
+        &serde_json::json!({"mode": "test"}),
+        &serde_json::Value::Null,
+    );
+    match client_id {
+        Some(c) => with_client_id(form, c),
+        None => form,
+    }
+}
+
+#[test]
+fn tls_client_auth_is_opt_in_and_binds_the_token_to_the_certificate() {
+    let w = world();
+    let r = reference(&w, CONSUMER, "orders.read");
+    let cert = ClientCertificate::from_der(svid(&[CONSUMER]).0);
+    assert_eq!(cert.uri_sans(), [CONSUMER]);
+    let code = |res: Result<Issued, OAuthError>| match res {
+        Ok(_) => panic!("issued"),
+        Err(e) => (e.code, e.description().to_string()),
+    };
+    // not opted in: deny by default
+    let (c, d) = code(
+        w.issuer
+            .exchange_with_certificate(&mtls_form(&r.token, Some(CONSUMER)), Some(&cert)),
+    );
+    assert_eq!(c, ErrorCode::InvalidClient);
+    assert!(
+        d.contains("may not authenticate with tls_client_auth"),
+        "{d}"
+    );
+    // opted in (certificate only)
+    assert!(
+        w.issuer
+            .set_workload_auth_methods(CONSUMER, &[ClientAuthMethod::TlsClientAuth])
+    );
+    for client_id in [Some(CONSUMER), None] {
+        let issued = w
+            .issuer
+            .exchange_with_certificate(&mtls_form(&r.token, client_id), Some(&cert))
+            .unwrap();
+        assert_eq!(issued.claims.req_wl, CONSUMER);
+        assert_eq!(
+            issued.claims.cnf,
+            Some(serde_json::json!({ "x5t#S256": cert.x5t_s256() }))
+        );
+    }
+    // both methods at once; neither; an assertion from a certificate-only workload
+    let (c, d) = code(
+        w.issuer
+            .exchange_with_certificate(&good_form(&w, &r.token), Some(&cert)),
+    );
+    assert_eq!(c, ErrorCode::InvalidClient);
+    assert!(d.contains("one method"), "{d}");
+    let (c, _) = code(w.issuer.exchange(&mtls_form(&r.token, Some(CONSUMER))));
+    assert_eq!(c, ErrorCode::InvalidClient);
+    let (c, d) = code(w.issuer.exchange(&good_form(&w, &r.token)));
+    assert_eq!(c, ErrorCode::InvalidClient);
+    assert!(
+        d.contains("may not authenticate with private_key_jwt"),
+        "{d}"
+    );
+    // a client_id the certificate does not name
+    let (c, d) = code(
+        w.issuer
+            .exchange_with_certificate(&mtls_form(&r.token, Some(OTHER)), Some(&cert)),
+    );
+    assert_eq!(c, ErrorCode::InvalidClient);
+    assert!(d.contains("not a URI SAN"), "{d}");
+    // a certificate for nobody registered, and one with no URI SAN
+    for uris in [&["spiffe://example.org/nobody"][..], &[]] {
+        let stranger = ClientCertificate::from_der(svid(uris).0);
+        let (c, d) = code(
+            w.issuer
+                .exchange_with_certificate(&mtls_form(&r.token, None), Some(&stranger)),
+        );
+        assert_eq!(c, ErrorCode::InvalidClient);
+        assert!(d.contains("no registered workload"), "{d}");
+    }
+    // both methods allowed: each works alone
+    w.issuer.set_workload_auth_methods(
+        CONSUMER,
+        &[
+            ClientAuthMethod::PrivateKeyJwt,
+            ClientAuthMethod::TlsClientAuth,
+        ],
+    );
+    let issued = w.issuer.exchange(&good_form(&w, &r.token)).unwrap();
+    assert_eq!(issued.claims.cnf, None, "no certificate, no binding");
+    assert!(
+        w.issuer
+            .exchange_with_certificate(&mtls_form(&r.token, None), Some(&cert))
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_certificate_naming_two_registered_workloads_needs_client_id() {
+    let w = world();
+    w.issuer
+        .set_workload_auth_methods(CONSUMER, &[ClientAuthMethod::TlsClientAuth]);
+    let r = reference(&w, CONSUMER, "orders.read");
+    let cert = ClientCertificate::from_der(svid(&[OTHER, CONSUMER]).0);
+    let e = w
+        .issuer
+        .exchange_with_certificate(&mtls_form(&r.token, None), Some(&cert))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidClient);
+    assert!(e.description().contains("several"), "{}", e.description());
+    let issued = w
+        .issuer
+        .exchange_with_certificate(&mtls_form(&r.token, Some(CONSUMER)), Some(&cert))
+        .unwrap();
+    assert_eq!(issued.claims.req_wl, CONSUMER);
+}
+
+#[test]
+fn server_tls_from_pem_and_bad_pem() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (_, ca_pem) = svid(&[CONSUMER]);
+    let plain = ServerTls::from_pem(
+        server.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        None,
+    )
+    .unwrap();
+    assert!(!plain.client_auth());
+    let mtls = ServerTls::from_pem(
+        server.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        Some(ca_pem.as_bytes()),
+    )
+    .unwrap();
+    assert!(mtls.client_auth());
+    assert_eq!(
+        mtls.rustls_config().alpn_protocols,
+        [b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+    let e = ServerTls::from_pem(b"nothing", key.serialize_pem().as_bytes(), None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TlsError::Pem {
+                what: "server certificate",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = ServerTls::from_pem(server.pem().as_bytes(), b"nothing", None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TlsError::Pem {
+                what: "server key",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = ServerTls::from_pem(
+        server.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        Some(b"no CA here"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TlsError::Pem {
+                what: "client CA",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn auth_methods_in_the_configuration_are_checked() {
+    let base = r#"
+[[workloads]]
+id = "spiffe://example.org/billing"
+public_jwk = { kty = "EC", crv = "P-256", kid = "b1", x = "AAAA", y = "BBBB" }
+"#;
+    let with = |extra: &str| {
+        ServiceConfig::from_toml(
+            &format!("trust_domain = \"example.org\"\n{extra}\n{base}"),
+            "t",
+        )
+    };
+    let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n";
+    let ok = with(&format!(
+        "{tls}[token_endpoint_auth_methods]\n\"spiffe://example.org/billing\" = [\"tls_client_auth\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.token_endpoint_auth_methods["spiffe://example.org/billing"],
+        [ClientAuthMethod::TlsClientAuth]
+    );
+    let again = ServiceConfig::from_toml(&ok.to_toml().unwrap(), "roundtrip").unwrap();
+    assert_eq!(again.token_endpoint_auth_methods.len(), 1);
+    assert!(again.tls.is_some_and(|t| t.client_ca.is_some()));
+    for (bad, why) in [
+        (
+            format!("{tls}[token_endpoint_auth_methods]\n\"spiffe://example.org/nobody\" = [\"tls_client_auth\"]\n"),
+            "not among",
+        ),
+        (
+            format!("{tls}[token_endpoint_auth_methods]\n\"spiffe://example.org/billing\" = []\n"),
+            "no method",
+        ),
+        (
+            "[token_endpoint_auth_methods]\n\"spiffe://example.org/billing\" = [\"tls_client_auth\"]\n".to_string(),
+            "client_ca",
+        ),
+        (
+            format!("{tls}[token_endpoint_auth_methods]\n\"spiffe://example.org/billing\" = [\"client_secret_basic\"]\n"),
+            "unknown variant",
+        ),
+    ] {
+        let e = with(&bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+}
+
+#[test]
+fn challenges_name_tls_client_auth_when_offered() {
+    let both = [
+        ClientAuthMethod::PrivateKeyJwt,
+        ClientAuthMethod::TlsClientAuth,
+    ];
+    let c = super::http::challenges_for("td", Some("Basic"), Some(ErrorCode::InvalidClient), &both);
+    let c: Vec<&str> = c.iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(
+        c,
+        [
+            "Basic realm=\"td\", error=\"invalid_client\"",
+            "private_key_jwt realm=\"td\", error=\"invalid_client\"",
+            "tls_client_auth realm=\"td\", error=\"invalid_client\"",
+        ]
+    );
+    let c = super::http::challenges_for("td", Some("TLS_client_auth"), None, &both);
+    assert_eq!(c.len(), 2, "a used scheme that is offered is not repeated");
+}

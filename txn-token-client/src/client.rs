@@ -1,6 +1,7 @@
 //! The Txn-Token client: RFC 8693 token exchange as profiled by
 //! draft-ietf-oauth-transaction-tokens, authenticated with an RFC 7523 client
-//! assertion, with a per-request timeout, a bounded jittered retry for
+//! assertion or, with [`ClientAuthMethod::TlsClientAuth`], by the workload's
+//! X.509 certificate on the TLS connection (RFC 8705), with a per-request timeout, a bounded jittered retry for
 //! transient failures and a circuit breaker, and every returned token verified.
 //!
 //! Error classes: an OAuth error code is terminal ([`TokenError::Denied`]);
@@ -19,8 +20,9 @@ use reqwest::StatusCode;
 use crate::assertion::sign_assertion;
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::protocol::{
-    ErrorResponse, ExchangeForm, JWKS_PATH, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_NA,
-    TOKEN_TYPE_TXN_TOKEN, TokenResponse, exchange_form, with_client_assertion,
+    ClientAuthMethod, ErrorResponse, ExchangeForm, JWKS_PATH, TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse, exchange_form,
+    with_client_assertion, with_client_id,
 };
 use crate::verify::TxnTokenVerifier;
 
@@ -57,7 +59,18 @@ pub struct TtsClientConfig {
     pub jwks_min_refresh: Duration,
     /// `request_context` sent with every request (a JSON object).
     pub request_context: serde_json::Value,
-    /// Optional mTLS client identity: PEM with certificate chain and private key.
+    /// How the client authenticates at the token endpoint (default
+    /// [`ClientAuthMethod::PrivateKeyJwt`]: a client assertion signed with
+    /// the workload key). [`ClientAuthMethod::TlsClientAuth`] sends no
+    /// assertion and needs [`mtls_identity_pem`](Self::mtls_identity_pem)
+    /// and an `https` token endpoint; the signing key is still this
+    /// workload's key for everything else it signs (context references).
+    pub auth: ClientAuthMethod,
+    /// The mTLS client identity: PEM with the certificate chain and its
+    /// private key (an X.509-SVID with its key). Presented on every TLS
+    /// connection; with `private_key_jwt` too (for a proxy that requires it),
+    /// but a TTS that sees both a certificate and an assertion refuses the
+    /// request (one method per request, RFC 6749 §2.3).
     pub mtls_identity_pem: Option<Vec<u8>>,
     /// Optional extra trusted root CA (PEM) for an HTTPS token endpoint.
     pub root_ca_pem: Option<Vec<u8>>,
@@ -72,6 +85,7 @@ impl std::fmt::Debug for TtsClientConfig {
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
             .field("breaker", &self.breaker)
+            .field("auth", &self.auth)
             .field("mtls", &self.mtls_identity_pem.is_some())
             .finish_non_exhaustive()
     }
@@ -101,6 +115,7 @@ impl TtsClientConfig {
             assertion_ttl: Duration::from_secs(30),
             jwks_min_refresh: Duration::from_secs(1),
             request_context: serde_json::json!({ "mode": "async" }),
+            auth: ClientAuthMethod::PrivateKeyJwt,
             mtls_identity_pem: None,
             root_ca_pem: None,
         }
@@ -122,6 +137,15 @@ pub enum ClientBuildError {
     /// The HTTP client (TLS, identity) could not be built.
     #[error("HTTP client: {0}")]
     Http(String),
+    /// The client authentication method cannot work as configured (e.g.
+    /// `tls_client_auth` without a certificate, or over plain HTTP).
+    #[error("client authentication {method}: {reason}")]
+    Auth {
+        /// The configured method.
+        method: ClientAuthMethod,
+        /// What is missing.
+        reason: String,
+    },
 }
 
 /// The RFC 8693 Txn-Token client for one consuming (or producing) workload.
@@ -267,8 +291,10 @@ impl TtsClient {
     /// # Errors
     ///
     /// Returns [`ClientBuildError::Url`] if the token endpoint (or the JWKS URL derived from it) is
-    /// not a valid URL, and [`ClientBuildError::Http`] if the mTLS identity or root CA PEM does not
-    /// parse or the HTTP client cannot be built.
+    /// not a valid URL, [`ClientBuildError::Http`] if the mTLS identity or root CA PEM does not
+    /// parse or the HTTP client cannot be built, and [`ClientBuildError::Auth`] if
+    /// [`ClientAuthMethod::TlsClientAuth`] has no mTLS identity or the token endpoint is not
+    /// `https`.
     pub fn new(config: TtsClientConfig, key: SigningKey) -> Result<Self, ClientBuildError> {
         Self::with_current_key(config, CurrentKey::new(key))
     }
@@ -285,10 +311,27 @@ impl TtsClient {
         key: CurrentKey,
     ) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
-        reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
-            url: config.token_endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        let endpoint =
+            reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
+                url: config.token_endpoint.clone(),
+                reason: e.to_string(),
+            })?;
+        if config.auth == ClientAuthMethod::TlsClientAuth {
+            let refuse = |reason: &str| ClientBuildError::Auth {
+                method: config.auth,
+                reason: reason.to_string(),
+            };
+            if config.mtls_identity_pem.is_none() {
+                return Err(refuse(
+                    "needs the workload's certificate and key (mtls_identity_pem)",
+                ));
+            }
+            if endpoint.scheme() != "https" {
+                return Err(refuse(
+                    "needs an https token endpoint (a certificate only travels over TLS)",
+                ));
+            }
+        }
         let jwks_url = match &config.jwks_url {
             Some(u) => u.clone(),
             None => default_jwks_url(&config.token_endpoint)?,
@@ -428,14 +471,24 @@ impl TtsClient {
                 retry_after: Some(open.wait),
             })
         })?;
-        let assertion = sign_assertion(
-            &self.key.get(),
-            &self.config.workload_id,
-            &self.config.token_endpoint,
-            self.config.assertion_ttl,
-        )
-        .map_err(|e| AttemptError::terminal(TokenError::Invalid(format!("signing: {e}"))))?;
-        let form = with_client_assertion(base.clone(), &assertion);
+        let form = match self.config.auth {
+            // RFC 8705 §2: the certificate authenticates, client_id names the client.
+            ClientAuthMethod::TlsClientAuth => {
+                with_client_id(base.clone(), &self.config.workload_id)
+            }
+            _ => {
+                let assertion = sign_assertion(
+                    &self.key.get(),
+                    &self.config.workload_id,
+                    &self.config.token_endpoint,
+                    self.config.assertion_ttl,
+                )
+                .map_err(|e| {
+                    AttemptError::terminal(TokenError::Invalid(format!("signing: {e}")))
+                })?;
+                with_client_assertion(base.clone(), &assertion)
+            }
+        };
         let form: Vec<(&str, &str)> = form.pairs().collect();
         let sent = self
             .http
@@ -545,6 +598,32 @@ mod tests {
             check_token_response(r),
             Err(TokenError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn tls_client_auth_needs_a_certificate_and_https() {
+        let key = SigningKey::generate(elevate_core::keys::SigningAlg::ES256, "k").unwrap();
+        let mut cfg = TtsClientConfig::new("https://tts.example/token", "td", "spiffe://td/a");
+        cfg.auth = ClientAuthMethod::TlsClientAuth;
+        let e = TtsClient::new(cfg.clone(), key.clone()).unwrap_err();
+        assert!(
+            matches!(e, ClientBuildError::Auth { .. })
+                && e.to_string().contains("mtls_identity_pem"),
+            "{e}"
+        );
+        cfg.token_endpoint = "http://tts.example/token".into();
+        cfg.mtls_identity_pem = Some(b"not used before the scheme check".to_vec());
+        let e = TtsClient::new(cfg, key.clone()).unwrap_err();
+        assert!(e.to_string().contains("https"), "{e}");
+        // private_key_jwt (the default) needs neither
+        let cfg = TtsClientConfig::new("http://tts.example/token", "td", "spiffe://td/a");
+        assert_eq!(cfg.auth, ClientAuthMethod::PrivateKeyJwt);
+        assert!(TtsClient::new(cfg, key).is_ok());
+        assert_eq!(
+            ClientAuthMethod::parse("tls_client_auth"),
+            Some(ClientAuthMethod::TlsClientAuth)
+        );
+        assert_eq!(ClientAuthMethod::parse("TLS_CLIENT_AUTH"), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod verify;
 pub use client::{TtsClient, TtsClientConfig};
 pub use entry::subject_context;
 pub use key_directory::{KeyDirectory, KeyDirectoryConfig, KeyDirectoryError};
+pub use protocol::ClientAuthMethod;
 pub use verify::{JwksProvider, TxnTokenVerifier, VerifyError};
 
 /// Installs the aws-lc-rs rustls crypto provider as the process default.

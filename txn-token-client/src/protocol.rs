@@ -30,6 +30,49 @@ pub const WORKLOAD_JWKS_PATH: &str = "/.well-known/workload-jwks";
 /// Default token endpoint path.
 pub const DEFAULT_TOKEN_PATH: &str = "/token";
 
+/// How a client authenticates at the token endpoint, by its name in the
+/// OAuth Token Endpoint Authentication Methods registry. The TTS accepts
+/// exactly one per request (RFC 6749 §2.3), and each workload only the
+/// methods its registry entry allows (`private_key_jwt` unless it opts in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ClientAuthMethod {
+    /// RFC 7523 §2.2: a JWT client assertion signed with the workload's key,
+    /// sent as `client_assertion` in the body.
+    #[default]
+    PrivateKeyJwt,
+    /// RFC 8705 §2.1.2: the workload's X.509 certificate on the TLS
+    /// connection (PKI: a certificate chain to a CA the TTS trusts, whose URI
+    /// SAN is the workload id, as in a SPIFFE X.509-SVID); no assertion.
+    TlsClientAuth,
+}
+
+impl ClientAuthMethod {
+    /// The registry name (`private_key_jwt`, `tls_client_auth`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuthMethod::PrivateKeyJwt => "private_key_jwt",
+            ClientAuthMethod::TlsClientAuth => "tls_client_auth",
+        }
+    }
+
+    /// The method a registry name stands for (exact, lower case), if supported.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "private_key_jwt" => Some(ClientAuthMethod::PrivateKeyJwt),
+            "tls_client_auth" => Some(ClientAuthMethod::TlsClientAuth),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientAuthMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// OAuth error codes the token endpoint returns (RFC 6749 §5.2, RFC 8693 §2.2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -357,6 +400,12 @@ pub fn exchange_form(
         }
     }
     form
+}
+
+/// Names the client of an RFC 8705 `tls_client_auth` request: RFC 8705 §2
+/// has the client send `client_id` when its certificate authenticates it.
+pub fn with_client_id(form: ExchangeForm, client_id: &str) -> ExchangeForm {
+    form.set("client_id", client_id)
 }
 
 /// Adds RFC 7523 client authentication to a request.
