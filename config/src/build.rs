@@ -27,8 +27,9 @@ use elevate_core::settle::{Handler, Processor, UnboundDeadLetters};
 use elevate_core::token::TokenSource;
 use elevate_core::token_cache::CachingTokenSource;
 use txn_token_client::breaker::BreakerConfig;
+use txn_token_client::client::ClientBuildError;
 use txn_token_client::key_directory::{KeyDirectory, KeyDirectoryConfig, workload_jwks_url};
-use txn_token_client::{TtsClient, TtsClientConfig};
+use txn_token_client::{ClientAuthMethod, TtsClient, TtsClientConfig};
 
 use crate::actions::DestinationActions;
 use crate::error::{ConfigError, ErrorKind};
@@ -169,18 +170,27 @@ impl Workload {
             cool_down: Duration::from_secs(tts.breaker_open_secs.unwrap_or(5)),
         };
         if tts.auth.as_deref() == Some("mtls") {
+            // RFC 8705 tls_client_auth: the certificate authenticates, no
+            // client assertion is sent (the key still signs references).
+            tc.auth = ClientAuthMethod::TlsClientAuth;
             tc.mtls_identity_pem = Some(mtls_identity(l)?);
         }
         if let Some(ca) = &tts.root_ca {
             tc.root_ca_pem = Some(read_file(l, "tts.root_ca", &l.resolve(ca))?);
         }
-        let client = TtsClient::with_current_key(tc, key.clone()).map_err(|e| {
-            l.error(
+        let client = TtsClient::with_current_key(tc, key.clone()).map_err(|e| match e {
+            ClientBuildError::Auth { .. } => l.error(
+                ErrorKind::Invalid,
+                "tts.auth",
+                format!("the TTS client cannot be built: {e}"),
+                "with `auth = \"mtls\"`, use an https `url` and the workload's certificate and key",
+            ),
+            e => l.error(
                 ErrorKind::Dependency,
                 "tts",
                 format!("the TTS client cannot be built: {e}"),
                 "check the URLs and the mTLS identity",
-            )
+            ),
         })?;
         let client = Arc::new(client);
         let tokens: Arc<dyn TokenSource> = if tts.token_cache.unwrap_or(true) {

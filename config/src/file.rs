@@ -96,17 +96,22 @@ pub struct TtsConfig {
     /// `/.well-known/jwks.json` on the token endpoint's origin.
     pub jwks_url: Option<String>,
     /// Client authentication: `private_key_jwt` (default: an RFC 7523
-    /// assertion signed with the workload's key) or `mtls` (the workload's
-    /// X.509 certificate on the TLS connection, plus the assertion).
+    /// assertion signed with the workload's key) or `mtls` (RFC 8705
+    /// `tls_client_auth`: the workload's X.509 certificate on the TLS
+    /// connection, whose URI SAN is the workload id, and no assertion; needs
+    /// an `https` `url` and a TTS that allows it for this workload). The
+    /// signing key still signs the context references either way.
     pub auth: Option<String>,
     /// For `mtls`: a PEM file holding the certificate chain and its private
-    /// key (an X.509-SVID file with its key appended works as it is).
+    /// key (an X.509-SVID file with its key appended works as it is; the
+    /// file is read once, at build time).
     pub mtls_identity: Option<PathBuf>,
     /// For `mtls`: the certificate chain alone, when the key is in `mtls_key`.
     pub mtls_cert: Option<PathBuf>,
     /// For `mtls`: the private key of `mtls_cert`.
     pub mtls_key: Option<PathBuf>,
-    /// An extra root CA (PEM) for an HTTPS token endpoint.
+    /// An extra root CA (PEM) for an HTTPS token endpoint (the CA of the
+    /// TTS's server certificate, when not a public one).
     pub root_ca: Option<PathBuf>,
     /// Timeout of one HTTP attempt, in milliseconds (default 2000).
     pub request_timeout_ms: Option<u64>,
