@@ -73,6 +73,22 @@ enum Command {
         #[arg(long)]
         ledger: PathBuf,
     },
+    /// The legacy pattern Elevate replaces: signs in as `user` and sends one
+    /// order to every worker's destination with the user's bearer token in
+    /// an `Authorization` header and no context reference (plain clients).
+    Forward {
+        /// The orders API (for the sign-in).
+        #[arg(long)]
+        api: String,
+        /// Who signs in.
+        #[arg(long)]
+        user: String,
+        /// The run id.
+        #[arg(long)]
+        run: String,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
     /// Waits until every worker decided every order of the ledger, prints
     /// the decisions, and fails unless each matches the policy.
     Check {
@@ -88,6 +104,15 @@ enum Command {
         /// How long to wait for the last decisions, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Messages sent by `forward`: each worker must quarantine them
+        /// (`credential-in-message`) and keep them as dead letters.
+        #[arg(long, default_value_t = 0)]
+        forwarded: u64,
+        /// The run id: its dead-letter destinations are counted too.
+        #[arg(long)]
+        run: String,
+        #[command(flatten)]
+        brokers: Brokers,
     },
 }
 
@@ -117,12 +142,27 @@ async fn run(command: Command) -> AppResult<bool> {
         } => send(&api, &user, count, &phase, &ledger)
             .await
             .map(|()| true),
+        Command::Forward {
+            api,
+            user,
+            run,
+            brokers,
+        } => forward(&api, &user, &run, &brokers).await.map(|()| true),
         Command::Check {
             ledger,
             run_dir,
             expect_kid,
             timeout,
-        } => check(&ledger, &run_dir, &expect_kid, Duration::from_secs(timeout)).await,
+            forwarded,
+            run,
+            brokers,
+        } => {
+            let timeout = Duration::from_secs(timeout);
+            let decided = check(&ledger, &run_dir, &expect_kid, timeout).await?;
+            let quarantined = check_forwarded(&run_dir, forwarded, timeout).await;
+            let lettered = check_dead_letters(&ledger, forwarded, &run, &brokers, timeout).await?;
+            Ok(decided && quarantined && lettered)
+        }
     }
 }
 
@@ -223,16 +263,84 @@ async fn teardown(run: &str, b: &Brokers) -> AppResult<()> {
     Ok(())
 }
 
-async fn send(api: &str, user: &str, count: usize, phase: &str, ledger: &PathBuf) -> AppResult<()> {
-    let http = reqwest::Client::new();
-    let token = http
+async fn sign_in(http: &reqwest::Client, api: &str, user: &str) -> AppResult<String> {
+    Ok(http
         .post(format!("{api}/login"))
         .json(&serde_json::json!({ "user": user }))
         .send()
         .await?
         .error_for_status()?
         .text()
-        .await?;
+        .await?)
+}
+
+async fn forward(api: &str, user: &str, run: &str, b: &Brokers) -> AppResult<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let token = sign_in(&reqwest::Client::new(), api, user).await?;
+    let bearer = format!("Bearer {token}");
+    let payload = format!("{{\"order\":\"forwarded-{user}\"}}");
+    for w in WORKERS {
+        let dest = w.destination(run);
+        match w.broker {
+            Broker::Kafka => {
+                let mut c = rdkafka::ClientConfig::new();
+                c.set("bootstrap.servers", &b.kafka)
+                    .set("batch.num.messages", "1");
+                let producer: FutureProducer = c.create()?;
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "authorization",
+                    value: Some(bearer.as_bytes()),
+                });
+                producer
+                    .send(
+                        FutureRecord::<(), _>::to(&dest)
+                            .payload(payload.as_bytes())
+                            .headers(headers),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+            Broker::Nats => {
+                let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Authorization", bearer.as_str());
+                js.publish_with_headers(dest.clone(), headers, payload.clone().into())
+                    .await?
+                    .await?;
+            }
+            Broker::Amqp => {
+                use lapin::options::BasicPublishOptions;
+                use lapin::types::{AMQPValue, FieldTable, LongString};
+                let conn =
+                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
+                        .await?;
+                let ch = conn.create_channel().await?;
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    "authorization".into(),
+                    AMQPValue::LongString(LongString::from(bearer.clone())),
+                );
+                ch.basic_publish(
+                    "".into(),
+                    dest.as_str().into(),
+                    BasicPublishOptions::default(),
+                    payload.as_bytes(),
+                    lapin::BasicProperties::default().with_headers(headers),
+                )
+                .await?
+                .await?;
+            }
+        }
+        println!("forwarded {user}'s bearer token to {dest} (the legacy pattern)");
+    }
+    Ok(())
+}
+
+async fn send(api: &str, user: &str, count: usize, phase: &str, ledger: &PathBuf) -> AppResult<()> {
+    let http = reqwest::Client::new();
+    let token = sign_in(&http, api, user).await?;
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -359,5 +467,110 @@ async fn check(
             "deployment check: FAILED"
         }
     );
+    Ok(ok)
+}
+
+/// How many messages the dead-letter destination of `w` holds now.
+async fn dead_letter_count(w: &elevate_deploy::Worker, run: &str, b: &Brokers) -> AppResult<u64> {
+    let dlq = format!("{}.dlq", w.destination(run));
+    match w.broker {
+        Broker::Kafka => {
+            let mut c = rdkafka::ClientConfig::new();
+            c.set("bootstrap.servers", &b.kafka)
+                .set("group.id", "deploy-client");
+            let consumer: rdkafka::consumer::BaseConsumer = c.create()?;
+            let (low, high) = tokio::task::spawn_blocking(move || {
+                rdkafka::consumer::Consumer::fetch_watermarks(
+                    &consumer,
+                    &dlq,
+                    0,
+                    Duration::from_secs(10),
+                )
+            })
+            .await??;
+            Ok(u64::try_from(high - low).unwrap_or(0))
+        }
+        Broker::Nats => {
+            let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+            let mut stream = js.get_stream(format!("{}_DLQ", nats_stream(run))).await?;
+            Ok(stream.info().await?.state.messages)
+        }
+        Broker::Amqp => {
+            use lapin::options::QueueDeclareOptions;
+            let conn =
+                lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            let q = ch
+                .queue_declare(
+                    dlq.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+            Ok(u64::from(q.message_count()))
+        }
+    }
+}
+
+/// Every worker quarantined each forwarded token (`credential-in-message`).
+async fn check_forwarded(run_dir: &std::path::Path, forwarded: u64, timeout: Duration) -> bool {
+    let mut ok = true;
+    for w in WORKERS {
+        let path = run_dir.join(w.name).join("decisions.jsonl");
+        let deadline = Instant::now() + timeout;
+        let count = || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("\"reason\":\"credential-in-message\""))
+                .count() as u64
+        };
+        let mut n = count();
+        while n < forwarded && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            n = count();
+        }
+        let mark = if n == forwarded { "ok" } else { "WRONG" };
+        println!(
+            "TOKEN {mark:<5} {}: {n} forwarded bearer tokens quarantined (credential-in-message), {forwarded} sent",
+            w.name
+        );
+        ok &= n == forwarded;
+    }
+    ok
+}
+
+/// Every message the policy denies, and every forwarded token, is kept as
+/// a dead letter at `<destination>.dlq`; none is lost, none lettered twice.
+async fn check_dead_letters(
+    ledger: &std::path::Path,
+    forwarded: u64,
+    run: &str,
+    b: &Brokers,
+    timeout: Duration,
+) -> AppResult<bool> {
+    let placed: Vec<Placed> = std::fs::read_to_string(ledger)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let mut ok = true;
+    for w in WORKERS {
+        let expected = placed.iter().filter(|p| !w.permits(&p.user)).count() as u64 + forwarded;
+        let deadline = Instant::now() + timeout;
+        let mut n = dead_letter_count(&w, run, b).await?;
+        while n < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            n = dead_letter_count(&w, run, b).await?;
+        }
+        let mark = if n == expected { "ok" } else { "WRONG" };
+        println!(
+            "DLQ  {mark:<5} {}.dlq holds {n} dead letters, {expected} expected",
+            w.destination(run)
+        );
+        ok &= n == expected;
+    }
     Ok(ok)
 }
