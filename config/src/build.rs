@@ -377,6 +377,11 @@ async fn trust(l: &Loaded, tts_url: &str) -> Result<Trusted, ConfigError> {
         dc.refresh_interval = Duration::from_secs(s.max(1));
     }
     dc.trusted_owners = t.producers.clone();
+    // An https TTS with a private CA serves its key directory with the same
+    // certificate as its token endpoint.
+    if let Some(ca) = l.config.tts.as_ref().and_then(|t| t.root_ca.as_ref()) {
+        dc.root_ca_pem = Some(read_file(l, "tts.root_ca", &l.resolve(ca))?);
+    }
     let directory = KeyDirectory::new(dc).map_err(|e| {
         l.error(
             ErrorKind::Invalid,

@@ -432,6 +432,13 @@ pub enum RefError {
     /// `depth` inconsistent with `act`, or the chain otherwise malformed.
     #[error("chain invalid: {0}")]
     ChainInvalid(String),
+    /// The `kid` is not trusted yet and the key source could not be
+    /// reached to look it up ([`KeyRefreshed::Unavailable`]): retry later.
+    #[error("key {kid:?} is not in the trusted set and the key source is unreachable")]
+    KeysUnavailable {
+        /// The key looked for.
+        kid: String,
+    },
 }
 
 impl RefError {
@@ -456,6 +463,7 @@ impl RefError {
             RefError::ScopeWidened { .. } => Reason::ScopeWidened,
             RefError::DepthExceeded { .. } => Reason::DepthExceeded,
             RefError::ChainInvalid(_) => Reason::ChainInvalid,
+            RefError::KeysUnavailable { .. } => Reason::KeysUnavailable,
         }
     }
 }
@@ -520,11 +528,25 @@ impl std::fmt::Debug for VerifiedRef {
 #[async_trait::async_trait]
 pub trait KeyRefresh: Send + Sync {
     /// Asked once per reference whose `kid` (or a prior hop's `kid`) is not in
-    /// the key set. Returns true when the shared key set may now hold it (the
-    /// verifier then verifies once more), false when nothing changed — a
-    /// failed or rate-limited fetch is false, and the reference is refused
-    /// exactly as without the refresh.
-    async fn refresh(&self, kid: &str) -> bool;
+    /// the key set. [`KeyRefreshed::Updated`]: the shared key set may now
+    /// hold it (the verifier verifies once more); [`KeyRefreshed::Unchanged`]:
+    /// the source answered (now or within its rate limit) without it, and
+    /// the reference is refused exactly as without the refresh;
+    /// [`KeyRefreshed::Unavailable`]: the source could not be reached, so
+    /// nobody knows whether the key is good — the reference waits
+    /// (`keys-unavailable`, a Retry) instead of being quarantined.
+    async fn refresh(&self, kid: &str) -> KeyRefreshed;
+}
+
+/// What a [`KeyRefresh`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefreshed {
+    /// The key set was refetched (or already holds the key): verify again.
+    Updated,
+    /// The source answered and does not list the key.
+    Unchanged,
+    /// The source could not be reached (its last fetch failed).
+    Unavailable,
 }
 
 /// Verifies context references against a swappable set of producer keys.
@@ -602,11 +624,14 @@ impl ContextRefVerifier {
         let Some(kid) = self.unknown_kid(err, token) else {
             return first;
         };
-        if !refresh.refresh(&kid).await {
-            tracing::debug!(%kid, "unknown kid: key set not refreshed");
-            return first;
+        match refresh.refresh(&kid).await {
+            KeyRefreshed::Updated => self.verify(token, destination, payload),
+            KeyRefreshed::Unchanged => {
+                tracing::debug!(%kid, "unknown kid: the key source does not list it");
+                first
+            }
+            KeyRefreshed::Unavailable => Err(RefError::KeysUnavailable { kid }),
         }
-        self.verify(token, destination, payload)
     }
 
     /// The `kid` whose absence from the key set explains `err`, if any: the

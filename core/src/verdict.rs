@@ -101,6 +101,10 @@ pub enum Reason {
     TtsUnavailable,
     /// The PDP is unreachable.
     PdpUnavailable,
+    /// The reference's `kid` is not in the trusted key set and the key
+    /// source (the TTS key directory) could not be reached to look it up: a
+    /// producer's freshly rotated key waits instead of being quarantined.
+    KeysUnavailable,
     /// The decision could not be recorded.
     DecisionLogUnavailable,
     /// The replay seen-set (e.g. Redis) could not be consulted.
@@ -124,9 +128,11 @@ impl Reason {
             | UnknownKey | BadSignature | WrongType | WrongAudience | IssuerMismatch
             | WrongDestination | DigestMismatch | ScopeWidened | ChainInvalid | Replayed
             | CredentialInMessage | UninspectablePayload | MalformedMessage => Verdict::Quarantine,
-            TtsUnavailable | PdpUnavailable | DecisionLogUnavailable | ReplayStoreUnavailable => {
-                Verdict::Retry
-            }
+            TtsUnavailable
+            | PdpUnavailable
+            | KeysUnavailable
+            | DecisionLogUnavailable
+            | ReplayStoreUnavailable => Verdict::Retry,
         }
     }
 
@@ -178,6 +184,7 @@ impl Reason {
             PolicyError => "policy-error",
             TtsUnavailable => "tts-unavailable",
             PdpUnavailable => "pdp-unavailable",
+            KeysUnavailable => "keys-unavailable",
             DecisionLogUnavailable => "decision-log-unavailable",
             ReplayStoreUnavailable => "replay-store-unavailable",
             RetriesExhausted => "retries-exhausted",
@@ -202,6 +209,7 @@ mod tests {
             Reason::MissingContext,
             Reason::RetriesExhausted,
             Reason::CredentialInMessage,
+            Reason::KeysUnavailable,
         ] {
             assert_eq!(serde_json::to_value(r).unwrap(), r.code());
         }

@@ -539,12 +539,14 @@ async fn a_malformed_directory_is_a_named_error_and_the_last_good_keys_stay() {
         dir.fetch_now().await,
         Err(KeyDirectoryError::TooLarge { .. })
     ));
-    // A malformed answer to an unknown-kid refresh changes nothing either.
+    // A malformed answer to an unknown-kid refresh changes no key; the
+    // source cannot be read, so nobody can tell the kid is bad: it waits
+    // (keys-unavailable, a Retry) rather than being quarantined.
     tts.serve(Some((200, "{}")));
     let stranger = reference(&orders, &key("orders-9"), &billing);
     assert_eq!(
         refused(verify(&v, &stranger).await),
-        Some(Reason::UnknownKey)
+        Some(Reason::KeysUnavailable)
     );
     assert!(verify(&v, &good).await.is_ok());
     tts.serve(None);
@@ -603,4 +605,55 @@ async fn a_burst_of_unknown_kids_fetches_at_most_once_per_min_refresh() {
     assert!(verify(&v, &reference(&orders, &k1, &billing)).await.is_ok());
     assert_eq!(tts.requests(), 3);
     assert_eq!(dir.fetch_count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_kid_while_the_directory_is_down_waits_and_is_trusted_once_it_answers() {
+    let (k1, k2, b1) = (key("orders-1"), key("orders-2"), key("billing-1"));
+    let cfg = ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])]);
+    let mut tts = spawn_tts(&cfg);
+    let addr = tts.addr();
+    let url = directory_url(&tts);
+    let (orders, billing) = (wl("orders"), wl("billing"));
+    let dir = directory(&url, Duration::from_millis(200), Duration::from_secs(60));
+    assert_eq!(dir.fetch_now().await.unwrap_or_else(|e| panic!("{e}")), 2);
+    let v = dir.verifier(VerifyPolicy::new(&billing));
+
+    // The producer rotated to key 2 and the TTS went down before the
+    // consumer learned it: nobody can tell the key is bad, so the reference
+    // waits (Retry), it is not quarantined.
+    write_public_keys(&cfg.key_file("orders"), &[&k1, &k2]);
+    tts.kill();
+    let k2_ref = reference(&orders, &k2, &billing);
+    let r = refused(verify(&v, &k2_ref).await);
+    assert_eq!(r, Some(Reason::KeysUnavailable));
+    assert_eq!(
+        r.map(|r| r.verdict()),
+        Some(elevate_core::Verdict::Retry),
+        "keys-unavailable is a Retry"
+    );
+    // Within the rate limit the directory is still known to be down.
+    assert_eq!(
+        refused(verify(&v, &k2_ref).await),
+        Some(Reason::KeysUnavailable)
+    );
+    // A known key keeps flowing meanwhile.
+    assert!(verify(&v, &reference(&orders, &k1, &billing)).await.is_ok());
+
+    // The TTS is back (same port, key 2 registered): the retried reference is trusted.
+    let _tts = TtsProcess::respawn(Path::new(BIN), &cfg.path, addr)
+        .unwrap_or_else(|e| panic!("restart TTS: {e}"));
+    wait_until(
+        "the key-2 reference to verify",
+        Duration::from_secs(10),
+        || async { verify(&v, &k2_ref).await.is_ok() },
+    )
+    .await;
+    // A kid the answering directory does not list is quarantined as before.
+    let stranger = key("orders-9");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        refused(verify(&v, &reference(&orders, &stranger, &billing)).await),
+        Some(Reason::UnknownKey)
+    );
 }

@@ -137,6 +137,9 @@ pub struct KeyDirectoryConfig {
     pub connect_timeout: Duration,
     /// When set, only keys owned by one of these workloads are kept.
     pub trusted_owners: Option<Vec<String>>,
+    /// An extra trusted root CA (PEM) for an `https` directory whose server
+    /// certificate is not from a public CA (the TTS client's `root_ca_pem`).
+    pub root_ca_pem: Option<Vec<u8>>,
 }
 
 impl KeyDirectoryConfig {
@@ -149,6 +152,7 @@ impl KeyDirectoryConfig {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             trusted_owners: None,
+            root_ca_pem: None,
         }
     }
 
@@ -204,11 +208,17 @@ impl KeyDirectory {
     /// # Errors
     ///
     /// Returns [`KeyDirectoryError::Url`] if `config.url` is not a valid
-    /// absolute URL, and [`KeyDirectoryError::Http`] if the HTTP client
-    /// cannot be built.
+    /// absolute URL, and [`KeyDirectoryError::Http`] if `root_ca_pem` does
+    /// not parse or the HTTP client cannot be built.
     pub fn new(config: KeyDirectoryConfig) -> Result<Self, KeyDirectoryError> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &config.root_ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| KeyDirectoryError::Http(format!("root CA: {e}")))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::*;
-use crate::ctxref::{ContextRefMinter, MintRequest, SubjectKind, VerifyPolicy};
+use crate::ctxref::{ContextRefMinter, KeyRefreshed, MintRequest, SubjectKind, VerifyPolicy};
 use crate::decision::{DecisionRecord, MemorySink};
 use crate::keys::{KeySet, SigningAlg, SigningKey};
 use crate::message::Headers;
@@ -414,13 +414,13 @@ struct FakeRefresh {
     keys: Arc<arc_swap::ArcSwap<KeySet>>,
     add: Option<SigningKey>,
     owner: &'static str,
-    answer: bool,
+    answer: KeyRefreshed,
     calls: Mutex<Vec<String>>,
 }
 
 #[async_trait::async_trait]
 impl crate::ctxref::KeyRefresh for FakeRefresh {
-    async fn refresh(&self, kid: &str) -> bool {
+    async fn refresh(&self, kid: &str) -> KeyRefreshed {
         self.calls.lock().push(kid.to_string());
         if let Some(key) = &self.add {
             let mut set = (**self.keys.load()).clone();
@@ -438,7 +438,7 @@ impl World {
         &self,
         add: Option<SigningKey>,
         owner: &'static str,
-        answer: bool,
+        answer: KeyRefreshed,
     ) -> (Guard, Arc<FakeRefresh>) {
         let keys = Arc::new(arc_swap::ArcSwap::from_pointee(self.keys.clone()));
         let refresh = Arc::new(FakeRefresh {
@@ -486,7 +486,7 @@ async fn reference_step_asks_for_an_unknown_key_once() {
     let w = World::new();
     let rotated = SigningKey::generate(SigningAlg::ES256, "p2").unwrap();
     // The refresh brings the producer's new key: permitted, one call for "p2".
-    let (g, r) = w.refreshing_guard(Some(rotated.clone()), PRODUCER, true);
+    let (g, r) = w.refreshing_guard(Some(rotated.clone()), PRODUCER, KeyRefreshed::Updated);
     let d = decide(&g, &rotated_message(&w, &rotated)).await;
     assert!(d.auth().is_some(), "{d:?}");
     assert_eq!(*r.calls.lock(), ["p2"]);
@@ -508,20 +508,33 @@ async fn reference_step_refresh_failures_change_nothing() {
     // Without a refresh: unknown-key.
     let plain = decide(&w.guard(fixed()), &msg).await;
     assert_eq!(reason(&plain), Reason::UnknownKey);
-    // A failed (or rate-limited) refresh: the same reason and verdict.
-    let (g, r) = w.refreshing_guard(None, PRODUCER, false);
+    // A source that answered without the key (now or within its rate
+    // limit): the same reason and verdict.
+    let (g, r) = w.refreshing_guard(None, PRODUCER, KeyRefreshed::Unchanged);
     let d = decide(&g, &msg).await;
     assert_eq!(reason(&d), Reason::UnknownKey);
     assert_eq!(d.verdict(), plain.verdict());
     assert_eq!(*r.calls.lock(), ["p2"]);
     // A refresh that claims a change but brings nothing: still unknown-key,
     // and asked once only (no loop).
-    let (g, r) = w.refreshing_guard(None, PRODUCER, true);
+    let (g, r) = w.refreshing_guard(None, PRODUCER, KeyRefreshed::Updated);
     assert_eq!(reason(&decide(&g, &msg).await), Reason::UnknownKey);
+    assert_eq!(r.calls.lock().len(), 1);
+    // A source that cannot be reached: nobody knows the key is bad, so the
+    // message waits (Retry) instead of being quarantined.
+    let (g, r) = w.refreshing_guard(None, PRODUCER, KeyRefreshed::Unavailable);
+    let d = decide(&g, &msg).await;
+    assert_eq!(reason(&d), Reason::KeysUnavailable);
+    assert_eq!(d.verdict(), Verdict::Retry);
+    assert!(d.auth().is_none());
     assert_eq!(r.calls.lock().len(), 1);
     // The refresh brings the key, but owned by another workload: the owner
     // rule still holds.
-    let (g, r) = w.refreshing_guard(Some(rotated.clone()), "spiffe://t/other", true);
+    let (g, r) = w.refreshing_guard(
+        Some(rotated.clone()),
+        "spiffe://t/other",
+        KeyRefreshed::Updated,
+    );
     assert_eq!(reason(&decide(&g, &msg).await), Reason::IssuerMismatch);
     assert_eq!(r.calls.lock().len(), 1);
 }
@@ -529,7 +542,7 @@ async fn reference_step_refresh_failures_change_nothing() {
 #[tokio::test]
 async fn reference_step_refreshes_only_for_unknown_keys() {
     let w = World::new();
-    let (g, r) = w.refreshing_guard(None, PRODUCER, true);
+    let (g, r) = w.refreshing_guard(None, PRODUCER, KeyRefreshed::Updated);
     // A known key with a bad signature (another key under the trusted kid).
     let stranger = World::new();
     assert_eq!(
@@ -604,10 +617,10 @@ async fn reference_step_asks_for_a_prior_hops_unknown_key() {
         .into_iter()
         .collect();
     let msg = w.message(h, b"{}");
-    let (g, r) = w.refreshing_guard(None, ORIGIN, false);
+    let (g, r) = w.refreshing_guard(None, ORIGIN, KeyRefreshed::Unchanged);
     assert_eq!(reason(&decide(&g, &msg).await), Reason::ChainInvalid);
     assert_eq!(*r.calls.lock(), ["o2"]);
-    let (g, r) = w.refreshing_guard(Some(origin_key), ORIGIN, true);
+    let (g, r) = w.refreshing_guard(Some(origin_key), ORIGIN, KeyRefreshed::Updated);
     let d = decide(&g, &msg).await;
     assert!(d.auth().is_some(), "{d:?}");
     assert_eq!(*r.calls.lock(), ["o2"]);
