@@ -103,3 +103,77 @@ pub struct Placed {
     /// Where each message went.
     pub published: Vec<String>,
 }
+
+/// Boxed error of the deployment's programs.
+pub type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Where the brokers are (flags, else the environment, else the local services).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Brokers {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub kafka: String,
+    /// NATS server (with JetStream).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp: String,
+}
+
+impl Brokers {
+    /// A Kafka client configuration for the cluster.
+    pub fn kafka_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.kafka);
+        c
+    }
+
+    /// A NATS connection.
+    ///
+    /// # Errors
+    /// The server does not answer (named by its URL).
+    pub async fn nats_client(&self) -> AppResult<async_nats::Client> {
+        async_nats::connect(&self.nats)
+            .await
+            .map_err(|e| format!("NATS at {}: {e} (start nats-server -js)", self.nats).into())
+    }
+
+    /// A JetStream context.
+    ///
+    /// # Errors
+    /// As [`Brokers::nats_client`].
+    pub async fn jetstream(&self) -> AppResult<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.nats_client().await?))
+    }
+
+    /// A RabbitMQ connection.
+    ///
+    /// # Errors
+    /// The broker does not answer (named by its URL).
+    pub async fn amqp_connection(&self) -> AppResult<lapin::Connection> {
+        lapin::Connection::connect(&self.amqp, lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| format!("RabbitMQ at {}: {e}", self.amqp).into())
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C: how a supervisor stops a service.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -9,32 +9,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use elevate_deploy::{Broker, Placed, WORKERS, nats_stream};
-
-type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+use elevate_deploy::{AppResult, Broker, Brokers, Placed, WORKERS, nats_stream};
 
 #[derive(Parser, Debug)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Where the brokers are.
-#[derive(clap::Args, Debug)]
-struct Brokers {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    kafka: String,
-    /// NATS server.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,9 +149,7 @@ async fn run(command: Command) -> AppResult<bool> {
 fn kafka_admin(
     b: &Brokers,
 ) -> AppResult<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>> {
-    let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &b.kafka);
-    Ok(c.create()?)
+    Ok(b.kafka_config().create()?)
 }
 
 async fn setup(run: &str, b: &Brokers) -> AppResult<()> {
@@ -195,11 +173,7 @@ async fn setup(run: &str, b: &Brokers) -> AppResult<()> {
             }
             Broker::Nats => {
                 use async_nats::jetstream::stream;
-                let js = async_nats::jetstream::new(
-                    async_nats::connect(&b.nats)
-                        .await
-                        .map_err(|e| format!("NATS at {}: {e}", b.nats))?,
-                );
+                let js = b.jetstream().await?;
                 for (name, subject) in [
                     (nats_stream(run), dest.clone()),
                     (format!("{}_DLQ", nats_stream(run)), format!("{dest}.dlq")),
@@ -215,10 +189,7 @@ async fn setup(run: &str, b: &Brokers) -> AppResult<()> {
                 }
             }
             Broker::Amqp => {
-                let conn =
-                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
-                        .await
-                        .map_err(|e| format!("RabbitMQ at {}: {e}", b.amqp))?;
+                let conn = b.amqp_connection().await?;
                 let ch = conn.create_channel().await?;
                 elevate_amqp::declare_queues(&ch, &dest).await?;
             }
@@ -243,14 +214,12 @@ async fn teardown(run: &str, b: &Brokers) -> AppResult<()> {
                     .await;
             }
             Broker::Nats => {
-                let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+                let js = b.jetstream().await?;
                 let _ = js.delete_stream(nats_stream(run)).await;
                 let _ = js.delete_stream(format!("{}_DLQ", nats_stream(run))).await;
             }
             Broker::Amqp => {
-                let conn =
-                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
-                        .await?;
+                let conn = b.amqp_connection().await?;
                 let ch = conn.create_channel().await?;
                 for q in [dest.clone(), format!("{dest}.retry"), format!("{dest}.dlq")] {
                     let _ = ch
@@ -284,9 +253,8 @@ async fn forward(api: &str, user: &str, run: &str, b: &Brokers) -> AppResult<()>
         let dest = w.destination(run);
         match w.broker {
             Broker::Kafka => {
-                let mut c = rdkafka::ClientConfig::new();
-                c.set("bootstrap.servers", &b.kafka)
-                    .set("batch.num.messages", "1");
+                let mut c = b.kafka_config();
+                c.set("batch.num.messages", "1");
                 let producer: FutureProducer = c.create()?;
                 let headers = OwnedHeaders::new().insert(Header {
                     key: "authorization",
@@ -303,7 +271,7 @@ async fn forward(api: &str, user: &str, run: &str, b: &Brokers) -> AppResult<()>
                     .map_err(|(e, _)| e)?;
             }
             Broker::Nats => {
-                let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+                let js = b.jetstream().await?;
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Authorization", bearer.as_str());
                 js.publish_with_headers(dest.clone(), headers, payload.clone().into())
@@ -313,9 +281,7 @@ async fn forward(api: &str, user: &str, run: &str, b: &Brokers) -> AppResult<()>
             Broker::Amqp => {
                 use lapin::options::BasicPublishOptions;
                 use lapin::types::{AMQPValue, FieldTable, LongString};
-                let conn =
-                    lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default())
-                        .await?;
+                let conn = b.amqp_connection().await?;
                 let ch = conn.create_channel().await?;
                 let mut headers = FieldTable::default();
                 headers.insert(
@@ -475,9 +441,8 @@ async fn dead_letter_count(w: &elevate_deploy::Worker, run: &str, b: &Brokers) -
     let dlq = format!("{}.dlq", w.destination(run));
     match w.broker {
         Broker::Kafka => {
-            let mut c = rdkafka::ClientConfig::new();
-            c.set("bootstrap.servers", &b.kafka)
-                .set("group.id", "deploy-client");
+            let mut c = b.kafka_config();
+            c.set("group.id", "deploy-client");
             let consumer: rdkafka::consumer::BaseConsumer = c.create()?;
             let (low, high) = tokio::task::spawn_blocking(move || {
                 rdkafka::consumer::Consumer::fetch_watermarks(
@@ -491,14 +456,13 @@ async fn dead_letter_count(w: &elevate_deploy::Worker, run: &str, b: &Brokers) -
             Ok(u64::try_from(high - low).unwrap_or(0))
         }
         Broker::Nats => {
-            let js = async_nats::jetstream::new(async_nats::connect(&b.nats).await?);
+            let js = b.jetstream().await?;
             let mut stream = js.get_stream(format!("{}_DLQ", nats_stream(run))).await?;
             Ok(stream.info().await?.state.messages)
         }
         Broker::Amqp => {
             use lapin::options::QueueDeclareOptions;
-            let conn =
-                lapin::Connection::connect(&b.amqp, lapin::ConnectionProperties::default()).await?;
+            let conn = b.amqp_connection().await?;
             let ch = conn.create_channel().await?;
             let q = ch
                 .queue_declare(

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use elevate_config::Workload;
 use elevate_core::{AuthContext, InboundMessage, handler_fn};
-use elevate_deploy::{Broker, nats_stream};
-
-type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+use elevate_deploy::{AppResult, Broker, nats_stream, shutdown_signal};
 
 /// A guarded worker.
 #[derive(Parser, Debug)]
@@ -46,17 +44,6 @@ async fn main() {
     if let Err(e) = run(Args::parse()).await {
         eprintln!("deploy-worker: {e}");
         std::process::exit(1);
-    }
-}
-
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
@@ -94,7 +81,7 @@ async fn run(args: Args) -> AppResult<()> {
             let guarded =
                 elevate_kafka::GuardedConsumer::from_config(&config, workload.processor(handler))?;
             guarded.consumer().subscribe(&[args.source.as_str()])?;
-            guarded.run(shutdown()).await?;
+            guarded.run(shutdown_signal()).await?;
         }
         Broker::Amqp => {
             use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -113,7 +100,7 @@ async fn run(args: Args) -> AppResult<()> {
                 .await?;
             let confirms = elevate_amqp::ConfirmChannel::open(&conn).await?;
             elevate_amqp::GuardedConsumer::new(consumer, workload.processor(handler), confirms)
-                .run(shutdown())
+                .run(shutdown_signal())
                 .await?;
         }
         Broker::Nats => {
@@ -133,7 +120,7 @@ async fn run(args: Args) -> AppResult<()> {
                 )
                 .await?;
             elevate_nats::GuardedConsumer::bind(&js, consumer, workload.processor(handler))
-                .run(shutdown())
+                .run(shutdown_signal())
                 .await?;
         }
     }

@@ -23,11 +23,12 @@ use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::producer::PublishRequest;
 use elevate_core::scope::Scope;
 use elevate_core::{Headers, OutboundMessage};
-use elevate_deploy::{Broker, IDP_ISSUER, ORIGIN_SCOPE, Placed, TRUST_DOMAIN, WORKERS};
+use elevate_deploy::{
+    AppResult, Broker, Brokers, IDP_ISSUER, ORIGIN_SCOPE, Placed, TRUST_DOMAIN, WORKERS,
+    shutdown_signal,
+};
 use elevate_tts::TestIssuer;
 use txn_token_client::subject_context;
-
-type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The orders API.
 #[derive(Parser, Debug)]
@@ -44,19 +45,8 @@ struct Args {
     /// Where to listen (port 0: any).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    kafka: String,
-    /// NATS server.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp: String,
+    #[command(flatten)]
+    brokers: Brokers,
 }
 
 struct Api {
@@ -97,18 +87,15 @@ async fn run(args: Args) -> AppResult<()> {
     );
     let guard = workload.producer().clone();
 
-    let mut kafka = rdkafka::ClientConfig::new();
+    let mut kafka = args.brokers.kafka_config();
     kafka
-        .set("bootstrap.servers", &args.kafka)
         .set("message.timeout.ms", "10000")
         // tansu 0.6 serves a fetch that starts inside a multi-record batch
         // wrongly (kafka/README.md): one record per batch.
         .set("batch.num.messages", "1");
     let kafka = elevate_kafka::KafkaProducer::new(kafka.create()?, guard.clone());
-    let nats =
-        elevate_nats::NatsPublisher::new(async_nats::connect(&args.nats).await?, guard.clone());
-    let conn =
-        lapin::Connection::connect(&args.amqp, lapin::ConnectionProperties::default()).await?;
+    let nats = elevate_nats::NatsPublisher::new(args.brokers.nats_client().await?, guard.clone());
+    let conn = args.brokers.amqp_connection().await?;
     let amqp = elevate_amqp::AmqpPublisher::with_confirm_channel(
         elevate_amqp::ConfirmChannel::open(&conn).await?,
         guard,
@@ -129,21 +116,10 @@ async fn run(args: Args) -> AppResult<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
     drop(conn);
     Ok(())
-}
-
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[derive(serde::Deserialize)]
