@@ -27,7 +27,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use elevate_core::ctxref::{ContextRefVerifier, KeyRefresh, VerifyPolicy};
+use elevate_core::ctxref::{ContextRefVerifier, KeyRefresh, KeyRefreshed, VerifyPolicy};
 use elevate_core::keys::{JwksProblem, KeyError, KeySet};
 use reqwest::StatusCode;
 use reqwest::header::{CACHE_CONTROL, ETAG, IF_NONE_MATCH};
@@ -170,6 +170,9 @@ impl KeyDirectoryConfig {
 struct FetchState {
     /// When the last fetch caused by an unknown `kid` started.
     last_unknown_kid_fetch: Option<Instant>,
+    /// Whether the last fetch (refresh or unknown `kid`) failed: an unknown
+    /// `kid` is then `keys-unavailable` (Retry), not `unknown-key`.
+    last_fetch_failed: bool,
     etag: Option<String>,
 }
 
@@ -315,36 +318,43 @@ impl KeyDirectory {
 
     /// One fetch for an unknown `kid`, rate-limited and single-flight: true
     /// when `kid` is in the key set afterwards.
-    async fn refresh_for(&self, kid: &str) -> bool {
+    async fn refresh_for(&self, kid: &str) -> KeyRefreshed {
         let inner = &self.inner;
+        let found = |state: &FetchState| {
+            if inner.keys.load().get(kid).is_some() {
+                KeyRefreshed::Updated
+            } else if state.last_fetch_failed {
+                KeyRefreshed::Unavailable
+            } else {
+                KeyRefreshed::Unchanged
+            }
+        };
         if inner.keys.load().get(kid).is_some() {
-            return true;
+            return KeyRefreshed::Updated;
         }
         let seen = inner.fetches.load(Ordering::Acquire);
         let mut state = inner.state.lock().await;
         if inner.fetches.load(Ordering::Acquire) != seen {
             // Someone fetched while we waited: share their result.
-            return inner.keys.load().get(kid).is_some();
+            return found(&state);
         }
         if let Some(at) = state.last_unknown_kid_fetch
             && at.elapsed() < inner.config.min_refresh
         {
             tracing::debug!(url = %inner.config.url, %kid,
                 "unknown kid; key directory fetched {} ms ago, not again yet", at.elapsed().as_millis());
-            return false;
+            return found(&state);
         }
         state.last_unknown_kid_fetch = Some(Instant::now());
         tracing::info!(url = %inner.config.url, %kid, "unknown kid: fetching the key directory");
-        match inner.fetch(&mut state).await {
-            Ok(_) => inner.keys.load().get(kid).is_some(),
-            Err(_) => false,
-        }
+        let _ = inner.fetch(&mut state).await;
+        found(&state)
     }
 }
 
 #[async_trait::async_trait]
 impl KeyRefresh for KeyDirectory {
-    async fn refresh(&self, kid: &str) -> bool {
+    async fn refresh(&self, kid: &str) -> KeyRefreshed {
         self.refresh_for(kid).await
     }
 }
@@ -362,7 +372,9 @@ impl Inner {
     /// One fetch, with the state lock held; logs failures with the URL.
     async fn fetch(&self, state: &mut FetchState) -> Result<usize, KeyDirectoryError> {
         self.fetches.fetch_add(1, Ordering::AcqRel);
-        match self.fetch_inner(state).await {
+        let result = self.fetch_inner(state).await;
+        state.last_fetch_failed = result.is_err();
+        match result {
             Ok(n) => Ok(n),
             Err(e) => {
                 tracing::warn!(url = %self.config.url, error = %e, keys = self.keys.load().len(),
@@ -518,9 +530,11 @@ mod tests {
             d.fetch_now().await,
             Err(KeyDirectoryError::Unreachable { .. })
         ));
-        assert!(!d.refresh("k").await);
-        // rate-limited: the second unknown kid does not fetch again
-        assert!(!d.refresh("k2").await);
+        // Nobody can say the key is bad: the reference waits (Retry).
+        assert_eq!(d.refresh("k").await, KeyRefreshed::Unavailable);
+        // rate-limited: the second unknown kid does not fetch again, and
+        // the directory is still known to be unreachable
+        assert_eq!(d.refresh("k2").await, KeyRefreshed::Unavailable);
         assert_eq!(d.fetch_count(), 2);
         assert!(d.keys().load().is_empty());
     }
