@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,9 +26,9 @@ use elevate_core::jws::JwsError;
 use elevate_core::keys::{JwksProblem, OWNER_MEMBER, SigningKey};
 use elevate_core::scope::Scope;
 use elevate_core::token::{TokenError, TokenRequest, TokenSource};
-use elevate_testing::domain::{key, write_atomically, write_public_keys};
+use elevate_testing::domain::{FileDomain, key, write_atomically, write_public_keys};
 use elevate_testing::tts::{TTS_TRUST_DOMAIN, TtsProcess};
-use elevate_tts::{Issuer, KeyFileWatcher, ServiceConfig, WorkloadConfig};
+use elevate_tts::{Issuer, KeyFileWatcher, ServiceConfig};
 use parking_lot::Mutex;
 use txn_token_client::key_directory::{KeyDirectory, KeyDirectoryConfig, KeyDirectoryError};
 use txn_token_client::protocol::WORKLOAD_JWKS_PATH;
@@ -43,40 +43,13 @@ fn wl(name: &str) -> String {
 }
 
 /// A TTS configuration directory: every workload's keys in `<name>.jwks.json`.
-struct ConfigDir {
-    dir: tempfile::TempDir,
-    path: PathBuf,
-    config: ServiceConfig,
+fn config_dir(workloads: &[(&str, &[&SigningKey])]) -> FileDomain {
+    FileDomain::write(TTS_TRUST_DOMAIN, &["orders.read"], workloads)
 }
 
-impl ConfigDir {
-    fn new(workloads: &[(&str, &[&SigningKey])]) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let mut config = ServiceConfig::new(TTS_TRUST_DOMAIN);
-        config.listen = "127.0.0.1:0".into();
-        config.key_reload_secs = 1;
-        config.workloads = workloads
-            .iter()
-            .map(|(name, keys)| {
-                let file = format!("{name}.jwks.json");
-                write_public_keys(&dir.path().join(&file), keys);
-                WorkloadConfig {
-                    id: wl(name),
-                    public_jwk: None,
-                    jwk_file: Some(PathBuf::from(file)),
-                    allowed_scopes: vec!["orders.read".into()],
-                }
-            })
-            .collect();
-        let path = dir.path().join("tts.toml");
-        let text = config.to_toml().unwrap_or_else(|e| panic!("config: {e}"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
-        ConfigDir { dir, path, config }
-    }
-
-    fn key_file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.jwks.json"))
-    }
+fn service(cfg: &FileDomain) -> &ServiceConfig {
+    cfg.service_config()
+        .unwrap_or_else(|| panic!("a written domain has a TTS configuration"))
 }
 
 fn reference(iss: &str, key: &SigningKey, aud: &str) -> String {
@@ -144,8 +117,9 @@ where
     }
 }
 
-fn spawn_tts(cfg: &ConfigDir) -> TtsProcess {
-    TtsProcess::spawn(Path::new(BIN), &cfg.path, None).unwrap_or_else(|e| panic!("start TTS: {e}"))
+fn spawn_tts(cfg: &FileDomain) -> TtsProcess {
+    TtsProcess::spawn(Path::new(BIN), &cfg.tts_config_path(), None)
+        .unwrap_or_else(|e| panic!("start TTS: {e}"))
 }
 
 fn directory_url(tts: &TtsProcess) -> String {
@@ -177,7 +151,7 @@ async fn the_directory_publishes_every_key_with_its_owner() {
         key("shipping-1"),
         key("billing-1"),
     );
-    let cfg = ConfigDir::new(&[
+    let cfg = config_dir(&[
         ("orders", &[&o1, &o2]),
         ("shipping", &[&s1]),
         ("billing", &[&b1]),
@@ -262,7 +236,7 @@ async fn the_directory_publishes_every_key_with_its_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_one_removed() {
     let (k1, k2, b1) = (key("orders-1"), key("orders-2"), key("billing-1"));
-    let cfg = ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])]);
+    let cfg = config_dir(&[("orders", &[&k1]), ("billing", &[&b1])]);
     let tts = spawn_tts(&cfg);
     let url = directory_url(&tts);
     let (orders, billing) = (wl("orders"), wl("billing"));
@@ -285,7 +259,7 @@ async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_
     ));
 
     // The operator adds key 2 to the producer's key file; the TTS reloads it.
-    write_public_keys(&cfg.key_file("orders"), &[&k1, &k2]);
+    write_public_keys(&cfg.public_keys_file("orders"), &[&k1, &k2]);
     wait_until(
         "the TTS to publish key 2",
         Duration::from_secs(10),
@@ -312,7 +286,7 @@ async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_
     // The old key is removed from the file; the consumer's background refresh
     // drops it: key 1 is refused, key 2 still flows.
     let refresh = dir.spawn_refresh();
-    write_public_keys(&cfg.key_file("orders"), &[&k2]);
+    write_public_keys(&cfg.public_keys_file("orders"), &[&k2]);
     wait_until(
         "the TTS to withdraw key 1",
         Duration::from_secs(10),
@@ -347,7 +321,7 @@ async fn a_key_rotated_at_the_tts_is_trusted_by_a_running_consumer_then_the_old_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_key_file_at_the_tts_is_logged_and_the_previous_keys_stay() {
     let (k1, b1) = (key("orders-1"), key("billing-1"));
-    let cfg = ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])]);
+    let cfg = config_dir(&[("orders", &[&k1]), ("billing", &[&b1])]);
     let tts = spawn_tts(&cfg);
     let url = directory_url(&tts);
     let (orders, billing) = (wl("orders"), wl("billing"));
@@ -356,7 +330,7 @@ async fn a_malformed_key_file_at_the_tts_is_logged_and_the_previous_keys_stay() 
     dir.fetch_now().await.unwrap_or_else(|e| panic!("{e}"));
     let v = dir.verifier(VerifyPolicy::new(&billing));
 
-    let file = cfg.key_file("orders");
+    let file = cfg.public_keys_file("orders");
     let broken: [&[u8]; 3] = [
         b"{\"keys\": [",
         b"{\"keys\": []}",
@@ -390,7 +364,7 @@ async fn a_malformed_key_file_at_the_tts_is_logged_and_the_previous_keys_stay() 
     })
     .await;
     assert!(verify(&v, &reference(&orders, &k2, &billing)).await.is_ok());
-    let _ = &cfg.config;
+    let _ = service(&cfg);
 }
 
 /// An in-process TTS (same configuration code, same key-file watcher)
@@ -401,7 +375,7 @@ struct CountingTts {
     layer: Arc<Layer>,
     server: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
-    _cfg: ConfigDir,
+    _cfg: FileDomain,
 }
 
 #[derive(Default)]
@@ -428,8 +402,8 @@ async fn counting(State(layer): State<Arc<Layer>>, req: Request, next: Next) -> 
 }
 
 impl CountingTts {
-    async fn start(cfg: ConfigDir) -> Self {
-        let issuer = Issuer::from_config(&cfg.config, cfg.dir.path())
+    async fn start(cfg: FileDomain) -> Self {
+        let issuer = Issuer::from_config(service(&cfg), cfg.path())
             .unwrap_or_else(|e| panic!("issuer: {e}"));
         let layer = Arc::new(Layer::default());
         let app = elevate_tts::router(issuer.clone(), false).layer(
@@ -446,7 +420,7 @@ impl CountingTts {
             )
             .await;
         });
-        let watcher = KeyFileWatcher::from_config(&cfg.config, cfg.dir.path()).spawn(issuer);
+        let watcher = KeyFileWatcher::from_config(service(&cfg), cfg.path()).spawn(issuer);
         CountingTts {
             addr,
             layer,
@@ -482,7 +456,7 @@ type ProblemIs = fn(&JwksProblem) -> bool;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_directory_is_a_named_error_and_the_last_good_keys_stay() {
     let (k1, b1) = (key("orders-1"), key("billing-1"));
-    let tts = CountingTts::start(ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])])).await;
+    let tts = CountingTts::start(config_dir(&[("orders", &[&k1]), ("billing", &[&b1])])).await;
     let (orders, billing) = (wl("orders"), wl("billing"));
     let dir = directory(
         &tts.url(),
@@ -556,7 +530,7 @@ async fn a_malformed_directory_is_a_named_error_and_the_last_good_keys_stay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_unknown_kids_fetches_at_most_once_per_min_refresh() {
     let (k1, b1) = (key("orders-1"), key("billing-1"));
-    let tts = CountingTts::start(ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])])).await;
+    let tts = CountingTts::start(config_dir(&[("orders", &[&k1]), ("billing", &[&b1])])).await;
     let (orders, billing) = (wl("orders"), wl("billing"));
     let min_refresh = Duration::from_secs(2);
     let dir = directory(&tts.url(), min_refresh, Duration::from_secs(3600));
@@ -610,7 +584,7 @@ async fn a_burst_of_unknown_kids_fetches_at_most_once_per_min_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_kid_while_the_directory_is_down_waits_and_is_trusted_once_it_answers() {
     let (k1, k2, b1) = (key("orders-1"), key("orders-2"), key("billing-1"));
-    let cfg = ConfigDir::new(&[("orders", &[&k1]), ("billing", &[&b1])]);
+    let cfg = config_dir(&[("orders", &[&k1]), ("billing", &[&b1])]);
     let mut tts = spawn_tts(&cfg);
     let addr = tts.addr();
     let url = directory_url(&tts);
@@ -622,7 +596,7 @@ async fn an_unknown_kid_while_the_directory_is_down_waits_and_is_trusted_once_it
     // The producer rotated to key 2 and the TTS went down before the
     // consumer learned it: nobody can tell the key is bad, so the reference
     // waits (Retry), it is not quarantined.
-    write_public_keys(&cfg.key_file("orders"), &[&k1, &k2]);
+    write_public_keys(&cfg.public_keys_file("orders"), &[&k1, &k2]);
     tts.kill();
     let k2_ref = reference(&orders, &k2, &billing);
     let r = refused(verify(&v, &k2_ref).await);
@@ -641,7 +615,7 @@ async fn an_unknown_kid_while_the_directory_is_down_waits_and_is_trusted_once_it
     assert!(verify(&v, &reference(&orders, &k1, &billing)).await.is_ok());
 
     // The TTS is back (same port, key 2 registered): the retried reference is trusted.
-    let _tts = TtsProcess::respawn(Path::new(BIN), &cfg.path, addr)
+    let _tts = TtsProcess::respawn(Path::new(BIN), &cfg.tts_config_path(), addr)
         .unwrap_or_else(|e| panic!("restart TTS: {e}"));
     wait_until(
         "the key-2 reference to verify",

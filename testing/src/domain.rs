@@ -37,6 +37,7 @@ pub fn write_public_keys(path: &Path, keys: &[&SigningKey]) {
 pub struct FileDomain {
     dir: tempfile::TempDir,
     trust_domain: String,
+    service: Option<ServiceConfig>,
     tts: Option<TtsProcess>,
 }
 
@@ -46,6 +47,7 @@ impl FileDomain {
         FileDomain {
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
             trust_domain: trust_domain.to_string(),
+            service: None,
             tts: None,
         }
     }
@@ -55,6 +57,21 @@ impl FileDomain {
     /// port, re-reading the key files every second.
     pub fn start(
         bin: &Path,
+        trust_domain: &str,
+        scopes: &[&str],
+        workloads: &[(&str, &[&SigningKey])],
+    ) -> Self {
+        let mut d = Self::write(trust_domain, scopes, workloads);
+        d.tts = Some(
+            TtsProcess::spawn(bin, &d.tts_config_path(), None)
+                .unwrap_or_else(|e| panic!("TTS: {e}")),
+        );
+        d
+    }
+
+    /// As [`FileDomain::start`], without starting the TTS: the files only
+    /// (`tts.toml` listening on port 0, key files re-read every second).
+    pub fn write(
         trust_domain: &str,
         scopes: &[&str],
         workloads: &[(&str, &[&SigningKey])],
@@ -79,11 +96,20 @@ impl FileDomain {
                 }
             })
             .collect();
-        let path = d.path().join("tts.toml");
         let text = config.to_toml().unwrap_or_else(|e| panic!("config: {e}"));
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
-        d.tts = Some(TtsProcess::spawn(bin, &path, None).unwrap_or_else(|e| panic!("TTS: {e}")));
+        std::fs::write(d.tts_config_path(), text).unwrap_or_else(|e| panic!("write config: {e}"));
+        d.service = Some(config);
         d
+    }
+
+    /// The TTS's configuration file (`tts.toml`).
+    pub fn tts_config_path(&self) -> PathBuf {
+        self.path().join("tts.toml")
+    }
+
+    /// The TTS's configuration as written (`None` for [`FileDomain::empty`]).
+    pub fn service_config(&self) -> Option<&ServiceConfig> {
+        self.service.as_ref()
     }
 
     /// The directory.
