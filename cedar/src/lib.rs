@@ -203,6 +203,8 @@ pub struct Bundle {
     applies: HashMap<String, (HashSet<EntityTypeName>, HashSet<EntityTypeName>)>,
     /// Policy id → the file it came from.
     policy_files: BTreeMap<String, String>,
+    /// A signed bundle's revision and manifest hash (`None`: an unsigned directory).
+    signed: Option<(u64, String)>,
 }
 
 impl std::fmt::Debug for Bundle {
@@ -381,7 +383,21 @@ impl Bundle {
             entity_types,
             applies,
             policy_files: owners,
+            signed: None,
         })
+    }
+
+    /// The same bundle, known to be a signed bundle of `revision` whose
+    /// manifest hashes to `manifest_sha256` (hex): its version is then the
+    /// manifest's hash (`elevate-bundle` verifies the signature and files).
+    pub fn with_manifest(mut self, revision: u64, manifest_sha256: impl Into<String>) -> Self {
+        self.signed = Some((revision, manifest_sha256.into()));
+        self
+    }
+
+    /// The signed bundle's revision (`None` for an unsigned directory).
+    pub fn revision(&self) -> Option<u64> {
+        self.signed.as_ref().map(|(r, _)| *r)
     }
 
     /// Loads a bundle from a directory.
@@ -394,9 +410,11 @@ impl Bundle {
         Self::from_files(&dir.display().to_string(), &files)
     }
 
-    /// The display version: the first 16 hex characters of the content hash.
+    /// The display version: the first 16 hex characters of the manifest's
+    /// hash for a signed bundle, else of the content hash.
     pub fn version(&self) -> &str {
-        &self.hash[..SHORT_VERSION_LEN.min(self.hash.len())]
+        let full = self.signed.as_ref().map_or(&self.hash, |(_, m)| m);
+        &full[..SHORT_VERSION_LEN.min(full.len())]
     }
 
     /// The full SHA-256 (hex) content hash of the bundle.
@@ -727,6 +745,19 @@ impl CedarPdp {
         Ok(Self::with_bundle(bundle, Some(dir)))
     }
 
+    /// A PDP answering from `bundle` (a verified signed bundle, say); it
+    /// has no directory: new bundles arrive through [`CedarPdp::install`].
+    pub fn from_bundle(bundle: Bundle) -> Self {
+        Self::with_bundle(bundle, None)
+    }
+
+    /// Swaps `bundle` in atomically (decisions in progress finish on the
+    /// one they started with); returns the version it replaced.
+    pub fn install(&self, bundle: Bundle) -> String {
+        let _guard = self.reload_lock.lock();
+        self.current.swap(Arc::new(bundle)).version().to_string()
+    }
+
     /// Builds a PDP from in-memory sources (tests, embedded demos); it cannot reload.
     ///
     /// # Errors
@@ -867,5 +898,9 @@ impl PolicyDecisionPoint for CedarPdp {
 
     fn policy_version(&self) -> String {
         self.version()
+    }
+
+    fn policy_revision(&self) -> Option<u64> {
+        self.current.load().revision()
     }
 }

@@ -50,6 +50,10 @@ pub struct DecisionRecord {
     pub attempt: u32,
     /// Content hash of the policy bundle in force.
     pub policy_version: String,
+    /// Revision of the signed policy bundle in force (absent for an
+    /// unsigned development directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_revision: Option<u64>,
     /// Time spent deciding, microseconds.
     pub latency_us: u64,
     /// Trace id (W3C traceparent trace id when the message carried one).
@@ -217,6 +221,7 @@ mod tests {
             source: crate::memory::coordinates("q", 1),
             attempt: 1,
             policy_version: "v".into(),
+            bundle_revision: None,
             latency_us: 3,
             trace_id: "t".into(),
             ctx_ref_sha256: None,

@@ -82,6 +82,12 @@ pub trait PolicyDecisionPoint: Send + Sync {
 
     /// The version of the policy in force (content hash of the bundle).
     fn policy_version(&self) -> String;
+
+    /// The revision of the signed bundle in force, when the PDP has one
+    /// (recorded with every decision next to the version).
+    fn policy_revision(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The action name of the delegation half of trust elevation.

@@ -86,6 +86,10 @@ impl PolicyDecisionPoint for CachingPdp {
     fn policy_version(&self) -> String {
         self.inner.policy_version()
     }
+
+    fn policy_revision(&self) -> Option<u64> {
+        self.inner.policy_revision()
+    }
 }
 
 #[cfg(test)]

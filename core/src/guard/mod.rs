@@ -278,6 +278,7 @@ impl Guard {
         Recorded {
             workload: &self.workload,
             policy_version: self.pdp.policy_version(),
+            bundle_revision: self.pdp.policy_revision(),
             msg,
             decision_id,
             attempt,

@@ -23,6 +23,7 @@ pub(crate) struct Facts {
 pub(crate) struct Recorded<'a> {
     pub(crate) workload: &'a str,
     pub(crate) policy_version: String,
+    pub(crate) bundle_revision: Option<u64>,
     pub(crate) msg: &'a InboundMessage,
     pub(crate) decision_id: &'a str,
     pub(crate) attempt: u32,
@@ -54,6 +55,7 @@ impl Recorded<'_> {
             source: self.msg.coordinates.clone(),
             attempt: self.attempt,
             policy_version: self.policy_version.clone(),
+            bundle_revision: self.bundle_revision,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             trace_id: trace_id(self.msg).unwrap_or_else(|| self.decision_id.to_string()),
             ctx_ref_sha256: facts.reference.as_ref().map(|r| r.token_sha256.clone()),
