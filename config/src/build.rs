@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use elevate_bundle::{BundleSync, SyncConfig};
 use elevate_cedar::CedarPdp;
 use elevate_core::Guard;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
@@ -51,6 +52,7 @@ pub struct Workload {
     trusted: Arc<ArcSwap<KeySet>>,
     guard: Arc<Guard>,
     tts: Arc<TtsClient>,
+    bundle: Option<Arc<BundleSync>>,
     producer: ProducerGuard,
     retry: RetryPolicy,
     handler_retry: RetryPolicy,
@@ -204,7 +206,7 @@ impl Workload {
         };
 
         // PDP, sinks, actions, replay.
-        let pdp = pdp(l)?;
+        let (pdp, bundle) = pdp(l).await?;
         let sink = sinks(l)?;
         let actions: Arc<dyn ActionMapper> = Arc::new(DestinationActions::from_config(&c.actions));
         let verifier = trusted.verifier(VerifyPolicy::new(&id));
@@ -246,6 +248,7 @@ impl Workload {
             trusted: trusted.keys,
             guard: Arc::new(guard),
             tts: client,
+            bundle,
             producer,
             retry,
             handler_retry,
@@ -285,6 +288,12 @@ impl Workload {
     /// ([`TtsClient::exchange_access_token`]).
     pub fn tts_client(&self) -> &Arc<TtsClient> {
         &self.tts
+    }
+
+    /// The signed bundle's sync (revision, staleness, last error), when
+    /// the PDP runs a signed bundle.
+    pub fn bundle(&self) -> Option<&Arc<BundleSync>> {
+        self.bundle.as_ref()
     }
 
     /// The producer guard (strips credentials, signs references with the current key).
@@ -477,14 +486,29 @@ fn mtls_identity(l: &Loaded) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
-fn pdp(l: &Loaded) -> Result<Arc<dyn PolicyDecisionPoint>, ConfigError> {
+/// The PDP and, for a signed bundle, the sync that keeps it current.
+type BuiltPdp = (Arc<dyn PolicyDecisionPoint>, Option<Arc<BundleSync>>);
+
+async fn pdp(l: &Loaded) -> Result<BuiltPdp, ConfigError> {
     let p = &l.config.pdp;
+    let cache = |cedar: Arc<dyn PolicyDecisionPoint>| -> Arc<dyn PolicyDecisionPoint> {
+        match p.cache.unwrap_or(10_000) {
+            0 => cedar,
+            n => Arc::new(CachingPdp::new(cedar, n)),
+        }
+    };
+    if let Some(location) = &p.bundle {
+        let sync = bundle_sync(l, location).await?;
+        sync.spawn();
+        let expiring = sync.expiring(cache(sync.cedar().clone()));
+        return Ok((Arc::new(expiring), Some(sync)));
+    }
     let Some(dir) = &p.cedar_bundle else {
         return Err(l.error(
             ErrorKind::Missing,
-            "pdp.cedar_bundle",
+            "pdp.bundle",
             "no policy decision point",
-            "set `pdp.cedar_bundle`",
+            "set `pdp.bundle` and `pdp.bundle_keys`",
         ));
     };
     let dir = l.resolve(dir);
@@ -496,13 +520,75 @@ fn pdp(l: &Loaded) -> Result<Arc<dyn PolicyDecisionPoint>, ConfigError> {
             "fix the bundle (policies and schema must validate)",
         )
     })?);
+    tracing::warn!(dir = %dir.display(), "unsigned policy bundle directory (pdp.allow_unsigned): for development only");
     let watch = p.watch_secs.unwrap_or(5);
     if watch > 0 {
         cedar.spawn_watcher(Duration::from_secs(watch));
     }
-    Ok(match p.cache.unwrap_or(10_000) {
-        0 => cedar,
-        n => Arc::new(CachingPdp::new(cedar, n)),
+    Ok((cache(cedar), None))
+}
+
+/// The signed bundle's sync: its source, trusted signers, cache and bounds.
+async fn bundle_sync(l: &Loaded, location: &str) -> Result<Arc<BundleSync>, ConfigError> {
+    let p = &l.config.pdp;
+    let keys_path = p
+        .bundle_keys
+        .as_ref()
+        .map(|k| l.resolve(k))
+        .ok_or_else(|| {
+            l.error(
+                ErrorKind::Missing,
+                "pdp.bundle_keys",
+                "a signed bundle needs the keys that may sign it",
+                "set `pdp.bundle_keys` to a JWKS file",
+            )
+        })?;
+    let signers = elevate_bundle::signers_from_jwks_file(&keys_path).map_err(|e| {
+        l.error(
+            ErrorKind::Jwks,
+            "pdp.bundle_keys",
+            e,
+            "give a JWKS of the bundle-signing public keys (`elevate-config key public`)",
+        )
+    })?;
+    let is_url = location.contains("://");
+    let location = if is_url {
+        location.to_string()
+    } else {
+        l.resolve(std::path::Path::new(location))
+            .display()
+            .to_string()
+    };
+    let source = elevate_bundle::source_for(&location, Duration::from_secs(10))
+        .await
+        .map_err(|e| {
+            l.error(
+                ErrorKind::Invalid,
+                "pdp.bundle",
+                e.to_string(),
+                "use an https:// URL, nats://host:port/<bucket>/<object>, or an archive path",
+            )
+        })?;
+    let config = SyncConfig {
+        poll: Duration::from_secs(p.poll_secs.unwrap_or(30).max(1)),
+        cache_dir: Some(
+            l.resolve(
+                p.cache_dir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(".elevate/bundle-cache")),
+            ),
+        ),
+        stale_after: p.stale_after_secs.map(Duration::from_secs),
+        expire_after: p.expire_after_secs.map(Duration::from_secs),
+        allow_rollback: p.allow_rollback.unwrap_or(false),
+    };
+    BundleSync::start(source, signers, config).await.map_err(|e| {
+        l.error(
+            ErrorKind::Policy,
+            "pdp.bundle",
+            e.to_string(),
+            "publish a bundle signed by a key in `pdp.bundle_keys` (`elevate-bundle build` / `publish`), or make the source reachable",
+        )
     })
 }
 

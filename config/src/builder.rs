@@ -17,7 +17,7 @@ use crate::load::Loaded;
 /// let workload = elevate_config::Workload::builder("spiffe://example.org/billing")
 ///     .tts("http://127.0.0.1:8080")
 ///     .signing_key_file("keys/billing-1.pem")
-///     .cedar_bundle("policies")
+///     .bundle("https://bundles.example.org/orders.tar.gz", "bundle-signers.jwks.json")
 ///     .action("orders.*", "ProcessOrder", Some("Order"))
 ///     .build()
 ///     .await?;
@@ -98,9 +98,20 @@ impl WorkloadBuilder {
         self
     }
 
-    /// The embedded Cedar bundle directory.
-    pub fn cedar_bundle(mut self, dir: impl Into<PathBuf>) -> Self {
+    /// A signed bundle from `location` (an `https://` URL,
+    /// `nats://host:port/<bucket>/<object>`, or an archive path), signed by
+    /// a key of the JWKS file `keys`.
+    pub fn bundle(mut self, location: impl Into<String>, keys: impl Into<PathBuf>) -> Self {
+        self.config.pdp.bundle = Some(location.into());
+        self.config.pdp.bundle_keys = Some(keys.into());
+        self
+    }
+
+    /// Development: an unsigned Cedar bundle directory (sets
+    /// `allow_unsigned`: nothing vouches for its content).
+    pub fn unsigned_cedar_bundle(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.pdp.cedar_bundle = Some(dir.into());
+        self.config.pdp.allow_unsigned = Some(true);
         self
     }
 

@@ -127,13 +127,36 @@ pub struct TtsConfig {
     pub token_cache: Option<bool>,
 }
 
-/// The Policy Decision Point.
+/// The Policy Decision Point: a signed bundle from a source (production),
+/// or an unsigned bundle directory (development, `allow_unsigned = true`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PdpConfig {
-    /// The embedded Cedar bundle: a directory with `*.cedar` policies and
-    /// `schema.cedarschema` (required until a remote AuthZEN PDP exists).
+    /// Where the signed bundle archive comes from: an `https://` (or
+    /// `http://`) URL polled with `If-None-Match`, a
+    /// `nats://host:port/<bucket>/<object>` JetStream Object Store object,
+    /// or a path to a `.tar.gz` archive (`elevate-bundle build`).
+    pub bundle: Option<String>,
+    /// The trusted bundle-signing keys (a JWKS file); required with `bundle`.
+    pub bundle_keys: Option<PathBuf>,
+    /// Where the bundle in force is persisted for an offline start
+    /// (default `.elevate/bundle-cache` beside this file).
+    pub cache_dir: Option<PathBuf>,
+    /// Seconds between polls of `bundle` (default 30, jittered ±20 %).
+    pub poll_secs: Option<u64>,
+    /// Warn when the source has not confirmed the bundle for this many seconds.
+    pub stale_after_secs: Option<u64>,
+    /// Turn decisions into Retry (`pdp-unavailable`) when the source has
+    /// not confirmed the bundle for this many seconds (fail closed, nothing lost).
+    pub expire_after_secs: Option<u64>,
+    /// Accept a bundle whose revision is lower than the one in force (default false).
+    pub allow_rollback: Option<bool>,
+    /// Development: an unsigned bundle directory (`*.cedar` policies,
+    /// `*.cedarschema`, `entities.json`), reloaded when it changes.
     pub cedar_bundle: Option<PathBuf>,
+    /// Development switch that `cedar_bundle` needs: nothing vouches for an
+    /// unsigned directory's content (default false).
+    pub allow_unsigned: Option<bool>,
     /// How often the bundle directory is checked for a new version, in seconds (default 5; 0: never).
     pub watch_secs: Option<u64>,
     /// Cached trust-elevation answers (default 10000; 0: no cache).

@@ -253,13 +253,40 @@ impl Loaded {
         if let Some(u) = &c.trust.jwks_url {
             check_url(self, "trust.jwks_url", u)?;
         }
-        if c.pdp.cedar_bundle.is_none() {
-            return Err(self.error(
-                ErrorKind::Missing,
-                "pdp.cedar_bundle",
-                "no policy decision point",
-                "set `pdp.cedar_bundle` to the Cedar bundle directory",
-            ));
+        match (&c.pdp.bundle, &c.pdp.cedar_bundle) {
+            (None, None) => {
+                return Err(self.error(
+                    ErrorKind::Missing,
+                    "pdp.bundle",
+                    "no policy decision point",
+                    "set `pdp.bundle` (a signed bundle's URL or path) and `pdp.bundle_keys`",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.error(
+                    ErrorKind::Invalid,
+                    "pdp.cedar_bundle",
+                    "both a signed bundle and an unsigned directory",
+                    "keep one: `pdp.bundle` (signed) or `pdp.cedar_bundle` (development)",
+                ));
+            }
+            (Some(_), None) if c.pdp.bundle_keys.is_none() => {
+                return Err(self.error(
+                    ErrorKind::Missing,
+                    "pdp.bundle_keys",
+                    "a signed bundle needs the keys that may sign it",
+                    "set `pdp.bundle_keys` to a JWKS file of the bundle-signing keys",
+                ));
+            }
+            (None, Some(_)) if !c.pdp.allow_unsigned.unwrap_or(false) => {
+                return Err(self.error(
+                    ErrorKind::Policy,
+                    "pdp.cedar_bundle",
+                    "an unsigned bundle directory: nothing vouches for its policies",
+                    "use a signed bundle (`pdp.bundle`, `elevate-bundle build`), or for development set `pdp.allow_unsigned = true`",
+                ));
+            }
+            _ => {}
         }
         if let Some(store) = &c.replay.store
             && !matches!(store.as_str(), "memory" | "off")

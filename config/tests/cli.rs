@@ -35,7 +35,7 @@ fn the_readme_configuration_is_valid() {
     let l = elevate_config::Loaded::read_file_only(&path)
         .unwrap_or_else(|e| panic!("the README's elevate.toml does not read: {e}"));
     assert_eq!(l.config.actions.len(), 1);
-    assert!(l.config.tts.is_some() && l.config.pdp.cedar_bundle.is_some());
+    assert!(l.config.tts.is_some() && l.config.pdp.bundle.is_some());
 }
 
 #[test]

@@ -132,7 +132,7 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
     std::fs::write(
         &no_tts,
         format!(
-            "workload = \"{}\"\n[keys]\ndir = \"worker\"\n[pdp]\ncedar_bundle = \"{}\"\n",
+            "workload = \"{}\"\n[keys]\ndir = \"worker\"\n[pdp]\ncedar_bundle = \"{}\"\nallow_unsigned = true\n",
             wl("worker"),
             policy_dir().display()
         ),
@@ -173,6 +173,29 @@ async fn a_wrong_file_gets_an_error_naming_the_file_the_key_and_the_fix() {
     std::fs::write(&cfg, text).unwrap_or_else(|e| panic!("{e}"));
     let e = expect_error(build(&cfg).await, ErrorKind::Jwks, "trust.jwks_file");
     assert!(e.problem.contains("producers.jwks.json"), "{e}");
+
+    // An unsigned bundle directory without the development switch.
+    let unsigned = d.workload_config("worker", DESTINATION, ACTION, "");
+    let text = std::fs::read_to_string(&unsigned)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .replace("allow_unsigned = true\n", "");
+    std::fs::write(&unsigned, text).unwrap_or_else(|e| panic!("{e}"));
+    let e = expect_error(
+        build(&unsigned).await,
+        ErrorKind::Policy,
+        "pdp.cedar_bundle",
+    );
+    assert!(e.fix.contains("pdp.bundle"), "{e}");
+    // A signed bundle without the keys that may sign it.
+    let text = std::fs::read_to_string(&unsigned)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .replace("cedar_bundle", "bundle");
+    std::fs::write(&unsigned, text).unwrap_or_else(|e| panic!("{e}"));
+    expect_error(
+        build(&unsigned).await,
+        ErrorKind::Missing,
+        "pdp.bundle_keys",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +359,7 @@ async fn a_workload_built_in_code_guards_like_one_built_from_its_file() {
     let consumer = Workload::builder(wl("test-worker"))
         .tts(d.token_endpoint())
         .signing_key_dir(d.keys_dir("test-worker"))
-        .cedar_bundle(policy_dir())
+        .unsigned_cedar_bundle(policy_dir())
         .action(DESTINATION, ACTION, None)
         .dead_letter_suffix(".dead")
         .build()

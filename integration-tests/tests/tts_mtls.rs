@@ -654,7 +654,7 @@ async fn a_workload_with_auth_mtls_in_elevate_toml_exchanges_a_real_reference() 
         write(
             &path,
             &format!(
-                "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\n\n[tts]\nurl = \"{}\"\nroot_ca = \"ca.pem\"\n{tts_extra}\n[pdp]\ncedar_bundle = \"{}\"\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"orders\"\naction = \"test.process\"\n",
+                "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\n\n[tts]\nurl = \"{}\"\nroot_ca = \"ca.pem\"\n{tts_extra}\n[pdp]\ncedar_bundle = \"{}\"\nallow_unsigned = true\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"orders\"\naction = \"test.process\"\n",
                 d.workload_id(name),
                 tts.token_endpoint(),
                 policy_dir().display(),

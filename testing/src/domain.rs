@@ -165,7 +165,7 @@ impl FileDomain {
         extra: &str,
     ) -> PathBuf {
         let text = format!(
-            "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\nreload_secs = 1\n\n[tts]\nurl = \"{}\"\n\n[pdp]\ncedar_bundle = \"{}\"\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"{destination}\"\naction = \"{action}\"\n{extra}",
+            "workload = \"{}\"\n\n[keys]\ndir = \"{name}\"\nreload_secs = 1\n\n[tts]\nurl = \"{}\"\n\n[pdp]\ncedar_bundle = \"{}\"\nallow_unsigned = true\n\n[trust]\nmin_refresh_secs = 1\n\n[[actions]]\ndestination = \"{destination}\"\naction = \"{action}\"\n{extra}",
             self.workload_id(name),
             self.token_endpoint(),
             policy_dir().display(),
