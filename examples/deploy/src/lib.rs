@@ -72,16 +72,25 @@ impl Worker {
         }
     }
 
-    /// Whether the example policy lets it act for `user`: every worker for
-    /// alice; only the order worker for bob (entitled to `order.process`
-    /// only); none for mallory (inactive).
-    pub fn permits(&self, user: &str) -> bool {
+    /// Whether the example policy at bundle `revision` lets it act for
+    /// `user`: every worker for alice; for bob the order worker (he is
+    /// entitled to `order.process`), and from revision 2 — which
+    /// `scripts/demo-deploy` publishes midway, entitling him to
+    /// `billing.charge` — the billing worker too; none for mallory (inactive).
+    pub fn permits(&self, user: &str, revision: u64) -> bool {
         match user {
             "alice" => true,
-            "bob" => self.action == "order.process",
+            "bob" => {
+                self.action == "order.process" || (revision >= 2 && self.action == "billing.charge")
+            }
             _ => false,
         }
     }
+}
+
+/// The JetStream Object Store bucket holding run `run`'s signed policy bundle.
+pub fn bundle_bucket(run: &str) -> String {
+    format!("ELEVATE_BUNDLES_{run}")
 }
 
 /// The JetStream stream of run `run` (its dead letters: `<stream>_DLQ`).

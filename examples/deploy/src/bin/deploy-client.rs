@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use elevate_deploy::{AppResult, Broker, Brokers, Placed, WORKERS, nats_stream};
+use elevate_deploy::{AppResult, Broker, Brokers, Placed, WORKERS, bundle_bucket, nats_stream};
 
 #[derive(Parser, Debug)]
 struct Cli {
@@ -81,6 +81,9 @@ enum Command {
         /// `PHASE=KID`: the orders of PHASE must be signed with KID.
         #[arg(long = "expect-kid")]
         expect_kid: Vec<String>,
+        /// `PHASE=REVISION`: the orders of PHASE must be decided under that bundle revision.
+        #[arg(long = "expect-revision")]
+        expect_revision: Vec<String>,
         /// How long to wait for the last decisions, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -132,15 +135,16 @@ async fn run(command: Command) -> AppResult<bool> {
             ledger,
             run_dir,
             expect_kid,
+            expect_revision,
             timeout,
             forwarded,
             run,
             brokers,
         } => {
             let timeout = Duration::from_secs(timeout);
-            let decided = check(&ledger, &run_dir, &expect_kid, timeout).await?;
+            let decided = check(&ledger, &run_dir, &expect_kid, &expect_revision, timeout).await?;
             let quarantined = check_forwarded(&run_dir, forwarded, timeout).await;
-            let lettered = check_dead_letters(&ledger, forwarded, &run, &brokers, timeout).await?;
+            let lettered = check_dead_letters(&run_dir, &run, &brokers, timeout).await?;
             Ok(decided && quarantined && lettered)
         }
     }
@@ -217,6 +221,7 @@ async fn teardown(run: &str, b: &Brokers) -> AppResult<()> {
                 let js = b.jetstream().await?;
                 let _ = js.delete_stream(nats_stream(run)).await;
                 let _ = js.delete_stream(format!("{}_DLQ", nats_stream(run))).await;
+                let _ = js.delete_object_store(bundle_bucket(run)).await;
             }
             Broker::Amqp => {
                 let conn = b.amqp_connection().await?;
@@ -333,8 +338,17 @@ async fn send(api: &str, user: &str, count: usize, phase: &str, ledger: &PathBuf
     Ok(())
 }
 
-/// A worker's final decision on one transaction: verdict and reason.
-type Decided = BTreeMap<String, (String, String)>;
+/// A worker's final decision on one transaction.
+#[derive(Debug, Clone)]
+struct Final {
+    verdict: String,
+    reason: String,
+    /// The signed bundle's revision it was made under.
+    revision: u64,
+}
+
+/// A worker's final decisions by transaction.
+type Decided = BTreeMap<String, Final>;
 
 fn read_decisions(path: &std::path::Path) -> Decided {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -348,7 +362,18 @@ fn read_decisions(path: &std::path::Path) -> Decided {
         if verdict == "retry" {
             continue;
         }
-        out.insert(field("txn"), (verdict, field("reason")));
+        let revision = r
+            .get("bundle_revision")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        out.insert(
+            field("txn"),
+            Final {
+                verdict,
+                reason: field("reason"),
+                revision,
+            },
+        );
     }
     out
 }
@@ -357,6 +382,7 @@ async fn check(
     ledger: &std::path::Path,
     run_dir: &std::path::Path,
     expect_kid: &[String],
+    expect_revision: &[String],
     timeout: Duration,
 ) -> AppResult<bool> {
     let placed: Vec<Placed> = std::fs::read_to_string(ledger)?
@@ -396,20 +422,41 @@ async fn check(
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         println!("{} ({:?}, {}):", w.name, w.broker, w.action);
-        let mut counts: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        let mut counts: BTreeMap<(String, u64, String, String), usize> = BTreeMap::new();
         for p in &placed {
-            let expected = if w.permits(&p.user) { "permit" } else { "deny" };
             match decided.get(&p.txn) {
-                Some((verdict, reason)) => {
+                Some(f) => {
+                    let expected = if w.permits(&p.user, f.revision) {
+                        "permit"
+                    } else {
+                        "deny"
+                    };
                     *counts
-                        .entry((p.user.clone(), verdict.clone(), reason.clone()))
+                        .entry((
+                            p.user.clone(),
+                            f.revision,
+                            f.verdict.clone(),
+                            f.reason.clone(),
+                        ))
                         .or_default() += 1;
-                    if verdict != expected {
+                    if f.verdict != expected {
                         println!(
-                            "  WRONG {} for {}: {verdict} ({reason}), policy says {expected}",
-                            p.order, p.user
+                            "  WRONG {} for {}: {} ({}), policy revision {} says {expected}",
+                            p.order, p.user, f.verdict, f.reason, f.revision
                         );
                         ok = false;
+                    }
+                    for e in expect_revision {
+                        if let Some((phase, rev)) = e.split_once('=')
+                            && p.order.starts_with(&format!("{phase}-"))
+                            && rev.parse::<u64>().ok() != Some(f.revision)
+                        {
+                            println!(
+                                "  WRONG {} decided under bundle revision {}, expected {rev}",
+                                p.order, f.revision
+                            );
+                            ok = false;
+                        }
                     }
                 }
                 None => {
@@ -421,8 +468,8 @@ async fn check(
                 }
             }
         }
-        for ((user, verdict, reason), n) in counts {
-            println!("  {user:<8} {verdict:<10} {reason:<28} {n}");
+        for ((user, revision, verdict, reason), n) in counts {
+            println!("  {user:<8} rev {revision:<3} {verdict:<10} {reason:<28} {n}");
         }
     }
     println!(
@@ -507,22 +554,28 @@ async fn check_forwarded(run_dir: &std::path::Path, forwarded: u64, timeout: Dur
     ok
 }
 
-/// Every message the policy denies, and every forwarded token, is kept as
-/// a dead letter at `<destination>.dlq`; none is lost, none lettered twice.
+/// Every denied or quarantined decision in a worker's log has its dead
+/// letter at `<destination>.dlq`; none is lost, none lettered twice.
 async fn check_dead_letters(
-    ledger: &std::path::Path,
-    forwarded: u64,
+    run_dir: &std::path::Path,
     run: &str,
     b: &Brokers,
     timeout: Duration,
 ) -> AppResult<bool> {
-    let placed: Vec<Placed> = std::fs::read_to_string(ledger)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
     let mut ok = true;
     for w in WORKERS {
-        let expected = placed.iter().filter(|p| !w.permits(&p.user)).count() as u64 + forwarded;
+        // Every decision that is not a Permit has exactly one dead letter.
+        let log = std::fs::read_to_string(run_dir.join(w.name).join("decisions.jsonl"))?;
+        let expected = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| {
+                matches!(
+                    r.get("verdict").and_then(|v| v.as_str()),
+                    Some("deny" | "quarantine")
+                )
+            })
+            .count() as u64;
         let deadline = Instant::now() + timeout;
         let mut n = dead_letter_count(&w, run, b).await?;
         while n < expected && Instant::now() < deadline {

@@ -37,7 +37,7 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,elevate_core=info".into()),
+                .unwrap_or_else(|_| "warn,elevate_core=info,elevate_bundle=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
