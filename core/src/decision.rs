@@ -3,12 +3,25 @@
 //! A record never holds a token, only its SHA-256. A sink that cannot write
 //! returns an error, and the pipeline turns that into a Retry: nothing is
 //! dispatched or dead-lettered without its decision on record.
+//!
+//! For shipping off the host, [`spool::Spool`] is a durable, bounded,
+//! hash-chained spool ([`chain`] has the format and the receiver-side
+//! check) and [`ship`] sends it to a remote node at least once.
+
+pub mod chain;
+pub mod ship;
+pub mod spool;
+
+pub use chain::{Batch, ChainReport, ChainVerifier, StreamReport};
+pub use ship::{ShipConfig, ShipError, Shipper};
+pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +96,23 @@ pub trait DecisionSink: Send + Sync {
     /// Returns a [`SinkError`] if the record could not be written (serialized, written and flushed,
     /// or sent) so that it is durable for this sink; the caller must then not act on the decision.
     fn record(&self, rec: &DecisionRecord) -> Result<(), SinkError>;
+
+    /// Records one decision and resolves once it is durable; the guard's
+    /// path. A group-committing sink ([`Spool`]) shares one write and flush
+    /// among every caller waiting; the default calls [`DecisionSink::record`].
+    ///
+    /// # Errors
+    ///
+    /// As [`DecisionSink::record`].
+    fn commit<'a>(&'a self, rec: &'a DecisionRecord) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(std::future::ready(self.record(rec)))
+    }
+
+    /// The spool behind this sink, if any (to start shipping it or read its
+    /// counters from a sink built by configuration).
+    fn spool(&self) -> Option<Spool> {
+        None
+    }
 }
 
 /// JSON Lines file sink: one record per line, flushed per record.
@@ -197,6 +227,19 @@ impl DecisionSink for TeeSink {
             s.record(rec)?;
         }
         Ok(())
+    }
+
+    fn commit<'a>(&'a self, rec: &'a DecisionRecord) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            for s in &self.sinks {
+                s.commit(rec).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn spool(&self) -> Option<Spool> {
+        self.sinks.iter().find_map(|s| s.spool())
     }
 }
 

@@ -615,9 +615,10 @@ impl Processor {
         attempt: u32,
     ) -> Result<(), Reason> {
         if reason != decided
-            && let Err(e) =
-                self.guard
-                    .record_disposition(delivery.message(), id, reason, detail, attempt)
+            && let Err(e) = self
+                .guard
+                .record_disposition(delivery.message(), id, reason, detail, attempt)
+                .await
         {
             tracing::error!(decision_id = %id, error = %e, "cannot record disposition: message kept for redelivery");
             return Err(Reason::DecisionLogUnavailable);
@@ -674,6 +675,7 @@ impl Processor {
                 Some(detail.to_string()),
                 msg.delivery_attempt,
             )
+            .await
             .map_err(|e| TransportError::new("decision log", e))?;
         let mut letter =
             DeadLetter::build(msg, &id, reason.verdict(), reason, self.guard.credentials());

@@ -230,7 +230,7 @@ impl Guard {
             detail.clone(),
             &facts,
         );
-        if let Err(e) = self.log.record(&record) {
+        if let Err(e) = self.log.commit(&record).await {
             tracing::error!(target: "elevate::decision", decision_id = %decision_id, error = %e, "decision log write failed: not dispatching");
             return GuardDecision::Retry(Refusal {
                 decision_id,
@@ -250,11 +250,12 @@ impl Guard {
         }
     }
 
-    /// Writes a disposition record (retries exhausted, handler failed) for a message.
+    /// Writes a disposition record (retries exhausted, handler failed) for
+    /// a message, and waits until it is durable.
     ///
     /// # Errors
     /// The decision log could not store it.
-    pub fn record_disposition(
+    pub async fn record_disposition(
         &self,
         msg: &InboundMessage,
         decision_id: &str,
@@ -265,7 +266,7 @@ impl Guard {
         let rec = self
             .recorded(msg, decision_id, attempt, Instant::now())
             .build(reason, detail, &Facts::default());
-        self.log.record(&rec)
+        self.log.commit(&rec).await
     }
 
     fn recorded<'a>(
