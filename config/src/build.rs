@@ -15,7 +15,9 @@ use elevate_bundle::{BundleSync, SyncConfig};
 use elevate_cedar::CedarPdp;
 use elevate_core::Guard;
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
-use elevate_core::decision::{DecisionSink, FileSink, TeeSink, TracingSink};
+use elevate_core::decision::{
+    DecisionSink, FileSink, ShipConfig, Spool, SpoolConfig, TeeSink, TracingSink,
+};
 use elevate_core::guard::ActionMapper;
 use elevate_core::keys::{CurrentKey, KeySet, SigningAlg};
 use elevate_core::pdp::PolicyDecisionPoint;
@@ -30,7 +32,7 @@ use elevate_core::token_cache::CachingTokenSource;
 use txn_token_client::breaker::BreakerConfig;
 use txn_token_client::client::ClientBuildError;
 use txn_token_client::key_directory::{KeyDirectory, KeyDirectoryConfig, workload_jwks_url};
-use txn_token_client::{ClientAuthMethod, TtsClient, TtsClientConfig};
+use txn_token_client::{ClientAuthMethod, HttpDecisionShipper, TtsClient, TtsClientConfig};
 
 use crate::actions::DestinationActions;
 use crate::error::{ConfigError, ErrorKind};
@@ -595,6 +597,60 @@ async fn bundle_sync(l: &Loaded, location: &str) -> Result<Arc<BundleSync>, Conf
 fn sinks(l: &Loaded) -> Result<Arc<dyn DecisionSink>, ConfigError> {
     let d = &l.config.decisions;
     let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
+    if let Some(dir) = &d.spool {
+        let dir = l.resolve(dir);
+        let mut cfg = SpoolConfig::new(&dir).with_max_bytes(
+            d.spool_max_mib
+                .unwrap_or(elevate_core::decision::spool::DEFAULT_MAX_BYTES >> 20)
+                .max(1)
+                << 20,
+        );
+        cfg.fsync = d.spool_fsync.unwrap_or(true);
+        let spool = Spool::open(cfg).map_err(|e| {
+            l.error(
+                ErrorKind::File,
+                "decisions.spool",
+                e.to_string(),
+                "make the directory writable; a damaged spool must be inspected (`elevate-config decisions verify DIR`) and moved aside, never reused",
+            )
+        })?;
+        if let Some(to) = d.ship_to.as_deref() {
+            let ship = ShipConfig {
+                max_records: d.ship_batch.unwrap_or(500).max(1),
+                interval: Duration::from_millis(d.ship_interval_ms.unwrap_or(1000).max(1)),
+                ..ShipConfig::default()
+            };
+            if to.starts_with("http://") || to.starts_with("https://") {
+                let ca = match &d.ship_root_ca {
+                    Some(p) => {
+                        let p = l.resolve(p);
+                        Some(std::fs::read(&p).map_err(|e| {
+                            l.error(
+                                ErrorKind::File,
+                                "decisions.ship_root_ca",
+                                format!("cannot read {}: {e}", p.display()),
+                                "point it at a PEM CA certificate",
+                            )
+                        })?)
+                    }
+                    None => None,
+                };
+                let shipper = HttpDecisionShipper::new(to, ca.as_deref(), Duration::from_secs(10))
+                    .map_err(|e| {
+                        l.error(
+                            ErrorKind::Invalid,
+                            "decisions.ship_to",
+                            e.to_string(),
+                            "use https://host/path",
+                        )
+                    })?;
+                let _ = spool.start_shipping(Arc::new(shipper), ship);
+            } else {
+                tracing::info!(target: "elevate::decision", %to, "decision spool ready; start the broker's shipper on it (KafkaDecisionShipper / JetStreamDecisionShipper, `DecisionSink::spool`)");
+            }
+        }
+        sinks.push(Arc::new(spool));
+    }
     if let Some(f) = &d.file {
         let path = l.resolve(f);
         sinks.push(Arc::new(FileSink::open(&path).map_err(|e| {

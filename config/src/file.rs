@@ -171,6 +171,27 @@ pub struct DecisionsConfig {
     pub file: Option<PathBuf>,
     /// Also as `tracing` events on target `elevate::decision` (default true).
     pub tracing: Option<bool>,
+    /// The durable decision spool: a directory of hash-chained JSON Lines
+    /// segments, group-committed (one write + fsync per batch) before any
+    /// message is dispatched or dead-lettered, and shipped from there.
+    pub spool: Option<PathBuf>,
+    /// Bound of the spool on disk, MiB (default 256). When it is full, new
+    /// decisions are Retry `decision-log-unavailable`.
+    pub spool_max_mib: Option<u64>,
+    /// `fdatasync` every group commit (default true; false survives a
+    /// process crash, not a machine crash).
+    pub spool_fsync: Option<bool>,
+    /// Where the spool is shipped: `https://…` / `http://…` (shipped by
+    /// this crate), `kafka://<topic>` or `nats://<subject>` (the
+    /// application starts `elevate_kafka::KafkaDecisionShipper` /
+    /// `elevate_nats::JetStreamDecisionShipper` on the spool).
+    pub ship_to: Option<String>,
+    /// Most decisions per shipped batch (default 500).
+    pub ship_batch: Option<usize>,
+    /// Longest wait before a partial batch is shipped, ms (default 1000).
+    pub ship_interval_ms: Option<u64>,
+    /// PEM CA for an `https` `ship_to` not under a public CA.
+    pub ship_root_ca: Option<PathBuf>,
 }
 
 /// Replay protection: one reference, one message position.

@@ -300,6 +300,27 @@ impl Loaded {
                 "use memory, off, or a redis:// URL",
             ));
         }
+        if let Some(to) = &c.decisions.ship_to {
+            let known = ["https://", "http://", "kafka://", "nats://"]
+                .iter()
+                .any(|p| to.len() > p.len() && to.starts_with(p));
+            if !known {
+                return Err(self.error(
+                    ErrorKind::Invalid,
+                    "decisions.ship_to",
+                    format!("`{to}` is not a shipping target"),
+                    "use https://host/path, kafka://<topic> or nats://<subject>",
+                ));
+            }
+            if c.decisions.spool.is_none() {
+                return Err(self.error(
+                    ErrorKind::Missing,
+                    "decisions.spool",
+                    "shipping needs the durable spool: a remote node written inline would stall the consumer during its outage",
+                    "set `decisions.spool` to a directory, e.g. \".elevate/decision-spool\"",
+                ));
+            }
+        }
         for (i, a) in c.actions.iter().enumerate() {
             if a.destination.is_empty() || a.action.is_empty() {
                 return Err(self.error(

@@ -37,6 +37,7 @@
 
 pub mod consumer;
 pub mod deadletter;
+pub mod decisions;
 pub mod embedded;
 pub mod headers;
 pub mod producer;
@@ -44,6 +45,7 @@ pub mod supervised;
 
 pub use consumer::{Error, GuardedConsumer, KafkaDelivery, KafkaSource};
 pub use deadletter::{DEFAULT_DLQ_SUFFIX, KafkaDeadLetters};
+pub use decisions::KafkaDecisionShipper;
 pub use elevate_core::producer::Receipt;
 pub use embedded::EmbeddedKafka;
 pub use producer::KafkaProducer;

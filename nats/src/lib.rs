@@ -30,6 +30,7 @@
 
 pub mod core_nats;
 pub mod deadletter;
+pub mod decisions;
 pub mod headers;
 pub mod jetstream;
 pub mod publisher;
@@ -37,6 +38,7 @@ pub mod unreadable;
 
 pub use core_nats::{CoreDelivery, CoreSource, GuardedSubscriber};
 pub use deadletter::NatsDeadLetters;
+pub use decisions::JetStreamDecisionShipper;
 pub use elevate_core::producer::Receipt;
 pub use headers::{HeaderError, from_nats_headers, to_nats_headers};
 pub use jetstream::{GuardedConsumer, JetStreamDelivery, JetStreamSource};

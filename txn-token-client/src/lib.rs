@@ -9,17 +9,20 @@
 //! [`assertion`] (RFC 7523 client authentication), [`breaker`] (outage →
 //! fast Retry), [`entry`] (the produce-side entry flow: verified Txn-Token
 //! in, subject context out), [`key_directory`] (the trust domain's producer
-//! keys, fetched from the TTS and refreshed on rotation).
+//! keys, fetched from the TTS and refreshed on rotation),
+//! [`decision_shipper`] (the decision spool's HTTP shipper, on the same client).
 
 pub mod assertion;
 pub mod breaker;
 pub mod client;
+pub mod decision_shipper;
 pub mod entry;
 pub mod key_directory;
 pub mod protocol;
 pub mod verify;
 
 pub use client::{TtsClient, TtsClientConfig};
+pub use decision_shipper::HttpDecisionShipper;
 pub use entry::subject_context;
 pub use key_directory::{KeyDirectory, KeyDirectoryConfig, KeyDirectoryError};
 pub use protocol::ClientAuthMethod;

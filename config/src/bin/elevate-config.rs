@@ -3,6 +3,10 @@
 //! store) and says what is wrong, naming the file, the key and the fix.
 //! `elevate-config key new|public`: makes a workload signing key file and
 //! the public key file the TTS registers (what a rotation needs).
+//! `elevate-config decisions verify PATH…`: checks a local decision spool
+//! directory, or walks the hash chain of shipped decision batches (files
+//! of batches or entries, one per line, or gzipped HTTP bodies) and reports
+//! gaps, duplicates, broken links and conflicts.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +36,22 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Decision logs: check a spool or a shipped chain.
+    Decisions {
+        #[command(subcommand)]
+        command: DecisionsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DecisionsCommand {
+    /// Exits 0 when every chain is intact, 1 when not, 2 on an unreadable path.
+    Verify {
+        /// Spool directories (checked on their own), or files of shipped
+        /// batches / entries (walked together, per stream).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -68,6 +88,9 @@ async fn main() -> ExitCode {
         .init();
     match Cli::parse().command {
         Command::Check { file, no_env } => check(file, no_env).await,
+        Command::Decisions {
+            command: DecisionsCommand::Verify { paths },
+        } => verify_decisions(&paths),
         Command::Key { command } => match key(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -143,5 +166,53 @@ async fn check(file: PathBuf, no_env: bool) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn verify_decisions(paths: &[PathBuf]) -> ExitCode {
+    use elevate_core::decision::ChainVerifier;
+    use elevate_core::decision::spool::verify_dir;
+    let mut intact = true;
+    let mut shipped = ChainVerifier::new();
+    let mut any_file = false;
+    for p in paths {
+        if p.is_dir() {
+            match verify_dir(p) {
+                Ok(s) => println!(
+                    "spool {}: stream {}, seq 1..={} intact, shipped up to {}, {} segment(s), {} bytes",
+                    p.display(),
+                    s.stream,
+                    s.head_seq,
+                    s.shipped_seq,
+                    s.segments,
+                    s.used_bytes
+                ),
+                Err(e) => {
+                    println!("{e}");
+                    intact = false;
+                }
+            }
+            continue;
+        }
+        match std::fs::read(p) {
+            Ok(bytes) => {
+                any_file = true;
+                shipped.add_stored(&bytes);
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if any_file {
+        let report = shipped.report();
+        print!("{report}");
+        intact &= report.is_intact();
+    }
+    if intact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -394,6 +394,26 @@ impl ChainVerifier {
         }
     }
 
+    /// Adds what a receiver stored: a gzipped batch (the HTTP body as
+    /// received), or lines that are each a batch (a JSON array: one
+    /// Kafka or JetStream message per line) or an entry.
+    pub fn add_stored(&mut self, bytes: &[u8]) {
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            return self.add_gzip_batch(bytes);
+        }
+        for line in bytes.split(|b| *b == b'\n') {
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with(b"[") {
+                self.add_batch(line);
+            } else {
+                self.add_entry(line);
+            }
+        }
+    }
+
     fn add_head(&mut self, head: EntryHead) {
         let s = self.streams.entry(head.stream).or_default();
         match s.entries.get(&head.seq) {

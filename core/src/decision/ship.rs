@@ -18,6 +18,28 @@ use rand::Rng;
 use super::chain::Batch;
 use super::spool::{Shared, Spool};
 
+/// Header: the batch's idempotency key ([`Batch::idempotency_key`]).
+pub const H_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// Header: the stream id.
+pub const H_STREAM: &str = "Elevate-Decision-Stream";
+/// Header: `<first seq>-<last seq>`.
+pub const H_SEQ: &str = "Elevate-Decision-Seq";
+/// Header: the hash of the entry before the batch (the previous batch's last).
+pub const H_PREV: &str = "Elevate-Decision-Prev";
+
+/// The headers every shipper puts on a batch (HTTP headers, Kafka record
+/// headers, NATS headers): idempotency key, stream, seq range, `prev`. The
+/// body alone is enough to verify; these let a receiver route and dedupe
+/// without parsing it.
+pub fn batch_headers(batch: &Batch) -> [(&'static str, String); 4] {
+    [
+        (H_IDEMPOTENCY_KEY, batch.idempotency_key()),
+        (H_STREAM, batch.stream().to_string()),
+        (H_SEQ, format!("{}-{}", batch.first_seq(), batch.last_seq())),
+        (H_PREV, batch.prev().to_string()),
+    ]
+}
+
 /// A batch could not be delivered (the loop retries it).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("shipping decisions to {target} failed: {reason}")]
