@@ -54,7 +54,8 @@ pub struct SpoolConfig {
     /// Bound of all segments on disk, shipped or not (default 256 MiB).
     pub max_bytes: u64,
     /// A segment is closed and a new one started past this size (default
-    /// an eighth of `max_bytes`, between 64 KiB and 16 MiB).
+    /// an eighth of `max_bytes`, between 4 KiB and 16 MiB); also when the
+    /// spool is full and the active segment is all shipped, so that it can go.
     pub segment_bytes: u64,
     /// `fdatasync` every group commit (default true). Without it a record is
     /// written and flushed to the OS, which survives a process crash but not
@@ -86,7 +87,7 @@ impl SpoolConfig {
 }
 
 fn segment_bytes_for(max: u64) -> u64 {
-    (max / 8).clamp(64 * 1024, 16 * 1024 * 1024)
+    (max / 8).clamp(4 * 1024, 16 * 1024 * 1024)
 }
 
 /// A spool that cannot be opened, written or read.
@@ -580,12 +581,17 @@ fn commit(shared: &Arc<Shared>, file: &mut File, batch: Vec<Pending>) {
             st.shipped_seq,
         )
     };
-    let mut active_bytes = active_bytes;
-    if active_bytes >= cfg.segment_bytes {
+    let (mut active_bytes, mut used) = (active_bytes, used);
+    let wanted: u64 = batch.iter().map(|p| p.json.len() as u64 + 200).sum();
+    let all_shipped = shipped >= seq;
+    if active_bytes >= cfg.segment_bytes
+        || (active_bytes > 0 && all_shipped && used + wanted > cfg.max_bytes)
+    {
         match rotate(shared, seq + 1) {
-            Ok(f) => {
+            Ok((f, freed)) => {
                 *file = f;
                 active_bytes = 0;
+                used -= freed;
             }
             Err(e) => return fail_all(batch, &e.to_string()),
         }
@@ -654,8 +660,9 @@ fn commit(shared: &Arc<Shared>, file: &mut File, batch: Vec<Pending>) {
     }
 }
 
-/// Closes the active segment and starts `seg-<first>`.
-fn rotate(shared: &Shared, first: u64) -> Result<File, SpoolError> {
+/// Closes the active segment and starts `seg-<first>`; deletes the closed
+/// segments already shipped and returns the bytes that freed.
+fn rotate(shared: &Shared, first: u64) -> Result<(File, u64), SpoolError> {
     let dir = &shared.cfg.dir;
     let path = dir.join(segment_name(first));
     let file = OpenOptions::new()
@@ -664,13 +671,31 @@ fn rotate(shared: &Shared, first: u64) -> Result<File, SpoolError> {
         .open(&path)
         .map_err(io(&path, "create a segment"))?;
     sync_dir(dir)?;
-    shared.state.lock().segments.push_back(Segment {
-        first_seq: first,
-        last_seq: first - 1,
-        bytes: 0,
-        path,
-    });
-    Ok(file)
+    let mut removed = Vec::new();
+    let mut freed = 0;
+    {
+        let mut st = shared.state.lock();
+        st.segments.push_back(Segment {
+            first_seq: first,
+            last_seq: first - 1,
+            bytes: 0,
+            path,
+        });
+        let shipped = st.shipped_seq;
+        while st.segments.len() > 1 && st.segments.front().is_some_and(|s| s.last_seq <= shipped) {
+            if let Some(s) = st.segments.pop_front() {
+                st.used -= s.bytes;
+                freed += s.bytes;
+                removed.push(s.path);
+            }
+        }
+    }
+    for p in removed {
+        if let Err(e) = fs::remove_file(&p) {
+            tracing::warn!(target: "elevate::decision", path = %p.display(), error = %e, "decision spool: cannot delete a shipped segment");
+        }
+    }
+    Ok((file, freed))
 }
 
 impl Shared {
