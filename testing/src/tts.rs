@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use elevate_core::ctxref::ContextRefMinter;
 use elevate_core::keys::{SigningAlg, SigningKey};
-use elevate_tts::{ServiceConfig, TestIssuer, WorkloadConfig};
+use elevate_tts::admin::sign_admin_assertion;
+use elevate_tts::{
+    AdminConfig, OperatorConfig, ServiceConfig, StoreConfig, TestIssuer, WorkloadConfig,
+};
 use txn_token_client::{TtsClient, TtsClientConfig};
 
 /// Trust domain of the process-level TTS tests.
@@ -107,7 +110,12 @@ impl TtsProcess {
     /// process does not print `listening on http://ADDR` as its first line within 30 s (the error
     /// then carries the log).
     pub fn spawn(bin: &Path, config: &Path, listen: Option<SocketAddr>) -> std::io::Result<Self> {
-        let log = config.with_file_name("tts.log");
+        // `tts.toml` logs to `tts.log`; each fleet replica's `NAME.toml` to `NAME.log`.
+        let stem = config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tts".into());
+        let log = config.with_file_name(format!("{stem}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -187,6 +195,16 @@ impl TtsProcess {
         format!("http://{}/.well-known/jwks.json", self.addr)
     }
 
+    /// `http://ADDR`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The admin API base (`aud` of admin assertions).
+    pub fn admin_base(&self) -> String {
+        format!("http://{}/admin", self.addr)
+    }
+
     /// The key-rotation admin URL.
     pub fn rotate_url(&self) -> String {
         format!("http://{}/admin/rotate-keys", self.addr)
@@ -195,6 +213,21 @@ impl TtsProcess {
     /// The service's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asks the process to stop (SIGTERM: it finishes in-flight requests) and
+    /// waits up to `timeout` for it to exit; true when it did.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Kills the process (SIGKILL) and reaps it.
@@ -221,4 +254,176 @@ pub fn client_config(tts: &TtsProcess, workload: &TestWorkload) -> TtsClientConf
 pub fn client(tts: &TtsProcess, workload: &TestWorkload) -> TtsClient {
     TtsClient::new(client_config(tts, workload), workload.key.clone())
         .unwrap_or_else(|e| panic!("TTS client: {e}"))
+}
+
+/// An operator of the admin API: its id and signing key.
+#[derive(Debug, Clone)]
+pub struct TestOperator {
+    /// Operator id.
+    pub id: String,
+    /// Its signing key.
+    pub key: SigningKey,
+}
+
+impl TestOperator {
+    /// An operator `ops:{name}` with a fresh ES256 key.
+    pub fn generate(name: &str) -> Self {
+        let key = SigningKey::generate(
+            SigningAlg::ES256,
+            format!("op-{name}-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap_or_else(|e| panic!("key generation: {e}"));
+        TestOperator {
+            id: format!("ops:{name}"),
+            key,
+        }
+    }
+
+    /// Its `[admin] operators` entry.
+    pub fn config(&self) -> OperatorConfig {
+        OperatorConfig {
+            id: self.id.clone(),
+            public_jwk: serde_json::to_value(self.key.public_jwk()).ok(),
+            jwk_file: None,
+        }
+    }
+
+    /// An admin assertion for `method path` with `body` at `tts`.
+    pub fn assertion(&self, tts: &TtsProcess, method: &str, path: &str, body: &[u8]) -> String {
+        sign_admin_assertion(
+            &self.key,
+            &self.id,
+            &tts.admin_base(),
+            method,
+            path,
+            body,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("admin assertion: {e}"))
+    }
+
+    /// Sends an authenticated admin call; returns the status and the JSON body.
+    pub async fn call(
+        &self,
+        http: &reqwest::Client,
+        tts: &TtsProcess,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let token = self.assertion(tts, method, path, &bytes);
+        let url = format!("{}{path}", tts.base_url());
+        let req = match method {
+            "GET" => http.get(url),
+            _ => http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(bytes),
+        };
+        let resp = req
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("admin call {method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+}
+
+/// A PostgreSQL schema of its own for one fleet test (dropped on drop).
+#[derive(Debug)]
+pub struct FleetStore {
+    /// Connection string (`ELEVATE_TEST_POSTGRES`, default the local server, database `test`).
+    pub url: String,
+    /// The schema.
+    pub schema: String,
+}
+
+impl FleetStore {
+    /// A fresh schema name on the local PostgreSQL; panics with how to start
+    /// it when it is not reachable.
+    pub fn new() -> Self {
+        let url = std::env::var("ELEVATE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
+        let reachable = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], 5432)),
+            Duration::from_secs(2),
+        )
+        .is_ok();
+        if !reachable && std::env::var("ELEVATE_TEST_POSTGRES").is_err() {
+            panic!(
+                "PostgreSQL is not reachable on 127.0.0.1:5432; start it with scripts/services-up \
+                 (or set ELEVATE_TEST_POSTGRES to a connection string)"
+            );
+        }
+        FleetStore {
+            url,
+            schema: format!(
+                "tts_fleet_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..16]
+            ),
+        }
+    }
+
+    /// Its `[store]` table for a replica named `replica`.
+    pub fn config(&self, replica: &str) -> StoreConfig {
+        let mut st = StoreConfig::new(&self.url);
+        st.schema = self.schema.clone();
+        st.replica = Some(replica.to_string());
+        st
+    }
+}
+
+impl Default for FleetStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for FleetStore {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = rt.block_on(elevate_tts::store::postgres::PgStore::drop_schema(
+                    &url, &schema,
+                ));
+            }
+        })
+        .join();
+    }
+}
+
+/// Writes one configuration per replica (`NAME.toml`, same directory, same
+/// signing key PEM, same store, `[admin]` with `operators`); `tune` adjusts
+/// each before it is written. Returns the directory and the paths, in order.
+pub fn write_fleet_config(
+    workloads: &[&TestWorkload],
+    store: &FleetStore,
+    operators: &[&TestOperator],
+    replicas: &[&str],
+    tune: impl Fn(&mut ServiceConfig),
+) -> (TtsConfigDir, Vec<PathBuf>) {
+    let base = write_config(workloads, None);
+    let mut paths = Vec::new();
+    for name in replicas {
+        let mut cfg = base.config.clone();
+        cfg.admin_endpoints = false;
+        cfg.store = Some(store.config(name));
+        cfg.admin = Some(AdminConfig {
+            operators: operators.iter().map(|o| o.config()).collect(),
+            max_assertion_secs: 60,
+        });
+        tune(&mut cfg);
+        let path = base.dir.path().join(format!("{name}.toml"));
+        let text = cfg.to_toml().unwrap_or_else(|e| panic!("config: {e}"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write config: {e}"));
+        paths.push(path);
+    }
+    (base, paths)
 }

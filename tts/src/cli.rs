@@ -12,6 +12,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::admin::AdminApi;
+use crate::fleet::Fleet;
 use crate::{Issuer, KeyFileWatcher, RunningTts, ServerTls, ServiceConfig};
 
 /// Command line of the reference Transaction Token Service.
@@ -87,6 +89,14 @@ async fn run(args: Args) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("listen address {listen:?}: {e}"))?;
     let issuer = Issuer::from_config(&cfg, &base).map_err(|e| e.to_string())?;
+    if let Some(a) = &cfg.admin {
+        issuer.set_admin(AdminApi::from_config(a, &base).map_err(|e| e.to_string())?);
+    }
+    if cfg.store.is_some() {
+        Fleet::attach(&issuer, &cfg, &base)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let started = match &cfg.tls {
         Some(t) => {
             txn_token_client::install_crypto_provider();
@@ -96,7 +106,12 @@ async fn run(args: Args) -> Result<(), String> {
         None => RunningTts::start(issuer, listen, cfg.admin_endpoints).await,
     };
     let mut running = started.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    running.watch_key_files(KeyFileWatcher::from_config(&cfg, &base));
+    if cfg.store.is_some() {
+        // The store is the registry: workload keys change through the admin API.
+        running.keep_fleet_current();
+    } else {
+        running.watch_key_files(KeyFileWatcher::from_config(&cfg, &base));
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {}", running.base_url());

@@ -110,6 +110,61 @@ pub struct UserIssuerConfig {
     pub jwks_file: Option<PathBuf>,
 }
 
+/// Fleet mode (`[store]`): the state replicas share, in PostgreSQL. Without
+/// it the service keeps everything in its own memory (the embedded default).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// libpq connection string or URL, e.g. `host=127.0.0.1 user=postgres dbname=test`
+    /// or `postgres://user@host/db`.
+    pub postgres: String,
+    /// Schema holding this trust domain's tables (created when missing;
+    /// 1-48 of `a-z`, `0-9`, `_`). Default `elevate_tts`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Every replica reloads the shared state on each change notification
+    /// (LISTEN/NOTIFY) and at least every `poll_ms` milliseconds (default
+    /// 1000): the bound on how long a change made at one replica may take to
+    /// reach another when a notification is lost.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// How long after a fleet-wide rotation the new signing key starts
+    /// signing, in seconds (default 5): it is published by every replica
+    /// first. Keep it above `poll_ms`.
+    #[serde(default = "default_activation")]
+    pub key_activation_secs: u64,
+    /// This replica's name in the audit log (default `HOSTNAME:pid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+}
+
+/// An operator allowed to use the admin API: its id and public key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Operator id (`iss` and `sub` of its admin assertions), e.g. `ops:alice`.
+    pub id: String,
+    /// Its public JWK inline (EC P-256 or OKP Ed25519, with `kid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_jwk: Option<serde_json::Value>,
+    /// Or a file holding it (one JWK or a JWKS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwk_file: Option<PathBuf>,
+}
+
+/// The authenticated admin API (`[admin]`): register, update, revoke,
+/// suspend and reinstate workloads, rotate keys, list state and the audit
+/// log, each call carrying an admin assertion signed by an operator key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The operators (at least one).
+    pub operators: Vec<OperatorConfig>,
+    /// Longest accepted admin assertion lifetime (`exp - iat`), seconds (default 60, at most 300).
+    #[serde(default = "default_admin_lifetime")]
+    pub max_assertion_secs: u64,
+}
+
 /// The whole service configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,9 +203,18 @@ pub struct ServiceConfig {
     /// (`/.well-known/workload-jwks`), in seconds (default 30).
     #[serde(default = "default_directory_max_age")]
     pub workload_jwks_max_age_secs: u64,
-    /// Enables `POST /admin/rotate-keys` (accepted from loopback peers only).
+    /// Enables `POST /admin/rotate-keys` from loopback peers, unauthenticated
+    /// (the development switch, kept for single-process use). With `[admin]`
+    /// every admin route requires an operator's admin assertion instead and
+    /// this switch is ignored.
     #[serde(default)]
     pub admin_endpoints: bool,
+    /// The authenticated admin API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    /// Fleet mode: shared state in PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreConfig>,
     /// Extra known scopes besides those allowed to some workload.
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -191,6 +255,31 @@ fn default_key_reload() -> u64 {
 fn default_directory_max_age() -> u64 {
     30
 }
+fn default_schema() -> String {
+    "elevate_tts".to_string()
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_activation() -> u64 {
+    5
+}
+fn default_admin_lifetime() -> u64 {
+    60
+}
+
+impl StoreConfig {
+    /// A store on `postgres` with the defaults.
+    pub fn new(postgres: impl Into<String>) -> Self {
+        StoreConfig {
+            postgres: postgres.into(),
+            schema: default_schema(),
+            poll_ms: default_poll_ms(),
+            key_activation_secs: default_activation(),
+            replica: None,
+        }
+    }
+}
 
 impl ServiceConfig {
     /// A minimal configuration for `trust_domain` with defaults everywhere.
@@ -207,6 +296,8 @@ impl ServiceConfig {
             key_reload_secs: default_key_reload(),
             workload_jwks_max_age_secs: default_directory_max_age(),
             admin_endpoints: false,
+            admin: None,
+            store: None,
             scopes: Vec::new(),
             tls: None,
             token_endpoint_auth_methods: BTreeMap::new(),
@@ -245,6 +336,7 @@ impl ServiceConfig {
             ));
         }
         cfg.check_auth_methods()?;
+        cfg.check_fleet(origin)?;
         Ok(cfg)
     }
 
@@ -268,6 +360,53 @@ impl ServiceConfig {
                     "token_endpoint_auth_methods allows tls_client_auth for {id:?}, \
                      but no client certificate is asked for: set [tls] cert, key and client_ca"
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks on `[store]` and `[admin]`, each naming the key and the fix.
+    fn check_fleet(&self, origin: &str) -> Result<(), ConfigError> {
+        if let Some(st) = &self.store {
+            if !crate::store::postgres::valid_schema(&st.schema) {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin}: [store] schema {:?}: use 1-48 of a-z, 0-9 and _, not starting with a digit",
+                    st.schema
+                )));
+            }
+            if st.poll_ms == 0 || st.poll_ms > 60_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin}: [store] poll_ms = {}: use 1..=60000 (milliseconds)",
+                    st.poll_ms
+                )));
+            }
+            if st.key_activation_secs.saturating_mul(1000) <= st.poll_ms {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin}: [store] key_activation_secs = {} is not above poll_ms = {}: a new key \
+                     must be published by every replica before one signs with it",
+                    st.key_activation_secs, st.poll_ms
+                )));
+            }
+        }
+        if let Some(a) = &self.admin {
+            if a.operators.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin}: [admin] operators is empty: list at least one {{ id, public_jwk | jwk_file }}, or remove [admin]"
+                )));
+            }
+            if a.max_assertion_secs == 0 || a.max_assertion_secs > 300 {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin}: [admin] max_assertion_secs = {}: use 1..=300",
+                    a.max_assertion_secs
+                )));
+            }
+            for o in &a.operators {
+                if o.public_jwk.is_some() == o.jwk_file.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{origin}: [admin] operator {:?} needs exactly one of public_jwk or jwk_file",
+                        o.id
+                    )));
+                }
             }
         }
         Ok(())

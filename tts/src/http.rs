@@ -91,8 +91,10 @@ async fn token(
     let cert: Option<&ClientCertificate> = tls
         .as_ref()
         .and_then(|Extension(t)| t.client_certificate.as_deref());
-    let result = token_request(&headers, body)
-        .and_then(|f| state.issuer.exchange_with_certificate(&f, cert));
+    let result = match token_request(&headers, body) {
+        Ok(f) => state.issuer.exchange_shared(&f, cert).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(issued) => no_store((StatusCode::OK, axum::Json(issued.response)).into_response()),
         Err(e) => error_response(&e),
@@ -257,26 +259,80 @@ async fn rotate(
     }
 }
 
+/// `GET /readyz`: 200 when the signing keys are loaded and, in fleet mode,
+/// the shared store answers and this replica's copy of it is fresh; else 503.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let issuer = &state.issuer;
+    if issuer.published_kids().is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no signing key").into_response();
+    }
+    if let Some(f) = issuer.fleet() {
+        let ping = f.store().ping().await;
+        issuer
+            .metrics()
+            .store_call(ping.as_ref().map(|d| *d).unwrap_or_default(), ping.is_ok());
+        if let Err(e) = ping {
+            tracing::warn!(error = %e, "not ready: shared store unreachable");
+            return (StatusCode::SERVICE_UNAVAILABLE, "shared store unreachable").into_response();
+        }
+        if !f.is_fresh() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared state not reloaded recently",
+            )
+                .into_response();
+        }
+    }
+    "ready".into_response()
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.issuer.metrics().render(),
+    )
+        .into_response()
+}
+
 /// The service's routes: `POST {token_path}`, `GET /.well-known/jwks.json`,
-/// `GET /.well-known/workload-jwks`, `GET /healthz`, and `POST
-/// /admin/rotate-keys` when `admin` is true. Every 401 carries
+/// `GET /.well-known/workload-jwks`, `GET /healthz`, `GET /readyz`, `GET
+/// /metrics`, the authenticated admin API ([`crate::admin`]) when the issuer
+/// has one, else `POST /admin/rotate-keys` from loopback peers when `admin`
+/// is true. Every 401 carries
 /// `WWW-Authenticate` ([`challenges_for`]). On a TLS connection the token
 /// endpoint reads the client certificate from the [`TlsConnection`] request
 /// extension ([`RunningTts::start_tls`] inserts it).
 pub fn router(issuer: Arc<Issuer>, admin: bool) -> Router {
     let path = issuer.settings().token_path.clone();
-    Router::new()
+    let mut app = Router::new()
         .route(&path, post(token))
         .route(JWKS_PATH, get(jwks))
         .route(WORKLOAD_JWKS_PATH, get(workload_jwks))
         .route("/healthz", get(|| async { "ok" }))
-        .route(ROTATE_PATH, post(rotate))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    let authenticated_admin = issuer.admin().is_some();
+    if !authenticated_admin {
+        app = app.route(ROTATE_PATH, post(rotate));
+    }
+    let app = app.with_state(AppState {
+        issuer: issuer.clone(),
+        admin,
+    });
+    let app = if authenticated_admin {
+        app.merge(crate::admin::router(issuer.clone()))
+    } else {
+        app
+    };
+    app.layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
             issuer.clone(),
             www_authenticate,
         ))
-        .with_state(AppState { issuer, admin })
 }
 
 /// A background task aborted when dropped.
@@ -387,6 +443,15 @@ impl RunningTts {
         tracing::info!(files = watcher.len(), interval = ?watcher.interval(), "reloading workload key files when they change");
         self.background
             .push(AbortOnDrop(watcher.spawn(self.issuer.clone())));
+    }
+
+    /// Keeps the issuer's copy of the fleet's shared state current in the
+    /// background (a no-op without `[store]`), for as long as the service runs.
+    pub fn keep_fleet_current(&mut self) {
+        if let Some(f) = self.issuer.fleet() {
+            self.background
+                .push(AbortOnDrop(f.spawn(self.issuer.clone())));
+        }
     }
 
     /// The bound address.

@@ -4,9 +4,9 @@
 //! scope → mint and log.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use elevate_core::ctxref::{ContextRefVerifier, MAX_LEEWAY, VerifyPolicy, unix_now};
@@ -17,13 +17,16 @@ use elevate_core::token::TXN_TOKEN_TYP;
 use jsonwebtoken::jwk::Jwk;
 use serde::{Deserialize, Serialize};
 
+use super::admin::AdminApi;
 use super::config::{ConfigError, ServiceConfig, resolve};
+use super::fleet::Fleet;
 use super::key_files::{jwks_from_value, read_key_file};
 use super::keyring::{KeyRing, derived_kid, generate_key};
-use super::registry::WorkloadRegistry;
+use super::metrics::Metrics;
+use super::registry::{WorkloadEntry, WorkloadRegistry};
 use super::tls::ClientCertificate;
 use super::user_issuer::AccessTokenVerifier;
-use txn_token_client::assertion::AssertionVerifier;
+use txn_token_client::assertion::{ASSERTION_TYP, AssertionClaims, AssertionVerifier};
 use txn_token_client::protocol::{
     CLIENT_ASSERTION_TYPE_JWT_BEARER, ClientAuthMethod, ErrorCode, ExchangeForm,
     GRANT_TYPE_TOKEN_EXCHANGE, MAX_CONTEXT_PARAM_BYTES, MAX_CONTEXT_PARAM_DEPTH, OAuthError,
@@ -134,6 +137,25 @@ pub struct Issued {
 struct Requester {
     id: String,
     cnf: Option<serde_json::Value>,
+    assertion: Option<AssertionUse>,
+}
+
+/// A verified client assertion's identity, for the fleet-wide single-use check.
+#[derive(Debug, Clone)]
+struct AssertionUse {
+    iss: String,
+    jti: String,
+    until: i64,
+}
+
+/// An exchange checked and ready to mint (all but the fleet-wide `jti` claim).
+struct Prepared {
+    subject: Subject,
+    granted: Scope,
+    requester: String,
+    rctx: serde_json::Value,
+    cnf: Option<serde_json::Value>,
+    assertion: Option<AssertionUse>,
 }
 
 /// Who and what the subject token says.
@@ -154,6 +176,9 @@ pub struct Issuer {
     endpoints: ArcSwap<Vec<String>>,
     users: ArcSwapOption<AccessTokenVerifier>,
     tls_client_auth: AtomicBool,
+    fleet: OnceLock<Arc<Fleet>>,
+    admin: OnceLock<Arc<AdminApi>>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -201,6 +226,9 @@ impl Issuer {
             endpoints: ArcSwap::from_pointee(vec![primary]),
             users: ArcSwapOption::empty(),
             tls_client_auth: AtomicBool::new(false),
+            fleet: OnceLock::new(),
+            admin: OnceLock::new(),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -411,6 +439,78 @@ impl Issuer {
         self.registry.is_trusted(id)
     }
 
+    /// Every registered workload (keys, scopes, methods, suspension), sorted by id.
+    pub fn workload_entries(&self) -> Vec<WorkloadEntry> {
+        self.registry.entries()
+    }
+
+    /// Makes the registry exactly `entries` (a fleet replica's reload); the
+    /// workloads left out for refused keys are returned with the reason.
+    pub fn replace_registry(&self, entries: &[WorkloadEntry]) -> Vec<(String, String)> {
+        self.registry.replace_all(entries)
+    }
+
+    /// The key now signing (with its private half: the fleet seeds the store with it).
+    pub fn signing_key(&self) -> SigningKey {
+        self.ring.current()
+    }
+
+    /// Installs the fleet's signing keys: `current` signs, `others` are published.
+    /// Returns false when nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if a key cannot be published.
+    pub fn install_signing_keys(
+        &self,
+        current: SigningKey,
+        others: Vec<SigningKey>,
+    ) -> Result<bool, KeyError> {
+        self.ring.install(current, others)
+    }
+
+    /// The published signing `kid`s, current first.
+    pub fn published_kids(&self) -> Vec<String> {
+        self.ring.kids()
+    }
+
+    /// Connects this issuer to a fleet (set once; see [`Fleet::attach`]).
+    pub fn attach_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet this issuer belongs to, if any.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
+    }
+
+    /// Enables the authenticated admin API (set once).
+    pub fn set_admin(&self, admin: AdminApi) {
+        let _ = self.admin.set(Arc::new(admin));
+    }
+
+    /// The admin API, when configured.
+    pub fn admin(&self) -> Option<&Arc<AdminApi>> {
+        self.admin.get()
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The accepted `aud` values of admin assertions: `BASE/admin` for every
+    /// base URL the token endpoint is reachable under.
+    pub fn admin_audiences(&self) -> Vec<String> {
+        let path = &self.settings.token_path;
+        self.endpoints
+            .load()
+            .iter()
+            .filter_map(|e| e.strip_suffix(path.as_str()))
+            .map(|base| format!("{base}/admin"))
+            .collect()
+    }
+
     /// Accepts user access tokens from this issuer (entry flow).
     pub fn set_user_issuer(&self, verifier: AccessTokenVerifier) {
         self.users.store(Some(Arc::new(verifier)));
@@ -501,20 +601,90 @@ impl Issuer {
         form: &ExchangeForm,
         certificate: Option<&ClientCertificate>,
     ) -> Result<Issued, OAuthError> {
-        match self.exchange_inner(form, certificate) {
-            Ok(issued) => Ok(issued),
+        let start = Instant::now();
+        let result = self
+            .exchange_inner(form, certificate)
+            .and_then(|p| self.finish(p));
+        self.account(result, start)
+    }
+
+    /// As [`exchange_with_certificate`](Self::exchange_with_certificate), and
+    /// in fleet mode the client assertion's `jti` is claimed in the shared
+    /// store before the token is minted, so an assertion is accepted once by
+    /// the whole fleet (what the HTTP service calls).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`exchange_with_certificate`](Self::exchange_with_certificate);
+    /// also `invalid_client` when another replica saw the assertion's `jti`,
+    /// and `server_error` when the shared store cannot be reached (deny by default).
+    pub async fn exchange_shared(
+        &self,
+        form: &ExchangeForm,
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Issued, OAuthError> {
+        let start = Instant::now();
+        let result = match self.exchange_inner(form, certificate) {
+            Ok(p) => match self.claim_assertion(p.assertion.as_ref()).await {
+                Ok(()) => self.finish(p),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        self.account(result, start)
+    }
+
+    async fn claim_assertion(&self, a: Option<&AssertionUse>) -> Result<(), OAuthError> {
+        let (Some(fleet), Some(a)) = (self.fleet.get(), a) else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let claimed = fleet
+            .store()
+            .claim_jti("client", &a.iss, &a.jti, a.until)
+            .await;
+        self.metrics.store_call(t.elapsed(), claimed.is_ok());
+        match claimed {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(invalid(
+                ErrorCode::InvalidClient,
+                "assertion jti replayed (seen by the fleet)",
+            )),
             Err(e) => {
-                tracing::info!(code = %e.code, reason = %e.description(), "txn-token request refused");
-                Err(e)
+                tracing::error!(error = %e, "jti claim failed: refusing");
+                Err(invalid(
+                    ErrorCode::ServerError,
+                    "shared state unavailable; retry",
+                ))
             }
         }
+    }
+
+    fn account(
+        &self,
+        result: Result<Issued, OAuthError>,
+        start: Instant,
+    ) -> Result<Issued, OAuthError> {
+        match &result {
+            Ok(_) => self.metrics.exchange(None, start.elapsed()),
+            Err(e) => {
+                self.metrics
+                    .exchange(Some(e.code.as_str()), start.elapsed());
+                tracing::info!(code = %e.code, reason = %e.description(), "txn-token request refused");
+            }
+        }
+        result
+    }
+
+    fn finish(&self, p: Prepared) -> Result<Issued, OAuthError> {
+        self.mint(p.subject, p.granted, p.requester, p.rctx, p.cnf)
     }
 
     fn exchange_inner(
         &self,
         form: &ExchangeForm,
         certificate: Option<&ClientCertificate>,
-    ) -> Result<Issued, OAuthError> {
+    ) -> Result<Prepared, OAuthError> {
         // 1. grant
         let grant = form.require("grant_type")?;
         if grant != GRANT_TYPE_TOKEN_EXCHANGE {
@@ -524,7 +694,11 @@ impl Issuer {
             ));
         }
         // 2. client authentication (a suspended workload authenticates but gets nothing)
-        let Requester { id: requester, cnf } = self.authenticate(form, certificate)?;
+        let Requester {
+            id: requester,
+            cnf,
+            assertion,
+        } = self.authenticate(form, certificate)?;
         if !self.registry.is_trusted(&requester) {
             return Err(invalid(
                 ErrorCode::UnauthorizedClient,
@@ -574,7 +748,14 @@ impl Issuer {
         if let (Some(context), Some(r)) = (request_context, rctx.as_object_mut()) {
             r.insert(RCTX_REQUEST_CONTEXT.to_string(), context);
         }
-        self.mint(subject, granted, requester, rctx, cnf)
+        Ok(Prepared {
+            subject,
+            granted,
+            requester,
+            rctx,
+            cnf,
+            assertion,
+        })
     }
 
     /// Client authentication: exactly one method per request (RFC 6749
@@ -597,7 +778,7 @@ impl Issuer {
             }
             (false, Some(cert)) => self.certificate_client(form, cert),
             (true, None) => {
-                let id = self.assertion_client(form)?;
+                let (id, used) = self.assertion_client(form)?;
                 if !self
                     .registry
                     .allows_auth(&id, ClientAuthMethod::PrivateKeyJwt)
@@ -607,7 +788,11 @@ impl Issuer {
                         format!("workload {id} may not authenticate with private_key_jwt"),
                     ));
                 }
-                Ok(Requester { id, cnf: None })
+                Ok(Requester {
+                    id,
+                    cnf: None,
+                    assertion: Some(used),
+                })
             }
             (false, None) => Err(invalid(
                 ErrorCode::InvalidClient,
@@ -676,11 +861,12 @@ impl Issuer {
         Ok(Requester {
             id,
             cnf: Some(serde_json::json!({ "x5t#S256": cert.x5t_s256() })),
+            assertion: None,
         })
     }
 
     /// RFC 7523 `private_key_jwt`: the assertion's signer is the workload.
-    fn assertion_client(&self, form: &ExchangeForm) -> Result<String, OAuthError> {
+    fn assertion_client(&self, form: &ExchangeForm) -> Result<(String, AssertionUse), OAuthError> {
         let (Some(kind), Some(assertion)) = (
             form.get("client_assertion_type"),
             form.get("client_assertion"),
@@ -702,7 +888,19 @@ impl Issuer {
             .assertions
             .verify(assertion, form.get("client_id"), &keys, &endpoints)
             .map_err(|e| invalid(ErrorCode::InvalidClient, e.to_string()))?;
-        Ok(who)
+        // Verified above; read again for the fleet-wide single-use claim.
+        let claims: AssertionClaims = jws::parse(assertion, ASSERTION_TYP)
+            .and_then(|p| p.claims())
+            .map_err(|e| invalid(ErrorCode::InvalidClient, e.to_string()))?;
+        let until = claims.exp.saturating_add(MAX_LEEWAY.as_secs() as i64);
+        Ok((
+            who,
+            AssertionUse {
+                iss: claims.iss,
+                jti: claims.jti,
+                until,
+            },
+        ))
     }
 
     fn context_reference(&self, token: &str, requester: &str) -> Result<Subject, OAuthError> {

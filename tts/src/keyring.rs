@@ -161,6 +161,45 @@ impl KeyRing {
         Ok(kid)
     }
 
+    /// Makes `current` the signing key and `others` the other published keys
+    /// (a fleet replica installing the shared key ring; the store decides
+    /// which keys are retired). Returns false, changing nothing, when the
+    /// ring already is exactly that.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`KeyError::InvalidJwk`] if a key cannot be published.
+    pub fn install(&self, current: SigningKey, others: Vec<SigningKey>) -> Result<bool, KeyError> {
+        let _w = self.write.lock();
+        let old = self.ring.load_full();
+        let same = old.current.kid() == current.kid()
+            && old.previous.len() == others.len()
+            && old
+                .previous
+                .iter()
+                .zip(&others)
+                .all(|(a, b)| a.key.kid() == b.kid());
+        if same {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let previous = others
+            .into_iter()
+            .map(|key| Retired { key, at: now })
+            .collect();
+        self.ring.store(Arc::new(Ring::build(current, previous)?));
+        Ok(true)
+    }
+
+    /// The `kid`s published, current first.
+    pub fn kids(&self) -> Vec<String> {
+        let r = self.ring.load();
+        std::iter::once(&r.current)
+            .chain(r.previous.iter().map(|p| &p.key))
+            .map(|k| k.kid().to_string())
+            .collect()
+    }
+
     /// Rotates to a freshly generated ES256 key.
     ///
     /// # Errors

@@ -9,19 +9,26 @@
 //! (`txn_token_client::protocol`, `txn_token_client::assertion`) live in the
 //! client crate, so both sides speak one definition of the protocol.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod inprocess;
 pub mod issuer;
 pub mod key_files;
 pub mod keyring;
+pub mod metrics;
 pub mod registry;
+pub mod store;
 pub mod test_issuer;
 pub mod tls;
 pub mod user_issuer;
 
-pub use config::{ConfigError, ServiceConfig, TlsConfig, UserIssuerConfig, WorkloadConfig};
+pub use config::{
+    AdminConfig, ConfigError, OperatorConfig, ServiceConfig, StoreConfig, TlsConfig,
+    UserIssuerConfig, WorkloadConfig,
+};
 pub use http::{RunningTts, router};
 pub use inprocess::InProcessTts;
 pub use issuer::{Issued, Issuer, IssuerSettings, MintedClaims};

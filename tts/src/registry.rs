@@ -35,6 +35,21 @@ struct OwnedJwk {
     jwk: Jwk,
 }
 
+/// One workload of a whole registry ([`WorkloadRegistry::replace_all`]).
+#[derive(Debug, Clone)]
+pub struct WorkloadEntry {
+    /// Workload id.
+    pub id: String,
+    /// Its public keys.
+    pub jwks: Vec<Jwk>,
+    /// Scopes it may be granted.
+    pub allowed: Scope,
+    /// Client authentication methods (`None`: `private_key_jwt` only).
+    pub auth_methods: Option<Vec<ClientAuthMethod>>,
+    /// Trust withdrawn, keys kept.
+    pub suspended: bool,
+}
+
 /// Registered workloads, their keys and allowed scopes.
 #[derive(Debug)]
 pub struct WorkloadRegistry {
@@ -263,6 +278,86 @@ impl WorkloadRegistry {
         self.suspended.write().remove(id);
         self.auth_methods.write().remove(id);
         self.scopes.write().remove(id).is_some() || !owned.is_empty()
+    }
+
+    /// Makes the registry exactly `entries` (what a replica does with the
+    /// fleet's shared state), at once. The known scopes declared with
+    /// [`add_known_scopes`](Self::add_known_scopes) stay. A workload whose
+    /// keys are refused (a `kid` owned twice, a bad JWK) is left out and
+    /// returned with the reason: deny by default.
+    pub fn replace_all(&self, entries: &[WorkloadEntry]) -> Vec<(String, String)> {
+        let _w = self.write.lock();
+        let mut set = KeySet::new();
+        let mut jwks = BTreeMap::new();
+        let mut scopes = HashMap::new();
+        let mut suspended = HashSet::new();
+        let mut methods = HashMap::new();
+        let mut refused = Vec::new();
+        'entry: for e in entries {
+            let mut trial = set.clone();
+            for jwk in &e.jwks {
+                let kid = jwk.common.key_id.as_deref().unwrap_or_default();
+                if trial.get(kid).is_some() {
+                    refused.push((e.id.clone(), format!("kid {kid:?} owned twice")));
+                    continue 'entry;
+                }
+                if let Err(err) = trial.insert_jwk_owned(jwk, Some(e.id.clone())) {
+                    refused.push((e.id.clone(), err.to_string()));
+                    continue 'entry;
+                }
+            }
+            set = trial;
+            for jwk in &e.jwks {
+                if let Some(kid) = &jwk.common.key_id {
+                    jwks.insert(
+                        kid.clone(),
+                        OwnedJwk {
+                            owner: e.id.clone(),
+                            jwk: jwk.clone(),
+                        },
+                    );
+                }
+            }
+            scopes.insert(e.id.clone(), e.allowed.clone());
+            if e.suspended {
+                suspended.insert(e.id.clone());
+            }
+            if let Some(m) = &e.auth_methods {
+                methods.insert(e.id.clone(), m.clone());
+            }
+        }
+        *self.jwks.write() = jwks;
+        *self.scopes.write() = scopes;
+        *self.suspended.write() = suspended;
+        *self.auth_methods.write() = methods;
+        self.keys.store(Arc::new(set));
+        refused
+    }
+
+    /// Every registered workload as a [`WorkloadEntry`], sorted by id.
+    pub fn entries(&self) -> Vec<WorkloadEntry> {
+        let _w = self.write.lock();
+        let jwks = self.jwks.read();
+        let suspended = self.suspended.read();
+        let methods = self.auth_methods.read();
+        let mut out: Vec<WorkloadEntry> = self
+            .scopes
+            .read()
+            .iter()
+            .map(|(id, allowed)| WorkloadEntry {
+                id: id.clone(),
+                jwks: jwks
+                    .values()
+                    .filter(|k| &k.owner == id)
+                    .map(|k| k.jwk.clone())
+                    .collect(),
+                allowed: allowed.clone(),
+                auth_methods: methods.get(id).cloned(),
+                suspended: suspended.contains(id),
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     /// Withdraws trust from a registered workload (keys kept). Returns false
