@@ -1,14 +1,15 @@
 //! The benchmark's environment: the test kit's ([`TestEnv`]: keys, the
 //! example Cedar bundle, the TTS on loopback, the producer guard, the
 //! consumer's guard and processor) plus what only the benchmark has: the
-//! remote-PDP baseline and a decision log on disk.
+//! remote-PDP baseline, a decision log on disk, and for the spool rows a
+//! fresh decision spool per row shipping to an HTTP receiver on loopback.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use elevate_core::decision::FileSink;
+use elevate_core::decision::{DecisionSink, FileSink, ShipConfig, Spool, SpoolConfig};
 use elevate_core::pdp::PolicyDecisionPoint;
 use elevate_core::pdp_cache::CachingPdp;
 use elevate_core::settle::Processor;
@@ -18,7 +19,7 @@ use elevate_core::{AuthContext, Headers, InboundMessage, OutboundMessage, handle
 use elevate_testing::env::TestEnv;
 
 use crate::remote_pdp::{self, RemotePdp};
-use crate::scenario::{Contexts, PER_CONTEXT, PdpMode, Scenario, TtsMode};
+use crate::scenario::{Contexts, LogMode, PER_CONTEXT, PdpMode, Scenario, TtsMode};
 use crate::tally::{H_SEQ, Tally};
 
 /// The user every benchmark message is sent for.
@@ -30,6 +31,26 @@ pub struct BenchEnv {
     remote_pdp_url: String,
     log: Arc<FileSink>,
     log_path: PathBuf,
+    receiver_url: String,
+    spools: parking_lot::Mutex<Vec<Spool>>,
+}
+
+/// A decision receiver on loopback that acknowledges every batch.
+async fn serve_receiver() -> Result<String, String> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| format!("decision receiver on loopback: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = axum::Router::new().route(
+        "/decisions",
+        axum::routing::post(|_body: axum::body::Bytes| async { axum::http::StatusCode::OK }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "decision receiver ended");
+        }
+    });
+    Ok(format!("http://{addr}/decisions"))
 }
 
 impl BenchEnv {
@@ -52,12 +73,49 @@ impl BenchEnv {
             remote_pdp_url: format!("http://{pdp_addr}"),
             log,
             log_path,
+            receiver_url: serve_receiver().await?,
+            spools: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
-    /// Removes the decision log.
+    /// Removes the decision log and the spools.
     pub fn remove_log(&self) {
         let _ = std::fs::remove_file(&self.log_path);
+        for s in self.spools.lock().drain(..) {
+            s.stop_shipping();
+            let st = s.stats();
+            println!(
+                "spool {}: {} records in {} group commits ({:.1} per fsync), {} batches shipped",
+                s.dir().display(),
+                st.records,
+                st.commits,
+                st.records as f64 / st.commits.max(1) as f64,
+                st.batches_shipped
+            );
+            let _ = std::fs::remove_dir_all(s.dir());
+        }
+    }
+
+    /// A fresh spool for one row, shipping to the receiver on loopback.
+    fn spool(&self, fsync: bool) -> Result<Arc<dyn DecisionSink>, String> {
+        let n = self.spools.lock().len();
+        let dir =
+            std::env::temp_dir().join(format!("elevate-bench-spool-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = SpoolConfig::new(&dir);
+        cfg.fsync = fsync;
+        let spool = Spool::open(cfg).map_err(|e| e.to_string())?;
+        let shipper = txn_token_client::HttpDecisionShipper::new(
+            &self.receiver_url,
+            None,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| e.to_string())?;
+        spool
+            .start_shipping(Arc::new(shipper), ShipConfig::default())
+            .map_err(|e| e.to_string())?;
+        self.spools.lock().push(spool.clone());
+        Ok(Arc::new(spool))
     }
 
     /// The guarded side of one row: a fresh token cache, the TTS and PDP the
@@ -81,7 +139,12 @@ impl BenchEnv {
                     .map_err(|e| e.to_string())?,
             ),
         };
-        let guard = self.test.guard_with(tokens, pdp, self.log.clone());
+        let log: Arc<dyn DecisionSink> = match sc.log {
+            LogMode::File => self.log.clone(),
+            LogMode::Spool => self.spool(true)?,
+            LogMode::SpoolNoFsync => self.spool(false)?,
+        };
+        let guard = self.test.guard_with(tokens, pdp, log);
         let t = tally.clone();
         let handler = handler_fn(move |msg: InboundMessage, _auth: AuthContext| {
             let t = t.clone();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::row::{Plan, Row};
-use crate::scenario::{Contexts, PdpMode, Scenario};
+use crate::scenario::{Contexts, LogMode, PdpMode, Scenario, TtsMode};
 
 /// Everything from this line on in the results file is kept when the harness regenerates it
 /// (the profile and optimisation notes written by hand).
@@ -114,6 +114,7 @@ pub fn targets(rows: &[Row]) -> String {
         .filter(|r| {
             r.scenario.contexts == Contexts::Repeated
                 && r.scenario.pdp == PdpMode::Local
+                && r.scenario.log == LogMode::File
                 && r.problem.is_none()
         })
         .collect();
@@ -176,6 +177,7 @@ pub fn targets(rows: &[Row]) -> String {
             }
         }
     }
+    s.push_str(&spool_target(rows));
     let vs_ok = !vs.is_empty() && vs.iter().all(|(_, _, x)| *x >= 10.0);
     let detail: Vec<String> = vs
         .iter()
@@ -191,6 +193,59 @@ pub fn targets(rows: &[Row]) -> String {
         }
     ));
     s
+}
+
+/// Issue 14: the decision spool costs at most 5 % of guarded throughput
+/// (repeated context, TTS in process, embedded PDP: file vs spool, per broker).
+fn spool_target(rows: &[Row]) -> String {
+    let base = |r: &&Row| {
+        r.scenario.contexts == Contexts::Repeated
+            && r.scenario.tts == TtsMode::InProcess
+            && r.scenario.pdp == PdpMode::Local
+            && r.problem.is_none()
+    };
+    let mut pairs = Vec::new();
+    for spool in rows
+        .iter()
+        .filter(base)
+        .filter(|r| r.scenario.log != LogMode::File)
+    {
+        if let Some(file) = rows
+            .iter()
+            .filter(base)
+            .find(|r| r.broker == spool.broker && r.scenario.log == LogMode::File)
+            && let (Some(f), Some(s)) = (file.guarded_rate, spool.guarded_rate)
+        {
+            let cpu = spool.guarded_cpu_us - file.guarded_cpu_us;
+            let mode = if spool.scenario.log == LogMode::Spool {
+                "fsync"
+            } else {
+                "no fsync"
+            };
+            pairs.push((spool.broker, mode, f, s, cpu));
+        }
+    }
+    if pairs.is_empty() {
+        return "- decision spool costs ≤ 5 % of guarded throughput: no spool row\n".into();
+    }
+    let ok = pairs
+        .iter()
+        .filter(|p| p.1 == "fsync")
+        .all(|(_, _, f, s, _)| *s >= 0.95 * f);
+    let detail: Vec<String> = pairs
+        .iter()
+        .map(|(b, mode, f, s, cpu)| {
+            format!(
+                "{b}: file {f:.0} → spool ({mode}) {s:.0} msgs/s ({:+.1} %, {cpu:+.0} µs CPU/msg)",
+                (s / f - 1.0) * 100.0
+            )
+        })
+        .collect();
+    format!(
+        "- decision spool (group commit + fsync + HTTP shipping) costs ≤ 5 % of guarded throughput: {} ({})\n",
+        if ok { "met" } else { "**missed**" },
+        detail.join("; ")
+    )
 }
 
 fn cpu_model() -> String {

@@ -33,6 +33,21 @@ pub enum PdpMode {
     Remote,
 }
 
+/// Where the guard records its decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// A JSON Lines file, written and flushed per record (`FileSink`).
+    File,
+    /// The durable decision spool (`elevate_core::decision::Spool`): group
+    /// commit with one `fdatasync` per batch, hash chain, shipped over HTTP
+    /// (gzipped batches) to a receiver on loopback.
+    Spool,
+    /// The same spool with `fsync = false` (written to the OS per batch:
+    /// survives a process crash, not a machine crash), to tell the flush's
+    /// cost from the rest.
+    SpoolNoFsync,
+}
+
 /// One row's scenario.
 #[derive(Debug, Clone, Copy)]
 pub struct Scenario {
@@ -42,6 +57,8 @@ pub struct Scenario {
     pub tts: TtsMode,
     /// Which PDP the guard asks.
     pub pdp: PdpMode,
+    /// Where decisions are recorded.
+    pub log: LogMode,
 }
 
 impl Scenario {
@@ -55,29 +72,51 @@ impl Scenario {
             TtsMode::InProcess => "TTS in-process",
             TtsMode::Http => "TTS HTTP",
         };
+        let log = match self.log {
+            LogMode::File => "",
+            LogMode::Spool => ", spool (fsync) + HTTP shipping",
+            LogMode::SpoolNoFsync => ", spool (no fsync) + HTTP shipping",
+        };
         match self.pdp {
-            PdpMode::Local => format!("{ctx}, {tts}"),
-            PdpMode::Remote => format!("baseline: remote PDP (HTTP), {ctx}, {tts}"),
+            PdpMode::Local => format!("{ctx}, {tts}{log}"),
+            PdpMode::Remote => format!("baseline: remote PDP (HTTP), {ctx}, {tts}{log}"),
         }
     }
 }
 
-/// The rows of one broker: all five in full mode; in quick mode two, and
-/// the remote-PDP baseline on the in-memory transport only.
+/// The rows of one broker: all seven in full mode (the first repeated
+/// with the decision spool, with and without fsync, instead of the file); in quick mode two, and the
+/// remote-PDP baseline and the spool row on the in-memory transport only.
 pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
-    let s = |contexts, tts, pdp| Scenario { contexts, tts, pdp };
+    let s = |contexts, tts, pdp| Scenario {
+        contexts,
+        tts,
+        pdp,
+        log: LogMode::File,
+    };
+    let spooled = |sc: Scenario| Scenario {
+        log: LogMode::Spool,
+        ..sc
+    };
+    let unsynced = |sc: Scenario| Scenario {
+        log: LogMode::SpoolNoFsync,
+        ..sc
+    };
     use Contexts::*;
     use PdpMode::*;
     use TtsMode::*;
     if quick {
         let mut v = vec![s(Repeated, InProcess, Local), s(Distinct, Http, Local)];
         if broker == BrokerKind::Memory {
+            v.push(spooled(s(Repeated, InProcess, Local)));
             v.push(s(Repeated, InProcess, Remote));
         }
         v
     } else {
         vec![
             s(Repeated, InProcess, Local),
+            spooled(s(Repeated, InProcess, Local)),
+            unsynced(s(Repeated, InProcess, Local)),
             s(Repeated, Http, Local),
             s(Distinct, InProcess, Local),
             s(Distinct, Http, Local),
