@@ -726,3 +726,83 @@ async fn the_embedded_mode_serves_the_admin_api_without_a_store() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ready.status().as_u16(), 200);
 }
+
+/// Exchanges per second with `clients` concurrent clients spread over `targets` for `secs`.
+async fn throughput(
+    targets: &[String],
+    producer: &TestWorkload,
+    consumer: &TestWorkload,
+    clients: usize,
+    secs: u64,
+) -> f64 {
+    let r = Arc::new(reference(producer, consumer, "txn-bench"));
+    let consumer = Arc::new(consumer.clone());
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let base = targets[c % targets.len()].clone();
+        let (r, consumer, count) = (r.clone(), consumer.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while Instant::now() < stop {
+                if let Some((200, _)) = post(&http, &base, &form(&consumer, &r)).await {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    count.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// Exchanges/s of one replica and of two on one store (the numbers in
+/// `tts/README.md`). Manual: `ELEVATE_TTS_BIN=target/release/txn-token-service
+/// cargo test -p elevate-integration-tests --test tts_fleet -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn fleet_throughput() {
+    let bin = std::env::var("ELEVATE_TTS_BIN").unwrap_or_else(|_| BIN.to_string());
+    let producer = TestWorkload::generate("orders", &["orders.read"]);
+    let consumer = TestWorkload::generate("billing", &["orders.read"]);
+    let operator = TestOperator::generate("alice");
+    let store = FleetStore::new();
+    let (_cfg, paths) = write_fleet_config(
+        &[&producer, &consumer],
+        &store,
+        &[&operator],
+        &["replica-a", "replica-b"],
+        |c| c.public_url = Some(PUBLIC.into()),
+    );
+    let a = TtsProcess::spawn(Path::new(&bin), &paths[0], None).unwrap_or_else(|e| panic!("{e}"));
+    let embedded_cfg = write_config(&[&producer, &consumer], None);
+    let mut embedded_text = embedded_cfg.config.clone();
+    embedded_text.public_url = Some(PUBLIC.into());
+    std::fs::write(
+        &embedded_cfg.path,
+        embedded_text.to_toml().unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = TtsProcess::spawn(Path::new(&bin), &embedded_cfg.path, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for clients in [4usize, 16] {
+        let embedded = throughput(&[e.base_url()], &producer, &consumer, clients, 3).await;
+        let one = throughput(&[a.base_url()], &producer, &consumer, clients, 3).await;
+        let b =
+            TtsProcess::spawn(Path::new(&bin), &paths[1], None).unwrap_or_else(|e| panic!("{e}"));
+        let two = throughput(
+            &[a.base_url(), b.base_url()],
+            &producer,
+            &consumer,
+            clients,
+            3,
+        )
+        .await;
+        drop(b);
+        eprintln!(
+            "clients {clients}: embedded (no store) {embedded:.0}/s, one replica on PostgreSQL {one:.0}/s, two replicas {two:.0}/s"
+        );
+    }
+}
