@@ -209,7 +209,7 @@ impl Workload {
 
         // PDP, sinks, actions, replay.
         let (pdp, bundle) = pdp(l).await?;
-        let sink = sinks(l)?;
+        let sink = sinks(l).await?;
         let actions: Arc<dyn ActionMapper> = Arc::new(DestinationActions::from_config(&c.actions));
         let verifier = trusted.verifier(VerifyPolicy::new(&id));
         let (replay, replay_kind) = replay(l, &id).await?;
@@ -594,7 +594,7 @@ async fn bundle_sync(l: &Loaded, location: &str) -> Result<Arc<BundleSync>, Conf
     })
 }
 
-fn sinks(l: &Loaded) -> Result<Arc<dyn DecisionSink>, ConfigError> {
+async fn sinks(l: &Loaded) -> Result<Arc<dyn DecisionSink>, ConfigError> {
     let d = &l.config.decisions;
     let mut sinks: Vec<Arc<dyn DecisionSink>> = Vec::new();
     if let Some(dir) = &d.spool {
@@ -645,8 +645,12 @@ fn sinks(l: &Loaded) -> Result<Arc<dyn DecisionSink>, ConfigError> {
                         )
                     })?;
                 let _ = spool.start_shipping(Arc::new(shipper), ship);
-            } else {
-                tracing::info!(target: "elevate::decision", %to, "decision spool ready; start the broker's shipper on it (KafkaDecisionShipper / JetStreamDecisionShipper, `DecisionSink::spool`)");
+            } else if let Some(rest) = to.strip_prefix("kafka://") {
+                let shipper = broker_ship::kafka(l, rest)?;
+                let _ = spool.start_shipping(shipper, ship);
+            } else if let Some(rest) = to.strip_prefix("nats://") {
+                let shipper = broker_ship::nats(l, rest).await?;
+                let _ = spool.start_shipping(shipper, ship);
             }
         }
         sinks.push(Arc::new(spool));
@@ -698,5 +702,89 @@ async fn replay(
             })?;
             Ok((Some(Arc::new(g)), "redis"))
         }
+    }
+}
+
+/// Decision shippers to a broker, named in `decisions.ship_to`:
+/// `kafka://host:port[,host:port]/<topic>` and
+/// `nats://host:port/<subject>` (a JetStream stream must store it).
+mod broker_ship {
+    use std::sync::Arc;
+
+    use elevate_core::decision::ship::Shipper;
+
+    use crate::error::{ConfigError, ErrorKind};
+    use crate::load::Loaded;
+
+    /// `host:port/name` split, or an error naming the expected form.
+    #[cfg(any(feature = "kafka", feature = "nats"))]
+    fn split<'a>(l: &Loaded, rest: &'a str, form: &str) -> Result<(&'a str, &'a str), ConfigError> {
+        rest.split_once('/')
+            .filter(|(h, n)| !h.is_empty() && !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| {
+                l.error(
+                    ErrorKind::Invalid,
+                    "decisions.ship_to",
+                    format!("`{rest}` names no server and target"),
+                    format!("use {form}"),
+                )
+            })
+    }
+
+    #[cfg(feature = "kafka")]
+    pub(super) fn kafka(l: &Loaded, rest: &str) -> Result<Arc<dyn Shipper>, ConfigError> {
+        let (servers, topic) = split(l, rest, "kafka://host:port/<topic>")?;
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", servers);
+        let shipper = elevate_kafka::KafkaDecisionShipper::from_config(&c, topic).map_err(|e| {
+            l.error(
+                ErrorKind::Dependency,
+                "decisions.ship_to",
+                format!("the Kafka decision shipper cannot be built: {e}"),
+                "check the bootstrap servers",
+            )
+        })?;
+        Ok(Arc::new(shipper))
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    pub(super) fn kafka(l: &Loaded, _rest: &str) -> Result<Arc<dyn Shipper>, ConfigError> {
+        Err(l.error(
+            ErrorKind::Dependency,
+            "decisions.ship_to",
+            "this build of elevate-config has no Kafka shipper",
+            "enable elevate-config's `kafka` feature, or leave `ship_to` unset and start an elevate_kafka::KafkaDecisionShipper on `DecisionSink::spool`",
+        ))
+    }
+
+    #[cfg(feature = "nats")]
+    pub(super) async fn nats(l: &Loaded, rest: &str) -> Result<Arc<dyn Shipper>, ConfigError> {
+        let (server, subject) = split(l, rest, "nats://host:port/<subject>")?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(format!("nats://{server}"))
+            .await
+            .map_err(|e| {
+                l.error(
+                    ErrorKind::Dependency,
+                    "decisions.ship_to",
+                    format!("NATS at {server}: {e}"),
+                    "start the NATS server (with JetStream) or fix the address",
+                )
+            })?;
+        Ok(Arc::new(elevate_nats::JetStreamDecisionShipper::new(
+            async_nats::jetstream::new(client),
+            subject,
+        )))
+    }
+
+    #[cfg(not(feature = "nats"))]
+    pub(super) async fn nats(l: &Loaded, _rest: &str) -> Result<Arc<dyn Shipper>, ConfigError> {
+        Err(l.error(
+            ErrorKind::Dependency,
+            "decisions.ship_to",
+            "this build of elevate-config has no NATS shipper",
+            "enable elevate-config's `nats` feature, or leave `ship_to` unset and start an elevate_nats::JetStreamDecisionShipper on `DecisionSink::spool`",
+        ))
     }
 }

@@ -309,7 +309,7 @@ impl Loaded {
                     ErrorKind::Invalid,
                     "decisions.ship_to",
                     format!("`{to}` is not a shipping target"),
-                    "use https://host/path, kafka://<topic> or nats://<subject>",
+                    "use https://host/path, kafka://host:port/<topic> or nats://host:port/<subject>",
                 ));
             }
             if c.decisions.spool.is_none() {

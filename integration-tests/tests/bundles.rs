@@ -20,12 +20,8 @@ use axum::response::{IntoResponse, Response};
 use elevate_bundle::{ArchiveError, BundleSync, Polled, SyncConfig, SyncError, archive};
 use elevate_config::Workload;
 use elevate_core::keys::{KeySet, SigningKey};
-use elevate_core::producer::{PublishRequest, SubjectContext};
-use elevate_core::scope::Scope;
-use elevate_core::{
-    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, Reason, SubjectKind,
-};
-use elevate_testing::domain::{FileDomain, key, write_atomically};
+use elevate_core::{GuardDecision, Reason};
+use elevate_testing::domain::{FileDomain, decide_for_alice, key, write_atomically};
 use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -115,39 +111,7 @@ impl Scenario {
 
     /// Whether the worker lets alice's message through now.
     async fn decide(&self, worker: &Workload, n: u64) -> GuardDecision {
-        let subject = SubjectContext {
-            subject: "alice".into(),
-            sub_kind: SubjectKind::Human,
-            txn: uuid::Uuid::now_v7().to_string(),
-            scope: Scope::parse(ACTION),
-        };
-        let audience = [worker.id().to_string()];
-        let req = PublishRequest {
-            subject: &subject,
-            action: ACTION,
-            audience: &audience,
-            destination: DESTINATION,
-            scope: None,
-        };
-        let p = self
-            .producer
-            .producer()
-            .prepare(
-                &req,
-                OutboundMessage {
-                    headers: Headers::new(),
-                    payload: format!("{{\"order\":{n}}}").into_bytes(),
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("prepare: {e}"));
-        let msg = InboundMessage::new(
-            Coordinates::new("test", format!("{DESTINATION}/{n}")),
-            DESTINATION,
-            p.headers,
-            p.payload,
-        );
-        worker.guard().decide(&msg, 1).await
+        decide_for_alice(&self.producer, worker, DESTINATION, ACTION, n).await
     }
 }
 

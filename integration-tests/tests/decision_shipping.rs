@@ -607,3 +607,137 @@ async fn kafka_topic_receives_the_chain() {
     assert!(report.is_intact(), "{report}");
     assert_eq!(report.streams[0].entries, 150, "{report}");
 }
+
+/// A workload whose `elevate.toml` names the spool and `ship_to`, and the
+/// producer publishing for it, on the TTS binary with real key files.
+async fn shipping_workloads(
+    domain: &elevate_testing::domain::FileDomain,
+    spool: &str,
+    ship_to: &str,
+) -> (elevate_config::Workload, elevate_config::Workload) {
+    let producer = elevate_config::Workload::from_file(domain.workload_config(
+        "orders-api",
+        "orders",
+        "test.process",
+        "",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("producer: {e}"));
+    let extra = format!(
+        "\n[decisions]\ntracing = false\nspool = \"{spool}\"\nship_to = \"{ship_to}\"\nship_interval_ms = 100\n"
+    );
+    let worker = elevate_config::Workload::from_file(domain.workload_config(
+        "test-worker",
+        "orders",
+        "test.process",
+        &extra,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("worker shipping to {ship_to}: {e}"));
+    (producer, worker)
+}
+
+fn shipping_domain() -> elevate_testing::domain::FileDomain {
+    use elevate_testing::domain::{FileDomain, key};
+    let (p, w) = (key("orders-api-1"), key("test-worker-1"));
+    FileDomain::start(
+        Path::new(env!("CARGO_BIN_EXE_elevate-tts")),
+        elevate_testing::env::TRUST_DOMAIN,
+        &["test.process"],
+        &[("orders-api", &[&p]), ("test-worker", &[&w])],
+    )
+}
+
+/// Makes `n` decisions at `worker` and waits until its spool shipped them.
+async fn decide_and_ship(
+    producer: &elevate_config::Workload,
+    worker: &elevate_config::Workload,
+    n: u64,
+) -> Spool {
+    for i in 0..n {
+        let d = elevate_testing::domain::decide_for_alice(
+            producer,
+            worker,
+            "orders",
+            "test.process",
+            i,
+        )
+        .await;
+        assert!(matches!(d, elevate_core::GuardDecision::Permit(_)), "{d:?}");
+    }
+    let spool = worker
+        .guard()
+        .decision_log()
+        .spool()
+        .unwrap_or_else(|| panic!("a configured spool"));
+    assert!(
+        spool.wait_shipped(Duration::from_secs(30)).await,
+        "{:?}",
+        spool.stats()
+    );
+    spool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_alone_ships_to_a_kafka_topic_and_a_jetstream_stream() {
+    let domain = shipping_domain();
+
+    // Kafka (tansu): `ship_to = "kafka://<bootstrap>/<topic>"`.
+    let kafka = elevate_testing::kafka::KafkaBinding::real().await;
+    let topic = format!("elevate-decisions-{}", uuid::Uuid::new_v4().simple());
+    kafka
+        .create_topic(&topic, 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (producer, worker) = shipping_workloads(
+        &domain,
+        "spool-kafka",
+        &format!("kafka://{}/{topic}", kafka.bootstrap()),
+    )
+    .await;
+    let spool = decide_and_ship(&producer, &worker, 40).await;
+    let records = kafka
+        .read_records(
+            &topic,
+            spool.stats().batches_shipped as usize,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut v = ChainVerifier::new();
+    for r in &records {
+        v.add_batch(&r.payload);
+    }
+    let report = v.report();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.streams[0].entries, 40, "{report}");
+    drop((producer, worker));
+
+    // JetStream on the local server: `ship_to = "nats://host:port/<subject>"`.
+    let nats = elevate_testing::nats::NatsBinding::jetstream().await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let stream = format!("{}decisions_{id}", elevate_testing::nats::STREAM_PREFIX);
+    let subject = format!("elvt.decisions.{id}");
+    nats.create_stream(&stream, vec![subject.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let server = nats.url().trim_start_matches("nats://").to_string();
+    let (producer, worker) =
+        shipping_workloads(&domain, "spool-nats", &format!("nats://{server}/{subject}")).await;
+    let spool = decide_and_ship(&producer, &worker, 40).await;
+    let msgs = nats
+        .read_stream(
+            &stream,
+            spool.stats().batches_shipped as usize,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut v = ChainVerifier::new();
+    for m in &msgs {
+        v.add_batch(&m.payload);
+    }
+    let report = v.report();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.streams[0].entries, 40, "{report}");
+}

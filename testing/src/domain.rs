@@ -6,7 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
+use elevate_config::Workload;
 use elevate_core::keys::{SigningAlg, SigningKey};
+use elevate_core::producer::{PublishRequest, SubjectContext};
+use elevate_core::scope::Scope;
+use elevate_core::{
+    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, SubjectKind,
+};
 use elevate_tts::{ServiceConfig, WorkloadConfig};
 
 use crate::env::policy_dir;
@@ -174,4 +180,48 @@ impl FileDomain {
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
         path
     }
+}
+
+/// What `consumer` decides about a message `producer` publishes for alice
+/// to `destination`, asking for `action` (the `n`-th: its position and
+/// payload), as the consumer reads it. A fresh transaction each time.
+pub async fn decide_for_alice(
+    producer: &Workload,
+    consumer: &Workload,
+    destination: &str,
+    action: &str,
+    n: u64,
+) -> GuardDecision {
+    let subject = SubjectContext {
+        subject: "alice".into(),
+        sub_kind: SubjectKind::Human,
+        txn: uuid::Uuid::now_v7().to_string(),
+        scope: Scope::parse(action),
+    };
+    let audience = [consumer.id().to_string()];
+    let req = PublishRequest {
+        subject: &subject,
+        action,
+        audience: &audience,
+        destination,
+        scope: None,
+    };
+    let p = producer
+        .producer()
+        .prepare(
+            &req,
+            OutboundMessage {
+                headers: Headers::new(),
+                payload: format!("{{\"order\":{n}}}").into_bytes(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("prepare: {e}"));
+    let msg = InboundMessage::new(
+        Coordinates::new("test", format!("{destination}/{n}")),
+        destination,
+        p.headers,
+        p.payload,
+    );
+    consumer.guard().decide(&msg, 1).await
 }
