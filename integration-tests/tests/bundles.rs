@@ -21,7 +21,7 @@ use elevate_bundle::{ArchiveError, BundleSync, Polled, SyncConfig, SyncError, ar
 use elevate_config::Workload;
 use elevate_core::keys::{KeySet, SigningKey};
 use elevate_core::{GuardDecision, Reason};
-use elevate_testing::domain::{FileDomain, decide_for_alice, key, write_atomically};
+use elevate_testing::domain::{FileDomain, decide_for_alice, key, refusal, write_atomically};
 use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -116,13 +116,7 @@ impl Scenario {
 }
 
 fn reason(d: &GuardDecision) -> Option<Reason> {
-    match d {
-        GuardDecision::Permit(_) => None,
-        GuardDecision::Deny(r) | GuardDecision::Quarantine(r) | GuardDecision::Retry(r) => {
-            Some(r.reason())
-        }
-        _ => panic!("unknown decision"),
-    }
+    refusal(d)
 }
 
 /// Polls `check` every 50 ms for up to `within`; returns how long it took.

@@ -11,12 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elevate_config::{ConfigError, ErrorKind, Loaded, Workload};
-use elevate_core::producer::{PublishRequest, SubjectContext};
-use elevate_core::scope::Scope;
-use elevate_core::{
-    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, Reason, SubjectKind,
-};
-use elevate_testing::domain::{FileDomain, key, write_public_keys};
+use elevate_core::{GuardDecision, InboundMessage, Reason};
+use elevate_testing::domain::{FileDomain, key, message_for_alice, refusal, write_public_keys};
 use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_elevate-tts");
@@ -49,56 +45,16 @@ fn expect_error(r: Result<Workload, ConfigError>, kind: ErrorKind, key: &str) ->
     }
 }
 
-fn subject() -> SubjectContext {
-    SubjectContext {
-        subject: "alice".into(),
-        sub_kind: SubjectKind::Human,
-        txn: uuid::Uuid::now_v7().to_string(),
-        scope: Scope::parse(ACTION),
-    }
-}
-
 /// Publishes one message through `producer` for `consumer`; returns it as
-/// the consumer reads it at `position`, and the signing key's id.
+/// the consumer reads it, and the signing key's id.
 async fn publish(producer: &Workload, consumer: &Workload, n: u64) -> (InboundMessage, String) {
-    let subject = subject();
-    let audience = [consumer.id().to_string()];
-    let req = PublishRequest {
-        subject: &subject,
-        action: ACTION,
-        audience: &audience,
-        destination: DESTINATION,
-        scope: None,
-    };
-    let p = producer
-        .producer()
-        .prepare(
-            &req,
-            OutboundMessage {
-                headers: Headers::new(),
-                payload: format!("{{\"order\":{n}}}").into_bytes(),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("prepare: {e}"));
     let kid = producer.signing_key().get().kid().to_string();
-    let msg = InboundMessage::new(
-        Coordinates::new("test", format!("{DESTINATION}/{n}")),
-        DESTINATION,
-        p.headers,
-        p.payload,
-    );
+    let msg = message_for_alice(producer, consumer, DESTINATION, ACTION, n).await;
     (msg, kid)
 }
 
 fn reason(d: &GuardDecision) -> Option<Reason> {
-    match d {
-        GuardDecision::Permit(_) => None,
-        GuardDecision::Deny(r) | GuardDecision::Quarantine(r) | GuardDecision::Retry(r) => {
-            Some(r.reason())
-        }
-        _ => panic!("unknown decision"),
-    }
+    refusal(d)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -704,13 +704,7 @@ async fn the_configuration_alone_ships_to_a_kafka_topic_and_a_jetstream_stream()
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut v = ChainVerifier::new();
-    for r in &records {
-        v.add_batch(&r.payload);
-    }
-    let report = v.report();
-    assert!(report.is_intact(), "{report}");
-    assert_eq!(report.streams[0].entries, 40, "{report}");
+    intact(records.iter().map(|r| r.payload.as_slice()), 40);
     drop((producer, worker));
 
     // JetStream on the local server: `ship_to = "nats://host:port/<subject>"`.
@@ -733,11 +727,16 @@ async fn the_configuration_alone_ships_to_a_kafka_topic_and_a_jetstream_stream()
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    intact(msgs.iter().map(|m| m.payload.as_slice()), 40);
+}
+
+/// The shipped batches make one intact chain of `entries` entries.
+fn intact<'a>(batches: impl Iterator<Item = &'a [u8]>, entries: u64) {
     let mut v = ChainVerifier::new();
-    for m in &msgs {
-        v.add_batch(&m.payload);
+    for b in batches {
+        v.add_batch(b);
     }
     let report = v.report();
     assert!(report.is_intact(), "{report}");
-    assert_eq!(report.streams[0].entries, 40, "{report}");
+    assert_eq!(report.streams[0].entries, entries, "{report}");
 }

@@ -17,10 +17,9 @@ use base64::Engine;
 use elevate_config::{Loaded, Workload};
 use elevate_core::ctxref::{MintRequest, MintedRef, SubjectKind, VerifiedRef};
 use elevate_core::keys::sha256_hex;
-use elevate_core::producer::{PublishRequest, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::token::{TokenError, TokenRequest, TokenSource, TxnToken};
-use elevate_core::{Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage};
+use elevate_core::{GuardDecision, InboundMessage};
 use elevate_testing::domain::{FileDomain, key, write_public_keys};
 use elevate_testing::env::{TRUST_DOMAIN, policy_dir};
 use elevate_testing::tts::{TTS_TRUST_DOMAIN, TestWorkload};
@@ -569,37 +568,8 @@ async fn private_key_jwt_still_works_over_tls_without_a_certificate() {
 
 /// Publishes one message through `producer` for `consumer`, as the consumer reads it.
 async fn publish(producer: &Workload, consumer: &Workload) -> InboundMessage {
-    let subject = SubjectContext {
-        subject: "alice".into(),
-        sub_kind: SubjectKind::Human,
-        txn: uuid::Uuid::now_v7().to_string(),
-        scope: Scope::parse("test.process"),
-    };
-    let audience = [consumer.id().to_string()];
-    let req = PublishRequest {
-        subject: &subject,
-        action: "test.process",
-        audience: &audience,
-        destination: "orders",
-        scope: None,
-    };
-    let p = producer
-        .producer()
-        .prepare(
-            &req,
-            OutboundMessage {
-                headers: Headers::new(),
-                payload: b"{\"order\":1}".to_vec(),
-            },
-        )
+    elevate_testing::domain::message_for_alice(producer, consumer, "orders", "test.process", 1)
         .await
-        .unwrap_or_else(|e| panic!("prepare: {e}"));
-    InboundMessage::new(
-        Coordinates::new("test", "orders/1"),
-        "orders",
-        p.headers,
-        p.payload,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use elevate_core::keys::{SigningAlg, SigningKey};
 use elevate_core::producer::{PublishRequest, SubjectContext};
 use elevate_core::scope::Scope;
 use elevate_core::{
-    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, SubjectKind,
+    Coordinates, GuardDecision, Headers, InboundMessage, OutboundMessage, Reason, SubjectKind,
 };
 use elevate_tts::{ServiceConfig, WorkloadConfig};
 
@@ -182,16 +182,16 @@ impl FileDomain {
     }
 }
 
-/// What `consumer` decides about a message `producer` publishes for alice
-/// to `destination`, asking for `action` (the `n`-th: its position and
-/// payload), as the consumer reads it. A fresh transaction each time.
-pub async fn decide_for_alice(
+/// A message `producer` publishes for alice to `destination`, asking for
+/// `action` for `consumer` (the `n`-th: its position and payload), as the
+/// consumer reads it. A fresh transaction each time.
+pub async fn message_for_alice(
     producer: &Workload,
     consumer: &Workload,
     destination: &str,
     action: &str,
     n: u64,
-) -> GuardDecision {
+) -> InboundMessage {
     let subject = SubjectContext {
         subject: "alice".into(),
         sub_kind: SubjectKind::Human,
@@ -217,11 +217,33 @@ pub async fn decide_for_alice(
         )
         .await
         .unwrap_or_else(|e| panic!("prepare: {e}"));
-    let msg = InboundMessage::new(
+    InboundMessage::new(
         Coordinates::new("test", format!("{destination}/{n}")),
         destination,
         p.headers,
         p.payload,
-    );
+    )
+}
+
+/// What `consumer` decides about [`message_for_alice`].
+pub async fn decide_for_alice(
+    producer: &Workload,
+    consumer: &Workload,
+    destination: &str,
+    action: &str,
+    n: u64,
+) -> GuardDecision {
+    let msg = message_for_alice(producer, consumer, destination, action, n).await;
     consumer.guard().decide(&msg, 1).await
+}
+
+/// The reason a decision refused with (`None` for a Permit).
+pub fn refusal(d: &GuardDecision) -> Option<Reason> {
+    match d {
+        GuardDecision::Permit(_) => None,
+        GuardDecision::Deny(r) | GuardDecision::Quarantine(r) | GuardDecision::Retry(r) => {
+            Some(r.reason())
+        }
+        _ => panic!("a decision this test kit does not know: {d:?}"),
+    }
 }
