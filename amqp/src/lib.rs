@@ -72,7 +72,10 @@ pub fn retry_queue_name(queue: &str) -> String {
 
 /// The default dead-letter queue for `queue`: `<queue>.dlq`.
 pub fn dead_letter_queue_name(queue: &str) -> String {
-    format!("{queue}.dlq")
+    format!(
+        "{queue}{}",
+        elevate_core::settle::DEFAULT_DEAD_LETTER_SUFFIX
+    )
 }
 
 /// An AMQP error from the binding.

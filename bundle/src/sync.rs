@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use elevate_cedar::{Bundle, BundleError, CedarPdp};
@@ -150,7 +151,6 @@ struct State {
     etag: Option<String>,
     revision: u64,
     manifest_sha256: String,
-    synced_at: u64,
     last_error: Option<String>,
     stale_warned: bool,
 }
@@ -162,6 +162,9 @@ pub struct BundleSync {
     config: SyncConfig,
     pdp: Arc<CedarPdp>,
     state: Mutex<State>,
+    /// When the source last confirmed the bundle (Unix seconds): read by
+    /// the expiry check in front of every decision, so not behind the lock.
+    synced_at: AtomicU64,
     /// Serializes polls: an older fetch can never replace a newer bundle.
     polling: tokio::sync::Mutex<()>,
 }
@@ -246,11 +249,11 @@ impl BundleSync {
                 etag,
                 revision: opened.manifest.revision,
                 manifest_sha256: opened.manifest_sha256.clone(),
-                synced_at,
                 last_error: None,
                 stale_warned: false,
             }),
             pdp: Arc::new(CedarPdp::from_bundle(bundle)),
+            synced_at: AtomicU64::new(synced_at),
             source,
             signers,
             config,
@@ -296,7 +299,7 @@ impl BundleSync {
                 etag: s.etag.clone(),
                 revision: s.revision,
                 manifest_sha256: s.manifest_sha256.clone(),
-                synced_at: s.synced_at,
+                synced_at: self.synced_at.load(Ordering::Acquire),
             }
         };
         let result = std::fs::create_dir_all(dir)
@@ -348,7 +351,7 @@ impl BundleSync {
     async fn poll_inner(&self, etag: Option<&str>) -> Result<Polled, SyncError> {
         let (bytes, tag) = match self.source.fetch(etag).await? {
             Fetched::NotModified => {
-                self.state.lock().synced_at = now_secs();
+                self.confirmed();
                 self.persist(None);
                 return Ok(Polled::Unchanged);
             }
@@ -360,8 +363,8 @@ impl BundleSync {
             let mut s = self.state.lock();
             if opened.manifest_sha256 == s.manifest_sha256 {
                 s.etag = tag;
-                s.synced_at = now_secs();
                 drop(s);
+                self.confirmed();
                 self.persist(None);
                 return Ok(Polled::Unchanged);
             }
@@ -381,8 +384,8 @@ impl BundleSync {
             s.etag = tag;
             s.revision = offered;
             s.manifest_sha256 = opened.manifest_sha256.clone();
-            s.synced_at = now_secs();
         }
+        self.confirmed();
         let version = bundle.version().to_string();
         let replaced = self.pdp.install(bundle);
         self.persist(Some(&bytes));
@@ -423,8 +426,13 @@ impl BundleSync {
         })
     }
 
+    /// The source confirmed the bundle in force just now.
+    fn confirmed(&self) {
+        self.synced_at.store(now_secs(), Ordering::Release);
+    }
+
     fn since_synced(&self) -> Duration {
-        let at = self.state.lock().synced_at;
+        let at = self.synced_at.load(Ordering::Acquire);
         Duration::from_secs(now_secs().saturating_sub(at))
     }
 
@@ -459,7 +467,7 @@ impl BundleSync {
             source: self.source.describe(),
             revision: s.revision,
             version: s.manifest_sha256.chars().take(16).collect(),
-            last_synced: s.synced_at,
+            last_synced: self.synced_at.load(Ordering::Acquire),
             last_error: s.last_error.clone(),
             stale: self.config.stale_after.is_some_and(|a| age > a),
             expired: self.config.expire_after.is_some_and(|a| age > a),

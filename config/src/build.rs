@@ -258,7 +258,7 @@ impl Workload {
                 .dead_letter
                 .suffix
                 .clone()
-                .unwrap_or_else(|| ".dlq".into()),
+                .unwrap_or_else(|| elevate_core::settle::DEFAULT_DEAD_LETTER_SUFFIX.into()),
             replay: replay_kind,
         })
     }

@@ -25,8 +25,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::headers::to_kafka;
 
-/// Suffix of the default dead-letter topic: `<source topic>.dlq`.
-pub const DEFAULT_DLQ_SUFFIX: &str = ".dlq";
+/// Suffix of the default dead-letter topic: `<source topic>.dlq` (core's
+/// one default for every broker).
+pub const DEFAULT_DLQ_SUFFIX: &str = elevate_core::settle::DEFAULT_DEAD_LETTER_SUFFIX;
 
 /// Suffix of the claim-check topic: `<dead-letter topic>.claims`.
 pub const CLAIMS_SUFFIX: &str = ".claims";
