@@ -1,33 +1,45 @@
 //! The durable decision spool: a directory of JSON Lines segments holding
-//! the hash-chained entries of [`super::chain`], written by group commit,
-//! bounded, read by the shipper from a persisted cursor.
+//! the hash-chained entries of [`super::chain`], written in place into
+//! preallocated segments, flushed by group commit, bounded, read by the
+//! shipper from a persisted cursor.
 //!
-//! - **Group commit.** Callers hand their serialized record to one committer
-//!   thread and wait; the thread takes every record waiting (up to
-//!   [`SpoolConfig::max_commit`]), chains them, writes them with one
-//!   `write` and one `fdatasync`, and only then answers each caller. A
+//! - **Written on the caller's task, flushed in groups.** A record is
+//!   serialized, chained and written (`pwrite`, a few µs) by the task that
+//!   decided, under the spool's lock: no queue, no thread hop. With
+//!   [`SpoolConfig::fsync`] one flusher thread then runs `fdatasync` over
+//!   everything written since its last one while callers wait
+//!   ([`DecisionSink::commit`], asynchronously) — writes go on during a
+//!   flush, so one flush serves every record that arrived meanwhile. A
 //!   record is durable before the guard's verdict is returned, so before its
-//!   message is dispatched or dead-lettered. [`DecisionSink::commit`] waits
-//!   asynchronously (the guard's path); [`DecisionSink::record`] blocks.
-//! - **Bounded.** The segments on disk never exceed
-//!   [`SpoolConfig::max_bytes`]; a record that does not fit is refused
-//!   ([`SinkError`], so the guard answers Retry `decision-log-unavailable`):
-//!   nothing is dispatched without its record, nothing is dropped. Fully
-//!   shipped segments are deleted.
+//!   message is dispatched or dead-lettered; the shipper reads only durable
+//!   entries. [`DecisionSink::record`] blocks instead.
+//! - **Preallocated.** A segment is zero-filled to [`SpoolConfig::segment_bytes`]
+//!   before it is written (a spare is prepared in the background), so an
+//!   `fdatasync` has only data to flush: appending to a growing file makes
+//!   every flush journal the new size too, which cost 3–25× more on this
+//!   project's VMs (docs/BENCHMARKS.md). Entries never contain a NUL byte,
+//!   so the first NUL of a segment is its end; a closed segment is cut to
+//!   its entries.
+//! - **Bounded.** The entries on disk never exceed [`SpoolConfig::max_bytes`]
+//!   (plus the unwritten rest of the active segment and one spare); a record
+//!   that does not fit is refused ([`SinkError`], so the guard answers Retry
+//!   `decision-log-unavailable`): nothing is dispatched without its record,
+//!   nothing is dropped. Fully shipped segments are deleted.
 //! - **Checked.** Opening a spool walks every segment's chain and refuses a
 //!   damaged one ([`SpoolError::Corrupt`]: an edited or reordered entry, a
-//!   missing or truncated segment, a cursor past the end or not matching the
-//!   entry it names). An incomplete last line — what a crash during a write
-//!   leaves, a record never acknowledged — is cut off and counted
-//!   ([`SpoolStats::torn_tail_bytes`], with a warning). The shipper checks
-//!   the links again as it reads; a break stops shipping and recording.
+//!   missing or truncated segment, bytes after a segment's end, a cursor
+//!   past the end or not matching the entry it names). An incomplete last
+//!   entry — what a crash during a write leaves, a record never
+//!   acknowledged — is cut off and counted ([`SpoolStats::torn_tail_bytes`],
+//!   with a warning). The shipper checks the links again as it reads; a
+//!   break stops shipping and recording.
 //!
 //! Layout: `stream` (the stream id), `cursor.json` (the last shipped entry:
 //! `{"seq":…,"hash":…}`, replaced atomically), `seg-<first seq, 20
-//! digits>.jsonl`.
+//! digits>.jsonl`, `spare` (a zero-filled segment waiting to be used).
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,9 +55,6 @@ use super::{DecisionRecord, DecisionSink, SinkError};
 /// Default bound of the spool on disk: 256 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Default largest group commit: 1024 records per write + fsync.
-pub const DEFAULT_MAX_COMMIT: usize = 1024;
-
 /// How a spool is laid out and bounded.
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -53,16 +62,16 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Bound of all segments on disk, shipped or not (default 256 MiB).
     pub max_bytes: u64,
-    /// A segment is closed and a new one started past this size (default
-    /// an eighth of `max_bytes`, between 4 KiB and 16 MiB); also when the
-    /// spool is full and the active segment is all shipped, so that it can go.
+    /// The size a segment is preallocated to; a new one is started when the
+    /// next entry does not fit (default an eighth of `max_bytes`, between
+    /// 4 KiB and 16 MiB), and also when the spool is full and the active
+    /// segment is all shipped, so that it can go.
     pub segment_bytes: u64,
-    /// `fdatasync` every group commit (default true). Without it a record is
-    /// written and flushed to the OS, which survives a process crash but not
-    /// a machine crash.
+    /// `fdatasync` before a record counts as stored (default true; one flush
+    /// serves every record written while the previous one ran). Without it
+    /// a record is stored once written to the OS, which survives a process
+    /// crash but not a machine crash.
     pub fsync: bool,
-    /// Most records per group commit.
-    pub max_commit: usize,
 }
 
 impl SpoolConfig {
@@ -73,7 +82,6 @@ impl SpoolConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             segment_bytes: segment_bytes_for(DEFAULT_MAX_BYTES),
             fsync: true,
-            max_commit: DEFAULT_MAX_COMMIT,
         }
     }
 
@@ -145,7 +153,7 @@ pub struct SpoolStats {
     pub max_bytes: u64,
     /// Segments on disk.
     pub segments: usize,
-    /// Group commits (one write + flush each).
+    /// Group commits: `fdatasync`s (with `fsync`), else writes.
     pub commits: u64,
     /// Records written.
     pub records: u64,
@@ -178,6 +186,8 @@ impl ReadPos {
     }
 }
 
+/// One segment file. `bytes` and `last_seq` are what is durable (what the
+/// shipper may read); the active segment's written end is [`append::Writer`]'s.
 struct Segment {
     first_seq: u64,
     last_seq: u64,
@@ -187,43 +197,18 @@ struct Segment {
 
 struct State {
     segments: VecDeque<Segment>,
+    /// The last durable entry.
     head_seq: u64,
     head_hash: String,
+    /// Bytes of entries written to all segments on disk (the bound).
     used: u64,
     shipped_seq: u64,
     resume: ReadPos,
     broken: Option<String>,
     last_ship_error: Option<String>,
-}
-
-type Answer = Result<(), String>;
-
-enum Waiter {
-    Async(tokio::sync::oneshot::Sender<Answer>),
-    Sync(std::sync::mpsc::SyncSender<Answer>),
-}
-
-impl Waiter {
-    fn answer(self, a: Answer) {
-        match self {
-            Waiter::Async(tx) => {
-                let _ = tx.send(a);
-            }
-            Waiter::Sync(tx) => {
-                let _ = tx.send(a);
-            }
-        }
-    }
-}
-
-struct Pending {
-    json: Vec<u8>,
-    waiter: Waiter,
-}
-
-#[derive(Default)]
-struct Queue {
-    items: Vec<Pending>,
+    /// The active segment and the written (not yet durable) head.
+    writer: append::Writer,
+    /// The flusher and the committer handles are gone.
     closed: bool,
 }
 
@@ -240,24 +225,27 @@ struct Counters {
 pub(crate) struct Shared {
     cfg: SpoolConfig,
     stream: String,
-    queue: Mutex<Queue>,
-    wake: Condvar,
     state: Mutex<State>,
+    /// Wakes the flusher when something was written.
+    written: Condvar,
+    /// How far the entries are durable (waiters of [`DecisionSink::commit`]).
+    durable: tokio::sync::watch::Sender<flush::Durable>,
+    spare: Arc<Mutex<append::Spare>>,
     counters: Counters,
-    /// Signalled after every commit (the shipper waits on it).
+    /// Signalled when entries became durable (the shipper waits on it).
     pub(crate) committed: tokio::sync::Notify,
     /// Signalled after every acknowledged batch.
     shipped: tokio::sync::Notify,
     ship_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Ends the committer and the ship task when the last [`Spool`] handle goes.
+/// Ends the flusher and the ship task when the last [`Spool`] handle goes.
 struct Life(Arc<Shared>);
 
 impl Drop for Life {
     fn drop(&mut self) {
-        self.0.queue.lock().closed = true;
-        self.0.wake.notify_all();
+        self.0.state.lock().closed = true;
+        self.0.written.notify_all();
         if let Some(t) = self.0.ship_task.lock().take() {
             t.abort();
         }
@@ -265,7 +253,7 @@ impl Drop for Life {
 }
 
 /// The durable, bounded, hash-chained decision spool (see the module docs).
-/// Cheap to clone; the committer thread ends when the last clone is dropped.
+/// Cheap to clone; the flusher thread ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct Spool {
     shared: Arc<Shared>,
@@ -343,26 +331,16 @@ impl Spool {
             .torn_tail_bytes
             .store(scan.torn_tail_bytes, Ordering::Relaxed);
         let mut segments = scan.segments;
-        if segments.is_empty() {
-            let first = scan.head_seq + 1;
-            let path = dir.join(segment_name(first));
-            File::create(&path).map_err(io(&path, "create a segment"))?;
-            sync_dir(&dir)?;
-            segments.push_back(Segment {
-                first_seq: first,
-                last_seq: first - 1,
-                bytes: 0,
-                path,
-            });
-        }
-        let active = segments
-            .back()
-            .map(|s| s.path.clone())
-            .ok_or_else(|| corrupt(&dir, "no segment"))?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&active)
-            .map_err(io(&active, "open the active segment"))?;
+        let spare = append::Spare::discard_stale(&dir);
+        let writer = match segments.back() {
+            Some(last) => append::Writer::resume(&cfg, last, &scan.head_hash)?,
+            None => {
+                let first = scan.head_seq + 1;
+                let (writer, seg) = append::Writer::create(&cfg, first, &scan.head_hash, 0, None)?;
+                segments.push_back(seg);
+                writer
+            }
+        };
         let used = segments.iter().map(|s| s.bytes).sum();
         let resume = scan.resume.unwrap_or_else(|| {
             let last = segments.back();
@@ -373,10 +351,13 @@ impl Spool {
                 prev: scan.head_hash.clone(),
             }
         });
+        let (durable, _) = tokio::sync::watch::channel(flush::Durable {
+            seq: scan.head_seq,
+            failed: None,
+        });
+        let fsync = cfg.fsync;
         let shared = Arc::new(Shared {
             stream,
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
             state: Mutex::new(State {
                 segments,
                 head_seq: scan.head_seq,
@@ -386,18 +367,26 @@ impl Spool {
                 resume,
                 broken: None,
                 last_ship_error: None,
+                writer,
+                closed: false,
             }),
+            written: Condvar::new(),
+            durable,
+            spare: Arc::new(Mutex::new(spare)),
             counters,
             committed: tokio::sync::Notify::new(),
             shipped: tokio::sync::Notify::new(),
             ship_task: Mutex::new(None),
             cfg,
         });
-        let committer = shared.clone();
-        std::thread::Builder::new()
-            .name("elevate-decision-spool".into())
-            .spawn(move || run_committer(&committer, file))
-            .map_err(io(&dir, "start the committer thread"))?;
+        shared.prepare_spare();
+        if fsync {
+            let flusher = shared.clone();
+            std::thread::Builder::new()
+                .name("elevate-decision-spool".into())
+                .spawn(move || flusher.run_flusher())
+                .map_err(io(&dir, "start the flusher thread"))?;
+        }
         Ok(Spool {
             _life: Arc::new(Life(shared.clone())),
             shared,
@@ -456,18 +445,6 @@ impl Spool {
         &self.shared
     }
 
-    fn enqueue(&self, rec: &DecisionRecord, waiter: Waiter) -> Result<(), SinkError> {
-        let json = serde_json::to_vec(rec).map_err(|e| self.sink_error(e.to_string()))?;
-        let mut q = self.shared.queue.lock();
-        if q.closed {
-            return Err(self.sink_error("the spool is closed".into()));
-        }
-        q.items.push(Pending { json, waiter });
-        drop(q);
-        self.shared.wake.notify_one();
-        Ok(())
-    }
-
     fn sink_error(&self, reason: String) -> SinkError {
         SinkError {
             sink: format!("spool {}", self.shared.cfg.dir.display()),
@@ -478,26 +455,38 @@ impl Spool {
 
 impl DecisionSink for Spool {
     fn record(&self, rec: &DecisionRecord) -> Result<(), SinkError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.enqueue(rec, Waiter::Sync(tx))?;
-        rx.recv()
-            .map_err(|_| self.sink_error("the committer stopped".into()))?
+        let appended = self.append(rec)?;
+        if appended.durable {
+            return Ok(());
+        }
+        futures::executor::block_on(self.shared.wait_durable(appended.seq))
             .map_err(|r| self.sink_error(r))
     }
 
     fn commit<'a>(&'a self, rec: &'a DecisionRecord) -> BoxFuture<'a, Result<(), SinkError>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.enqueue(rec, Waiter::Async(tx));
+        let appended = self.append(rec);
         Box::pin(async move {
-            queued?;
-            rx.await
-                .map_err(|_| self.sink_error("the committer stopped".into()))?
+            let appended = appended?;
+            if appended.durable {
+                return Ok(());
+            }
+            self.shared
+                .wait_durable(appended.seq)
+                .await
                 .map_err(|r| self.sink_error(r))
         })
     }
 
     fn spool(&self) -> Option<Spool> {
         Some(self.clone())
+    }
+}
+
+impl Spool {
+    /// Serializes, chains and writes `rec` on the caller's thread.
+    fn append(&self, rec: &DecisionRecord) -> Result<append::Appended, SinkError> {
+        let json = serde_json::to_vec(rec).map_err(|e| self.sink_error(e.to_string()))?;
+        self.shared.append(&json).map_err(|r| self.sink_error(r))
     }
 }
 
@@ -538,164 +527,6 @@ fn read_cursor(dir: &Path) -> Result<Cursor, SpoolError> {
         }),
         Err(e) => Err(io(&path, "read")(e)),
     }
-}
-
-fn run_committer(shared: &Arc<Shared>, mut file: File) {
-    loop {
-        let batch: Vec<Pending> = {
-            let mut q = shared.queue.lock();
-            while q.items.is_empty() && !q.closed {
-                shared.wake.wait(&mut q);
-            }
-            if q.items.is_empty() {
-                return;
-            }
-            let n = q.items.len().min(shared.cfg.max_commit.max(1));
-            q.items.drain(..n).collect()
-        };
-        commit(shared, &mut file, batch);
-    }
-}
-
-fn fail_all(batch: Vec<Pending>, reason: &str) {
-    for p in batch {
-        p.waiter.answer(Err(reason.to_string()));
-    }
-}
-
-/// One group commit: chain what fits, one write, one flush, then answer.
-fn commit(shared: &Arc<Shared>, file: &mut File, batch: Vec<Pending>) {
-    let cfg = &shared.cfg;
-    let (mut seq, mut prev, used, active_bytes, shipped) = {
-        let st = shared.state.lock();
-        if let Some(b) = &st.broken {
-            let reason = b.clone();
-            drop(st);
-            return fail_all(batch, &reason);
-        }
-        (
-            st.head_seq,
-            st.head_hash.clone(),
-            st.used,
-            st.segments.back().map_or(0, |s| s.bytes),
-            st.shipped_seq,
-        )
-    };
-    let (mut active_bytes, mut used) = (active_bytes, used);
-    let wanted: u64 = batch.iter().map(|p| p.json.len() as u64 + 200).sum();
-    let all_shipped = shipped >= seq;
-    if active_bytes >= cfg.segment_bytes
-        || (active_bytes > 0 && all_shipped && used + wanted > cfg.max_bytes)
-    {
-        match rotate(shared, seq + 1) {
-            Ok((f, freed)) => {
-                *file = f;
-                active_bytes = 0;
-                used -= freed;
-            }
-            Err(e) => return fail_all(batch, &e.to_string()),
-        }
-    }
-    let mut buf = Vec::with_capacity(batch.iter().map(|p| p.json.len() + 200).sum());
-    let mut accepted = Vec::with_capacity(batch.len());
-    let mut added = 0u64;
-    for p in batch {
-        let start = buf.len();
-        chain::write_entry(&mut buf, &shared.stream, seq + 1, &prev, &p.json);
-        let len = (buf.len() - start + 1) as u64;
-        if used + added + len > cfg.max_bytes {
-            buf.truncate(start);
-            shared
-                .counters
-                .rejected_full
-                .fetch_add(1, Ordering::Relaxed);
-            p.waiter.answer(Err(format!(
-                "the spool is full ({} of {} bytes; shipped up to seq {shipped} of {seq}): waiting for the remote node",
-                used + added,
-                cfg.max_bytes
-            )));
-            continue;
-        }
-        prev = chain::entry_hash(&buf[start..]);
-        buf.push(b'\n');
-        seq += 1;
-        added += len;
-        accepted.push(p);
-    }
-    if accepted.is_empty() {
-        return;
-    }
-    let written = file
-        .write_all(&buf)
-        .and_then(|()| if cfg.fsync { file.sync_data() } else { Ok(()) });
-    if let Err(e) = written {
-        let reason = format!("write + fsync failed: {e}");
-        if let Err(e2) = file.set_len(active_bytes) {
-            // The file may end in a half-written batch: refuse everything
-            // until a restart cuts it off.
-            shared.state.lock().broken = Some(format!(
-                "{reason}; cutting the partial write failed too: {e2}"
-            ));
-        }
-        return fail_all(accepted, &reason);
-    }
-    {
-        let mut st = shared.state.lock();
-        st.head_seq = seq;
-        st.head_hash = prev;
-        st.used += added;
-        if let Some(s) = st.segments.back_mut() {
-            s.bytes += added;
-            s.last_seq = seq;
-        }
-    }
-    shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-    shared
-        .counters
-        .records
-        .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-    shared.committed.notify_one();
-    for p in accepted {
-        p.waiter.answer(Ok(()));
-    }
-}
-
-/// Closes the active segment and starts `seg-<first>`; deletes the closed
-/// segments already shipped and returns the bytes that freed.
-fn rotate(shared: &Shared, first: u64) -> Result<(File, u64), SpoolError> {
-    let dir = &shared.cfg.dir;
-    let path = dir.join(segment_name(first));
-    let file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .map_err(io(&path, "create a segment"))?;
-    sync_dir(dir)?;
-    let mut removed = Vec::new();
-    let mut freed = 0;
-    {
-        let mut st = shared.state.lock();
-        st.segments.push_back(Segment {
-            first_seq: first,
-            last_seq: first - 1,
-            bytes: 0,
-            path,
-        });
-        let shipped = st.shipped_seq;
-        while st.segments.len() > 1 && st.segments.front().is_some_and(|s| s.last_seq <= shipped) {
-            if let Some(s) = st.segments.pop_front() {
-                st.used -= s.bytes;
-                freed += s.bytes;
-                removed.push(s.path);
-            }
-        }
-    }
-    for p in removed {
-        if let Err(e) = fs::remove_file(&p) {
-            tracing::warn!(target: "elevate::decision", path = %p.display(), error = %e, "decision spool: cannot delete a shipped segment");
-        }
-    }
-    Ok((file, freed))
 }
 
 impl Shared {
@@ -743,6 +574,8 @@ impl Shared {
     }
 }
 
+mod append;
+mod flush;
 mod read;
 mod scan;
 #[cfg(test)]

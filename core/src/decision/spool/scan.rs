@@ -3,12 +3,11 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
 use super::{
-    CURSOR_FILE, Cursor, ReadPos, STREAM_FILE, Segment, SpoolError, SpoolStats, corrupt, io,
-    parse_segment_name, read_cursor, segment_name, valid_stream_id,
+    CURSOR_FILE, Cursor, ReadPos, STREAM_FILE, Segment, SpoolError, SpoolStats, append, corrupt,
+    io, parse_segment_name, read_cursor, segment_name, valid_stream_id,
 };
 use crate::decision::chain;
 
@@ -86,6 +85,24 @@ pub(super) fn scan(
             ));
         }
         let mut bytes = fs::read(&path).map_err(io(&path, "read"))?;
+        // Entries never hold a NUL byte: the first one ends the segment (a
+        // preallocated segment is zero-filled past its entries). Anything
+        // but zeros after it is what a crash leaves in the last segment (a
+        // later page of an entry reached the disk, an earlier one did not),
+        // and an edit anywhere else.
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        let stray_end = bytes[end..]
+            .iter()
+            .rposition(|b| *b != 0)
+            .map(|i| (end + i + 1) as u64);
+        if stray_end.is_some() && !last_segment {
+            return Err(corrupt(
+                &path,
+                format!("bytes after the segment's end (offset {end}): edited"),
+            ));
+        }
+        bytes.truncate(end);
+        let mut torn_end = stray_end;
         let mut offset = 0usize;
         let mut line_no = 0usize;
         while offset < bytes.len() {
@@ -113,29 +130,17 @@ pub(super) fn scan(
                 }
                 if !links {
                     // A crash during the last write: never acknowledged.
-                    let torn = (bytes.len() - offset) as u64;
-                    tracing::warn!(target: "elevate::decision", path = %path.display(), bytes = torn, "decision spool: cutting off an incomplete last entry (a crash during a write, or a truncated file)");
-                    out.torn_tail_bytes = torn;
-                    if !repair {
-                        break;
-                    }
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io(&path, "open to cut the torn tail"))?;
-                    f.set_len(offset as u64)
-                        .and_then(|()| f.sync_all())
-                        .map_err(io(&path, "cut the torn tail"))?;
+                    torn_end = Some(torn_end.unwrap_or(0).max(bytes.len() as u64));
                     bytes.truncate(offset);
                     break;
                 }
                 // A complete entry whose newline did not make it.
                 if repair {
-                    let mut f = OpenOptions::new()
-                        .append(true)
+                    let f = OpenOptions::new()
+                        .write(true)
                         .open(&path)
                         .map_err(io(&path, "open to end the last line"))?;
-                    f.write_all(b"\n")
+                    append::write_all_at(&f, b"\n", bytes.len() as u64)
                         .and_then(|()| f.sync_all())
                         .map_err(io(&path, "end the last line"))?;
                 }
@@ -189,10 +194,24 @@ pub(super) fn scan(
             out.head_hash = h.hash.clone();
             prev = Some(h.hash);
         }
+        if let Some(torn_end) = torn_end.filter(|e| *e > offset as u64) {
+            let torn = torn_end - offset as u64;
+            tracing::warn!(target: "elevate::decision", path = %path.display(), bytes = torn, "decision spool: cutting off an incomplete last entry (a crash during a write, or a truncated file)");
+            out.torn_tail_bytes = torn;
+            if repair {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path, "open to cut the torn tail"))?;
+                append::zero_fill(&f, offset as u64, torn_end)
+                    .and_then(|()| f.sync_all())
+                    .map_err(io(&path, "cut the torn tail"))?;
+            }
+        }
         out.segments.push_back(Segment {
             first_seq: first,
             last_seq: expected_seq - 1,
-            bytes: bytes.len() as u64,
+            bytes: offset as u64,
             path,
         });
     }

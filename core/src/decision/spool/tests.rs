@@ -258,18 +258,14 @@ async fn a_truncated_segment_is_found_and_a_torn_tail_is_cut() {
     let what = is_corrupt(Spool::open(SpoolConfig::new(dir.path())));
     assert!(what.contains("truncated"), "{what}");
 
-    // truncating the live tail mid-entry: what a crash leaves
+    // the live tail loses the end of its last entry: what a crash during
+    // a write into the preallocated segment leaves
     let dir = tempfile::tempdir().unwrap();
     spool_with_segments(dir.path()).await;
     let files = segment_files(dir.path());
     let last = files.last().unwrap();
-    let len = std::fs::metadata(last).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(last)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
+    let end = entries_end(last);
+    zero(last, end - 10, end);
     assert!(
         verify_dir(dir.path()).is_err(),
         "verify reports a torn tail"
@@ -300,4 +296,130 @@ async fn truncation_below_the_cursor_is_found() {
     std::fs::write(seg, first_five.join("\n") + "\n").unwrap();
     let what = is_corrupt(Spool::open(SpoolConfig::new(dir.path())));
     assert!(what.contains("truncated"), "{what}");
+}
+
+/// Where a segment's entries end (its first NUL byte, or its length).
+fn entries_end(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len()) as u64
+}
+
+fn zero(path: &std::path::Path, from: u64, to: u64) {
+    overwrite(path, from, &vec![0u8; usize::try_from(to - from).unwrap()]);
+}
+
+fn overwrite(path: &std::path::Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+fn small_segments(dir: &std::path::Path) -> SpoolConfig {
+    let mut cfg = SpoolConfig::new(dir);
+    cfg.segment_bytes = 4 * 1024;
+    cfg
+}
+
+#[tokio::test]
+async fn segments_are_preallocated_and_closed_ones_cut_to_their_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    spool_with_segments(dir.path()).await;
+    let files = segment_files(dir.path());
+    let (last, closed) = files.split_last().unwrap();
+    assert_eq!(
+        std::fs::metadata(last).unwrap().len(),
+        4 * 1024,
+        "active segment not preallocated"
+    );
+    assert!(entries_end(last) < 4 * 1024);
+    for f in closed {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.contains(&0) && bytes.ends_with(b"\n"),
+            "{f:?} keeps a zero tail"
+        );
+    }
+    // the spare is made in the background: wait for it
+    let spare = dir.path().join("spare");
+    for _ in 0..100 {
+        if spare.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bytes = std::fs::read(&spare).unwrap();
+    assert!(bytes.len() == 4 * 1024 && bytes.iter().all(|b| *b == 0));
+    assert_eq!(verify_dir(dir.path()).unwrap().head_seq, 60);
+}
+
+#[tokio::test]
+async fn a_later_page_without_the_earlier_one_is_a_torn_tail_in_the_live_segment_only() {
+    // live segment: entries, zeros, then bytes of an entry whose start never
+    // reached the disk
+    let dir = tempfile::tempdir().unwrap();
+    spool_with_segments(dir.path()).await;
+    let files = segment_files(dir.path());
+    let last = files.last().unwrap();
+    let end = entries_end(last);
+    overwrite(last, end + 100, b"\"seq\":61,\"record\":{}}\n");
+    assert!(
+        verify_dir(dir.path()).is_err(),
+        "verify reports the stray bytes"
+    );
+    let spool = Spool::open(small_segments(dir.path())).unwrap();
+    let st = spool.stats();
+    assert!(st.torn_tail_bytes > 100 && st.head_seq == 60, "{st:?}");
+    spool.commit(&rec(60)).await.unwrap();
+    drop(spool);
+    assert_eq!(verify_dir(dir.path()).unwrap().head_seq, 61);
+
+    // the same in a closed segment is an edit
+    let dir = tempfile::tempdir().unwrap();
+    spool_with_segments(dir.path()).await;
+    let first = &segment_files(dir.path())[0];
+    let end = entries_end(first);
+    overwrite(first, end, b"\0\0x");
+    let what = is_corrupt(Spool::open(small_segments(dir.path())));
+    assert!(what.contains("after the segment's end"), "{what}");
+}
+
+#[tokio::test]
+async fn a_spool_without_preallocation_opens_and_goes_on() {
+    // what a spool written before segments were preallocated looks like:
+    // every segment ends at its last entry
+    let dir = tempfile::tempdir().unwrap();
+    spool_with_segments(dir.path()).await;
+    let last = segment_files(dir.path()).pop().unwrap();
+    let end = entries_end(&last);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
+    let spool = Spool::open(small_segments(dir.path())).unwrap();
+    assert_eq!(spool.stats().torn_tail_bytes, 0);
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), 4 * 1024);
+    for i in 60..70 {
+        spool.commit(&rec(i)).await.unwrap();
+    }
+    drop(spool);
+    assert_eq!(verify_dir(dir.path()).unwrap().head_seq, 70);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fsync_a_record_is_stored_when_written_and_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_segments(dir.path());
+    cfg.fsync = false;
+    let spool = Spool::open(cfg).unwrap();
+    let shipper = Arc::new(Collector::default());
+    spool.start_shipping(shipper.clone(), fast()).unwrap();
+    assert!(commit_many(&spool, 0, 200).await.iter().all(Result::is_ok));
+    let st = spool.stats();
+    assert_eq!((st.head_seq, st.records, st.commits), (200, 200, 200));
+    assert!(spool.wait_shipped(Duration::from_secs(10)).await);
+    let report = shipper.verify();
+    assert!(report.is_intact(), "{report}");
+    assert_eq!(report.streams[0].entries, 200);
 }
