@@ -128,3 +128,98 @@ fn key_new_writes_a_private_key_and_key_public_the_jwks_the_tts_registers() {
         keys[0]
     );
 }
+
+fn decision(i: u64) -> elevate_core::decision::DecisionRecord {
+    use elevate_core::verdict::{Reason, Verdict};
+    elevate_core::decision::DecisionRecord {
+        decision_id: format!("d{i}"),
+        time: "2026-12-03T00:00:00Z".into(),
+        verdict: Verdict::Permit,
+        reason: Reason::Permitted,
+        detail: None,
+        subject: Some("alice".into()),
+        workload: "spiffe://elevate.example/w".into(),
+        producer: None,
+        action: None,
+        resource: None,
+        txn: None,
+        chain: vec![],
+        source: elevate_core::memory::coordinates("orders", i),
+        attempt: 1,
+        policy_version: "v1".into(),
+        bundle_revision: Some(1),
+        latency_us: 10,
+        trace_id: "t".into(),
+        ctx_ref_sha256: None,
+        txn_token_sha256: None,
+    }
+}
+
+fn verify(paths: &[&Path]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["decisions", "verify"])
+        .args(paths)
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `decisions verify` on a spool directory and on what a receiver stored:
+/// intact is exit 0, an edited entry or a gap exit 1 with what broke.
+#[test]
+fn decisions_verify_reports_intact_edited_and_missing_entries() {
+    use elevate_core::decision::{DecisionSink, Spool, SpoolConfig};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let spool_dir = dir.path().join("spool");
+    {
+        let spool = Spool::open(SpoolConfig::new(&spool_dir)).unwrap_or_else(|e| panic!("{e}"));
+        for i in 1..=30 {
+            spool.record(&decision(i)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let (code, out) = verify(&[&spool_dir]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("entries up to seq 30 intact"), "{out}");
+
+    // what a receiver stored: the entry lines, once as shipped, then with one missing
+    let segment = std::fs::read_dir(&spool_dir)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap_or_else(|| panic!("no segment in {}", spool_dir.display()));
+    let text = std::fs::read_to_string(&segment).unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<&str> = text.trim_end_matches('\0').lines().collect();
+    assert_eq!(lines.len(), 30);
+    let stored = dir.path().join("stored.jsonl");
+    std::fs::write(&stored, lines.join("\n") + "\n").unwrap_or_else(|e| panic!("{e}"));
+    let (code, out) = verify(&[&stored]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("30 entries") && out.contains("intact"),
+        "{out}"
+    );
+    let gap: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 11)
+        .map(|(_, l)| *l)
+        .collect();
+    std::fs::write(&stored, gap.join("\n") + "\n").unwrap_or_else(|e| panic!("{e}"));
+    let (code, out) = verify(&[&stored]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("gaps [12..=12]"), "{out}");
+
+    // an edited decision in the spool itself
+    std::fs::write(
+        &segment,
+        text.replacen("\"verdict\":\"permit\"", "\"verdict\":\"deny\"", 1),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (code, out) = verify(&[&spool_dir]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("does not link"), "{out}");
+}

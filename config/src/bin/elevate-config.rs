@@ -179,7 +179,7 @@ fn verify_decisions(paths: &[PathBuf]) -> ExitCode {
         if p.is_dir() {
             match verify_dir(p) {
                 Ok(s) => println!(
-                    "spool {}: stream {}, seq 1..={} intact, shipped up to {}, {} segment(s), {} bytes",
+                    "spool {}: stream {}, entries up to seq {} intact, shipped up to {}, {} segment(s), {} bytes",
                     p.display(),
                     s.stream,
                     s.head_seq,
