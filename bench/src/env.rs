@@ -1,8 +1,9 @@
 //! The benchmark's environment: the test kit's ([`TestEnv`]: keys, the
 //! example Cedar bundle, the TTS on loopback, the producer guard, the
 //! consumer's guard and processor) plus what only the benchmark has: the
-//! remote-PDP baseline, a decision log on disk, and for the spool rows a
-//! fresh decision spool per row shipping to an HTTP receiver on loopback.
+//! remote-PDP baseline, a decision log on disk, for the spool rows a
+//! fresh decision spool per row shipping to an HTTP receiver on loopback,
+//! and for the fleet rows two TTS replicas on PostgreSQL ([`crate::fleet`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use elevate_core::token_cache::CachingTokenSource;
 use elevate_core::{AuthContext, Headers, InboundMessage, OutboundMessage, handler_fn};
 use elevate_testing::env::TestEnv;
 
+use crate::fleet::BenchFleet;
 use crate::remote_pdp::{self, RemotePdp};
 use crate::scenario::{Contexts, LogMode, PER_CONTEXT, PdpMode, Scenario, TtsMode};
 use crate::tally::{H_SEQ, Tally};
@@ -33,6 +35,8 @@ pub struct BenchEnv {
     log_path: PathBuf,
     receiver_url: String,
     spools: parking_lot::Mutex<Vec<Spool>>,
+    /// The TTS replicas, once [`BenchEnv::start_fleet`] ran (or why they did not start).
+    fleet: Option<Result<BenchFleet, String>>,
 }
 
 /// A decision receiver on loopback that acknowledges every batch.
@@ -75,7 +79,19 @@ impl BenchEnv {
             log_path,
             receiver_url: serve_receiver().await?,
             spools: parking_lot::Mutex::new(Vec::new()),
+            fleet: None,
         })
+    }
+
+    /// Starts the TTS replicas for the fleet rows; when they cannot start,
+    /// those rows fail with the reason.
+    pub async fn start_fleet(&mut self) {
+        self.fleet = Some(BenchFleet::start(&self.test).await);
+    }
+
+    /// The TTS replicas, when they run.
+    pub fn fleet(&self) -> Option<&BenchFleet> {
+        self.fleet.as_ref().and_then(|f| f.as_ref().ok())
     }
 
     /// Removes the decision log and the spools.
@@ -124,6 +140,11 @@ impl BenchEnv {
         let inner = match sc.tts {
             TtsMode::InProcess => self.test.in_process_tokens(),
             TtsMode::Http => self.test.http_tokens(),
+            TtsMode::Fleet { replicas } => match &self.fleet {
+                Some(Ok(f)) => f.tokens(&self.test, replicas)?,
+                Some(Err(e)) => return Err(format!("TTS fleet: {e}")),
+                None => return Err("the TTS fleet was not started".into()),
+            },
         };
         let tokens: Arc<dyn TokenSource> = Arc::new(CachingTokenSource::new(
             inner,

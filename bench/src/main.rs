@@ -6,8 +6,8 @@
 //! run — with the plain client (raw) and through the broker crate's guarded
 //! consumer and core's `Processor` (guarded) — then sends a paced trickle to
 //! both consumers to measure latency from the publish timestamp (header
-//! `x-bench-ts`) to the handler. It prints one table and, in full mode or
-//! with `--write`, regenerates `docs/BENCHMARKS.md`.
+//! `x-bench-ts`) to the handler. It prints one table and, in full mode (all
+//! rows) or with `--write`, regenerates `docs/BENCHMARKS.md`.
 //!
 //! It runs on the test kit (`elevate-testing`): its environment (keys, the
 //! example bundle, the TTS on loopback, the producer guard, the consumer's
@@ -19,14 +19,19 @@
 //!
 //! ```sh
 //! cargo run --release -p elevate-bench --bin bench -- [--quick] [--messages N] \
-//!     [--brokers memory,kafka-mock,kafka,amqp,nats] [--write]
+//!     [--brokers memory,kafka-mock,kafka,amqp,nats] [--only TEXT] [--write]
 //! ```
+//!
+//! The fleet rows run the `txn-token-service` binary as replicas on the
+//! local PostgreSQL ([`fleet`]; `ELEVATE_TTS_BIN`, else built beside the
+//! benchmark); without PostgreSQL they fail, saying how to start it.
 //!
 //! Exits non-zero when a guarded run loses a message or handles one twice
 //! (handled + dead-lettered must equal produced), or a broker cannot be used.
 
 mod brokers;
 mod env;
+mod fleet;
 mod remote_pdp;
 mod report;
 mod row;
@@ -42,7 +47,7 @@ use clap::{Parser, ValueEnum};
 use crate::env::BenchEnv;
 use crate::report::{MANUAL_MARK, Progress, fmt_rate, render, table, targets};
 use crate::row::{Plan, Row};
-use crate::scenario::scenarios;
+use crate::scenario::{Scenario, TtsMode, scenarios};
 
 /// A broker the benchmark can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,7 +94,12 @@ pub struct Args {
         default_value = "memory,kafka-mock,kafka,amqp,nats"
     )]
     brokers: Vec<BrokerKind>,
-    /// Write the results file even in --quick mode.
+    /// Only the rows whose scenario label contains this text (e.g.
+    /// `"distinct ctx"`, `replica`); the results file is then written only
+    /// with --write.
+    #[arg(long)]
+    only: Option<String>,
+    /// Write the results file even in --quick mode (or with --only).
     #[arg(long)]
     write: bool,
     /// Where the results go.
@@ -134,6 +144,14 @@ async fn main() {
     }
 }
 
+/// The rows of `broker` this run measures.
+fn selected(args: &Args, broker: BrokerKind) -> Vec<Scenario> {
+    scenarios(args.quick, broker)
+        .into_iter()
+        .filter(|sc| args.only.as_deref().is_none_or(|o| sc.label().contains(o)))
+        .collect()
+}
+
 async fn run(args: Args) -> Result<bool, String> {
     let started = Instant::now();
     let messages = args
@@ -146,12 +164,16 @@ async fn run(args: Args) -> Result<bool, String> {
         latency_interval: Duration::from_millis(if args.quick { 4 } else { 5 }),
         concurrency: args.concurrency.max(1),
     };
-    let env = BenchEnv::start().await?;
-    let total: usize = args
-        .brokers
-        .iter()
-        .map(|b| scenarios(args.quick, *b).len())
-        .sum();
+    let mut env = BenchEnv::start().await?;
+    let total: usize = args.brokers.iter().map(|b| selected(&args, *b).len()).sum();
+    let fleet_rows = args.brokers.iter().any(|b| {
+        selected(&args, *b)
+            .iter()
+            .any(|sc| matches!(sc.tts, TtsMode::Fleet { .. }))
+    });
+    if fleet_rows {
+        env.start_fleet().await;
+    }
     let progress = Progress::new(std::io::stdout().is_terminal(), total);
     println!(
         "bench: {} messages per row, {} rows, brokers {}",
@@ -167,7 +189,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let mut row_id = 0;
     for kind in &args.brokers {
         let broker = brokers::connect(*kind, &args).await;
-        for sc in scenarios(args.quick, *kind) {
+        for sc in selected(&args, *kind) {
             row_id += 1;
             let row = match &broker {
                 Ok(b) => {
@@ -192,6 +214,13 @@ async fn run(args: Args) -> Result<bool, String> {
                 ),
                 Some(p) => println!("{:10} {:52} FAILED: {p}", row.broker, sc.label()),
             }
+            if let (TtsMode::Fleet { .. }, Some(f)) = (sc.tts, env.fleet()) {
+                println!(
+                    "{:10} tokens issued so far: {}",
+                    "",
+                    f.issued_per_replica().await
+                );
+            }
             rows.push(row);
         }
     }
@@ -200,7 +229,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let elapsed = started.elapsed();
     println!("\n{}", table(&rows));
     println!("{}", targets(&rows));
-    if !args.quick || args.write {
+    if (!args.quick && args.only.is_none()) || args.write {
         let extra = std::fs::read_to_string(&args.output)
             .ok()
             .and_then(|old| old.find(MANUAL_MARK).map(|i| old[i..].to_string()))

@@ -308,6 +308,14 @@ const NOTES: &str = r#"## How to read it
 - **repeated ctx**: 100 messages per origin transaction (one Txn-Token each
   100 messages, never across contexts); **distinct ctx**: a new origin
   transaction per message, so one token exchange per message.
+- **TTS 1 replica / 2 replicas on PostgreSQL**: the `txn-token-service`
+  binary as separate processes in fleet mode (`[store]` on the local
+  PostgreSQL: every exchange claims its client assertion's `jti` there),
+  logging at `warn` like the in-process TTS; the guard's one client sends
+  its exchanges round-robin over the replicas it is given
+  (`[tts] replica_urls`). Their CPU is not in the CPU column (other
+  processes), and they share the 2 cores with this process and PostgreSQL.
+  **TTS HTTP** is the same service code over HTTP inside this process, no store.
 - **baseline**: the status quo, one authorization call per message to a
   remote PDP (AuthZEN `POST /access/v1/evaluations`, axum on loopback, the
   same Cedar bundle) instead of the embedded PDP.

@@ -22,6 +22,13 @@ pub enum TtsMode {
     InProcess,
     /// The TTS over HTTP on loopback.
     Http,
+    /// The `txn-token-service` binary as separate processes on one
+    /// PostgreSQL (`[store]`), `replicas` of them, the client spreading its
+    /// exchanges round-robin over them ([`crate::fleet`]).
+    Fleet {
+        /// How many replicas the client uses (1 or 2).
+        replicas: usize,
+    },
 }
 
 /// Which PDP the guard asks.
@@ -69,8 +76,10 @@ impl Scenario {
             Contexts::Distinct => "distinct ctx",
         };
         let tts = match self.tts {
-            TtsMode::InProcess => "TTS in-process",
-            TtsMode::Http => "TTS HTTP",
+            TtsMode::InProcess => "TTS in-process".to_string(),
+            TtsMode::Http => "TTS HTTP".to_string(),
+            TtsMode::Fleet { replicas: 1 } => "TTS 1 replica on PostgreSQL".to_string(),
+            TtsMode::Fleet { replicas } => format!("TTS {replicas} replicas on PostgreSQL"),
         };
         let log = match self.log {
             LogMode::File => "",
@@ -84,9 +93,12 @@ impl Scenario {
     }
 }
 
-/// The rows of one broker: all seven in full mode (the first repeated
-/// with the decision spool, with and without fsync, instead of the file); in quick mode two, and the
-/// remote-PDP baseline and the spool row on the in-memory transport only.
+/// The rows of one broker: all nine in full mode (the first repeated
+/// with the decision spool, with and without fsync, instead of the file;
+/// distinct contexts with the TTS in process, over HTTP in this process, and
+/// as the `txn-token-service` binary on PostgreSQL, one replica and two); in
+/// quick mode two, and the remote-PDP baseline, the spool row and the
+/// two-replica row on the in-memory transport only.
 pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
     let s = |contexts, tts, pdp| Scenario {
         contexts,
@@ -110,6 +122,12 @@ pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
         if broker == BrokerKind::Memory {
             v.push(spooled(s(Repeated, InProcess, Local)));
             v.push(s(Repeated, InProcess, Remote));
+            // Kept in CI's quick (debug) run, well under 30 s: building
+            // txn-token-service only links it (the benchmark's build has
+            // its dependencies), and starting two replicas plus this
+            // 250-message row took 2.7 s where the TTS HTTP row takes 1.6 s.
+            // It needs the local PostgreSQL, as the tests before it do.
+            v.push(s(Distinct, Fleet { replicas: 2 }, Local));
         }
         v
     } else {
@@ -120,6 +138,8 @@ pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
             s(Repeated, Http, Local),
             s(Distinct, InProcess, Local),
             s(Distinct, Http, Local),
+            s(Distinct, Fleet { replicas: 1 }, Local),
+            s(Distinct, Fleet { replicas: 2 }, Local),
             s(Repeated, InProcess, Remote),
         ]
     }

@@ -160,6 +160,7 @@ impl Workload {
             .unwrap_or_default();
         let mut tc = TtsClientConfig::new(&tts.url, trust_domain, &id);
         tc.jwks_url = tts.jwks_url.clone();
+        tc.replica_endpoints = tts.replica_urls.clone().unwrap_or_default();
         if let Some(ms) = tts.request_timeout_ms {
             tc.request_timeout = Duration::from_millis(ms);
         }

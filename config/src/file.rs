@@ -89,6 +89,12 @@ pub struct TrustConfig {
 pub struct TtsConfig {
     /// The token endpoint URL, e.g. `http://127.0.0.1:8400/token`.
     pub url: String,
+    /// Further token endpoints of the same TTS fleet, for replicas reached
+    /// without a load balancer: exchanges go round-robin over `url` and
+    /// these, and an endpoint that cannot be connected to is skipped (the
+    /// exchange goes on to the next at once). Each replica must accept its
+    /// own URL as the client assertion's `aud` (its address, or `public_url`).
+    pub replica_urls: Option<Vec<String>>,
     /// The trust domain (`audience` of requests); default: the workload
     /// id's SPIFFE trust domain.
     pub trust_domain: Option<String>,

@@ -4,7 +4,8 @@
 //! Wrong files get named errors; replay protection is on unless turned off;
 //! a signing-key rollover (two keys, then the old one removed) keeps every
 //! message flowing, and the rotated key is trusted by the running consumer
-//! without a restart.
+//! without a restart; `[tts] replica_urls` gets tokens from a live replica
+//! when `url` refuses connections.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,6 +52,20 @@ async fn publish(producer: &Workload, consumer: &Workload, n: u64) -> (InboundMe
     let kid = producer.signing_key().get().kid().to_string();
     let msg = message_for_alice(producer, consumer, DESTINATION, ACTION, n).await;
     (msg, kid)
+}
+
+/// The TTS binary with `orders-api` and `test-worker` (one key each), and
+/// the producer built from its file.
+async fn orders_domain() -> (FileDomain, Workload) {
+    let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
+    let d = FileDomain::start(
+        Path::new(BIN),
+        TRUST_DOMAIN,
+        &[ACTION],
+        &[("orders-api", &[&p1]), ("test-worker", &[&w1])],
+    );
+    let producer = workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await;
+    (d, producer)
 }
 
 fn reason(d: &GuardDecision) -> Option<Reason> {
@@ -190,14 +205,7 @@ async fn an_unreachable_tts_at_start_is_a_warning_and_the_workload_builds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_protection_is_on_unless_turned_off() {
-    let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
-    let d = FileDomain::start(
-        Path::new(BIN),
-        TRUST_DOMAIN,
-        &[ACTION],
-        &[("orders-api", &[&p1]), ("test-worker", &[&w1])],
-    );
-    let producer = workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await;
+    let (d, producer) = orders_domain().await;
     let consumer = workload(&d.workload_config("test-worker", DESTINATION, ACTION, "")).await;
     assert_eq!(consumer.replay_store(), "memory");
     let (msg, _) = publish(&producer, &consumer, 1).await;
@@ -304,14 +312,7 @@ async fn a_signing_key_rollover_keeps_every_message_flowing_without_a_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_built_in_code_guards_like_one_built_from_its_file() {
-    let (p1, w1) = (key("orders-api-1"), key("test-worker-1"));
-    let d = FileDomain::start(
-        Path::new(BIN),
-        TRUST_DOMAIN,
-        &[ACTION],
-        &[("orders-api", &[&p1]), ("test-worker", &[&w1])],
-    );
-    let producer = workload(&d.workload_config("orders-api", DESTINATION, ACTION, "")).await;
+    let (d, producer) = orders_domain().await;
     let consumer = Workload::builder(wl("test-worker"))
         .tts(d.token_endpoint())
         .signing_key_dir(d.keys_dir("test-worker"))
@@ -345,4 +346,47 @@ async fn a_workload_built_in_code_guards_like_one_built_from_its_file() {
         "{e}"
     );
     assert!(e.origin.contains("in code"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tts_replica_urls_reach_a_live_replica_when_the_first_url_is_down() {
+    let (d, producer) = orders_domain().await;
+    let live = d.token_endpoint();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        format!(
+            "http://{}/token",
+            l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        )
+    };
+    let origin = live.trim_end_matches("/token");
+    // The consumer's first TTS URL refuses connections; `replica_urls` names the live one.
+    let path = d.workload_config("test-worker", DESTINATION, ACTION, "");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    let with = |replicas: &str| {
+        text.replace(
+            &format!("url = \"{live}\""),
+            &format!("url = \"{dead}\"\n{replicas}"),
+        )
+        .replace(
+            "[trust]\n",
+            &format!("[trust]\njwks_url = \"{origin}/.well-known/workload-jwks\"\n"),
+        )
+    };
+    std::fs::write(&path, with(&format!("replica_urls = [\"{live}\"]")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let consumer = workload(&path).await;
+    let (msg, _) = publish(&producer, &consumer, 1).await;
+    let decided = consumer.guard().decide(&msg, 1).await;
+    assert_eq!(reason(&decided), None, "permitted: {decided:?}");
+    // The same file without replica_urls: the TTS is unavailable (Retry).
+    std::fs::write(&path, with("")).unwrap_or_else(|e| panic!("{e}"));
+    let alone = workload(&path).await;
+    let (msg, _) = publish(&producer, &alone, 2).await;
+    let decided = alone.guard().decide(&msg, 1).await;
+    assert_eq!(
+        reason(&decided),
+        Some(Reason::TtsUnavailable),
+        "{decided:?}"
+    );
 }

@@ -8,7 +8,9 @@
 //! both replicas before either signs with it; killing one replica mid-load
 //! loses no exchange the client retries against the other; the admin API
 //! refuses unauthenticated and wrongly authenticated calls and audits every
-//! change; and the embedded mode (no store) serves the admin API too.
+//! change; the embedded mode (no store) serves the admin API too; and one
+//! client given both replicas' endpoints spreads its exchanges over them and
+//! fails over when one dies.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (`scripts/services-up`).
 
@@ -33,6 +35,7 @@ use txn_token_client::assertion::sign_assertion;
 use txn_token_client::protocol::{
     ExchangeForm, TOKEN_TYPE_JWT, exchange_form, with_client_assertion,
 };
+use txn_token_client::{TtsClient, TtsClientConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_elevate-tts");
 /// The name both replicas serve under (assertion and admin `aud`).
@@ -189,14 +192,7 @@ async fn an_assertion_replayed_at_the_other_replica_is_refused() {
     let again = form(&f.consumer, &r);
     assert_eq!(exchange(&http, &f.b, &again).await.0, 200);
     assert_eq!(exchange(&http, &f.a, &again).await.0, 401);
-    let metrics = http
-        .get(format!("{}/metrics", f.a.base_url()))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .text()
-        .await
-        .unwrap_or_default();
+    let metrics = f.a.metrics(&http).await;
     assert!(
         metrics.contains("tts_exchanges_total{outcome=\"refused\",code=\"invalid_client\"} 1"),
         "{metrics}"
@@ -805,4 +801,61 @@ async fn fleet_throughput() {
             "clients {clients}: embedded (no store) {embedded:.0}/s, one replica on PostgreSQL {one:.0}/s, two replicas {two:.0}/s"
         );
     }
+}
+
+/// Tokens a replica issued so far (`tts_exchanges_total{outcome="issued"}`).
+async fn issued(http: &reqwest::Client, tts: &TtsProcess) -> u64 {
+    tts.metric(http, "tts_exchanges_total{outcome=\"issued\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_spreads_exchanges_over_both_replicas_and_fails_over() {
+    let f = fleet(|_| {});
+    let http = reqwest::Client::new();
+    let r = reference(&f.producer, &f.consumer, "txn-client");
+    // Each replica accepts its own address as the assertion's aud (no load balancer).
+    let client = |first: &TtsProcess, second: &TtsProcess| {
+        let mut cfg =
+            TtsClientConfig::new(first.token_endpoint(), TTS_TRUST_DOMAIN, &f.consumer.id);
+        cfg.replica_endpoints = vec![second.token_endpoint()];
+        cfg.request_timeout = Duration::from_secs(2);
+        TtsClient::new(cfg, f.consumer.key.clone()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let c = client(&f.a, &f.b);
+    let scope = Scope::parse("orders.read");
+    let details = serde_json::json!({});
+    const N: u64 = 40;
+    for i in 0..N {
+        c.exchange(&r.token, TOKEN_TYPE_JWT, &scope, &details)
+            .await
+            .unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+    }
+    let (at_a, at_b) = (issued(&http, &f.a).await, issued(&http, &f.b).await);
+    assert_eq!(at_a + at_b, N);
+    assert_eq!((at_a, at_b), (N / 2, N / 2), "round-robin");
+    let mut a = f.a;
+    a.kill();
+    // Every exchange still succeeds, each in one call: a refused connection
+    // goes on to the other replica within the attempt.
+    let started = Instant::now();
+    for i in 0..N {
+        c.exchange(&r.token, TOKEN_TYPE_JWT, &scope, &details)
+            .await
+            .unwrap_or_else(|e| panic!("exchange {i} after the kill: {e}"));
+    }
+    assert_eq!(issued(&http, &f.b).await, N / 2 + N);
+    eprintln!(
+        "{N} exchanges with one replica down in {:?}",
+        started.elapsed()
+    );
+    // A fresh client whose first endpoint is the dead replica: tokens, and
+    // the JWKS to verify them, come from the other.
+    let fresh = client(&a, &f.b);
+    let token = fresh
+        .exchange(&r.token, TOKEN_TYPE_JWT, &scope, &details)
+        .await
+        .unwrap_or_else(|e| panic!("fresh client: {e}"));
+    assert_eq!(token.claims.req_wl, f.consumer.id);
+    assert!(!fresh.verifier().cached_kids().is_empty());
 }

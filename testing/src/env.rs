@@ -29,7 +29,10 @@ use elevate_core::{
 };
 use parking_lot::Mutex;
 
-use crate::tts_env::LoopbackTts;
+use txn_token_client::{TtsClient, TtsClientConfig};
+
+use crate::tts::TestWorkload;
+use crate::tts_env::{LoopbackTts, TEST_SCOPES};
 
 /// The trust domain of the example bundle.
 pub const TRUST_DOMAIN: &str = "elevate.example";
@@ -161,6 +164,44 @@ impl TestEnv {
     /// (stopped by [`TestEnv::stop_tts`]).
     pub fn http_tokens(&self) -> Arc<dyn TokenSource> {
         self.tts.client(CONSUMER, &self.consumer_key)
+    }
+
+    /// The test consumer's Txn-Tokens from a TTS fleet: one client spreading
+    /// its exchanges round-robin over `endpoints` (the replicas' token
+    /// endpoints, no load balancer), failing over on connection errors
+    /// ([`TtsClientConfig::replica_endpoints`]).
+    ///
+    /// # Errors
+    ///
+    /// Says why the client cannot be built (no endpoint, a URL that does not parse).
+    pub fn fleet_tokens(&self, endpoints: &[String]) -> Result<Arc<dyn TokenSource>, String> {
+        let (first, rest) = endpoints
+            .split_first()
+            .ok_or("a fleet client needs at least one token endpoint")?;
+        let mut cfg = TtsClientConfig::new(first, TRUST_DOMAIN, CONSUMER);
+        cfg.replica_endpoints = rest.to_vec();
+        cfg.request_timeout = Duration::from_secs(2);
+        let client = TtsClient::new(cfg, self.consumer_key.clone())
+            .map_err(|e| format!("TTS fleet client: {e}"))?;
+        Ok(Arc::new(client))
+    }
+
+    /// The test producer and consumer as workloads to register at a TTS
+    /// process (e.g. with [`crate::tts::write_fleet_config`], trust domain
+    /// [`TRUST_DOMAIN`]): their ids, keys and [`crate::tts_env::TEST_SCOPES`].
+    pub fn workloads(&self) -> Vec<TestWorkload> {
+        let scopes: Vec<String> = TEST_SCOPES.split(' ').map(str::to_string).collect();
+        [
+            (PRODUCER, &self.producer_key),
+            (CONSUMER, &self.consumer_key),
+        ]
+        .into_iter()
+        .map(|(id, key)| TestWorkload {
+            id: id.to_string(),
+            key: key.clone(),
+            allowed_scopes: scopes.clone(),
+        })
+        .collect()
     }
 
     /// The test consumer's Txn-Tokens from the same TTS's issuer called in

@@ -110,6 +110,22 @@ impl TtsProcess {
     /// process does not print `listening on http://ADDR` as its first line within 30 s (the error
     /// then carries the log).
     pub fn spawn(bin: &Path, config: &Path, listen: Option<SocketAddr>) -> std::io::Result<Self> {
+        Self::spawn_logging(bin, config, listen, "info")
+    }
+
+    /// As [`spawn`](Self::spawn), with `RUST_LOG` = `rust_log` (`info` logs
+    /// a line per issuance; the benchmark runs replicas at `warn`, as it runs
+    /// its in-process TTS).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`spawn`](Self::spawn).
+    pub fn spawn_logging(
+        bin: &Path,
+        config: &Path,
+        listen: Option<SocketAddr>,
+        rust_log: &str,
+    ) -> std::io::Result<Self> {
         // `tts.toml` logs to `tts.log`; each fleet replica's `NAME.toml` to `NAME.log`.
         let stem = config
             .file_stem()
@@ -123,7 +139,7 @@ impl TtsProcess {
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
@@ -208,6 +224,29 @@ impl TtsProcess {
     /// The key-rotation admin URL.
     pub fn rotate_url(&self) -> String {
         format!("http://{}/admin/rotate-keys", self.addr)
+    }
+
+    /// Its `/metrics` page (Prometheus text; empty when it does not answer).
+    pub async fn metrics(&self, http: &reqwest::Client) -> String {
+        match http
+            .get(format!("{}/metrics", self.base_url()))
+            .send()
+            .await
+        {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The sum of its `/metrics` samples whose line starts with `prefix`
+    /// (e.g. `tts_exchanges_total{outcome="issued"`: the tokens it issued).
+    pub async fn metric(&self, http: &reqwest::Client, prefix: &str) -> u64 {
+        self.metrics(http)
+            .await
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// The service's log so far.
@@ -345,6 +384,16 @@ impl FleetStore {
     /// A fresh schema name on the local PostgreSQL; panics with how to start
     /// it when it is not reachable.
     pub fn new() -> Self {
+        Self::try_new().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`new`](Self::new), returning the message instead of panicking.
+    ///
+    /// # Errors
+    ///
+    /// Says how to start PostgreSQL when nothing listens on 127.0.0.1:5432
+    /// (and `ELEVATE_TEST_POSTGRES` names no other server).
+    pub fn try_new() -> Result<Self, String> {
         let url = std::env::var("ELEVATE_TEST_POSTGRES")
             .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
         let reachable = std::net::TcpStream::connect_timeout(
@@ -353,18 +402,19 @@ impl FleetStore {
         )
         .is_ok();
         if !reachable && std::env::var("ELEVATE_TEST_POSTGRES").is_err() {
-            panic!(
+            return Err(
                 "PostgreSQL is not reachable on 127.0.0.1:5432; start it with scripts/services-up \
                  (or set ELEVATE_TEST_POSTGRES to a connection string)"
+                    .into(),
             );
         }
-        FleetStore {
+        Ok(FleetStore {
             url,
             schema: format!(
                 "tts_fleet_{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..16]
             ),
-        }
+        })
     }
 
     /// Its `[store]` table for a replica named `replica`.

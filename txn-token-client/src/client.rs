@@ -4,12 +4,20 @@
 //! X.509 certificate on the TLS connection (RFC 8705), with a per-request timeout, a bounded jittered retry for
 //! transient failures and a circuit breaker, and every returned token verified.
 //!
+//! A fleet reached without a load balancer: [`TtsClientConfig::replica_endpoints`]
+//! lists the other replicas' token endpoints; exchanges then go round-robin
+//! over all of them, and a connection failure moves the exchange on to the
+//! next endpoint at once (the failed one is passed over for
+//! [`ENDPOINT_PASS_OVER`]).
+//!
 //! Error classes: an OAuth error code is terminal ([`TokenError::Denied`]);
 //! network errors, timeouts, 5xx, 429 and an open circuit are
 //! [`TokenError::Unavailable`] (Retry); a broken response or a token that does
 //! not verify is [`TokenError::Invalid`].
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use elevate_core::keys::{CurrentKey, SigningKey};
@@ -18,20 +26,38 @@ use elevate_core::token::{SecretToken, TokenError, TokenRequest, TokenSource, Tx
 use reqwest::StatusCode;
 
 use crate::assertion::sign_assertion;
-use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Permit};
 use crate::protocol::{
     ClientAuthMethod, ErrorResponse, ExchangeForm, JWKS_PATH, TOKEN_TYPE_ACCESS_TOKEN,
     TOKEN_TYPE_JWT, TOKEN_TYPE_NA, TOKEN_TYPE_TXN_TOKEN, TokenResponse, exchange_form,
     with_client_assertion, with_client_id,
 };
-use crate::verify::TxnTokenVerifier;
+use crate::verify::{FailoverJwks, HttpJwks, JwksProvider, TxnTokenVerifier};
+
+/// How long a token endpoint whose connection failed is passed over while
+/// others are configured ([`TtsClientConfig::replica_endpoints`]): it is
+/// tried again after this, or earlier when every endpoint has failed.
+pub const ENDPOINT_PASS_OVER: Duration = Duration::from_secs(2);
 
 /// Settings of a [`TtsClient`].
 #[derive(Clone)]
 pub struct TtsClientConfig {
     /// Token endpoint URL (also the client assertion's `aud`).
     pub token_endpoint: String,
-    /// JWKS URL; defaults to `/.well-known/jwks.json` on the token endpoint's origin.
+    /// Further token endpoints of the same trust domain: the other replicas
+    /// of a TTS fleet when no load balancer stands in front of them (empty:
+    /// `token_endpoint` alone). Exchanges go round-robin over
+    /// `token_endpoint` and these; when an endpoint refuses or cannot take
+    /// the connection, the same attempt goes on to the next endpoint at once
+    /// and the failed one is passed over for [`ENDPOINT_PASS_OVER`]; a
+    /// timeout, 5xx or 429 is retried (within `max_attempts`) at the next
+    /// endpoint. Each client assertion is addressed (`aud`) to the endpoint
+    /// it is sent to, so every replica must accept its own URL (its bound
+    /// address, or its `public_url`).
+    pub replica_endpoints: Vec<String>,
+    /// JWKS URL; defaults to `/.well-known/jwks.json` on the token endpoint's
+    /// origin (with `replica_endpoints`: on each endpoint's origin, the first
+    /// that answers).
     pub jwks_url: Option<String>,
     /// The trust domain: `audience` of the request and `aud` of the token.
     pub trust_domain: String,
@@ -80,6 +106,7 @@ impl std::fmt::Debug for TtsClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TtsClientConfig")
             .field("token_endpoint", &self.token_endpoint)
+            .field("replica_endpoints", &self.replica_endpoints)
             .field("trust_domain", &self.trust_domain)
             .field("workload_id", &self.workload_id)
             .field("request_timeout", &self.request_timeout)
@@ -101,6 +128,7 @@ impl TtsClientConfig {
     ) -> Self {
         TtsClientConfig {
             token_endpoint: token_endpoint.into(),
+            replica_endpoints: Vec::new(),
             jwks_url: None,
             trust_domain: trust_domain.into(),
             workload_id: workload_id.into(),
@@ -148,6 +176,14 @@ pub enum ClientBuildError {
     },
 }
 
+/// One token endpoint and until when it is passed over.
+#[derive(Debug)]
+struct Endpoint {
+    url: String,
+    /// Milliseconds since the client's start until which it is passed over (0: never).
+    down_until_ms: AtomicU64,
+}
+
 /// The RFC 8693 Txn-Token client for one consuming (or producing) workload.
 pub struct TtsClient {
     config: TtsClientConfig,
@@ -155,6 +191,11 @@ pub struct TtsClient {
     http: reqwest::Client,
     verifier: TxnTokenVerifier,
     breaker: CircuitBreaker,
+    /// `token_endpoint` first, then `replica_endpoints`.
+    endpoints: Vec<Endpoint>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    started: Instant,
 }
 
 impl std::fmt::Debug for TtsClient {
@@ -311,11 +352,16 @@ impl TtsClient {
         key: CurrentKey,
     ) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
-        let endpoint =
-            reqwest::Url::parse(&config.token_endpoint).map_err(|e| ClientBuildError::Url {
-                url: config.token_endpoint.clone(),
+        let urls: Vec<String> = std::iter::once(config.token_endpoint.clone())
+            .chain(config.replica_endpoints.iter().cloned())
+            .collect();
+        let mut parsed = Vec::with_capacity(urls.len());
+        for u in &urls {
+            parsed.push(reqwest::Url::parse(u).map_err(|e| ClientBuildError::Url {
+                url: u.clone(),
                 reason: e.to_string(),
-            })?;
+            })?);
+        }
         if config.auth == ClientAuthMethod::TlsClientAuth {
             let refuse = |reason: &str| ClientBuildError::Auth {
                 method: config.auth,
@@ -326,16 +372,24 @@ impl TtsClient {
                     "needs the workload's certificate and key (mtls_identity_pem)",
                 ));
             }
-            if endpoint.scheme() != "https" {
+            if parsed.iter().any(|u| u.scheme() != "https") {
                 return Err(refuse(
                     "needs an https token endpoint (a certificate only travels over TLS)",
                 ));
             }
         }
-        let jwks_url = match &config.jwks_url {
-            Some(u) => u.clone(),
-            None => default_jwks_url(&config.token_endpoint)?,
-        };
+        let mut jwks_urls: Vec<String> = Vec::new();
+        match &config.jwks_url {
+            Some(u) => jwks_urls.push(u.clone()),
+            None => {
+                for u in &urls {
+                    let j = default_jwks_url(u)?;
+                    if !jwks_urls.contains(&j) {
+                        jwks_urls.push(j);
+                    }
+                }
+            }
+        }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -360,11 +414,32 @@ impl TtsClient {
         let http = builder
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
-        let verifier = TxnTokenVerifier::remote(&config.trust_domain, http.clone(), &jwks_url)
+        let mut providers: Vec<Arc<dyn JwksProvider>> = jwks_urls
+            .into_iter()
+            .map(|u| {
+                Arc::new(HttpJwks::new(http.clone(), u, Duration::from_secs(5)))
+                    as Arc<dyn JwksProvider>
+            })
+            .collect();
+        let provider: Arc<dyn JwksProvider> = if providers.len() == 1 {
+            providers.remove(0)
+        } else {
+            Arc::new(FailoverJwks::new(providers))
+        };
+        let verifier = TxnTokenVerifier::with_provider(&config.trust_domain, provider)
             .with_leeway(config.leeway)
             .with_min_refresh_interval(config.jwks_min_refresh);
         Ok(TtsClient {
             breaker: CircuitBreaker::new(config.breaker),
+            endpoints: urls
+                .into_iter()
+                .map(|url| Endpoint {
+                    url,
+                    down_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            started: Instant::now(),
             config,
             key,
             http,
@@ -437,7 +512,9 @@ impl TtsClient {
             .with_max_times(self.config.max_attempts.saturating_sub(1))
             .with_jitter();
         let max_ra = self.config.max_in_call_retry_after;
-        let token = (|| self.attempt(&base))
+        // Round-robin over the endpoints; each retry starts at the next one.
+        let turn = AtomicUsize::new(self.next.fetch_add(1, Ordering::Relaxed));
+        let token = (|| self.attempt(&base, turn.fetch_add(1, Ordering::Relaxed)))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e: &AttemptError| e.retryable)
@@ -464,14 +541,25 @@ impl TtsClient {
         Ok(TxnToken { token, claims })
     }
 
-    async fn attempt(&self, base: &ExchangeForm) -> Result<String, AttemptError> {
-        let permit = self.breaker.acquire().map_err(|open| {
-            AttemptError::terminal(TokenError::Unavailable {
-                reason: open.to_string(),
-                retry_after: Some(open.wait),
-            })
-        })?;
-        let form = match self.config.auth {
+    /// The endpoints in the order one attempt tries them: round-robin from
+    /// `turn`, those passed over after the others.
+    fn order(&self, turn: usize) -> Vec<&Endpoint> {
+        let n = self.endpoints.len();
+        let now = self.now_ms();
+        let rotated = (0..n).map(|i| &self.endpoints[(turn + i) % n]);
+        let (up, down): (Vec<&Endpoint>, Vec<&Endpoint>) =
+            rotated.partition(|e| e.down_until_ms.load(Ordering::Relaxed) <= now);
+        up.into_iter().chain(down).collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The request for `url`: with `private_key_jwt`, a fresh client
+    /// assertion addressed to `url`.
+    fn form_for(&self, base: &ExchangeForm, url: &str) -> Result<ExchangeForm, AttemptError> {
+        Ok(match self.config.auth {
             // RFC 8705 §2: the certificate authenticates, client_id names the client.
             ClientAuthMethod::TlsClientAuth => {
                 with_client_id(base.clone(), &self.config.workload_id)
@@ -480,7 +568,7 @@ impl TtsClient {
                 let assertion = sign_assertion(
                     &self.key.get(),
                     &self.config.workload_id,
-                    &self.config.token_endpoint,
+                    url,
                     self.config.assertion_ttl,
                 )
                 .map_err(|e| {
@@ -488,34 +576,67 @@ impl TtsClient {
                 })?;
                 with_client_assertion(base.clone(), &assertion)
             }
-        };
-        let form: Vec<(&str, &str)> = form.pairs().collect();
-        let sent = self
-            .http
-            .post(&self.config.token_endpoint)
-            .timeout(self.config.request_timeout)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connection refused or unreachable"
-                } else {
-                    "transport"
-                };
-                let cause = format!("{what} at POST {}: {e}", self.config.token_endpoint);
-                permit.failure_because(cause.clone());
-                return Err(AttemptError::transient(cause, None));
+        })
+    }
+
+    async fn attempt(&self, base: &ExchangeForm, turn: usize) -> Result<String, AttemptError> {
+        let permit = self.breaker.acquire().map_err(|open| {
+            AttemptError::terminal(TokenError::Unavailable {
+                reason: open.to_string(),
+                retry_after: Some(open.wait),
+            })
+        })?;
+        let order = self.order(turn);
+        let mut causes = Vec::new();
+        for (i, ep) in order.iter().enumerate() {
+            let form = self.form_for(base, &ep.url)?;
+            let pairs: Vec<(&str, &str)> = form.pairs().collect();
+            let sent = self
+                .http
+                .post(&ep.url)
+                .timeout(self.config.request_timeout)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .form(&pairs)
+                .send()
+                .await;
+            let e = match sent {
+                Ok(resp) => return self.answer(resp, permit, &ep.url).await,
+                Err(e) => e,
+            };
+            let what = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connection refused or unreachable"
+            } else {
+                "transport"
+            };
+            causes.push(format!("{what} at POST {}: {e}", ep.url));
+            if e.is_connect() && order.len() > 1 {
+                // Never delivered: the next endpoint may take it at once.
+                let until = self.now_ms() + ENDPOINT_PASS_OVER.as_millis() as u64;
+                ep.down_until_ms.store(until, Ordering::Relaxed);
+                if i + 1 < order.len() {
+                    tracing::debug!(endpoint = %ep.url, error = %e, "token endpoint unreachable; trying the next");
+                    continue;
+                }
             }
-        };
+            break;
+        }
+        let cause = causes.join("; ");
+        permit.failure_because(cause.clone());
+        Err(AttemptError::transient(cause, None))
+    }
+
+    /// Reads the answer of `url`.
+    async fn answer(
+        &self,
+        resp: reqwest::Response,
+        permit: Permit<'_>,
+        url: &str,
+    ) -> Result<String, AttemptError> {
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            let cause = format!("HTTP {status} at POST {}", self.config.token_endpoint);
+            let cause = format!("HTTP {status} at POST {url}");
             permit.failure_because(cause.clone());
             let ra = retry_after(resp.headers());
             return Err(AttemptError::transient(cause, ra));
@@ -640,5 +761,159 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    fn two_endpoint_config(first: &str, second: &str) -> TtsClientConfig {
+        let mut cfg = TtsClientConfig::new(first, "td", "spiffe://td/a");
+        cfg.replica_endpoints = vec![second.to_string()];
+        cfg.max_attempts = 1;
+        cfg
+    }
+
+    #[test]
+    fn endpoints_round_robin_and_a_failed_one_goes_last() {
+        let key = SigningKey::generate(elevate_core::keys::SigningAlg::ES256, "k").unwrap();
+        let mut cfg = two_endpoint_config("http://a.test/token", "http://b.test/token");
+        cfg.replica_endpoints.push("http://c.test/token".into());
+        let c = TtsClient::new(cfg, key).unwrap();
+        let urls = |turn| -> Vec<String> { c.order(turn).iter().map(|e| e.url.clone()).collect() };
+        assert_eq!(
+            urls(0),
+            [
+                "http://a.test/token",
+                "http://b.test/token",
+                "http://c.test/token"
+            ]
+        );
+        assert_eq!(
+            urls(4),
+            [
+                "http://b.test/token",
+                "http://c.test/token",
+                "http://a.test/token"
+            ]
+        );
+        c.endpoints[1]
+            .down_until_ms
+            .store(c.now_ms() + 60_000, Ordering::Relaxed);
+        assert_eq!(
+            urls(1),
+            [
+                "http://c.test/token",
+                "http://a.test/token",
+                "http://b.test/token"
+            ]
+        );
+        // the JWKS of each endpoint's origin, tried in turn
+        let cfg = two_endpoint_config("http://a.test/token", "https://b.test/token");
+        let mut mtls = cfg.clone();
+        mtls.auth = ClientAuthMethod::TlsClientAuth;
+        mtls.mtls_identity_pem = Some(b"unused before the scheme check".to_vec());
+        mtls.token_endpoint = "https://a.test/token".into();
+        mtls.replica_endpoints = vec!["http://b.test/token".into()];
+        let key = SigningKey::generate(elevate_core::keys::SigningAlg::ES256, "k").unwrap();
+        let e = TtsClient::new(mtls, key.clone()).unwrap_err();
+        assert!(e.to_string().contains("https"), "every endpoint: {e}");
+        let mut bad = cfg;
+        bad.replica_endpoints = vec!["not a url".into()];
+        assert!(matches!(
+            TtsClient::new(bad, key),
+            Err(ClientBuildError::Url { .. })
+        ));
+    }
+
+    /// Answers every HTTP request with `400 {"error":"invalid_grant"}` and
+    /// sends each request's body to the returned channel.
+    async fn refusing_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let body = loop {
+                        let Ok(n) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break text[end + 4..end + 4 + len].to_string();
+                        }
+                    };
+                    let _ = tx.send(body);
+                    let answer = r#"{"error":"invalid_grant","error_description":"test"}"#;
+                    let resp = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    /// The `aud` of the client assertion in a token request body.
+    fn assertion_aud(body: &str) -> String {
+        let assertion = form_urlencoded::parse(body.as_bytes())
+            .find(|(k, _)| k == "client_assertion")
+            .map(|(_, v)| v.into_owned())
+            .unwrap();
+        let claims: crate::assertion::AssertionClaims =
+            elevate_core::jws::parse(&assertion, crate::assertion::ASSERTION_TYP)
+                .unwrap()
+                .claims()
+                .unwrap();
+        claims.aud.into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_fails_over_to_the_next_endpoint_at_once() {
+        crate::install_crypto_provider();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/token", l.local_addr().unwrap())
+        };
+        let (live, mut bodies) = refusing_endpoint().await;
+        let key = SigningKey::generate(elevate_core::keys::SigningAlg::ES256, "k").unwrap();
+        let c = TtsClient::new(two_endpoint_config(&closed, &live), key).unwrap();
+        let scope = Scope::parse("s");
+        for round in 0..4 {
+            // One attempt (max_attempts = 1), whichever endpoint the turn starts at:
+            // the refused connection goes on to the live endpoint within it.
+            let e = c
+                .exchange("ref", TOKEN_TYPE_JWT, &scope, &serde_json::json!({}))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, TokenError::Denied { code, .. } if code == "invalid_grant"),
+                "round {round}: {e}"
+            );
+            let body = bodies.try_recv().unwrap();
+            assert_eq!(assertion_aud(&body), live, "aud is the endpoint sent to");
+        }
+        assert!(bodies.try_recv().is_err(), "one request per exchange");
+        // the closed endpoint is passed over now
+        assert_eq!(c.order(0)[0].url, live);
+        assert_eq!(c.breaker_state(), BreakerState::Closed);
     }
 }

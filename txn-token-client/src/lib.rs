@@ -26,7 +26,7 @@ pub use decision_shipper::HttpDecisionShipper;
 pub use entry::subject_context;
 pub use key_directory::{KeyDirectory, KeyDirectoryConfig, KeyDirectoryError};
 pub use protocol::ClientAuthMethod;
-pub use verify::{JwksProvider, TxnTokenVerifier, VerifyError};
+pub use verify::{FailoverJwks, JwksProvider, TxnTokenVerifier, VerifyError};
 
 /// Installs the aws-lc-rs rustls crypto provider as the process default.
 ///

@@ -173,6 +173,44 @@ impl JwksProvider for HttpJwks {
     }
 }
 
+/// Several sources of the same key set, tried in order until one answers:
+/// the replicas of a TTS fleet, which all publish the fleet's keys.
+pub struct FailoverJwks {
+    providers: Vec<Arc<dyn JwksProvider>>,
+}
+
+impl std::fmt::Debug for FailoverJwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailoverJwks")
+            .field("providers", &self.providers.len())
+            .finish()
+    }
+}
+
+impl FailoverJwks {
+    /// Tries `providers` in this order.
+    pub fn new(providers: Vec<Arc<dyn JwksProvider>>) -> Self {
+        FailoverJwks { providers }
+    }
+}
+
+#[async_trait::async_trait]
+impl JwksProvider for FailoverJwks {
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let mut errors = Vec::new();
+        for p in &self.providers {
+            match p.fetch().await {
+                Ok(set) => return Ok(set),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            return Err("no JWKS source configured".into());
+        }
+        Err(errors.join("; "))
+    }
+}
+
 /// A fixed key set (tests, or a deployment that pins the TTS keys).
 #[derive(Debug, Clone)]
 pub struct StaticJwks(pub KeySet);
