@@ -8,9 +8,12 @@
 //! both replicas before either signs with it; killing one replica mid-load
 //! loses no exchange the client retries against the other; the admin API
 //! refuses unauthenticated and wrongly authenticated calls and audits every
-//! change; the embedded mode (no store) serves the admin API too; and one
-//! client given both replicas' endpoints spreads its exchanges over them and
-//! fails over when one dies.
+//! change; the embedded mode (no store) serves the admin API too; one client
+//! given both replicas' endpoints spreads its exchanges over them and fails
+//! over when one dies; `/readyz` is 503 while the store is unreachable (a TCP
+//! forwarder in front of PostgreSQL, stopped and started by the test) and 200
+//! when it is back; and a change whose NOTIFY is lost (the forwarder drops
+//! it) is honoured within `poll_ms`.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (`scripts/services-up`).
 
@@ -858,4 +861,330 @@ async fn one_client_spreads_exchanges_over_both_replicas_and_fails_over() {
         .unwrap_or_else(|e| panic!("fresh client: {e}"));
     assert_eq!(token.claims.req_wl, f.consumer.id);
     assert!(!fresh.verifier().cached_kids().is_empty());
+}
+
+/// A TCP forwarder between a replica and PostgreSQL that the test stops and
+/// starts, and that can drop the server's notifications (protocol message
+/// `A`, NotificationResponse) on their way to the replica while every
+/// connection stays up: a lost NOTIFY.
+struct PgProxy {
+    addr: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    drop_notifications: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    tasks: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl PgProxy {
+    async fn start(target: std::net::SocketAddr) -> PgProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("proxy: {e}"));
+        let proxy = PgProxy {
+            addr: listener.local_addr().unwrap_or_else(|e| panic!("{e}")),
+            target,
+            drop_notifications: Arc::default(),
+            dropped: Arc::default(),
+            tasks: Arc::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (target, drop, dropped, tasks) = (
+            self.target,
+            self.drop_notifications.clone(),
+            self.dropped.clone(),
+            self.tasks.clone(),
+        );
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (drop, dropped) = (drop.clone(), dropped.clone());
+                let conn = tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    // No Nagle delay added to the replica's store round trips.
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = forward_messages(&mut sr, &mut cw, &drop, &dropped);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+                tasks.lock().push(conn);
+            }
+        });
+        self.tasks.lock().push(accept);
+    }
+
+    /// Closes the listener and every forwarded connection.
+    fn stop(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Listens on the same address again.
+    async fn restart(&self) {
+        for _ in 0..50 {
+            if let Ok(l) = tokio::net::TcpListener::bind(self.addr).await {
+                self.serve(l);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("proxy could not listen on {} again", self.addr);
+    }
+
+    /// `store`'s connection string, pointed at this proxy.
+    fn url(&self, store: &FleetStore) -> String {
+        let cfg: tokio_postgres::Config = store.url.parse().unwrap_or_else(|e| panic!("{e}"));
+        let mut url = format!("host=127.0.0.1 port={}", self.addr.port());
+        if let Some(u) = cfg.get_user() {
+            url.push_str(&format!(" user={u}"));
+        }
+        if let Some(d) = cfg.get_dbname() {
+            url.push_str(&format!(" dbname={d}"));
+        }
+        if let Some(p) = cfg.get_password() {
+            url.push_str(&format!(" password={}", String::from_utf8_lossy(p)));
+        }
+        url
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The TCP address `store` connects to.
+async fn server_of(store: &FleetStore) -> std::net::SocketAddr {
+    let cfg: tokio_postgres::Config = store.url.parse().unwrap_or_else(|e| panic!("{e}"));
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("PostgreSQL host {host}:{port} does not resolve"))
+}
+
+/// Copies the server's protocol messages (type byte, length, body) to the
+/// client, leaving out NotificationResponse messages while `drop` is set.
+async fn forward_messages(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    drop: &std::sync::atomic::AtomicBool,
+    dropped: &AtomicU64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut message = vec![0u8; 5];
+        from.read_exact(&mut message).await?;
+        let len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
+        message.resize(1 + len.max(4), 0);
+        from.read_exact(&mut message[5..]).await?;
+        if message[0] == b'A' && drop.load(Ordering::SeqCst) {
+            dropped.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        to.write_all(&message).await?;
+    }
+}
+
+async fn readyz(http: &reqwest::Client, tts: &TtsProcess) -> (u16, String) {
+    let resp = http
+        .get(format!("{}/readyz", tts.base_url()))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("readyz: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// Polls `/readyz` until it answers `want`; how long that took.
+async fn readyz_becomes(http: &reqwest::Client, tts: &TtsProcess, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, body) = readyz(http, tts).await;
+        if status == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "/readyz still {status} {body:?} after 15 s (want {want})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Replicas on one store, those named in `proxied` reaching PostgreSQL
+/// through a [`PgProxy`], every one polling every `poll`.
+struct ProxiedFleet {
+    producer: TestWorkload,
+    consumer: TestWorkload,
+    operator: TestOperator,
+    replicas: Vec<TtsProcess>,
+    proxy: PgProxy,
+    _cfg: TtsConfigDir,
+    _store: FleetStore,
+}
+
+async fn proxied_fleet(names: &[&str], proxied: &[&str], poll: Duration) -> ProxiedFleet {
+    let producer = TestWorkload::generate("orders", &["orders.read"]);
+    let consumer = TestWorkload::generate("billing", &["orders.read"]);
+    let operator = TestOperator::generate("alice");
+    let store = FleetStore::new();
+    let proxy = PgProxy::start(server_of(&store).await).await;
+    let via_proxy = proxy.url(&store);
+    let (cfg, paths) =
+        write_fleet_config(&[&producer, &consumer], &store, &[&operator], names, |c| {
+            c.public_url = Some(PUBLIC.into());
+            if let Some(st) = c.store.as_mut() {
+                st.poll_ms = poll.as_millis() as u64;
+                if st.replica.as_deref().is_some_and(|r| proxied.contains(&r)) {
+                    st.postgres = via_proxy.clone();
+                }
+            }
+        });
+    let replicas = paths
+        .iter()
+        .zip(names)
+        .map(|(p, name)| {
+            TtsProcess::spawn(Path::new(BIN), p, None)
+                .unwrap_or_else(|e| panic!("start replica {name}: {e}"))
+        })
+        .collect();
+    ProxiedFleet {
+        producer,
+        consumer,
+        operator,
+        replicas,
+        proxy,
+        _cfg: cfg,
+        _store: store,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_the_store_is_unreachable_and_200_when_it_returns() {
+    let f = proxied_fleet(&["replica-p"], &["replica-p"], Duration::from_millis(500)).await;
+    let (tts, proxy, consumer) = (&f.replicas[0], &f.proxy, &f.consumer);
+    let http = reqwest::Client::new();
+    let r = reference(&f.producer, consumer, "txn-ready");
+    assert_eq!(readyz(&http, tts).await.0, 200);
+    assert_eq!(exchange(&http, tts, &form(consumer, &r)).await.0, 200);
+
+    proxy.stop();
+    let down = readyz_becomes(&http, tts, 503).await;
+    let (status, body) = readyz(&http, tts).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("shared store unreachable"), "{body}");
+    // Deny by default: no assertion can be claimed, so no token.
+    let (status, body) = exchange(&http, tts, &form(consumer, &r)).await;
+    assert!(status >= 500, "{status} {body}");
+    assert_eq!(body["error"], "server_error", "{body}");
+    // The process stays up and healthy, just not ready.
+    let health = http
+        .get(format!("{}/healthz", tts.base_url()))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(health.status().as_u16(), 200);
+
+    proxy.restart().await;
+    let up = readyz_becomes(&http, tts, 200).await;
+    assert_eq!(exchange(&http, tts, &form(consumer, &r)).await.0, 200);
+    let errors = tts.metric(&http, "tts_store_errors_total ").await;
+    assert!(errors > 0, "no store error counted");
+    eprintln!(
+        "store unreachable: /readyz 503 after {down:?}; back: 200 after {up:?}; {errors} store errors counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_notification_is_lost_is_honoured_within_poll_ms() {
+    const POLL: Duration = Duration::from_millis(1000);
+    // Replica a talks to PostgreSQL directly, replica b through the proxy.
+    let f = proxied_fleet(&["replica-a", "replica-b"], &["replica-b"], POLL).await;
+    let (a, b, proxy, operator) = (&f.replicas[0], &f.replicas[1], &f.proxy, &f.operator);
+    let http = reqwest::Client::new();
+    let newcomer = TestWorkload::generate("invoices", &["orders.read"]);
+    let r = reference(&f.producer, &newcomer, "txn-lost-notify");
+    assert_eq!(exchange(&http, b, &form(&newcomer, &r)).await.0, 401);
+
+    proxy.drop_notifications.store(true, Ordering::SeqCst);
+    let register = serde_json::json!({
+        "id": newcomer.id,
+        "jwks": serde_json::to_value(newcomer.key.public_jwk()).unwrap_or_default(),
+        "allowed_scopes": ["orders.read"],
+    });
+    let id = serde_json::json!({ "id": newcomer.id });
+    let mut bounds = Vec::new();
+    for (path, body, issues) in [
+        ("/admin/workloads", register, true),
+        ("/admin/workloads/suspend", id.clone(), false),
+        ("/admin/workloads/reinstate", id, true),
+    ] {
+        // The worst case: the change comes just after replica b reloaded,
+        // so without its notification b sees it only at its next poll.
+        let n = b.metric(&http, "tts_state_reloads_total").await;
+        let synced = Instant::now();
+        while b.metric(&http, "tts_state_reloads_total").await == n {
+            assert!(synced.elapsed() < POLL * 3, "replica b does not poll");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = proxy.dropped.load(Ordering::SeqCst);
+        let (status, answer) = operator.call(&http, a, "POST", path, Some(body)).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        let acknowledged = Instant::now();
+        // Replica b: the first exchange that shows the change.
+        loop {
+            let (status, body) = exchange(&http, b, &form(&newcomer, &r)).await;
+            if (status == 200) == issues {
+                break;
+            }
+            assert!(
+                acknowledged.elapsed() < POLL * 3,
+                "{path}: replica b does not honour it after {:?}: {status} {body}",
+                acknowledged.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = acknowledged.elapsed();
+        // The change's NOTIFY reached the proxy and was kept from replica b.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while proxy.dropped.load(Ordering::SeqCst) == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            proxy.dropped.load(Ordering::SeqCst) > before,
+            "{path}: no notification was dropped on its way to replica b"
+        );
+        bounds.push((path, took));
+    }
+    eprintln!(
+        "notification lost, change made just after replica b's reload honoured by b after: {bounds:?} (poll_ms {POLL:?})"
+    );
+    for (path, took) in &bounds {
+        // The bound without a notification: one poll interval plus one
+        // reload (and one exchange of the measurement) ...
+        assert!(
+            *took <= POLL + Duration::from_millis(500),
+            "{path}: {took:?}"
+        );
+        // ... and not sooner than a poll could explain: no notification came through.
+        assert!(*took >= POLL / 2, "{path}: {took:?}");
+    }
 }
