@@ -34,7 +34,7 @@ use elevate_testing::tts::{
 };
 use elevate_tts::admin::{ADMIN_TYP, AdminClaims};
 use elevate_tts::{AdminConfig, ServiceConfig};
-use txn_token_client::assertion::sign_assertion;
+use txn_token_client::assertion::{AssertionClaims, sign_assertion};
 use txn_token_client::protocol::{
     ExchangeForm, TOKEN_TYPE_JWT, exchange_form, with_client_assertion,
 };
@@ -374,12 +374,15 @@ async fn a_workload_registered_and_suspended_through_the_admin_api_holds_fleet_w
 fn custom_assertion(op: &TestOperator, edit: impl Fn(&mut AdminClaims)) -> String {
     let now = unix_now();
     let mut c = AdminClaims {
-        iss: op.id.clone(),
-        sub: op.id.clone(),
-        aud: vec![format!("{PUBLIC}/admin")],
-        jti: uuid::Uuid::new_v4().to_string(),
-        iat: now,
-        exp: now + 30,
+        assertion: AssertionClaims {
+            iss: op.id.clone(),
+            sub: op.id.clone(),
+            aud: vec![format!("{PUBLIC}/admin")],
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat: now,
+            exp: now + 30,
+            nbf: None,
+        },
         htm: "GET".into(),
         htu: "/admin/state".into(),
         body_sha256: sha256_hex(b""),
@@ -417,24 +420,30 @@ async fn the_admin_api_refuses_unauthenticated_and_wrongly_authenticated_calls()
         (
             "operator id not the key's owner",
             custom_assertion(op, |c| {
-                c.iss = "ops:root".into();
-                c.sub = "ops:root".into();
+                c.assertion.iss = "ops:root".into();
+                c.assertion.sub = "ops:root".into();
             }),
         ),
         (
             "wrong audience",
-            custom_assertion(op, |c| c.aud = vec!["http://elsewhere/admin".into()]),
+            custom_assertion(op, |c| {
+                c.assertion.aud = vec!["http://elsewhere/admin".into()]
+            }),
         ),
         (
             "expired",
             custom_assertion(op, |c| {
-                c.iat = unix_now() - 120;
-                c.exp = unix_now() - 90;
+                c.assertion.iat = unix_now() - 120;
+                c.assertion.exp = unix_now() - 90;
             }),
         ),
         (
+            "not valid yet (nbf)",
+            custom_assertion(op, |c| c.assertion.nbf = Some(unix_now() + 120)),
+        ),
+        (
             "too long-lived",
-            custom_assertion(op, |c| c.exp = c.iat + 3600),
+            custom_assertion(op, |c| c.assertion.exp = c.assertion.iat + 3600),
         ),
         (
             "for another path",
@@ -450,12 +459,15 @@ async fn the_admin_api_refuses_unauthenticated_and_wrongly_authenticated_calls()
         ),
         ("client-assertion typ", {
             let c = AdminClaims {
-                iss: op.id.clone(),
-                sub: op.id.clone(),
-                aud: vec![format!("{PUBLIC}/admin")],
-                jti: "x".into(),
-                iat: unix_now(),
-                exp: unix_now() + 30,
+                assertion: AssertionClaims {
+                    iss: op.id.clone(),
+                    sub: op.id.clone(),
+                    aud: vec![format!("{PUBLIC}/admin")],
+                    jti: "x".into(),
+                    iat: unix_now(),
+                    exp: unix_now() + 30,
+                    nbf: None,
+                },
                 htm: "GET".into(),
                 htu: "/admin/state".into(),
                 body_sha256: sha256_hex(b""),

@@ -40,6 +40,7 @@ use elevate_core::scope::Scope;
 use jsonwebtoken::jwk::Jwk;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use txn_token_client::assertion::AssertionClaims;
 use txn_token_client::protocol::ClientAuthMethod;
 
 use crate::config::{AdminConfig, ConfigError, resolve};
@@ -68,22 +69,15 @@ pub const AUDIT_PATH: &str = "/admin/audit";
 /// Most audit entries kept in memory (embedded mode).
 const MAX_MEMORY_AUDIT: usize = 10_000;
 
-/// Claims of an admin assertion.
+/// Claims of an admin assertion: those of a client assertion (`iss` = `sub`
+/// = the operator id, `aud` = the admin base URL, a single-use `jti`, `iat`,
+/// `exp`, optional `nbf`; the same time-window check,
+/// [`AssertionClaims::check_time_window`]) and the request it authorizes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminClaims {
-    /// The operator id.
-    pub iss: String,
-    /// The operator id again.
-    pub sub: String,
-    /// The admin base URL.
-    #[serde(deserialize_with = "elevate_core::token::one_or_many")]
-    pub aud: Vec<String>,
-    /// Single-use id.
-    pub jti: String,
-    /// Issued at.
-    pub iat: i64,
-    /// Expires at.
-    pub exp: i64,
+    /// The operator (`iss`, `sub`), the admin base URL (`aud`), `jti` and the time window.
+    #[serde(flatten)]
+    pub assertion: AssertionClaims,
     /// HTTP method of the request it authorizes.
     pub htm: String,
     /// Path of the request it authorizes.
@@ -109,12 +103,15 @@ pub fn sign_admin_assertion(
 ) -> Result<String, JwsError> {
     let now = unix_now();
     let claims = AdminClaims {
-        iss: operator.to_string(),
-        sub: operator.to_string(),
-        aud: vec![admin_base.to_string()],
-        jti: uuid::Uuid::new_v4().to_string(),
-        iat: now,
-        exp: now + ttl.as_secs().max(1) as i64,
+        assertion: AssertionClaims {
+            iss: operator.to_string(),
+            sub: operator.to_string(),
+            aud: vec![admin_base.to_string()],
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat: now,
+            exp: now + ttl.as_secs().max(1) as i64,
+            nbf: None,
+        },
         htm: method.to_string(),
         htu: path.to_string(),
         body_sha256: sha256_hex(body),
@@ -127,7 +124,7 @@ pub fn sign_admin_assertion(
 #[derive(Debug)]
 pub struct AdminApi {
     operators: KeySet,
-    max_lifetime: i64,
+    max_lifetime: Duration,
     seen: Mutex<HashMap<(String, String), i64>>,
     audit: Mutex<Vec<AuditEntry>>,
 }
@@ -238,7 +235,7 @@ impl AdminApi {
         }
         Ok(AdminApi {
             operators,
-            max_lifetime: cfg.max_assertion_secs as i64,
+            max_lifetime: Duration::from_secs(cfg.max_assertion_secs),
             seen: Mutex::new(HashMap::new()),
             audit: Mutex::new(Vec::new()),
         })
@@ -276,7 +273,8 @@ impl AdminApi {
         };
         let claims = self
             .check(issuer, method, uri, token, body)
-            .map_err(&refuse)?;
+            .map_err(&refuse)?
+            .assertion;
         let leeway = MAX_LEEWAY.as_secs() as i64;
         let first = match issuer.fleet() {
             Some(f) => {
@@ -332,35 +330,20 @@ impl AdminApi {
         let parsed = jws::parse(token, ADMIN_TYP).map_err(|e| e.to_string())?;
         let key = parsed.verify(&self.operators).map_err(|e| e.to_string())?;
         let claims: AdminClaims = parsed.claims().map_err(|e| e.to_string())?;
-        if claims.iss != claims.sub || key.owner.as_deref() != Some(claims.iss.as_str()) {
+        let a = &claims.assertion;
+        if a.iss != a.sub || key.owner.as_deref() != Some(a.iss.as_str()) {
             return Err(format!(
                 "issuer {:?} is not the operator owning the signing key",
-                claims.iss
+                a.iss
             ));
         }
         let audiences = issuer.admin_audiences();
-        if !claims.aud.iter().any(|a| audiences.contains(a)) {
-            return Err(format!("aud {:?} is not this admin endpoint", claims.aud));
+        if !a.aud.iter().any(|x| audiences.contains(x)) {
+            return Err(format!("aud {:?} is not this admin endpoint", a.aud));
         }
-        let now = unix_now();
-        let leeway = MAX_LEEWAY.as_secs() as i64;
-        if claims.iat <= 0 || claims.exp <= claims.iat {
-            return Err("iat and exp are not a time window".into());
-        }
-        if claims.exp - claims.iat > self.max_lifetime {
-            return Err(format!(
-                "lifetime {}s exceeds {}s",
-                claims.exp - claims.iat,
-                self.max_lifetime
-            ));
-        }
-        if claims.exp + leeway <= now {
-            return Err("expired".into());
-        }
-        if claims.iat > now + leeway {
-            return Err("issued in the future".into());
-        }
-        if claims.jti.is_empty() {
+        a.check_time_window(unix_now(), MAX_LEEWAY, self.max_lifetime)
+            .map_err(|e| e.to_string())?;
+        if a.jti.is_empty() {
             return Err("empty jti".into());
         }
         if !claims.htm.eq_ignore_ascii_case(method.as_str()) || claims.htu != uri.path() {
@@ -687,4 +670,53 @@ pub fn router(issuer: Arc<Issuer>) -> Router {
         .route(STATE_PATH, get(admin_call))
         .route(AUDIT_PATH, get(admin_call))
         .with_state(issuer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elevate_core::keys::SigningAlg;
+
+    #[test]
+    fn admin_claims_are_flat_on_the_wire() {
+        let key = SigningKey::generate(SigningAlg::ES256, "op-1").unwrap();
+        let token = sign_admin_assertion(
+            &key,
+            "ops:alice",
+            "http://tts/admin",
+            "POST",
+            REVOKE_PATH,
+            b"{}",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let parsed = jws::parse(&token, ADMIN_TYP).unwrap();
+        let raw: serde_json::Value = parsed.claims().unwrap();
+        for k in [
+            "iss",
+            "sub",
+            "aud",
+            "jti",
+            "iat",
+            "exp",
+            "htm",
+            "htu",
+            "body_sha256",
+        ] {
+            assert!(raw.get(k).is_some(), "{k} missing in {raw}");
+        }
+        assert!(
+            raw.get("assertion").is_none() && raw.get("nbf").is_none(),
+            "{raw}"
+        );
+        // a single-string aud and an nbf parse as a client assertion's would
+        let mut edited = raw.clone();
+        edited["aud"] = serde_json::json!("http://tts/admin");
+        edited["nbf"] = serde_json::json!(5);
+        let c: AdminClaims = serde_json::from_value(edited).unwrap();
+        assert_eq!(c.assertion.aud, vec!["http://tts/admin".to_string()]);
+        assert_eq!(c.assertion.nbf, Some(5));
+        assert_eq!(c.htu, REVOKE_PATH);
+        assert_eq!(c.body_sha256, sha256_hex(b"{}"));
+    }
 }

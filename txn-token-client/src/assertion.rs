@@ -39,6 +39,51 @@ pub struct AssertionClaims {
     pub nbf: Option<i64>,
 }
 
+impl AssertionClaims {
+    /// The time window (RFC 7523 §3 items 4–6): `iat` positive and not after
+    /// `exp`, not expired, not issued in the future, not before `nbf`, each
+    /// with `leeway` (capped at 30 s), and `exp - iat` at most `max_lifetime`.
+    /// The TTS's admin assertions (`elevate_tts::admin::AdminClaims`) carry
+    /// these claims and pass the same check.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`AssertionError::Time`] saying which bound is broken.
+    pub fn check_time_window(
+        &self,
+        now: i64,
+        leeway: Duration,
+        max_lifetime: Duration,
+    ) -> Result<(), AssertionError> {
+        let leeway = leeway.min(MAX_LEEWAY).as_secs() as i64;
+        if self.iat <= 0 || self.exp < self.iat {
+            return Err(AssertionError::Time(format!(
+                "iat {} and exp {} are not a time window",
+                self.iat, self.exp
+            )));
+        }
+        if self.exp.saturating_add(leeway) <= now {
+            return Err(AssertionError::Time(format!("expired at {}", self.exp)));
+        }
+        if self.iat > now.saturating_add(leeway) {
+            return Err(AssertionError::Time("issued in the future".into()));
+        }
+        if let Some(nbf) = self.nbf
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(AssertionError::Time(format!("not valid before {nbf}")));
+        }
+        let max = i64::try_from(max_lifetime.as_secs()).unwrap_or(i64::MAX);
+        if self.exp - self.iat > max {
+            return Err(AssertionError::Time(format!(
+                "lifetime {}s exceeds {max}s",
+                self.exp - self.iat
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Signs a fresh client assertion for `workload` addressed to `token_endpoint`.
 ///
 /// # Errors
@@ -97,8 +142,8 @@ pub enum AssertionError {
 /// Verifies client assertions and remembers `jti`s until they expire.
 #[derive(Debug)]
 pub struct AssertionVerifier {
-    leeway: i64,
-    max_lifetime: i64,
+    leeway: Duration,
+    max_lifetime: Duration,
     seen: Mutex<ReplayCache>,
 }
 
@@ -137,8 +182,8 @@ impl AssertionVerifier {
     /// accepting assertions living at most `max_lifetime`.
     pub fn new(leeway: Duration, max_lifetime: Duration) -> Self {
         AssertionVerifier {
-            leeway: leeway.min(MAX_LEEWAY).as_secs() as i64,
-            max_lifetime: max_lifetime.as_secs() as i64,
+            leeway: leeway.min(MAX_LEEWAY),
+            max_lifetime,
             seen: Mutex::new(ReplayCache::default()),
         }
     }
@@ -174,34 +219,11 @@ impl AssertionVerifier {
             return Err(AssertionError::WrongAudience { aud: claims.aud });
         }
         let now = unix_now();
-        if claims.iat <= 0 || claims.exp < claims.iat {
-            return Err(AssertionError::Time(format!(
-                "iat {} and exp {} are not a time window",
-                claims.iat, claims.exp
-            )));
-        }
-        if claims.exp.saturating_add(self.leeway) <= now {
-            return Err(AssertionError::Time(format!("expired at {}", claims.exp)));
-        }
-        if claims.iat > now.saturating_add(self.leeway) {
-            return Err(AssertionError::Time("issued in the future".into()));
-        }
-        if let Some(nbf) = claims.nbf
-            && nbf > now.saturating_add(self.leeway)
-        {
-            return Err(AssertionError::Time(format!("not valid before {nbf}")));
-        }
-        if claims.exp - claims.iat > self.max_lifetime {
-            return Err(AssertionError::Time(format!(
-                "lifetime {}s exceeds {}s",
-                claims.exp - claims.iat,
-                self.max_lifetime
-            )));
-        }
+        claims.check_time_window(now, self.leeway, self.max_lifetime)?;
         if claims.jti.is_empty() {
             return Err(AssertionError::Jws(JwsError::Malformed("empty jti".into())));
         }
-        let until = claims.exp.saturating_add(self.leeway);
+        let until = claims.exp.saturating_add(self.leeway.as_secs() as i64);
         if !self
             .seen
             .lock()
