@@ -607,6 +607,9 @@ async fn sinks(l: &Loaded) -> Result<Arc<dyn DecisionSink>, ConfigError> {
                 << 20,
         );
         cfg.fsync = d.spool_fsync.unwrap_or(true);
+        if let Some(ms) = d.spool_flush_interval_ms {
+            cfg.flush_interval = Duration::from_millis(ms);
+        }
         let spool = Spool::open(cfg).map_err(|e| {
             l.error(
                 ErrorKind::File,

@@ -187,6 +187,11 @@ pub struct DecisionsConfig {
     /// `fdatasync` every group commit (default true; false survives a
     /// process crash, not a machine crash).
     pub spool_fsync: Option<bool>,
+    /// Least time between two `fdatasync`s, milliseconds (default 2): a
+    /// record written while the spool is quiet is flushed at once, under
+    /// load each flush serves every record of the interval. 0 flushes as
+    /// often as records come.
+    pub spool_flush_interval_ms: Option<u64>,
     /// Where the spool is shipped: `https://…` / `http://…` (shipped by
     /// this crate), `kafka://<topic>` or `nats://<subject>` (the
     /// application starts `elevate_kafka::KafkaDecisionShipper` /

@@ -144,6 +144,19 @@ async fn run(shared: Arc<Shared>, shipper: Arc<dyn Shipper>, cfg: ShipConfig) {
             if pending > 0 && deadline.is_none() {
                 deadline = Some(now + cfg.interval);
             }
+            // Be woken at the first entry, or at a full batch; then look
+            // again, so that an entry made durable in between is not missed.
+            let wake_at = if pending == 0 {
+                pos.next_seq()
+            } else {
+                pos.next_seq() + max_records - 1
+            };
+            shared
+                .ship_wake_at
+                .store(wake_at, std::sync::atomic::Ordering::SeqCst);
+            if shared.head_seq() >= wake_at {
+                continue;
+            }
             match deadline {
                 Some(d) => {
                     let _ = tokio::time::timeout_at(d, notified).await;

@@ -55,6 +55,13 @@ use super::{DecisionRecord, DecisionSink, SinkError};
 /// Default bound of the spool on disk: 256 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default least time between two flushes: 2 ms (see [`SpoolConfig::flush_interval`]).
+pub const DEFAULT_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Most written records the flusher lets wait while it paces: past this it
+/// flushes at once.
+const FLUSH_GROUP_MAX: u64 = 1024;
+
 /// How a spool is laid out and bounded.
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -72,6 +79,14 @@ pub struct SpoolConfig {
     /// a record is stored once written to the OS, which survives a process
     /// crash but not a machine crash.
     pub fsync: bool,
+    /// Least time between the starts of two `fdatasync`s (default 2 ms).
+    /// A record written while the spool is quiet is flushed at once; under
+    /// load the flushes are paced so that each serves every record of the
+    /// interval: one `fdatasync` cost ≈ 115 µs of CPU on this project's VMs
+    /// (and 0.4–1.5 ms of wall time), which, paid per handful of records,
+    /// cost more than the whole decision. Zero flushes as often as records
+    /// come.
+    pub flush_interval: std::time::Duration,
 }
 
 impl SpoolConfig {
@@ -82,6 +97,7 @@ impl SpoolConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             segment_bytes: segment_bytes_for(DEFAULT_MAX_BYTES),
             fsync: true,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
         }
     }
 
@@ -208,8 +224,11 @@ struct State {
     last_ship_error: Option<String>,
     /// The active segment and the written (not yet durable) head.
     writer: append::Writer,
-    /// The flusher and the committer handles are gone.
+    /// Every [`Spool`] handle is gone: the flusher ends.
     closed: bool,
+    /// The flusher waits for a first written entry (an append wakes it);
+    /// false while it flushes or paces (see [`SpoolConfig::flush_interval`]).
+    flusher_idle: bool,
 }
 
 #[derive(Default)]
@@ -232,8 +251,14 @@ pub(crate) struct Shared {
     durable: tokio::sync::watch::Sender<flush::Durable>,
     spare: Arc<Mutex<append::Spare>>,
     counters: Counters,
-    /// Signalled when entries became durable (the shipper waits on it).
+    /// Signalled when entries became durable up to [`Shared::ship_wake_at`]
+    /// (the shipper waits on it).
     pub(crate) committed: tokio::sync::Notify,
+    /// The durable seq at which the shipper wants [`Shared::committed`]: the
+    /// first entry when it has none, a full batch when it is waiting out
+    /// its interval. Not waking it per record keeps a task wake and a timer
+    /// off every decision.
+    pub(crate) ship_wake_at: AtomicU64,
     /// Signalled after every acknowledged batch.
     shipped: tokio::sync::Notify,
     ship_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -369,12 +394,14 @@ impl Spool {
                 last_ship_error: None,
                 writer,
                 closed: false,
+                flusher_idle: false,
             }),
             written: Condvar::new(),
             durable,
             spare: Arc::new(Mutex::new(spare)),
             counters,
             committed: tokio::sync::Notify::new(),
+            ship_wake_at: AtomicU64::new(0),
             shipped: tokio::sync::Notify::new(),
             ship_task: Mutex::new(None),
             cfg,

@@ -215,8 +215,11 @@ impl Shared {
         self.counters.records.fetch_add(1, Ordering::Relaxed);
         if cfg.fsync {
             let head = st.head_seq;
+            let wake = st.flusher_idle || seq - head >= super::FLUSH_GROUP_MAX;
             drop(st);
-            self.written.notify_one();
+            if wake {
+                self.written.notify_one();
+            }
             if flushed {
                 self.publish_durable(head);
             }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::Shared;
 
@@ -20,6 +21,8 @@ impl Shared {
     /// `fdatasync` (writes go on meanwhile and join the next one), then
     /// tells the waiters and the shipper. Ends when the spool is dropped.
     pub(super) fn run_flusher(&self) {
+        let interval = self.cfg.flush_interval;
+        let mut last_start: Option<Instant> = None;
         loop {
             let (file, seq, hash, offset) = {
                 let mut st = self.state.lock();
@@ -27,8 +30,22 @@ impl Shared {
                     if st.closed {
                         return;
                     }
+                    st.flusher_idle = true;
                     self.written.wait(&mut st);
+                    st.flusher_idle = false;
                 }
+                // Pace: the records written until the interval is over join
+                // this flush (appends do not wake the flusher meanwhile,
+                // unless FLUSH_GROUP_MAX of them wait).
+                if let Some(next) = last_start.map(|t| t + interval) {
+                    while Instant::now() < next
+                        && st.writer.seq - st.head_seq < super::FLUSH_GROUP_MAX
+                        && !st.closed
+                    {
+                        self.written.wait_until(&mut st, next);
+                    }
+                }
+                last_start = Some(Instant::now());
                 (
                     st.writer.file.clone(),
                     st.writer.seq,
@@ -78,7 +95,9 @@ impl Shared {
             }
             newer
         });
-        self.committed.notify_one();
+        if seq >= self.ship_wake_at.load(Ordering::SeqCst) {
+            self.committed.notify_one();
+        }
     }
 
     /// Waits until entry `seq` is durable.

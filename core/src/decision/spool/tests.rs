@@ -423,3 +423,30 @@ async fn without_fsync_a_record_is_stored_when_written_and_shipped() {
     assert!(report.is_intact(), "{report}");
     assert_eq!(report.streams[0].entries, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushes_are_paced_under_load_and_immediate_when_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = SpoolConfig::new(dir.path());
+    cfg.flush_interval = Duration::from_millis(500);
+    let spool = Spool::open(cfg).unwrap();
+    // quiet: the first record is flushed at once, not after the interval
+    let t = std::time::Instant::now();
+    spool.commit(&rec(0)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    // under load: every record written within one interval joins one flush
+    let t = std::time::Instant::now();
+    assert!(commit_many(&spool, 1, 300).await.iter().all(Result::is_ok));
+    let st = spool.stats();
+    assert_eq!(st.head_seq, 301);
+    assert!(st.commits <= 4, "flushes not paced: {st:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+}
