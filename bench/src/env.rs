@@ -27,6 +27,24 @@ use crate::tally::{H_SEQ, Tally};
 /// The user every benchmark message is sent for.
 const SUBJECT: &str = "carol";
 
+/// Message `seq`'s payload: a small JSON order (about 95 bytes), padded
+/// with a `pad` string to exactly `payload_bytes` when that is larger.
+pub fn order_payload(seq: usize, payload_bytes: Option<usize>) -> Result<Vec<u8>, String> {
+    let mut order = serde_json::json!({
+        "order": seq, "amount": 120 + (seq % 50), "currency": "EUR",
+        "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]
+    });
+    let mut payload = serde_json::to_vec(&order).map_err(|e| e.to_string())?;
+    // `,"pad":""` adds 9 bytes before the padding itself.
+    if let Some(want) = payload_bytes
+        && want >= payload.len() + 9
+    {
+        order["pad"] = "x".repeat(want - payload.len() - 9).into();
+        payload = serde_json::to_vec(&order).map_err(|e| e.to_string())?;
+    }
+    Ok(payload)
+}
+
 /// The test kit's environment, the remote PDP and the decision log.
 pub struct BenchEnv {
     test: TestEnv,
@@ -177,14 +195,22 @@ impl BenchEnv {
         Ok(self.test.processor_on(guard, Arc::new(handler)))
     }
 
+    /// The embedded Cedar PDP the guard asks, without the answer cache.
+    pub fn cedar(&self) -> Arc<dyn PolicyDecisionPoint> {
+        self.test.pdp.clone()
+    }
+
     /// Prepares `n` messages (producer PDP check, stripping, a signed
-    /// reference) for `destination`, numbered from `seq0`.
+    /// reference) for `destination`, numbered from `seq0`; with
+    /// `payload_bytes`, each payload is padded (a `pad` string in the JSON)
+    /// to exactly that size when it is larger than the order itself.
     pub async fn prepare(
         &self,
         sc: Scenario,
         destination: &str,
         seq0: usize,
         n: usize,
+        payload_bytes: Option<usize>,
     ) -> Result<Vec<(Headers, Vec<u8>)>, String> {
         let audience = self.test.audience();
         let mut subject = self.test.subject(SUBJECT);
@@ -205,11 +231,7 @@ impl BenchEnv {
                 "traceparent",
                 format!("00-{}-00f067aa0ba902b7-01", uuid::Uuid::new_v4().simple()),
             );
-            let payload = serde_json::to_vec(&serde_json::json!({
-                "order": seq, "amount": 120 + (seq % 50), "currency": "EUR",
-                "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]
-            }))
-            .map_err(|e| e.to_string())?;
+            let payload = order_payload(seq, payload_bytes)?;
             let prepared = self
                 .test
                 .producer
@@ -222,5 +244,26 @@ impl BenchEnv {
             out.push((prepared.headers, prepared.payload));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order_payload;
+
+    #[test]
+    fn payloads_are_padded_to_the_exact_size_and_stay_json() {
+        for want in [200, 10 * 1024, 512 * 1024] {
+            for seq in [0, 7, 123_456] {
+                let p = order_payload(seq, Some(want)).unwrap();
+                assert_eq!(p.len(), want, "seq {seq}");
+                let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+                assert_eq!(v["order"], seq);
+            }
+        }
+        // smaller than the order itself: the order as it is
+        let plain = order_payload(5, None).unwrap();
+        assert_eq!(order_payload(5, Some(10)).unwrap(), plain);
+        assert!(plain.len() < 100);
     }
 }

@@ -17,9 +17,19 @@
 //! ([`row`]), the remote-PDP baseline ([`remote_pdp`]) and the report
 //! ([`report`]).
 //!
+//! Before the rows it measures the floor in process ([`floor`]: one
+//! signature verification per algorithm, one MAC, one uncached trust
+//! elevation, one answer-cache hit); every guarded row shows its added CPU
+//! per message as µs and as a multiple of that floor. `--scaling` adds the
+//! scaling table ([`scaling`]: concurrency and payload size on memory and
+//! NATS JetStream, the replay seen-set's memory in process and in Redis);
+//! `--quick` runs a minimal version of it on memory. `--json PATH` writes a
+//! machine-readable summary ([`json`]).
+//!
 //! ```sh
 //! cargo run --release -p elevate-bench --bin bench -- [--quick] [--messages N] \
-//!     [--brokers memory,kafka-mock,kafka,amqp,nats] [--only TEXT] [--write]
+//!     [--brokers memory,kafka-mock,kafka,amqp,nats] [--only TEXT] [--write] \
+//!     [--scaling] [--json PATH]
 //! ```
 //!
 //! The fleet rows run the `txn-token-service` binary as replicas on the
@@ -32,9 +42,12 @@
 mod brokers;
 mod env;
 mod fleet;
+mod floor;
+mod json;
 mod remote_pdp;
 mod report;
 mod row;
+mod scaling;
 mod scenario;
 mod tally;
 
@@ -45,7 +58,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 
 use crate::env::BenchEnv;
-use crate::report::{MANUAL_MARK, Progress, fmt_rate, render, table, targets};
+use crate::report::{Extras, MANUAL_MARK, Progress, fmt_rate, render, sections, table, targets};
 use crate::row::{Plan, Row};
 use crate::scenario::{Scenario, TtsMode, scenarios};
 
@@ -108,6 +121,15 @@ pub struct Args {
     /// Messages in flight per consumer (raw and guarded alike).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Also run the scaling table (concurrency 1/8/32/128, payload 100 B /
+    /// 10 KiB / 512 KiB, on memory and nats when selected) and measure the
+    /// replay seen-set's memory (in process and in Redis). --quick always
+    /// runs a minimal version on memory.
+    #[arg(long)]
+    scaling: bool,
+    /// Write a machine-readable summary (rows and floor) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Kafka bootstrap servers of the real broker.
     #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     pub kafka_bootstrap: String,
@@ -163,8 +185,14 @@ async fn run(args: Args) -> Result<bool, String> {
         latency_messages: if args.quick { 50 } else { 400 },
         latency_interval: Duration::from_millis(if args.quick { 4 } else { 5 }),
         concurrency: args.concurrency.max(1),
+        payload_bytes: None,
     };
     let mut env = BenchEnv::start().await?;
+    let floor = floor::measure(env.cedar(), args.quick).await?;
+    println!(
+        "floor (in process, median of 5 batches):\n{}",
+        floor.table()
+    );
     let total: usize = args.brokers.iter().map(|b| selected(&args, *b).len()).sum();
     let fleet_rows = args.brokers.iter().any(|b| {
         selected(&args, *b)
@@ -187,8 +215,23 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     let mut rows = Vec::new();
     let mut row_id = 0;
+    let mut warm_up = !args.quick;
     for kind in &args.brokers {
         let broker = brokers::connect(*kind, &args).await;
+        // The first row of a process ran 10-15 % faster than the same row
+        // later (fresh heap): drain the first row once untimed, and discard it.
+        if let (true, Ok(b), Some(sc)) = (warm_up, &broker, selected(&args, *kind).first()) {
+            warm_up = false;
+            row_id += 1;
+            let w = row::run(&env, b.as_ref(), kind.name(), row_id, *sc, &plan, &progress).await;
+            progress.clear();
+            println!(
+                "{:10} {:52} (warm-up, discarded: guarded {} msgs/s)",
+                w.broker,
+                sc.label(),
+                fmt_rate(w.guarded_rate)
+            );
+        }
         for sc in selected(&args, *kind) {
             row_id += 1;
             let row = match &broker {
@@ -224,20 +267,66 @@ async fn run(args: Args) -> Result<bool, String> {
             rows.push(row);
         }
     }
+    let mut scaling_rows = Vec::new();
+    let mut seen_set = Vec::new();
+    if args.scaling || args.quick {
+        for kind in args.brokers.iter().filter(|k| {
+            matches!(k, BrokerKind::Memory) || (args.scaling && **k == BrokerKind::Nats)
+        }) {
+            match brokers::connect(*kind, &args).await {
+                Ok(b) => {
+                    let r = scaling::run(
+                        &env,
+                        b.as_ref(),
+                        kind.name(),
+                        row_id + 1,
+                        &plan,
+                        !args.scaling,
+                        &progress,
+                    )
+                    .await;
+                    row_id += r.len();
+                    scaling_rows.extend(r);
+                }
+                Err(e) => println!("{:10} scaling: FAILED: {e}", kind.name()),
+            }
+        }
+        seen_set.push(scaling::in_memory(if args.scaling { 200_000 } else { 10_000 }).await);
+        if args.scaling {
+            seen_set.push(scaling::redis(if args.quick { 5_000 } else { 50_000 }).await);
+        }
+    }
     progress.clear();
     env.remove_log();
     let elapsed = started.elapsed();
-    println!("\n{}", table(&rows));
+    let extras = Extras {
+        floor: Some(&floor),
+        scaling: &scaling_rows,
+        seen_set: &seen_set,
+    };
+    println!("\n{}", table(&rows, Some(&floor)));
     println!("{}", targets(&rows));
+    println!("{}", sections(&extras));
+    if let Some(path) = &args.json {
+        let doc = json::summary(&rows, Some(&floor));
+        json::check_schema(&doc).map_err(|e| format!("JSON summary: {e}"))?;
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
     if (!args.quick && args.only.is_none()) || args.write {
         let extra = std::fs::read_to_string(&args.output)
             .ok()
             .and_then(|old| old.find(MANUAL_MARK).map(|i| old[i..].to_string()))
             .unwrap_or_default();
-        let doc = render(args.quick, &plan, &rows, elapsed, &extra);
+        let doc = render(args.quick, &plan, &rows, &extras, elapsed, &extra);
         std::fs::write(&args.output, doc)
             .map_err(|e| format!("write {}: {e}", args.output.display()))?;
         println!("wrote {}", args.output.display());
     }
-    Ok(rows.iter().all(|r| r.problem.is_none()))
+    Ok(rows
+        .iter()
+        .chain(&scaling_rows)
+        .all(|r| r.problem.is_none())
+        && seen_set.iter().all(|m| m.bytes_per_entry.is_ok()))
 }

@@ -5,7 +5,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::floor::Floor;
 use crate::row::{Plan, Row};
+use crate::scaling::{SeenSetMemory, live_entries};
 use crate::scenario::{Contexts, LogMode, PdpMode, Scenario, TtsMode};
 
 /// Everything from this line on in the results file is kept when the harness regenerates it
@@ -75,11 +77,27 @@ fn fmt_ms(us: Option<f64>) -> String {
         .unwrap_or_else(|| "–".into())
 }
 
-/// The Markdown table of the rows.
-pub fn table(rows: &[Row]) -> String {
+/// Added CPU per message, µs, or `–`.
+fn fmt_added(r: &Row) -> String {
+    r.added_cpu_us()
+        .map(|x| format!("{x:.0}"))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// Added CPU per message as a multiple of the row's floor, or `–`.
+fn fmt_multiple(r: &Row, floor: Option<&Floor>) -> String {
+    match (r.added_cpu_us(), floor) {
+        (Some(a), Some(f)) => format!("{:.1}×", a / f.bound_us(r.scenario.binding)),
+        _ => "–".into(),
+    }
+}
+
+/// The Markdown table of the rows; with the `floor`, the added CPU per
+/// message is also given as a multiple of the floor the row is bound by.
+pub fn table(rows: &[Row], floor: Option<&Floor>) -> String {
     let mut s = String::new();
-    s.push_str("| broker | scenario | msgs/s raw | msgs/s guarded | ratio | added p50 (ms) | added p99 (ms) | CPU µs/msg raw | CPU µs/msg guarded |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| broker | scenario | msgs/s raw | msgs/s guarded | ratio | added p50 (ms) | added p99 (ms) | CPU µs/msg raw | CPU µs/msg guarded | added CPU µs/msg | × floor |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let ratio = r
             .ratio()
@@ -90,7 +108,7 @@ pub fn table(rows: &[Row]) -> String {
             None => r.scenario.label(),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |\n",
             r.broker,
             scenario,
             fmt_rate(r.raw_rate),
@@ -100,8 +118,76 @@ pub fn table(rows: &[Row]) -> String {
             fmt_ms(r.added(true)),
             r.raw_cpu_us,
             r.guarded_cpu_us,
+            fmt_added(r),
+            fmt_multiple(r, floor),
         ));
     }
+    s
+}
+
+/// The scaling table: one line per (broker, concurrency, payload size).
+pub fn scaling_table(rows: &[Row], floor: Option<&Floor>) -> String {
+    let mut s = String::from(
+        "| broker | concurrency | payload (B) | messages | msgs/s raw | msgs/s guarded | ratio | CPU µs/msg raw | CPU µs/msg guarded | added CPU µs/msg | × floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        if let Some(p) = &r.problem {
+            s.push_str(&format!(
+                "| {} | {} | {} | – | FAILED: {p} | | | | | | |\n",
+                r.broker, r.concurrency, r.payload_bytes
+            ));
+            continue;
+        }
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |\n",
+            r.broker,
+            r.concurrency,
+            r.payload_bytes,
+            r.produced,
+            fmt_rate(r.raw_rate),
+            fmt_rate(r.guarded_rate),
+            r.ratio()
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "–".into()),
+            r.raw_cpu_us,
+            r.guarded_cpu_us,
+            fmt_added(r),
+            fmt_multiple(r, floor),
+        ));
+    }
+    s
+}
+
+/// The seen-set's memory per message, and what it comes to per horizon at
+/// 1,000 messages per second.
+pub fn seen_set_table(mem: &[SeenSetMemory]) -> String {
+    let mut s = String::from(
+        "| seen-set | entries inserted | bytes per message | at 1,000 msgs/s, 10 min horizon | at 1,000 msgs/s, 1 h horizon |\n|---|---:|---:|---:|---:|\n",
+    );
+    let mib = |b: f64| format!("{:.0} MiB", b / (1024.0 * 1024.0));
+    for m in mem {
+        match &m.bytes_per_entry {
+            Ok(b) => s.push_str(&format!(
+                "| {} | {} | {b:.0} | {} | {} |\n",
+                m.store,
+                m.entries,
+                mib(b * live_entries(1000.0, 600.0)),
+                mib(b * live_entries(1000.0, 3600.0)),
+            )),
+            Err(e) => s.push_str(&format!(
+                "| {} | {} | FAILED: {e} | | |\n",
+                m.store, m.entries
+            )),
+        }
+    }
+    s.push_str("\nMethod: ");
+    s.push_str(
+        &mem.iter()
+            .map(|m| format!("{}: {}", m.store, m.method))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    s.push_str(". An entry lives until its reference expires plus 60 s, so the live set is rate × (horizon + 60 s).\n");
     s
 }
 
@@ -305,6 +391,25 @@ const NOTES: &str = r#"## How to read it
   the drain.
 - **CPU µs/msg** = process CPU time (getrusage) during the drain / N; it
   includes the TTS and the remote PDP server, which run in this process.
+- **added CPU µs/msg** = guarded minus raw CPU per message; **× floor** =
+  that divided by the floor the row's binding is bound by, measured in the
+  same run (the Floor table): per-message binding, one ES256
+  context-reference verification + one answer-cache hit (the repeated
+  context's Txn-Token comes from the token cache, its Cedar answer from
+  the answer cache). A distinct context also pays one token exchange per
+  message (an assertion signature, the TTS's verifications and signature,
+  a Txn-Token verification: about four more signature operations), which
+  the floor does not include, so its multiple is against the same
+  verification floor and shows what the exchange adds. A per-context
+  binding will be bound by one MAC + one cache hit. 1.0× would be a guard
+  that does nothing but the unavoidable checks.
+- **Scaling**: the repeated-context row at other concurrencies (100-byte
+  payloads) and payload sizes (concurrency 32; the payload digest grows
+  with the payload; at most 150 MiB of payload per drain, so 300 messages
+  at 512 KiB).
+- **The first row** of a bench process ran 10–15 % faster than the same
+  row later (fresh heap); a full run now drains an untimed warm-up row
+  (the first broker's first scenario) before the rows that are reported.
 - **repeated ctx**: 100 messages per origin transaction (one Txn-Token each
   100 messages, never across contexts); **distinct ctx**: a new origin
   transaction per message, so one token exchange per message.
@@ -326,13 +431,53 @@ Regenerate: `cargo run --release -p elevate-bench --bin bench` (full) or
 `-- --quick --write`.
 "#;
 
-/// The results file: machine, table, targets, how to read it, then `extra` (the notes kept).
-pub fn render(quick: bool, plan: &Plan, rows: &[Row], elapsed: Duration, extra: &str) -> String {
+/// What was measured besides the main table.
+pub struct Extras<'a> {
+    /// The floor, measured in this run.
+    pub floor: Option<&'a Floor>,
+    /// The scaling rows (empty when not run).
+    pub scaling: &'a [Row],
+    /// The seen-set's memory (empty when not run).
+    pub seen_set: &'a [SeenSetMemory],
+}
+
+/// The floor and scaling sections of the results file (and of the output).
+pub fn sections(x: &Extras<'_>) -> String {
+    let mut s = String::new();
+    if let Some(f) = x.floor {
+        s.push_str("## Floor (measured in this run, in process)\n\n");
+        s.push_str(&f.table());
+        s.push('\n');
+    }
+    if !x.scaling.is_empty() {
+        s.push_str("## Scaling (repeated context, TTS in process, embedded PDP)\n\n");
+        s.push_str(&scaling_table(x.scaling, x.floor));
+        s.push('\n');
+    }
+    if !x.seen_set.is_empty() {
+        s.push_str("## Replay seen-set memory\n\n");
+        s.push_str(&seen_set_table(x.seen_set));
+        s.push('\n');
+    }
+    s
+}
+
+/// The results file: machine, floor, table, targets, scaling, how to read
+/// it, then `extra` (the notes kept).
+pub fn render(
+    quick: bool,
+    plan: &Plan,
+    rows: &[Row],
+    x: &Extras<'_>,
+    elapsed: Duration,
+    extra: &str,
+) -> String {
     format!(
-        "# Benchmarks: raw vs guarded\n\n_Generated by `cargo run --release -p elevate-bench --bin bench`; do not edit by hand._\n\n{}\n{}\n## Targets (issue 8)\n\n{}\n{}{}",
+        "# Benchmarks: raw vs guarded\n\n_Generated by `cargo run --release -p elevate-bench --bin bench`; do not edit by hand._\n\n{}\n{}\n## Targets (issue 8)\n\n{}\n{}{}{}",
         machine(quick, plan, elapsed),
-        table(rows),
+        table(rows, x.floor),
         targets(rows),
+        sections(x),
         NOTES,
         extra
     )

@@ -30,7 +30,13 @@ pub struct Row {
     pub guarded_cpu_us: f64,
     pub handled: usize,
     pub dead: usize,
+    /// Messages published in this row (drained + trickled).
+    pub produced: usize,
     pub duplicates: usize,
+    /// Messages in flight per consumer in this row.
+    pub concurrency: usize,
+    /// Size of each drained message's payload, in bytes.
+    pub payload_bytes: usize,
     pub problem: Option<String>,
 }
 
@@ -50,7 +56,10 @@ impl Row {
             guarded_cpu_us: 0.0,
             handled: 0,
             dead: 0,
+            produced: 0,
             duplicates: 0,
+            concurrency: 0,
+            payload_bytes: 0,
             problem: None,
         }
     }
@@ -58,6 +67,13 @@ impl Row {
     /// Guarded / raw throughput.
     pub fn ratio(&self) -> Option<f64> {
         Some(self.guarded_rate? / self.raw_rate?)
+    }
+
+    /// Guarded minus raw CPU per message, in µs (`None` when the row failed
+    /// before both drains were measured).
+    pub fn added_cpu_us(&self) -> Option<f64> {
+        (self.raw_rate.is_some() && self.guarded_rate.is_some())
+            .then_some(self.guarded_cpu_us - self.raw_cpu_us)
     }
 
     /// Guarded minus raw latency (p99 or p50), in µs.
@@ -71,6 +87,7 @@ impl Row {
 }
 
 /// What every row does.
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// Messages drained per row.
     pub messages: usize,
@@ -80,6 +97,8 @@ pub struct Plan {
     pub latency_interval: Duration,
     /// Messages in flight per consumer (raw and guarded alike).
     pub concurrency: usize,
+    /// Payload size of every message, in bytes (`None`: the ~100-byte order).
+    pub payload_bytes: Option<usize>,
 }
 
 /// Runs row `row` of `scenario` on `broker`; a failure is the row's `problem`.
@@ -93,6 +112,7 @@ pub async fn run(
     progress: &Progress,
 ) -> Row {
     let mut out = Row::new(name, sc);
+    out.concurrency = plan.concurrency;
     if let Err(e) = run_inner(env, broker, row, sc, plan, progress, &mut out).await {
         out.problem = Some(e);
     }
@@ -112,14 +132,20 @@ async fn run_inner(
     let l = plan.latency_messages;
     let ep = broker.setup(&format!("bench-{row}")).await?;
     progress.step(out.broker, &sc, "producing");
-    let msgs = env.prepare(sc, &ep.destination, 0, n).await?;
-    let trickle = env.prepare(sc, &ep.destination, n, l).await?;
+    let msgs = env
+        .prepare(sc, &ep.destination, 0, n, plan.payload_bytes)
+        .await?;
+    let trickle = env
+        .prepare(sc, &ep.destination, n, l, plan.payload_bytes)
+        .await?;
+    out.payload_bytes = msgs.first().map(|(_, p)| p.len()).unwrap_or_default();
     broker
         .publish_batch(
             &ep,
             msgs.iter().map(|(h, p)| (stamp(h), p.clone())).collect(),
         )
         .await?;
+    out.produced = n;
     let budget = Duration::from_secs(30) + Duration::from_millis(n as u64 * 5);
     let opts = ConsumerOptions {
         concurrency: Some(plan.concurrency),
@@ -165,6 +191,7 @@ async fn run_inner(
             .publish_batch(&ep, vec![(stamp(h), p.clone())])
             .await?;
     }
+    out.produced = n + l;
     let _ = raw.wait_for(n + l, Duration::from_secs(30)).await;
     let _ = guarded.wait_for(n + l, Duration::from_secs(30)).await;
     // let late duplicates show up before counting

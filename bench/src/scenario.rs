@@ -55,6 +55,25 @@ pub enum LogMode {
     SpoolNoFsync,
 }
 
+/// How a message is bound to its context: the unit the guard's floor is
+/// counted in ([`crate::floor::Floor::bound_us`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// Every message carries its own signed context reference (ES256): one
+    /// signature verification per message. The only mode today.
+    PerMessage,
+}
+
+impl Binding {
+    /// The name in the JSON summary (`"per-message"`; a per-context
+    /// signature with a per-message MAC will be `"per-context"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Binding::PerMessage => "per-message",
+        }
+    }
+}
+
 /// One row's scenario.
 #[derive(Debug, Clone, Copy)]
 pub struct Scenario {
@@ -66,6 +85,8 @@ pub struct Scenario {
     pub pdp: PdpMode,
     /// Where decisions are recorded.
     pub log: LogMode,
+    /// How messages are bound to their context.
+    pub binding: Binding,
 }
 
 impl Scenario {
@@ -105,6 +126,7 @@ pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
         tts,
         pdp,
         log: LogMode::File,
+        binding: Binding::PerMessage,
     };
     let spooled = |sc: Scenario| Scenario {
         log: LogMode::Spool,
