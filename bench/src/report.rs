@@ -128,7 +128,7 @@ pub fn table(rows: &[Row], floor: Option<&Floor>) -> String {
 /// The scaling table: one line per (broker, concurrency, payload size).
 pub fn scaling_table(rows: &[Row], floor: Option<&Floor>) -> String {
     let mut s = String::from(
-        "| broker | concurrency | payload (B) | messages | msgs/s raw | msgs/s guarded | ratio | CPU µs/msg raw | CPU µs/msg guarded | added CPU µs/msg | × floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| broker | concurrency | payload (B) | produced | msgs/s raw | msgs/s guarded | ratio | CPU µs/msg raw | CPU µs/msg guarded | added CPU µs/msg | × floor |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         if let Some(p) = &r.problem {
