@@ -247,13 +247,17 @@ async fn run(args: Args) -> Result<bool, String> {
             progress.clear();
             match &row.problem {
                 None => println!(
-                    "{:10} {:52} raw {:>6} msgs/s  guarded {:>6} msgs/s  ({} handled, {} dead-lettered)",
+                    "{:10} {:52} raw {:>6} msgs/s  guarded {:>6} msgs/s  ({} handled, {} dead-lettered)  added CPU {} µs/msg = {:.1}× floor",
                     row.broker,
                     sc.label(),
                     fmt_rate(row.raw_rate),
                     fmt_rate(row.guarded_rate),
                     row.handled,
-                    row.dead
+                    row.dead,
+                    row.added_cpu_us()
+                        .map(|x| format!("{x:.0}"))
+                        .unwrap_or_else(|| "–".into()),
+                    row.added_cpu_us().unwrap_or(f64::NAN) / floor.bound_us(sc.binding),
                 ),
                 Some(p) => println!("{:10} {:52} FAILED: {p}", row.broker, sc.label()),
             }
