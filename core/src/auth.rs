@@ -56,13 +56,13 @@ impl AuthContext {
     pub(crate) fn new(
         decision_id: &str,
         workload: &str,
-        verified: &VerifiedRef,
+        verified: VerifiedRef,
         scope: Scope,
         action: String,
         resource: EntityRef,
         txn_token: TxnToken,
     ) -> Self {
-        let claims = &verified.claims;
+        let claims = verified.claims;
         AuthContext {
             decision_id: decision_id.to_string(),
             subject: claims.sub.clone(),
@@ -75,8 +75,8 @@ impl AuthContext {
             action,
             resource,
             txn_token,
-            reference: claims.clone(),
-            reference_token: verified.token.clone(),
+            reference: claims,
+            reference_token: verified.token,
         }
     }
 

@@ -2,6 +2,7 @@
 //! `txn-token-client` crate implements, verified claims, and a secret wrapper
 //! that never prints the token.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -15,23 +16,45 @@ use crate::scope::Scope;
 pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
 
 /// A bearer credential that must never be logged: `Debug`/`Display` show its SHA-256.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretToken(String);
+///
+/// Cheap to clone (shared): a cached Txn-Token is handed to every message
+/// of its context, and its SHA-256 is computed once.
+#[derive(Clone)]
+pub struct SecretToken(Arc<SecretInner>);
+
+struct SecretInner {
+    token: String,
+    sha256: std::sync::OnceLock<String>,
+}
+
+impl PartialEq for SecretToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.token == other.0.token
+    }
+}
+
+impl Eq for SecretToken {}
 
 impl SecretToken {
     /// Wraps a token.
     pub fn new(token: impl Into<String>) -> Self {
-        SecretToken(token.into())
+        SecretToken(Arc::new(SecretInner {
+            token: token.into(),
+            sha256: std::sync::OnceLock::new(),
+        }))
     }
 
     /// The token itself, for an outgoing `Txn-Token` header. Never log it.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.token
     }
 
     /// SHA-256 (hex) of the token: what logs and records carry.
     pub fn sha256(&self) -> String {
-        sha256_hex(self.0.as_bytes())
+        self.0
+            .sha256
+            .get_or_init(|| sha256_hex(self.0.token.as_bytes()))
+            .clone()
     }
 }
 
@@ -108,13 +131,14 @@ pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
     })
 }
 
-/// A verified Txn-Token: the secret and its claims.
+/// A verified Txn-Token: the secret and its claims. Cheap to clone (both
+/// are shared): the token cache hands one to every message of a context.
 #[derive(Debug, Clone)]
 pub struct TxnToken {
     /// The token, for downstream calls.
     pub token: SecretToken,
     /// Its verified claims.
-    pub claims: TxnTokenClaims,
+    pub claims: Arc<TxnTokenClaims>,
 }
 
 /// What the pipeline asks a token source for.
@@ -125,21 +149,53 @@ pub struct TokenRequest<'a> {
     /// The scope to request (the reference's scope by default).
     pub scope: &'a Scope,
     /// `request_details`: broker coordinates and message id.
-    pub request_details: serde_json::Value,
+    pub request_details: RequestDetails<'a>,
 }
 
 impl<'a> TokenRequest<'a> {
     /// Builds the request for one message: scope = the reference's, details = its coordinates.
-    pub fn for_message(reference: &'a VerifiedRef, scope: &'a Scope, msg: &InboundMessage) -> Self {
+    pub fn for_message(
+        reference: &'a VerifiedRef,
+        scope: &'a Scope,
+        msg: &'a InboundMessage,
+    ) -> Self {
         TokenRequest {
             reference,
             scope,
-            request_details: serde_json::json!({
+            request_details: RequestDetails::Message(msg),
+        }
+    }
+}
+
+/// The `request_details` of an exchange, built only when an exchange is
+/// made: most messages are served by a cached token, and building the JSON
+/// per message was a copy of its coordinates for nothing.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RequestDetails<'a> {
+    /// The message's coordinates, destination and id.
+    Message(&'a InboundMessage),
+    /// Given as is.
+    Value(serde_json::Value),
+}
+
+impl RequestDetails<'_> {
+    /// The JSON sent as `request_details`.
+    pub fn to_value(&self) -> serde_json::Value {
+        match self {
+            RequestDetails::Message(msg) => serde_json::json!({
                 "source": msg.coordinates,
                 "destination": msg.destination,
                 "message_id": msg.message_id,
             }),
+            RequestDetails::Value(v) => v.clone(),
         }
+    }
+}
+
+impl From<serde_json::Value> for RequestDetails<'_> {
+    fn from(v: serde_json::Value) -> Self {
+        RequestDetails::Value(v)
     }
 }
 

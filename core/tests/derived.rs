@@ -54,7 +54,7 @@ impl TokenSource for MatchingTokens {
         let c = &req.reference.claims;
         Ok(TxnToken {
             token: SecretToken::new("t"),
-            claims: TxnTokenClaims {
+            claims: std::sync::Arc::new(TxnTokenClaims {
                 iat: c.iat,
                 exp: c.exp,
                 aud: vec![],
@@ -65,7 +65,7 @@ impl TokenSource for MatchingTokens {
                 jti: None,
                 tctx: None,
                 rctx: None,
-            },
+            }),
         })
     }
 }

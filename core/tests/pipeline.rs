@@ -49,7 +49,7 @@ impl TokenSource for FakeTokens {
         let c = &req.reference.claims;
         Ok(TxnToken {
             token: SecretToken::new(format!("tok-{}", c.jti)),
-            claims: TxnTokenClaims {
+            claims: std::sync::Arc::new(TxnTokenClaims {
                 iat: c.iat,
                 exp: c.iat + 60,
                 aud: vec!["t".into()],
@@ -60,7 +60,7 @@ impl TokenSource for FakeTokens {
                 jti: None,
                 tctx: None,
                 rctx: None,
-            },
+            }),
         })
     }
 }
@@ -597,7 +597,7 @@ async fn one_txn_token_per_context_never_across_contexts() {
         let req = TokenRequest {
             reference: &v,
             scope: &scope,
-            request_details: serde_json::Value::Null,
+            request_details: serde_json::Value::Null.into(),
         };
         tokens.push(cache.acquire(&req).await.unwrap());
     }
@@ -640,7 +640,7 @@ async fn concurrent_misses_of_one_context_make_one_exchange() {
             let req = TokenRequest {
                 reference: &v,
                 scope: &scope,
-                request_details: serde_json::Value::Null,
+                request_details: serde_json::Value::Null.into(),
             };
             cache.acquire(&req).await.unwrap()
         }));

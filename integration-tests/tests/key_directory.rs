@@ -137,7 +137,7 @@ async fn exchange(c: &TtsClient, v: &VerifiedRef) -> Result<(), TokenError> {
     c.acquire(&TokenRequest {
         reference: v,
         scope: &scope,
-        request_details: serde_json::json!({}),
+        request_details: serde_json::json!({}).into(),
     })
     .await
     .map(|_| ())

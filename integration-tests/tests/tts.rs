@@ -83,7 +83,8 @@ async fn acquire(c: &TtsClient, r: &MintedRef, scope: &str) -> Result<TxnToken, 
     c.acquire(&TokenRequest {
         reference: &v,
         scope: &scope,
-        request_details: serde_json::json!({"source": {"topic": "orders", "partition": 0, "offset": 7}}),
+        request_details:
+            serde_json::json!({"source": {"topic": "orders", "partition": 0, "offset": 7}}).into(),
     })
     .await
 }
@@ -164,7 +165,7 @@ async fn happy_path_token_verifies_with_published_jwks_alone() {
         .verify(t.token.expose())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(claims, t.claims);
+    assert_eq!(claims, *t.claims);
     // ... and not for another trust domain
     let other =
         TxnTokenVerifier::remote("other.example", reqwest::Client::new(), &s.tts.jwks_url());

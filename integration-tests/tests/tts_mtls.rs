@@ -296,7 +296,7 @@ async fn acquire(c: &TtsClient, r: &VerifiedRef) -> Result<TxnToken, TokenError>
     c.acquire(&TokenRequest {
         reference: r,
         scope: &Scope::parse("orders.read"),
-        request_details: serde_json::json!({"source": "mtls-test"}),
+        request_details: serde_json::json!({"source": "mtls-test"}).into(),
     })
     .await
 }

@@ -65,7 +65,7 @@ async fn run(
                     let req = TokenRequest {
                         reference: &r,
                         scope: &scope,
-                        request_details: serde_json::json!({"source": {"topic": "orders"}}),
+                        request_details: serde_json::json!({"source": {"topic": "orders"}}).into(),
                     };
                     match src.acquire(&req).await {
                         Ok(_) => lat.push(t0.elapsed()),
@@ -150,7 +150,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .acquire(&TokenRequest {
                     reference: r,
                     scope: &scope,
-                    request_details: serde_json::json!({}),
+                    request_details: serde_json::json!({}).into(),
                 })
                 .await;
             http_sources.push((Arc::new(client), r.clone()));

@@ -130,7 +130,7 @@ impl InProcessTts {
         }
         Ok(TxnToken {
             token: SecretToken::new(token),
-            claims,
+            claims: claims.into(),
         })
     }
 }
@@ -142,7 +142,7 @@ impl TokenSource for InProcessTts {
             &req.reference.token,
             TOKEN_TYPE_JWT,
             req.scope,
-            &req.request_details,
+            &req.request_details.to_value(),
         )
         .await
     }

@@ -94,7 +94,7 @@ async fn happy_path_and_claims() {
         .acquire(&TokenRequest {
             reference: &r,
             scope: &scope,
-            request_details: serde_json::json!({"source": {"topic": "orders"}}),
+            request_details: serde_json::json!({"source": {"topic": "orders"}}).into(),
         })
         .await
         .unwrap();
@@ -102,13 +102,13 @@ async fn happy_path_and_claims() {
     assert_eq!(t.claims.txn, "txn-1");
     assert_eq!(t.claims.req_wl, CONSUMER);
     assert_eq!(t.claims.aud, vec![TD.to_string()]);
-    let tctx = t.claims.tctx.unwrap();
+    let tctx = t.claims.tctx.clone().unwrap();
     assert_eq!(tctx["producer"], PRODUCER);
     assert_eq!(tctx["destination"], "orders");
     assert_eq!(tctx["chain"], serde_json::json!([PRODUCER]));
     assert_eq!(tctx["request_details"]["source"]["topic"], "orders");
     assert_eq!(
-        t.claims.rctx.unwrap()["request_context"]["mode"],
+        t.claims.rctx.clone().unwrap()["request_context"]["mode"],
         "in-process"
     );
     assert!(t.claims.exp - t.claims.iat == 60);
@@ -393,7 +393,7 @@ async fn exchange_final(c: &ChainWorld) -> Result<elevate_core::token::TxnToken,
 async fn chain_is_validated_and_carried_in_tctx() {
     let c = chain_world();
     let t = exchange_final(&c).await.unwrap();
-    let tctx = t.claims.tctx.unwrap();
+    let tctx = t.claims.tctx.clone().unwrap();
     assert_eq!(
         tctx["chain"],
         serde_json::json!([PRODUCER, CONSUMER, RELAY])
@@ -660,11 +660,11 @@ async fn null_request_details_are_not_sent() {
         .acquire(&TokenRequest {
             reference: &r,
             scope: &Scope::parse("orders.read"),
-            request_details: serde_json::Value::Null,
+            request_details: serde_json::Value::Null.into(),
         })
         .await
         .unwrap();
-    assert!(t.claims.tctx.unwrap().get("request_details").is_none());
+    assert!(t.claims.tctx.clone().unwrap().get("request_details").is_none());
 }
 
 /// Every refusal the issuer can be driven to, with values chosen to carry

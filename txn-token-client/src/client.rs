@@ -538,7 +538,10 @@ impl TtsClient {
         }
         let token = SecretToken::new(token);
         tracing::debug!(txn = %claims.txn, sub = %claims.sub, scope = %claims.scope, token_sha256 = %token.sha256(), "Txn-Token obtained");
-        Ok(TxnToken { token, claims })
+        Ok(TxnToken {
+            token,
+            claims: claims.into(),
+        })
     }
 
     /// The endpoints in the order one attempt tries them: round-robin from
@@ -677,7 +680,7 @@ impl TokenSource for TtsClient {
             &req.reference.token,
             TOKEN_TYPE_JWT,
             req.scope,
-            &req.request_details,
+            &req.request_details.to_value(),
         )
         .await
     }

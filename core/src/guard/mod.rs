@@ -225,11 +225,9 @@ impl Guard {
             Ok(_) => (Reason::Permitted, None, None),
             Err(r) => (r.reason, r.detail.clone(), r.retry_after),
         };
-        let record = self.recorded(msg, &decision_id, attempt, started).build(
-            reason,
-            detail.clone(),
-            &facts,
-        );
+        let record =
+            self.recorded(msg, &decision_id, attempt, started)
+                .build(reason, detail.clone(), facts);
         if let Err(e) = self.log.commit(&record).await {
             tracing::error!(target: "elevate::decision", decision_id = %decision_id, error = %e, "decision log write failed: not dispatching");
             return GuardDecision::Retry(Refusal {
@@ -265,7 +263,7 @@ impl Guard {
     ) -> Result<(), SinkError> {
         let rec = self
             .recorded(msg, decision_id, attempt, Instant::now())
-            .build(reason, detail, &Facts::default());
+            .build(reason, detail, Facts::default());
         self.log.commit(&rec).await
     }
 
@@ -296,15 +294,15 @@ impl Guard {
     ) -> Step<AuthContext> {
         credentials::check(&self.credentials, msg)?;
         let verified = reference::verify(&self.verifier, msg).await?;
-        facts.reference = Some(verified.clone());
+        facts.reference(&verified);
         let claims = &verified.claims;
         replay::check(self.replay.as_deref(), msg, claims).await?;
         let ref_scope = claims.scope_set();
         let (action, resource) = action::map(&*self.actions, msg, claims, &ref_scope)?;
         facts.action = Some(action.clone());
-        facts.resource = Some(resource.clone());
+        facts.resource(&resource);
         let txn_token = token::acquire(&*self.tokens, &verified, &ref_scope, msg).await?;
-        facts.token = Some(txn_token.clone());
+        facts.token(&txn_token);
         let token_scope = token::check(&txn_token, &self.workload, &verified, &ref_scope, &action)?;
         elevation::elevate(
             &*self.pdp,
@@ -318,7 +316,7 @@ impl Guard {
         Ok(AuthContext::new(
             decision_id,
             &self.workload,
-            &verified,
+            verified,
             token_scope,
             action,
             resource,

@@ -10,13 +10,41 @@ use crate::pdp::EntityRef;
 use crate::token::TxnToken;
 use crate::verdict::Reason;
 
-/// What the steps learned before the verdict, for the record.
+/// What the steps learned before the verdict, for the record: the record's
+/// own fields, taken once from what each step holds (never a copy of the
+/// verified reference or the Txn-Token themselves).
 #[derive(Default)]
 pub(crate) struct Facts {
-    pub(crate) reference: Option<VerifiedRef>,
+    subject: Option<String>,
+    producer: Option<String>,
+    txn: Option<String>,
+    chain: Vec<String>,
+    ctx_ref_sha256: Option<String>,
     pub(crate) action: Option<String>,
-    pub(crate) resource: Option<EntityRef>,
-    pub(crate) token: Option<TxnToken>,
+    pub(crate) resource: Option<String>,
+    txn_token_sha256: Option<String>,
+}
+
+impl Facts {
+    /// The verified reference's subject, producer, transaction, chain and hash.
+    pub(crate) fn reference(&mut self, r: &VerifiedRef) {
+        let c = &r.claims;
+        self.subject = Some(c.sub.clone());
+        self.producer = Some(c.iss.clone());
+        self.txn = Some(c.txn.clone());
+        self.chain = c.chain();
+        self.ctx_ref_sha256 = Some(r.token_sha256.clone());
+    }
+
+    /// The Txn-Token, by its SHA-256.
+    pub(crate) fn token(&mut self, t: &TxnToken) {
+        self.txn_token_sha256 = Some(t.token.sha256());
+    }
+
+    /// The mapped resource, as the record names it.
+    pub(crate) fn resource(&mut self, r: &EntityRef) {
+        self.resource = Some(r.to_string());
+    }
 }
 
 /// The record of one decision (or disposition) about `msg`.
@@ -33,33 +61,32 @@ pub(crate) struct Recorded<'a> {
 impl Recorded<'_> {
     /// The record for `reason`, with what `facts` learned.
     pub(crate) fn build(
-        &self,
+        self,
         reason: Reason,
         detail: Option<String>,
-        facts: &Facts,
+        facts: Facts,
     ) -> DecisionRecord {
-        let claims = facts.reference.as_ref().map(|r| &r.claims);
         DecisionRecord {
             decision_id: self.decision_id.to_string(),
             time: crate::now_rfc3339(),
             verdict: reason.verdict(),
             reason,
             detail,
-            subject: claims.map(|c| c.sub.clone()),
+            subject: facts.subject,
             workload: self.workload.to_string(),
-            producer: claims.map(|c| c.iss.clone()),
-            action: facts.action.clone(),
-            resource: facts.resource.as_ref().map(|r| r.to_string()),
-            txn: claims.map(|c| c.txn.clone()),
-            chain: claims.map(|c| c.chain()).unwrap_or_default(),
+            producer: facts.producer,
+            action: facts.action,
+            resource: facts.resource,
+            txn: facts.txn,
+            chain: facts.chain,
             source: self.msg.coordinates.clone(),
             attempt: self.attempt,
-            policy_version: self.policy_version.clone(),
+            policy_version: self.policy_version,
             bundle_revision: self.bundle_revision,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             trace_id: trace_id(self.msg).unwrap_or_else(|| self.decision_id.to_string()),
-            ctx_ref_sha256: facts.reference.as_ref().map(|r| r.token_sha256.clone()),
-            txn_token_sha256: facts.token.as_ref().map(|t| t.token.sha256()),
+            ctx_ref_sha256: facts.ctx_ref_sha256,
+            txn_token_sha256: facts.txn_token_sha256,
         }
     }
 }

@@ -74,7 +74,7 @@ impl TokenSource for FakeTokens {
         }
         Ok(TxnToken {
             token: SecretToken::new("tok"),
-            claims,
+            claims: claims.into(),
         })
     }
 }
