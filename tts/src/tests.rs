@@ -664,7 +664,14 @@ async fn null_request_details_are_not_sent() {
         })
         .await
         .unwrap();
-    assert!(t.claims.tctx.clone().unwrap().get("request_details").is_none());
+    assert!(
+        t.claims
+            .tctx
+            .clone()
+            .unwrap()
+            .get("request_details")
+            .is_none()
+    );
 }
 
 /// Every refusal the issuer can be driven to, with values chosen to carry
