@@ -26,7 +26,10 @@ impl Shared {
         loop {
             let (file, seq, hash, offset) = {
                 let mut st = self.state.lock();
-                while st.writer.seq <= st.head_seq || st.broken.is_some() {
+                // Entries already written are flushed even when the spool
+                // was marked broken since (it refuses new ones): their
+                // callers are waiting.
+                while st.writer.seq <= st.head_seq {
                     if st.closed {
                         return;
                     }
@@ -81,6 +84,8 @@ impl Shared {
                     st.broken.get_or_insert_with(|| reason.clone());
                     drop(st);
                     self.durable.send_modify(|d| d.failed = Some(reason.into()));
+                    // Nothing written from here on is ever flushed: end.
+                    return;
                 }
             }
         }

@@ -450,3 +450,31 @@ async fn flushes_are_paced_under_load_and_immediate_when_quiet() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_waiting_for_its_flush_is_flushed_when_the_spool_breaks_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = SpoolConfig::new(dir.path());
+    cfg.flush_interval = Duration::from_millis(300);
+    let spool = Spool::open(cfg).unwrap();
+    spool.commit(&rec(0)).await.unwrap();
+    // the next flush is paced: this record waits for it
+    let waiting = {
+        let s = spool.clone();
+        tokio::spawn(async move { s.commit(&rec(1)).await.map_err(|e| e.to_string()) })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    spool
+        .shared()
+        .mark_broken("damaged chain found while shipping".into());
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    assert!(
+        matches!(answered, Ok(Ok(Ok(())))),
+        "a written record was left waiting: {answered:?}"
+    );
+    assert!(
+        spool.commit(&rec(2)).await.is_err(),
+        "a broken spool took a record"
+    );
+    assert_eq!(spool.stats().head_seq, 2);
+}
