@@ -126,6 +126,23 @@ impl TtsProcess {
         listen: Option<SocketAddr>,
         rust_log: &str,
     ) -> std::io::Result<Self> {
+        Self::spawn_with_args(bin, config, listen, rust_log, &[])
+    }
+
+    /// As [`spawn_logging`](Self::spawn_logging), with more command-line
+    /// arguments after `--config` (e.g. `["--signing-alg", "EdDSA"]`: tests
+    /// of the command line's overrides).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`spawn`](Self::spawn).
+    pub fn spawn_with_args(
+        bin: &Path,
+        config: &Path,
+        listen: Option<SocketAddr>,
+        rust_log: &str,
+        args: &[&str],
+    ) -> std::io::Result<Self> {
         // `tts.toml` logs to `tts.log`; each fleet replica's `NAME.toml` to `NAME.log`.
         let stem = config
             .file_stem()
@@ -146,6 +163,7 @@ impl TtsProcess {
         if let Some(l) = listen {
             cmd.arg("--listen").arg(l.to_string());
         }
+        cmd.args(args);
         let mut child = cmd.spawn()?;
         let stdout = child
             .stdout

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use elevate_core::keys::SigningAlg;
 
 use crate::admin::AdminApi;
 use crate::fleet::Fleet;
@@ -29,9 +30,19 @@ pub struct Args {
     /// Overrides the configured listen address (e.g. 127.0.0.1:0).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Overrides the configured `signing_alg`: `ES256` or `EdDSA`, the
+    /// algorithm of the Txn-Token signing key (generated, or read from
+    /// `signing_key_pem`, which must then hold a key of it).
+    #[arg(long, value_parser = parse_signing_alg)]
+    pub signing_alg: Option<SigningAlg>,
     /// Log filter when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+/// `ES256` or `EdDSA` (the JOSE names, exactly); anything else is refused.
+fn parse_signing_alg(s: &str) -> Result<SigningAlg, String> {
+    SigningAlg::parse(s).ok_or_else(|| format!("{s:?}: use ES256 or EdDSA"))
 }
 
 /// Runs the service with these arguments (the binaries call this).
@@ -78,7 +89,10 @@ where
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let cfg = ServiceConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let mut cfg = ServiceConfig::load(&args.config).map_err(|e| e.to_string())?;
+    if let Some(alg) = args.signing_alg {
+        cfg.signing_alg = alg;
+    }
     let base = args
         .config
         .parent()

@@ -24,14 +24,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use elevate_core::keys::{SigningAlg, SigningKey};
+use elevate_core::keys::SigningKey;
 use elevate_core::scope::Scope;
 use jsonwebtoken::jwk::Jwk;
 use txn_token_client::protocol::ClientAuthMethod;
 
 use crate::config::{ConfigError, ServiceConfig};
 use crate::issuer::Issuer;
-use crate::keyring::generate_key;
+use crate::keyring::{generate_key_of, key_from_pem_any};
 use crate::registry::WorkloadEntry;
 use crate::store::postgres::{PgStore, STORE_TIMEOUT};
 use crate::store::{
@@ -224,13 +224,11 @@ impl Fleet {
     fn apply_keys(&self, issuer: &Issuer, records: &[SigningKeyRecord]) {
         let parsed: Vec<(i64, SigningKey)> = records
             .iter()
-            .filter_map(|r| {
-                match SigningKey::from_pkcs8_pem(SigningAlg::ES256, r.kid.clone(), &r.pem) {
-                    Ok(k) => Some((r.not_before_ms, k)),
-                    Err(e) => {
-                        tracing::error!(kid = %r.kid, error = %e, "shared store: signing key refused");
-                        None
-                    }
+            .filter_map(|r| match key_from_pem_any(&r.kid, &r.pem) {
+                Ok(k) => Some((r.not_before_ms, k)),
+                Err(e) => {
+                    tracing::error!(kid = %r.kid, error = %e, "shared store: signing key refused");
+                    None
                 }
             })
             .collect();
@@ -262,7 +260,7 @@ impl Fleet {
         }
     }
 
-    /// A fleet-wide rotation: a fresh key, published by every replica at its
+    /// A fleet-wide rotation: a fresh key (of this replica's `signing_alg`), published by every replica at its
     /// next reload and signing from `key_activation_secs` from now; keys
     /// retired more than the retention ago are deleted. Returns the new key's
     /// `kid` and when it starts signing (ms since the epoch).
@@ -275,7 +273,8 @@ impl Fleet {
         issuer: &Issuer,
         audit: &AuditRecord,
     ) -> Result<(String, i64), StoreError> {
-        let key = generate_key().map_err(|e| StoreError(format!("key generation: {e}")))?;
+        let key = generate_key_of(issuer.settings().signing_alg)
+            .map_err(|e| StoreError(format!("key generation: {e}")))?;
         let not_before_ms = now_ms() + self.activation.as_millis() as i64;
         let prune_before = now_ms() - issuer.settings().key_retention().as_millis() as i64;
         let mut audit = audit.clone();

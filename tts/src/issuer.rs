@@ -21,7 +21,7 @@ use super::admin::AdminApi;
 use super::config::{ConfigError, ServiceConfig, resolve};
 use super::fleet::Fleet;
 use super::key_files::{jwks_from_value, read_key_file};
-use super::keyring::{KeyRing, derived_kid, generate_key};
+use super::keyring::{KeyRing, derived_kid, generate_key_of};
 use super::metrics::Metrics;
 use super::registry::{WorkloadEntry, WorkloadRegistry};
 use super::tls::ClientCertificate;
@@ -59,10 +59,15 @@ pub struct IssuerSettings {
     pub keep_previous_keys: usize,
     /// `Cache-Control: max-age` of the workload key directory.
     pub workload_jwks_max_age: Duration,
+    /// The algorithm of the keys [`Issuer::generate`] and fleet rotations
+    /// generate (`signing_alg`; ES256 by default, EdDSA is cheaper to sign
+    /// and verify). A ring rotates to its current key's algorithm.
+    pub signing_alg: SigningAlg,
 }
 
 impl IssuerSettings {
-    /// Defaults: `/token`, 60 s tokens, 30 s leeway, 24 h horizon, depth 4, one previous key.
+    /// Defaults: `/token`, 60 s tokens, 30 s leeway, 24 h horizon, depth 4,
+    /// one previous key, ES256 signing keys.
     pub fn new(trust_domain: impl Into<String>) -> Self {
         IssuerSettings {
             trust_domain: trust_domain.into(),
@@ -74,6 +79,7 @@ impl IssuerSettings {
             max_depth: 4,
             keep_previous_keys: 1,
             workload_jwks_max_age: Duration::from_secs(30),
+            signing_alg: SigningAlg::ES256,
         }
     }
 
@@ -196,7 +202,8 @@ fn invalid(code: ErrorCode, d: impl AsRef<str>) -> OAuthError {
 }
 
 impl Issuer {
-    /// An issuer signing with `signing_key` (ES256 or EdDSA; the service generates ES256).
+    /// An issuer signing with `signing_key` (ES256 or EdDSA; the service
+    /// generates keys of its `signing_alg`).
     ///
     /// # Errors
     ///
@@ -232,14 +239,16 @@ impl Issuer {
         }))
     }
 
-    /// An issuer with a freshly generated ES256 signing key.
+    /// An issuer with a freshly generated signing key of
+    /// [`IssuerSettings::signing_alg`].
     ///
     /// # Errors
     ///
     /// Returns [`KeyError::Generation`] if no key can be generated, and the errors of
     /// [`new`](Self::new).
     pub fn generate(settings: IssuerSettings) -> Result<Arc<Self>, KeyError> {
-        Self::new(settings, generate_key()?)
+        let key = generate_key_of(settings.signing_alg)?;
+        Self::new(settings, key)
     }
 
     /// Builds the issuer from a configuration file's contents (`base` resolves relative paths).
@@ -259,25 +268,27 @@ impl Issuer {
         settings.token_lifetime = Duration::from_secs(cfg.token_lifetime_secs);
         settings.keep_previous_keys = cfg.keep_previous_keys;
         settings.workload_jwks_max_age = Duration::from_secs(cfg.workload_jwks_max_age_secs);
+        settings.signing_alg = cfg.signing_alg;
         let key_err = |what: &str| {
             let what = what.to_string();
             move |source| ConfigError::Key { what, source }
         };
+        let alg = cfg.signing_alg;
+        let what = format!("signing key (signing_alg = {})", alg.as_str());
         let key = match &cfg.signing_key_pem {
             Some(p) => {
                 let path = resolve(base, p);
-                let k = SigningKey::from_pem_file(SigningAlg::ES256, "pending", &path)
-                    .map_err(key_err("signing key"))?;
+                let k = SigningKey::from_pem_file(alg, "pending", &path).map_err(key_err(&what))?;
                 let kid = cfg
                     .signing_key_kid
                     .clone()
                     .unwrap_or_else(|| derived_kid(&k));
-                SigningKey::from_pkcs8_pem(SigningAlg::ES256, kid, &k.to_pkcs8_pem())
-                    .map_err(key_err("signing key"))?
+                SigningKey::from_pkcs8_pem(alg, kid, &k.to_pkcs8_pem()).map_err(key_err(&what))?
             }
-            None => generate_key().map_err(key_err("signing key"))?,
+            None => generate_key_of(alg).map_err(key_err(&what))?,
         };
-        let issuer = Self::new(settings, key).map_err(key_err("signing key"))?;
+        tracing::info!(kid = %key.kid(), alg = alg.as_str(), "Txn-Token signing key");
+        let issuer = Self::new(settings, key).map_err(key_err(&what))?;
         for w in &cfg.workloads {
             let jwks = match (&w.public_jwk, &w.jwk_file) {
                 (Some(v), None) => {
@@ -557,7 +568,7 @@ impl Issuer {
         self.ring.current().kid().to_string()
     }
 
-    /// Rotates to a fresh ES256 key; the old key stays published for at least
+    /// Rotates to a fresh key of the current key's algorithm; the old key stays published for at least
     /// [`IssuerSettings::key_retention`], however often keys rotate. Returns the new `kid`.
     ///
     /// # Errors

@@ -74,16 +74,41 @@ pub fn derived_kid(key: &SigningKey) -> String {
     )
 }
 
-/// Generates a fresh ES256 service key with a unique `kid`.
+/// Generates a fresh ES256 service key with a unique `kid` (the default
+/// algorithm; see [`generate_key_of`]).
+///
+/// # Errors
+///
+/// The errors of [`generate_key_of`].
+pub fn generate_key() -> Result<SigningKey, KeyError> {
+    generate_key_of(SigningAlg::ES256)
+}
+
+/// Generates a fresh service key of `alg` (`signing_alg` in the service
+/// configuration) with a `kid` derived from its public key.
 ///
 /// # Errors
 ///
 /// Returns [`KeyError::Generation`] if the system random source fails, or
 /// [`KeyError::InvalidPrivateKey`] if the generated key cannot be reloaded under its `kid`.
-pub fn generate_key() -> Result<SigningKey, KeyError> {
-    let tmp = SigningKey::generate(SigningAlg::ES256, "pending")?;
+pub fn generate_key_of(alg: SigningAlg) -> Result<SigningKey, KeyError> {
+    let tmp = SigningKey::generate(alg, "pending")?;
     let kid = derived_kid(&tmp);
-    SigningKey::from_pkcs8_pem(SigningAlg::ES256, kid, &tmp.to_pkcs8_pem())
+    SigningKey::from_pkcs8_pem(alg, kid, &tmp.to_pkcs8_pem())
+}
+
+/// Loads a service key from PKCS#8 PEM whatever its algorithm (ES256 or
+/// EdDSA: the PKCS#8 algorithm identifier says which), e.g. a key record of
+/// the fleet's shared store, written by a replica that may sign with the
+/// other algorithm during a migration.
+///
+/// # Errors
+///
+/// Returns [`KeyError::InvalidPrivateKey`] (for EdDSA, the last tried) if the
+/// PEM holds a key of neither algorithm.
+pub fn key_from_pem_any(kid: &str, pem: &str) -> Result<SigningKey, KeyError> {
+    SigningKey::from_pkcs8_pem(SigningAlg::ES256, kid, pem)
+        .or_else(|_| SigningKey::from_pkcs8_pem(SigningAlg::EdDSA, kid, pem))
 }
 
 impl KeyRing {
@@ -200,14 +225,16 @@ impl KeyRing {
             .collect()
     }
 
-    /// Rotates to a freshly generated ES256 key.
+    /// Rotates to a freshly generated key of the current key's algorithm
+    /// (the service's `signing_alg`).
     ///
     /// # Errors
     ///
-    /// Returns a [`KeyError`] if no key can be generated (see [`generate_key`]) or the key set
+    /// Returns a [`KeyError`] if no key can be generated (see [`generate_key_of`]) or the key set
     /// cannot be rebuilt with it.
     pub fn rotate(&self) -> Result<String, KeyError> {
-        self.rotate_to(generate_key()?)
+        let alg = self.ring.load().current.alg();
+        self.rotate_to(generate_key_of(alg)?)
     }
 }
 
@@ -240,6 +267,43 @@ mod tests {
         let none = KeyRing::new(generate_key().unwrap(), 0, Duration::ZERO).unwrap();
         let k = none.rotate().unwrap();
         assert_eq!(kids(&none), vec![k]);
+    }
+
+    #[test]
+    fn an_eddsa_ring_rotates_to_eddsa_and_publishes_okp_keys() {
+        let ring = KeyRing::new(
+            generate_key_of(SigningAlg::EdDSA).unwrap(),
+            1,
+            Duration::ZERO,
+        )
+        .unwrap();
+        let k0 = ring.current().kid().to_string();
+        let k1 = ring.rotate().unwrap();
+        assert_eq!(ring.current().alg(), SigningAlg::EdDSA);
+        for kid in [&k0, &k1] {
+            assert_eq!(ring.keyset().get(kid).unwrap().alg, SigningAlg::EdDSA);
+        }
+        for k in ring.jwks()["keys"].as_array().unwrap() {
+            assert_eq!(
+                (k["kty"].as_str(), k["crv"].as_str()),
+                (Some("OKP"), Some("Ed25519"))
+            );
+            assert_eq!(k["alg"], "EdDSA");
+        }
+        // kids derived from the public key: distinct keys, distinct kids
+        assert_ne!(k0, k1);
+        // PEM of either algorithm loads back as what it is
+        for alg in [SigningAlg::ES256, SigningAlg::EdDSA] {
+            let k = generate_key_of(alg).unwrap();
+            assert_eq!(key_from_pem_any("k", &k.to_pkcs8_pem()).unwrap().alg(), alg);
+        }
+        assert!(
+            key_from_pem_any(
+                "k",
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]
