@@ -564,6 +564,88 @@ async fn private_key_jwt_still_works_over_tls_without_a_certificate() {
     let _ = &d.dir;
 }
 
+/// A reference for the mTLS workload in origin transaction `txn` (a distinct context).
+fn reference_in(d: &Domain, txn: &str) -> VerifiedRef {
+    let m: MintedRef = d
+        .producer
+        .minter(Duration::from_secs(300))
+        .mint(&MintRequest {
+            subject: "alice",
+            sub_kind: SubjectKind::Human,
+            audience: std::slice::from_ref(&d.mtls.id),
+            scope: &Scope::parse("orders.read"),
+            txn,
+            destination: "orders",
+            payload: b"{\"order\":1}",
+        })
+        .unwrap_or_else(|e| panic!("mint: {e}"));
+    VerifiedRef {
+        token_sha256: sha256_hex(m.token.as_bytes()),
+        claims: m.claims,
+        token: m.token,
+    }
+}
+
+/// What makes a distinct context cheaper (issue 16 item 3): with
+/// `tls_client_auth`, one handshake authenticates every exchange on a
+/// kept-alive connection, and no request carries a signed assertion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_mtls_client_exchanges_many_contexts_on_one_handshake_without_signing() {
+    let d = domain();
+    let svid = d.ca.svid(&d.mtls.id);
+    // The client holds a key the TTS has never seen: an assertion signed
+    // with it could not authenticate anybody (and the workload is
+    // certificate-only, so any assertion is refused), so every token below
+    // was obtained with the certificate alone.
+    let stranger_key = elevate_core::keys::SigningKey::generate(
+        elevate_core::keys::SigningAlg::EdDSA,
+        "never-registered",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = TtsClientConfig::new(d.tts.token_endpoint(), TTS_TRUST_DOMAIN, &d.mtls.id);
+    cfg.auth = ClientAuthMethod::TlsClientAuth;
+    cfg.mtls_identity_pem = Some(svid.svid_file().into_bytes());
+    cfg.root_ca_pem = Some(d.ca.pem.clone().into_bytes());
+    cfg.max_attempts = 1;
+    let client = std::sync::Arc::new(
+        TtsClient::new(cfg, stranger_key).unwrap_or_else(|e| panic!("TTS client: {e}")),
+    );
+    let thumbprint = x5t_s256(&svid.der);
+    // One exchange opens the connection; then 24 distinct contexts, 8 at a time.
+    let first = acquire(&client, &reference_in(&d, "txn-keepalive-0"))
+        .await
+        .unwrap_or_else(|e| panic!("first exchange: {e}; log:\n{}", d.tts.log()));
+    let mut tokens = vec![first];
+    for wave in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (c, r) = (
+                client.clone(),
+                reference_in(&d, &format!("txn-keepalive-{wave}-{i}")),
+            );
+            tasks.push(tokio::spawn(async move { acquire(&c, &r).await }));
+        }
+        for t in tasks {
+            tokens.push(
+                t.await
+                    .unwrap_or_else(|e| panic!("task: {e}"))
+                    .unwrap_or_else(|e| panic!("exchange: {e}; log:\n{}", d.tts.log())),
+            );
+        }
+    }
+    let mut txns = std::collections::HashSet::new();
+    for t in &tokens {
+        assert_eq!(t.claims.req_wl, d.mtls.id);
+        assert_eq!(payload(t.token.expose())["cnf"]["x5t#S256"], thumbprint);
+        txns.insert(t.claims.txn.clone());
+    }
+    assert_eq!(txns.len(), 25, "one Txn-Token per distinct context");
+    // The TTS verified the client certificate once: one TLS connection, kept alive.
+    let log = d.tts.log();
+    let handshakes = log.matches("TLS client certificate verified").count();
+    assert_eq!(handshakes, 1, "handshakes with a certificate:\n{log}");
+}
+
 // ---------------------------------------------------------------- elevate.toml
 
 /// Publishes one message through `producer` for `consumer`, as the consumer reads it.
