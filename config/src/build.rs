@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use elevate_bundle::{BundleSync, SyncConfig};
 use elevate_cedar::CedarPdp;
 use elevate_core::Guard;
+use elevate_core::ctxbind::{AudienceKeys, ContextBinder, ContextOpener, KeyAgreementKey};
 use elevate_core::ctxref::{ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::decision::{
     DecisionSink, FileSink, ShipConfig, Spool, SpoolConfig, TeeSink, TracingSink,
@@ -212,7 +213,10 @@ impl Workload {
         let (pdp, bundle) = pdp(l).await?;
         let sink = sinks(l).await?;
         let actions: Arc<dyn ActionMapper> = Arc::new(DestinationActions::from_config(&c.actions));
-        let verifier = trusted.verifier(VerifyPolicy::new(&id));
+        let mut verifier = trusted.verifier(VerifyPolicy::new(&id));
+        if let Some(opener) = agreement_keys(l)? {
+            verifier = verifier.with_context_opener(opener);
+        }
         let (replay, replay_kind) = replay(l, &id).await?;
         let mut guard = Guard::new(&id, verifier, tokens, pdp.clone(), sink, actions);
         if let Some(r) = replay {
@@ -223,7 +227,10 @@ impl Workload {
         let lifetime = Duration::from_secs(c.producer.reference_lifetime_secs.unwrap_or(3600));
         let minter = ContextRefMinter::with_current_key(&id, key.clone(), lifetime)
             .with_max_depth(c.producer.max_depth.unwrap_or(3));
-        let producer = ProducerGuard::new(minter, pdp);
+        let mut producer = ProducerGuard::new(minter, pdp);
+        if let Some(binder) = context_binder(l, lifetime)? {
+            producer = producer.with_context_binding(binder);
+        }
 
         // Retries.
         let mut retry = RetryPolicy::default();
@@ -455,6 +462,77 @@ fn read_jwks_file(l: &Loaded, path: &std::path::Path) -> Result<KeySet, ConfigEr
             "every key needs kid, alg and its owner (see docs/CONFIGURATION.md)",
         )
     })
+}
+
+/// `[keys] agreement_keys`: the consumer's key-agreement keys, if any.
+fn agreement_keys(l: &Loaded) -> Result<Option<ContextOpener>, ConfigError> {
+    let files = &l.config.keys.agreement_keys;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = Vec::new();
+    for file in files {
+        let path = l.resolve(file);
+        let kid = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let key = KeyAgreementKey::from_pem(kid, &read_file(l, "keys.agreement_keys", &path)?)
+            .map_err(|e| {
+                l.error(
+                    ErrorKind::Key,
+                    "keys.agreement_keys",
+                    format!("{}: {e}", path.display()),
+                    "give a P-256 PKCS#8 PEM private key (`elevate-config key new --alg ECDH-ES+A256KW FILE`)",
+                )
+            })?;
+        keys.push(key);
+    }
+    Ok(Some(ContextOpener::new(keys)))
+}
+
+/// `[producer] binding = "per-context"`: the binder over `audience_keys`.
+fn context_binder(l: &Loaded, lifetime: Duration) -> Result<Option<ContextBinder>, ConfigError> {
+    let p = &l.config.producer;
+    match p.binding.as_deref().unwrap_or("per-message") {
+        "per-message" => return Ok(None),
+        "per-context" => {}
+        other => {
+            return Err(l.error(
+                ErrorKind::Invalid,
+                "producer.binding",
+                format!("unknown binding {other:?}"),
+                "use \"per-message\" or \"per-context\"",
+            ));
+        }
+    }
+    let file = p.audience_keys.as_ref().ok_or_else(|| {
+        l.error(
+            ErrorKind::Missing,
+            "producer.audience_keys",
+            "the per-context binding needs the audiences' key-agreement keys",
+            "name a JWKS of them (`elevate-config key public --alg ECDH-ES+A256KW --workload ID FILE`)",
+        )
+    })?;
+    let path = l.resolve(file);
+    let audiences = AudienceKeys::from_jwks_json(&read_file(l, "producer.audience_keys", &path)?)
+        .map_err(|e| {
+        l.error(
+            ErrorKind::Jwks,
+            "producer.audience_keys",
+            format!("{}: {e}", path.display()),
+            "every key: a public P-256 JWK with kid, use \"enc\" and its workload in sub",
+        )
+    })?;
+    let binder = match p.context_renew_secs {
+        Some(s) => ContextBinder::with_shared_audiences(
+            Arc::new(ArcSwap::from_pointee(audiences)),
+            Duration::from_secs(s.max(1)),
+        ),
+        None => ContextBinder::new(audiences, lifetime),
+    };
+    Ok(Some(binder))
 }
 
 fn read_file(l: &Loaded, key: &str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {

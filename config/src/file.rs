@@ -63,6 +63,13 @@ pub struct KeysConfig {
     pub alg: Option<String>,
     /// How often the files are checked for changes, in seconds (default 2; 0: never).
     pub reload_secs: Option<u64>,
+    /// Key-agreement keys (P-256, PKCS#8 PEM; `kid` = file name without
+    /// `.pem`) that per-context producers wrap this consumer's binding keys
+    /// to (`elevate-config key new --alg ECDH-ES+A256KW`). Several during a
+    /// rotation: each is tried by the JWE's `kid`. None: per-context
+    /// messages are refused as `binding-key-unavailable`.
+    #[serde(default)]
+    pub agreement_keys: Vec<PathBuf>,
 }
 
 /// Trusted producers: whose keys may sign the references this workload
@@ -259,4 +266,16 @@ pub struct ProducerConfig {
     pub reference_lifetime_secs: Option<u64>,
     /// Hops a reference may be derived across (default 3).
     pub max_depth: Option<u32>,
+    /// `per-message` (default: a signed reference per message) or
+    /// `per-context` (one signed reference per origin context and audience,
+    /// a MAC per message; needs `audience_keys`).
+    pub binding: Option<String>,
+    /// The audiences' public key-agreement keys, a JWKS whose keys name
+    /// their workload in `sub` (`elevate-config key public --alg
+    /// ECDH-ES+A256KW --workload ID`). An audience not in it gets
+    /// per-message references.
+    pub audience_keys: Option<PathBuf>,
+    /// Seconds one context reference is used before a new one is signed
+    /// (default: a tenth of `reference_lifetime_secs`).
+    pub context_renew_secs: Option<u64>,
 }

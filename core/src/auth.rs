@@ -161,6 +161,23 @@ impl AuthContext {
         destination: &str,
         payload: &[u8],
     ) -> Result<MintedRef, MintError> {
+        minter.sign(self.derived_claims(minter, scope, audience, destination, payload)?)
+    }
+
+    /// The claims [`derive_reference`](Self::derive_reference) signs (the
+    /// producer guard seals them per context when it binds that way).
+    ///
+    /// # Errors
+    ///
+    /// As [`derive_reference`](Self::derive_reference), except signing.
+    pub fn derived_claims(
+        &self,
+        minter: &ContextRefMinter,
+        scope: Option<&Scope>,
+        audience: &[String],
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<crate::ctxref::ContextRefClaims, MintError> {
         let ceiling = self.scope.intersection(&self.reference.scope_set());
         let scope = scope.cloned().unwrap_or_else(|| ceiling.clone());
         if !scope.is_subset(&ceiling) {
@@ -169,7 +186,7 @@ impl AuthContext {
                 parent: ceiling.to_string(),
             });
         }
-        minter.derive(
+        minter.derived_claims(
             &self.reference,
             &self.reference_token,
             Some(&scope),

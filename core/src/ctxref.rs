@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use crate::ctxbind::{BindingError, ContextOpener};
 use crate::jws::{self, JwsError};
 use crate::keys::{CurrentKey, KeySet, SigningKey, sha256_b64url, sha256_hex};
 use crate::scope::Scope;
@@ -115,10 +116,19 @@ pub struct ContextRefClaims {
     /// leeway as `iat`). Minted references carry none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<i64>,
-    /// Destination (topic, exchange/routing key, subject) the message was published to.
+    /// Destination (topic, exchange/routing key, subject) the message was
+    /// published to. Empty (absent on the wire) in a context reference, whose
+    /// messages carry it in their binding.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst: String,
-    /// base64url SHA-256 of the payload.
+    /// base64url SHA-256 of the payload. Empty (absent) in a context reference.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dig: String,
+    /// RFC 7800 confirmation: in a context reference (per-context mode), the
+    /// key its messages are MACed with, encrypted to the audience. Absent in
+    /// a per-message reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<crate::ctxbind::Confirmation>,
     /// Prior hops, for multi-hop work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Actor>,
@@ -250,8 +260,14 @@ impl ContextRefMinter {
     ///
     /// Returns [`MintError::Signing`] if the claims cannot be signed with this minter's key.
     pub fn mint(&self, req: &MintRequest<'_>) -> Result<MintedRef, MintError> {
+        self.sign(self.origin_claims(req))
+    }
+
+    /// The claims [`mint`](Self::mint) signs: an origin (depth 0) reference
+    /// bound to destination and payload, issued now.
+    pub fn origin_claims(&self, req: &MintRequest<'_>) -> ContextRefClaims {
         let now = unix_now();
-        let claims = ContextRefClaims {
+        ContextRefClaims {
             iss: self.issuer.clone(),
             sub: req.subject.to_string(),
             sub_kind: req.sub_kind,
@@ -264,11 +280,11 @@ impl ContextRefMinter {
             nbf: None,
             dst: req.destination.to_string(),
             dig: sha256_b64url(req.payload),
+            cnf: None,
             act: None,
             depth: 0,
             max_depth: self.max_depth,
-        };
-        self.sign(claims)
+        }
     }
 
     /// Derives the next hop's reference from a verified parent: appends the
@@ -289,6 +305,30 @@ impl ContextRefMinter {
         destination: &str,
         payload: &[u8],
     ) -> Result<MintedRef, MintError> {
+        self.sign(self.derived_claims(
+            parent,
+            parent_token,
+            scope,
+            audience,
+            destination,
+            payload,
+        )?)
+    }
+
+    /// The claims [`derive`](Self::derive) signs.
+    ///
+    /// # Errors
+    ///
+    /// [`MintError::ScopeWidened`] and [`MintError::DepthExceeded`], as [`derive`](Self::derive).
+    pub fn derived_claims(
+        &self,
+        parent: &ContextRefClaims,
+        parent_token: &str,
+        scope: Option<&Scope>,
+        audience: &[String],
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<ContextRefClaims, MintError> {
         let parent_scope = parent.scope_set();
         let scope = match scope {
             Some(s) if !s.is_subset(&parent_scope) => {
@@ -321,6 +361,7 @@ impl ContextRefMinter {
             nbf: None,
             dst: destination.to_string(),
             dig: sha256_b64url(payload),
+            cnf: None,
             act: Some(Actor {
                 sub: parent.iss.clone(),
                 scope: parent.scope.clone(),
@@ -333,7 +374,7 @@ impl ContextRefMinter {
             depth,
             max_depth: parent.max_depth,
         };
-        self.sign(claims)
+        Ok(claims)
     }
 
     /// Signs claims as they are (tests use it to build invalid references).
@@ -439,6 +480,10 @@ pub enum RefError {
         /// The key looked for.
         kid: String,
     },
+    /// The per-context binding failed: missing, malformed, wrong MAC, for
+    /// another context, or its key cannot be unwrapped here.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
 }
 
 impl RefError {
@@ -464,6 +509,11 @@ impl RefError {
             RefError::DepthExceeded { .. } => Reason::DepthExceeded,
             RefError::ChainInvalid(_) => Reason::ChainInvalid,
             RefError::KeysUnavailable { .. } => Reason::KeysUnavailable,
+            RefError::Binding(b) => match b {
+                BindingError::Missing(_) => Reason::MissingBinding,
+                BindingError::KeyUnavailable(_) => Reason::BindingKeyUnavailable,
+                _ => Reason::BadBinding,
+            },
         }
     }
 }
@@ -555,6 +605,18 @@ pub struct ContextRefVerifier {
     keys: Arc<ArcSwap<KeySet>>,
     policy: VerifyPolicy,
     refresh: Option<Arc<dyn KeyRefresh>>,
+    opener: Option<ContextOpener>,
+}
+
+/// What a reference must be bound to.
+#[derive(Clone, Copy)]
+enum Bound<'a> {
+    /// A per-message reference for this destination and payload.
+    Message(&'a str, &'a [u8]),
+    /// A context reference (its messages carry bindings).
+    Context,
+    /// Either, unbound (the TTS, which never sees the message).
+    Unbound,
 }
 
 impl std::fmt::Debug for ContextRefVerifier {
@@ -562,6 +624,7 @@ impl std::fmt::Debug for ContextRefVerifier {
         f.debug_struct("ContextRefVerifier")
             .field("policy", &self.policy)
             .field("refresh", &self.refresh.is_some())
+            .field("opener", &self.opener)
             .finish_non_exhaustive()
     }
 }
@@ -577,6 +640,7 @@ impl ContextRefVerifier {
             keys: Arc::new(ArcSwap::from_pointee(keys)),
             policy,
             refresh: None,
+            opener: None,
         }
     }
 
@@ -586,6 +650,7 @@ impl ContextRefVerifier {
             keys,
             policy,
             refresh: None,
+            opener: None,
         }
     }
 
@@ -596,6 +661,15 @@ impl ContextRefVerifier {
     #[must_use]
     pub fn with_refresh(mut self, refresh: Arc<dyn KeyRefresh>) -> Self {
         self.refresh = Some(refresh);
+        self
+    }
+
+    /// Accepts per-context references too: their binding keys are unwrapped
+    /// with `opener`'s key-agreement keys (see [`crate::ctxbind`]). Without
+    /// one, a message with a binding is refused as `binding-key-unavailable`.
+    #[must_use]
+    pub fn with_context_opener(mut self, opener: ContextOpener) -> Self {
+        self.opener = Some(opener);
         self
     }
 
@@ -617,7 +691,24 @@ impl ContextRefVerifier {
         destination: &str,
         payload: &[u8],
     ) -> Result<VerifiedRef, RefError> {
-        let first = self.verify(token, destination, payload);
+        self.verify_message(token, None, destination, payload).await
+    }
+
+    /// Verifies a message's reference and, in the per-context mode, its
+    /// binding (the `ztauth-ctx-bind` header), refreshing an unknown key as
+    /// [`verify_refreshing`](Self::verify_refreshing) does.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`verify_message_at`](Self::verify_message_at).
+    pub async fn verify_message(
+        &self,
+        token: &str,
+        binding: Option<&str>,
+        destination: &str,
+        payload: &[u8],
+    ) -> Result<VerifiedRef, RefError> {
+        let first = self.verify_message_at(token, binding, destination, payload, unix_now());
         let (Err(err), Some(refresh)) = (&first, &self.refresh) else {
             return first;
         };
@@ -625,7 +716,9 @@ impl ContextRefVerifier {
             return first;
         };
         match refresh.refresh(&kid).await {
-            KeyRefreshed::Updated => self.verify(token, destination, payload),
+            KeyRefreshed::Updated => {
+                self.verify_message_at(token, binding, destination, payload, unix_now())
+            }
             KeyRefreshed::Unchanged => {
                 tracing::debug!(%kid, "unknown kid: the key source does not list it");
                 first
@@ -701,12 +794,56 @@ impl ContextRefVerifier {
         payload: &[u8],
         now: i64,
     ) -> Result<VerifiedRef, RefError> {
-        self.verify_inner(
-            token,
-            &self.policy.audience,
-            Some((destination, payload)),
-            now,
-        )
+        self.verify_message_at(token, None, destination, payload, now)
+    }
+
+    /// Verifies a message's reference at `now`: per message when `binding`
+    /// is `None`, else the context reference `token` (verified and its key
+    /// unwrapped once, then cached) and the message's `binding`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`verify_at`](Self::verify_at), and [`RefError::Binding`]: a context
+    /// reference without a binding or a binding with a per-message reference
+    /// (`missing-binding`); a binding that is malformed, fails its MAC, names
+    /// another context or was bound outside the context's lifetime
+    /// (`bad-binding`); a binding key this consumer cannot unwrap
+    /// (`binding-key-unavailable`). `dst` and `dig` of the binding are
+    /// checked as a per-message reference's are.
+    pub fn verify_message_at(
+        &self,
+        token: &str,
+        binding: Option<&str>,
+        destination: &str,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<VerifiedRef, RefError> {
+        let keys = self.keys.load_full();
+        let Some(binding) = binding else {
+            let bound = Bound::Message(destination, payload);
+            return self.verify_inner(token, &self.policy.audience, bound, &keys, now);
+        };
+        let opener = self.opener.as_ref().ok_or(BindingError::KeyUnavailable(
+            "this consumer has no key-agreement key".into(),
+        ))?;
+        let leeway = self.policy.leeway.min(MAX_LEEWAY).as_secs() as i64;
+        let opened = match opener.cached(token, &keys) {
+            Some(o) => {
+                let exp = o.claims().exp;
+                if exp.saturating_add(leeway) <= now {
+                    return Err(RefError::Expired { exp, now });
+                }
+                o
+            }
+            None => {
+                let audience = &self.policy.audience;
+                let verified = self.verify_inner(token, audience, Bound::Context, &keys, now)?;
+                opener.open(token, verified.claims, &keys)?
+            }
+        };
+        let verified = opened.bind(token, binding, now, leeway)?;
+        check_binding(&verified.claims, destination, payload)?;
+        Ok(verified)
     }
 
     /// Verifies everything except the message binding (`dst`, `dig`), for a party
@@ -718,22 +855,48 @@ impl ContextRefVerifier {
     /// The same errors as [`verify_at`](Self::verify_at), except [`RefError::WrongDestination`] and
     /// [`RefError::DigestMismatch`], which are not checked here.
     pub fn verify_unbound(&self, token: &str, audience: &str) -> Result<VerifiedRef, RefError> {
-        self.verify_inner(token, audience, None, unix_now())
+        let keys = self.keys.load_full();
+        self.verify_inner(token, audience, Bound::Unbound, &keys, unix_now())
     }
 
     fn verify_inner(
         &self,
         token: &str,
         audience: &str,
-        binding: Option<(&str, &[u8])>,
+        bound: Bound<'_>,
+        keys: &KeySet,
         now: i64,
     ) -> Result<VerifiedRef, RefError> {
         // parse
         let parsed = jws::parse(token, CTX_REF_TYP)?;
         // verify signature
-        let keys = self.keys.load();
-        let key = parsed.verify(&keys)?;
+        let key = parsed.verify(keys)?;
         let claims: ContextRefClaims = parsed.claims()?;
+        // the shape the binding mode requires: a context reference carries
+        // `cnf` and no `dst`/`dig`, a per-message one no `cnf`
+        match (bound, &claims.cnf) {
+            (Bound::Message(..), Some(_)) => {
+                return Err(BindingError::Missing(
+                    "a context reference (cnf) came without a ztauth-ctx-bind header",
+                )
+                .into());
+            }
+            (Bound::Context, None) => {
+                return Err(BindingError::Missing(
+                    "a ztauth-ctx-bind header came with a per-message reference",
+                )
+                .into());
+            }
+            (Bound::Context | Bound::Unbound, Some(_))
+                if !claims.dst.is_empty() || !claims.dig.is_empty() =>
+            {
+                return Err(BindingError::Malformed(
+                    "a context reference carries no dst or dig".into(),
+                )
+                .into());
+            }
+            _ => {}
+        }
         // decide: issuer binding, audience, time, binding, chain
         // Deny by default: a reference key must name the workload that owns it
         // (`KeySet::insert_workload_key`); an unowned key could sign for any `iss`.
@@ -780,19 +943,11 @@ impl ContextRefVerifier {
                 max: self.policy.max_horizon.as_secs(),
             });
         }
-        if let Some((destination, payload)) = binding {
-            if claims.dst != destination {
-                return Err(RefError::WrongDestination {
-                    dst: claims.dst,
-                    expected: destination.to_string(),
-                });
-            }
-            if !digest_matches(&claims.dig, payload) {
-                return Err(RefError::DigestMismatch);
-            }
+        if let Bound::Message(destination, payload) = bound {
+            check_binding(&claims, destination, payload)?;
         }
         check_chain(&claims, self.policy.max_depth)?;
-        self.check_history(&claims, &keys, now)?;
+        self.check_history(&claims, keys, now)?;
         Ok(VerifiedRef {
             claims,
             token_sha256: sha256_hex(token.as_bytes()),
@@ -867,6 +1022,24 @@ impl ContextRefVerifier {
         check_chain(&parent, self.policy.max_depth)?;
         self.check_history(&parent, keys, now)
     }
+}
+
+/// `dst` names `destination` and `dig` is the payload's digest.
+fn check_binding(
+    claims: &ContextRefClaims,
+    destination: &str,
+    payload: &[u8],
+) -> Result<(), RefError> {
+    if claims.dst != destination {
+        return Err(RefError::WrongDestination {
+            dst: claims.dst.clone(),
+            expected: destination.to_string(),
+        });
+    }
+    if !digest_matches(&claims.dig, payload) {
+        return Err(RefError::DigestMismatch);
+    }
+    Ok(())
 }
 
 fn digest_matches(dig: &str, payload: &[u8]) -> bool {

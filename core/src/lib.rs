@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod ctxbind;
 pub mod ctxref;
 pub mod deadletter;
 pub mod decision;

@@ -20,6 +20,7 @@ impl std::fmt::Debug for Headers {
         for (name, value) in &self.entries {
             let text = String::from_utf8_lossy(value);
             if name.eq_ignore_ascii_case(crate::ctxref::CTX_REF_HEADER)
+                || name.eq_ignore_ascii_case(crate::ctxbind::CTX_BIND_HEADER)
                 || policy.flags_header(name, value)
             {
                 list.entry(&(name, crate::token::Redacted(&text)));

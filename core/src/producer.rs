@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use crate::ctxbind::{BindingMode, CTX_BIND_HEADER, ContextBinder};
 use crate::ctxref::{
-    CTX_REF_HEADER, ContextRefMinter, MintError, MintRequest, MintedRef, SubjectKind,
+    CTX_REF_HEADER, ContextRefClaims, ContextRefMinter, MintError, MintRequest, MintedRef,
+    SubjectKind,
 };
 use crate::message::{Headers, OutboundMessage};
 use crate::pdp::{
@@ -147,6 +149,7 @@ pub struct ProducerGuard {
     minter: ContextRefMinter,
     pdp: Arc<dyn PolicyDecisionPoint>,
     credentials: CredentialPolicy,
+    binder: Option<ContextBinder>,
 }
 
 impl ProducerGuard {
@@ -156,7 +159,46 @@ impl ProducerGuard {
             minter,
             pdp,
             credentials: CredentialPolicy::default(),
+            binder: None,
         }
+    }
+
+    /// Publishes in the per-context mode ([`crate::ctxbind`]): one signed
+    /// context reference per (origin context, audience), a MAC per message.
+    /// A message for several audiences, or for one without a key-agreement
+    /// key in `binder`, still gets a per-message reference.
+    pub fn with_context_binding(mut self, binder: ContextBinder) -> Self {
+        self.binder = Some(binder);
+        self
+    }
+
+    /// The binding mode this guard publishes with (for audiences with a key).
+    pub fn binding_mode(&self) -> BindingMode {
+        match self.binder {
+            Some(_) => BindingMode::PerContext,
+            None => BindingMode::PerMessage,
+        }
+    }
+
+    /// Signs `claims` per message, or seals them per context when this guard
+    /// binds that way and the audience has a key; attaches the result.
+    fn attach(
+        &self,
+        headers: &mut Headers,
+        claims: ContextRefClaims,
+    ) -> Result<MintedRef, MintError> {
+        headers.remove(CTX_REF_HEADER);
+        headers.remove(CTX_BIND_HEADER);
+        if let Some(binder) = &self.binder
+            && let Some(sealed) = binder.seal(&self.minter, &claims)?
+        {
+            headers.append(CTX_REF_HEADER, sealed.reference.token.as_str());
+            headers.append(CTX_BIND_HEADER, sealed.binding);
+            return Ok(sealed.reference);
+        }
+        let reference = self.minter.sign(claims)?;
+        headers.append(CTX_REF_HEADER, reference.token.as_str());
+        Ok(reference)
     }
 
     /// Uses a non-default credential policy (extra headers, payload paths, refuse mode).
@@ -202,8 +244,7 @@ impl ProducerGuard {
             mut payload,
         } = msg;
         let stripped = self.credentials.apply(&mut headers, &mut payload)?;
-        headers.remove(CTX_REF_HEADER);
-        let reference = self.minter.mint(&MintRequest {
+        let claims = self.minter.origin_claims(&MintRequest {
             subject: &req.subject.subject,
             sub_kind: req.subject.sub_kind,
             audience: req.audience,
@@ -211,8 +252,8 @@ impl ProducerGuard {
             txn: &req.subject.txn,
             destination: req.destination,
             payload: &payload,
-        })?;
-        headers.append(CTX_REF_HEADER, reference.token.as_str());
+        });
+        let reference = self.attach(&mut headers, claims)?;
         if !stripped.is_empty() {
             tracing::info!(workload = %self.workload(), destination = req.destination, stripped = stripped.len(), "credentials stripped from outgoing message");
         }
@@ -273,15 +314,14 @@ impl ProducerGuard {
             mut payload,
         } = msg;
         let stripped = self.credentials.apply(&mut headers, &mut payload)?;
-        headers.remove(CTX_REF_HEADER);
-        let reference = auth.derive_reference(
+        let claims = auth.derived_claims(
             &self.minter,
             next.scope,
             next.audience,
             next.destination,
             &payload,
         )?;
-        headers.append(CTX_REF_HEADER, reference.token.as_str());
+        let reference = self.attach(&mut headers, claims)?;
         Ok(PreparedMessage {
             headers,
             payload,

@@ -75,8 +75,19 @@ pub enum Reason {
     DepthExceeded,
     /// The `act` chain is malformed.
     ChainInvalid,
-    /// The reference id was already used on another message.
+    /// The reference id (or, per context, the message binding's id) was
+    /// already used on another message.
     Replayed,
+    /// A context reference (`cnf`) without a message binding
+    /// (`ztauth-ctx-bind`), or a binding with a per-message reference.
+    MissingBinding,
+    /// The message binding is malformed, its MAC does not verify under the
+    /// context's key, it names another context, or was bound outside the
+    /// context's lifetime.
+    BadBinding,
+    /// The context's binding key cannot be unwrapped with this consumer's
+    /// key-agreement keys (wrapped for another audience or key).
+    BindingKeyUnavailable,
     /// A credential (bearer token, JWT, secret header or payload field) is still in the message.
     CredentialInMessage,
     /// The payload cannot be fully inspected for credentials (JSON that does
@@ -124,10 +135,26 @@ impl Reason {
             MissingContext | Expired | NotYetValid | HorizonTooLong | DepthExceeded
             | TokenDenied | TokenInvalid | ScopeInsufficient | DelegationDenied | SubjectDenied
             | PolicyError | RetriesExhausted | HandlerFailed => Verdict::Deny,
-            AmbiguousContext | MalformedReference | AlgorithmNotAllowed | MissingKid
-            | UnknownKey | BadSignature | WrongType | WrongAudience | IssuerMismatch
-            | WrongDestination | DigestMismatch | ScopeWidened | ChainInvalid | Replayed
-            | CredentialInMessage | UninspectablePayload | MalformedMessage => Verdict::Quarantine,
+            AmbiguousContext
+            | MalformedReference
+            | AlgorithmNotAllowed
+            | MissingKid
+            | UnknownKey
+            | BadSignature
+            | WrongType
+            | WrongAudience
+            | IssuerMismatch
+            | WrongDestination
+            | DigestMismatch
+            | ScopeWidened
+            | ChainInvalid
+            | Replayed
+            | MissingBinding
+            | BadBinding
+            | BindingKeyUnavailable
+            | CredentialInMessage
+            | UninspectablePayload
+            | MalformedMessage => Verdict::Quarantine,
             TtsUnavailable
             | PdpUnavailable
             | KeysUnavailable
@@ -173,6 +200,9 @@ impl Reason {
             DepthExceeded => "depth-exceeded",
             ChainInvalid => "chain-invalid",
             Replayed => "replayed",
+            MissingBinding => "missing-binding",
+            BadBinding => "bad-binding",
+            BindingKeyUnavailable => "binding-key-unavailable",
             CredentialInMessage => "credential-in-message",
             UninspectablePayload => "uninspectable-payload",
             MalformedMessage => "malformed-message",

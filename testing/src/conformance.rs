@@ -29,7 +29,19 @@ async fn publish_for(
     body: &str,
     headers: Headers,
 ) {
-    let subject = env.subject(user);
+    publish_in(b, env, ep, &env.subject(user), body, headers).await;
+}
+
+/// Publishes one guarded message in `subject`'s origin transaction.
+async fn publish_in(
+    b: &dyn BrokerBinding,
+    env: &TestEnv,
+    ep: &Endpoint,
+    subject: &elevate_core::producer::SubjectContext,
+    body: &str,
+    headers: Headers,
+) {
+    let subject = subject.clone();
     let audience = env.audience();
     let req = env.publish_request(&subject, &audience, &ep.destination);
     b.publish_guarded(
@@ -63,16 +75,10 @@ pub async fn permit(b: &dyn BrokerBinding) {
         .start_consumer(&ep, env.processor(rec.handler()))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // one origin transaction: one context in the per-context mode
+    let alice = env.subject("alice");
     for i in 0..5 {
-        publish_for(
-            b,
-            &env,
-            &ep,
-            "alice",
-            &format!("permit-{i}"),
-            Headers::new(),
-        )
-        .await;
+        publish_in(b, &env, &ep, &alice, &format!("permit-{i}"), Headers::new()).await;
     }
     rec.wait_for(5, SETTLE_TIMEOUT).await;
     consumer.stop().await;
@@ -98,12 +104,25 @@ pub async fn permit(b: &dyn BrokerBinding) {
             .unwrap_or_default()
             .is_empty()
     );
+    let permitted: Vec<_> = env
+        .decisions()
+        .into_iter()
+        .filter(|d| d.reason.code() == "permitted")
+        .collect();
+    assert_eq!(permitted.len(), 5);
+    // per message: five signed references; per context: one, for all five
+    let references: std::collections::HashSet<_> =
+        permitted.iter().map(|d| d.ctx_ref_sha256.clone()).collect();
+    let expected = match env.binding() {
+        elevate_core::ctxbind::BindingMode::PerContext => 1,
+        _ => 5,
+    };
     assert_eq!(
-        env.decisions()
-            .iter()
-            .filter(|d| d.reason.code() == "permitted")
-            .count(),
-        5
+        references.len(),
+        expected,
+        "[{}] {:?}",
+        b.name(),
+        env.binding()
     );
 }
 
@@ -298,6 +317,16 @@ pub async fn no_token_on_the_wire(b: &dyn BrokerBinding) {
         assert!(
             m.headers.get(elevate_core::CTX_REF_HEADER).is_some(),
             "the reference is attached"
+        );
+        let bound = m
+            .headers
+            .get(elevate_core::ctxbind::CTX_BIND_HEADER)
+            .is_some();
+        assert_eq!(
+            bound,
+            env.binding() == elevate_core::ctxbind::BindingMode::PerContext,
+            "[{}] a message binding rides exactly in the per-context mode",
+            b.name()
         );
         assert!(env.credentials().scan(&m.headers, &m.payload).is_empty());
     }
@@ -630,22 +659,39 @@ pub async fn run_all(b: Arc<dyn BrokerBinding>) {
     handler_panic_dead_letters(b.as_ref()).await;
 }
 
-/// Declares one `#[tokio::test]` per scenario for a binding constructor.
+/// Declares one `#[tokio::test]` per scenario and binding mode for a broker
+/// binding constructor: `conformance::per_message::permit`,
+/// `conformance::per_context::permit`, ….
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
         mod conformance {
             #[allow(unused_imports)]
             use super::*;
-            $crate::conformance_suite!(@test $make, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters, shutdown_loses_nothing, handler_panic_dead_letters);
+            mod per_message {
+                #[allow(unused_imports)]
+                use super::*;
+                $crate::conformance_suite!(@test $make, PerMessage, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters, shutdown_loses_nothing, handler_panic_dead_letters);
+            }
+            mod per_context {
+                #[allow(unused_imports)]
+                use super::*;
+                $crate::conformance_suite!(@test $make, PerContext, permit, deny, quarantine, retry_then_recover, retries_exhausted, no_token_on_the_wire, count_conservation, scan_fails_closed, oversized_dead_letters, shutdown_loses_nothing, handler_panic_dead_letters);
+            }
         }
     };
-    (@test $make:expr, $($name:ident),*) => {
+    (@test $make:expr, $mode:ident, $($name:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let binding = $make.await;
-                $crate::conformance::$name(&binding).await;
+                $crate::env::with_binding(
+                    elevate_core::ctxbind::BindingMode::$mode,
+                    async {
+                        let binding = $make.await;
+                        $crate::conformance::$name(&binding).await;
+                    },
+                )
+                .await;
             }
         )*
     };

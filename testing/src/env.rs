@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elevate_cedar::CedarPdp;
+use elevate_core::ctxbind::{
+    AudienceKeys, BindingMode, ContextBinder, ContextOpener, KeyAgreementKey,
+};
 use elevate_core::ctxref::{
     ContextRefMinter, ContextRefVerifier, MintRequest, VerifyPolicy, unix_now,
 };
@@ -48,6 +51,18 @@ pub fn policy_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies")
 }
 
+tokio::task_local! {
+    /// The binding mode [`TestEnv::start`] wires its producer with, for the
+    /// scenarios run inside [`with_binding`].
+    static BINDING: BindingMode;
+}
+
+/// Runs `f` with every [`TestEnv`] it starts publishing in `mode` (the
+/// conformance suite runs each scenario in both modes this way).
+pub async fn with_binding<F: std::future::Future>(mode: BindingMode, f: F) -> F::Output {
+    BINDING.scope(mode, f).await
+}
+
 /// Everything a scenario needs, wired with real parts.
 pub struct TestEnv {
     /// The producer guard (`orders-api`).
@@ -59,6 +74,8 @@ pub struct TestEnv {
     producer_key: SigningKey,
     consumer_key: SigningKey,
     producer_keys: KeySet,
+    agreement_key: KeyAgreementKey,
+    binding: BindingMode,
     sink: MemorySink,
 }
 
@@ -87,10 +104,22 @@ impl TestEnv {
             .insert_workload_key(PRODUCER, &producer_key)
             .unwrap_or_else(|e| panic!("{e}"));
         let tts = LoopbackTts::start(&[(PRODUCER, &producer_key), (CONSUMER, &consumer_key)]).await;
-        let producer = ProducerGuard::new(
-            ContextRefMinter::new(PRODUCER, producer_key.clone(), Duration::from_secs(600)),
+        let agreement_key =
+            KeyAgreementKey::generate(format!("test-worker-enc-{}", uuid::Uuid::new_v4().simple()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let binding = BINDING.try_with(|m| *m).unwrap_or_default();
+        let horizon = Duration::from_secs(600);
+        let mut producer = ProducerGuard::new(
+            ContextRefMinter::new(PRODUCER, producer_key.clone(), horizon),
             pdp.clone(),
         );
+        if binding == BindingMode::PerContext {
+            let mut audiences = AudienceKeys::new();
+            audiences
+                .insert(CONSUMER, agreement_key.public_jwk())
+                .unwrap_or_else(|e| panic!("{e}"));
+            producer = producer.with_context_binding(ContextBinder::new(audiences, horizon));
+        }
         TestEnv {
             producer,
             pdp,
@@ -98,8 +127,26 @@ impl TestEnv {
             producer_key,
             consumer_key,
             producer_keys,
+            agreement_key,
+            binding,
             sink: MemorySink::new(),
         }
+    }
+
+    /// The mode this environment's producer publishes in.
+    pub fn binding(&self) -> BindingMode {
+        self.binding
+    }
+
+    /// The test consumer's key-agreement key (what per-context producers wrap to).
+    pub fn agreement_key(&self) -> &KeyAgreementKey {
+        &self.agreement_key
+    }
+
+    /// The test consumer's verifier: the producer's keys, both binding modes.
+    pub fn verifier(&self) -> ContextRefVerifier {
+        ContextRefVerifier::new(self.producer_keys.clone(), VerifyPolicy::new(CONSUMER))
+            .with_context_opener(ContextOpener::new([self.agreement_key.clone()]))
     }
 
     /// A subject context for a user of the example bundle (scope: every test action).
@@ -152,7 +199,7 @@ impl TestEnv {
     ) -> Guard {
         Guard::new(
             CONSUMER,
-            ContextRefVerifier::new(self.producer_keys.clone(), VerifyPolicy::new(CONSUMER)),
+            self.verifier(),
             tokens,
             pdp,
             decisions,
@@ -442,12 +489,94 @@ impl TestEnv {
         tampered_body[3] ^= 0x20;
         let mut carrying = with_ref(&valid);
         carrying.append("Authorization", "Bearer leaked-user-token");
-        vec![
+        let mut out = vec![
             ("bad-signature", with_ref(&forged), body.clone()),
-            ("digest-mismatch", with_ref(&valid), tampered_body),
+            ("digest-mismatch", with_ref(&valid), tampered_body.clone()),
             ("expired", with_ref(&expired), body.clone()),
             ("credential-in-message", carrying, body.clone()),
             ("missing-context", Headers::new(), body.clone()),
+        ];
+        if self.binding == BindingMode::PerContext {
+            out.extend(self.hostile_bound_messages(&minter, destination, &body, &tampered_body));
+        }
+        out
+    }
+
+    /// The per-context mode's hostile messages: a context reference without
+    /// its binding, a wrong MAC, a binding moved to another context, a
+    /// payload changed under a valid binding, and a binding on a
+    /// per-message reference.
+    fn hostile_bound_messages(
+        &self,
+        minter: &ContextRefMinter,
+        destination: &str,
+        body: &[u8],
+        tampered_body: &[u8],
+    ) -> Vec<(&'static str, Headers, Vec<u8>)> {
+        use elevate_core::ctxbind::CTX_BIND_HEADER;
+        let mut audiences = AudienceKeys::new();
+        audiences
+            .insert(CONSUMER, self.agreement_key.public_jwk())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let binder = ContextBinder::new(audiences, Duration::from_secs(600));
+        let seal = |txn: &str| {
+            let mut claims = self.origin_claims(destination, body);
+            claims.txn = txn.to_string();
+            binder
+                .seal(minter, &claims)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("the test consumer has a key-agreement key"))
+        };
+        let a = seal("txn-hostile-a");
+        let b = seal("txn-hostile-b");
+        let headers = |reference: &str, binding: &str| -> Headers {
+            [
+                (CTX_REF_HEADER, reference.to_string()),
+                (CTX_BIND_HEADER, binding.to_string()),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let mut wrong_mac = a.binding.clone();
+        let flip = wrong_mac.len() - 2;
+        let c = if wrong_mac.as_bytes()[flip] == b'A' {
+            "B"
+        } else {
+            "A"
+        };
+        wrong_mac.replace_range(flip..=flip, c);
+        let per_message = minter
+            .sign(self.origin_claims(destination, body))
+            .map(|m| m.token)
+            .unwrap_or_default();
+        vec![
+            (
+                "missing-binding",
+                [(CTX_REF_HEADER, a.reference.token.clone())]
+                    .into_iter()
+                    .collect(),
+                body.to_vec(),
+            ),
+            (
+                "bad-binding",
+                headers(&a.reference.token, &wrong_mac),
+                body.to_vec(),
+            ),
+            (
+                "bad-binding",
+                headers(&b.reference.token, &a.binding),
+                body.to_vec(),
+            ),
+            (
+                "digest-mismatch",
+                headers(&a.reference.token, &a.binding),
+                tampered_body.to_vec(),
+            ),
+            (
+                "missing-binding",
+                headers(&per_message, &a.binding),
+                body.to_vec(),
+            ),
         ]
     }
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use elevate_core::ctxbind::keys::KEY_WRAP_ALG;
+use elevate_core::ctxbind::{KeyAgreementKey, audience_jwks};
 use elevate_core::keys::{SigningAlg, SigningKey};
 
 /// Elevate workload configuration.
@@ -62,19 +64,25 @@ enum KeyCommand {
     New {
         /// The key file, e.g. `keys/orders-api-2.pem`.
         file: PathBuf,
-        /// `ES256` or `EdDSA`.
+        /// `ES256` or `EdDSA` (signing keys), or `ECDH-ES+A256KW` (a
+        /// consumer's key-agreement key, `[keys] agreement_keys`).
         #[arg(long, default_value = "ES256")]
         alg: String,
     },
     /// Prints the public keys of these private key files as a JWKS (the
-    /// TTS's `jwk_file` for the workload; write it atomically).
+    /// TTS's `jwk_file` for the workload; write it atomically). With
+    /// `--alg ECDH-ES+A256KW`, the consumer's key-agreement keys for
+    /// producers' `[producer] audience_keys` (each names `--workload` in `sub`).
     Public {
         /// The private key files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// `ES256` or `EdDSA`.
+        /// `ES256`, `EdDSA` or `ECDH-ES+A256KW`.
         #[arg(long, default_value = "ES256")]
         alg: String,
+        /// The workload the key-agreement keys belong to (with `--alg ECDH-ES+A256KW`).
+        #[arg(long)]
+        workload: Option<String>,
     },
 }
 
@@ -112,21 +120,37 @@ fn key(command: KeyCommand) -> Result<(), String> {
             .ok_or_else(|| format!("{}: the file name is the key id; give one", file.display()))
     };
     match command {
-        KeyCommand::New { file, alg } => {
-            let key = SigningKey::generate(parse(&alg)?, kid(&file)?).map_err(|e| e.to_string())?;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut f = options
-                .open(&file)
-                .map_err(|e| format!("{}: {e}", file.display()))?;
-            std::io::Write::write_all(&mut f, key.to_pkcs8_pem().as_bytes())
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+        KeyCommand::New { file, alg } if alg == KEY_WRAP_ALG => {
+            let key = KeyAgreementKey::generate(kid(&file)?).map_err(|e| e.to_string())?;
+            write_new(&file, key.to_pkcs8_pem())?;
             println!("{}: new {alg} key `{}`", file.display(), key.kid());
             Ok(())
         }
-        KeyCommand::Public { files, alg } => {
+        KeyCommand::Public {
+            files,
+            alg,
+            workload,
+        } if alg == KEY_WRAP_ALG => {
+            let workload = workload.ok_or("--workload: whose key-agreement keys these are")?;
+            let mut keys = Vec::new();
+            for file in &files {
+                keys.push(
+                    KeyAgreementKey::from_pem_file(kid(file)?, file)
+                        .map_err(|e| format!("{}: {e}", file.display()))?,
+                );
+            }
+            let entries: Vec<(&str, &KeyAgreementKey)> =
+                keys.iter().map(|k| (workload.as_str(), k)).collect();
+            println!("{}", audience_jwks(&entries));
+            Ok(())
+        }
+        KeyCommand::New { file, alg } => {
+            let key = SigningKey::generate(parse(&alg)?, kid(&file)?).map_err(|e| e.to_string())?;
+            write_new(&file, key.to_pkcs8_pem().as_bytes())?;
+            println!("{}: new {alg} key `{}`", file.display(), key.kid());
+            Ok(())
+        }
+        KeyCommand::Public { files, alg, .. } => {
             let alg = parse(&alg)?;
             let mut keys = Vec::new();
             for file in &files {
@@ -215,4 +239,16 @@ fn verify_decisions(paths: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Writes a new private key file (mode 0600); refuses to overwrite one.
+fn write_new(file: &Path, pem: &[u8]) -> Result<(), String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(file)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    std::io::Write::write_all(&mut f, pem).map_err(|e| format!("{}: {e}", file.display()))
 }

@@ -15,6 +15,7 @@ mod fit;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::ctxbind::{CTX_BIND_HEADER, looks_like_binding};
 use crate::ctxref::{CTX_REF_HEADER, CTX_REF_TYP};
 use crate::keys::sha256_hex;
 use crate::message::{Coordinates, Headers, InboundMessage};
@@ -176,13 +177,23 @@ impl DeadLetter {
             .collect();
         let ctx_ref_sha = msg.headers.get(CTX_REF_HEADER).map(sha256_hex);
         headers.retain(|name, value| {
-            if !name.eq_ignore_ascii_case(CTX_REF_HEADER) || is_context_reference(value) {
+            let kind = if name.eq_ignore_ascii_case(CTX_REF_HEADER) {
+                if is_context_reference(value) {
+                    return true;
+                }
+                "not-a-context-reference"
+            } else if name.eq_ignore_ascii_case(CTX_BIND_HEADER) {
+                if looks_like_binding(value) {
+                    return true;
+                }
+                "not-a-binding"
+            } else {
                 return true;
-            }
+            };
             removed.push(Removed {
                 place: "header".into(),
                 name: name.to_string(),
-                kind: "not-a-context-reference".into(),
+                kind: kind.into(),
                 sha256: sha256_hex(value),
             });
             false

@@ -196,6 +196,11 @@ impl CredentialPolicy {
         if name.eq_ignore_ascii_case(CTX_REF_HEADER) {
             return None;
         }
+        if name.eq_ignore_ascii_case(crate::ctxbind::CTX_BIND_HEADER)
+            && crate::ctxbind::looks_like_binding(value)
+        {
+            return None;
+        }
         if self
             .header_names
             .iter()
