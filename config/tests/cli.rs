@@ -129,6 +129,59 @@ fn key_new_writes_a_private_key_and_key_public_the_jwks_the_tts_registers() {
     );
 }
 
+#[test]
+fn key_new_and_public_make_a_key_agreement_key_and_the_audience_jwks_producers_read() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pem = dir.path().join("test-worker-enc-1.pem");
+    let path = pem.to_str().unwrap_or_default();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {BIN}: {e}"))
+    };
+    let out = run(&["key", "new", "--alg", "ECDH-ES+A256KW", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let no_owner = run(&["key", "public", "--alg", "ECDH-ES+A256KW", path]);
+    assert_eq!(no_owner.status.code(), Some(2), "the owner must be named");
+    let workload = "spiffe://elevate.example/test-worker";
+    let out = run(&[
+        "key",
+        "public",
+        "--alg",
+        "ECDH-ES+A256KW",
+        "--workload",
+        workload,
+        path,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
+    assert_eq!(jwks["keys"][0]["kid"], "test-worker-enc-1");
+    assert_eq!(jwks["keys"][0]["sub"], workload);
+    assert_eq!(jwks["keys"][0]["use"], "enc");
+    assert!(jwks["keys"][0].get("d").is_none());
+    // what a producer reads, and what the consumer unwraps with
+    let audiences = elevate_core::ctxbind::AudienceKeys::from_jwks_json(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(audiences.len(), 1);
+    let key = elevate_core::ctxbind::KeyAgreementKey::from_pem_file("test-worker-enc-1", &pem)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        key.public_jwk().parameter("x"),
+        jwks["keys"][0].get("x"),
+        "the public file holds the key's public half"
+    );
+}
+
 fn decision(i: u64) -> elevate_core::decision::DecisionRecord {
     use elevate_core::verdict::{Reason, Verdict};
     elevate_core::decision::DecisionRecord {

@@ -390,3 +390,75 @@ async fn tts_replica_urls_reach_a_live_replica_when_the_first_url_is_down() {
         "{decided:?}"
     );
 }
+
+/// `[producer] binding = "per-context"` with `audience_keys`, and the
+/// consumer's `[keys] agreement_keys`: messages from the file-built producer
+/// carry one context reference per origin context and a binding each, and
+/// the file-built consumer permits them; a consumer without the key refuses
+/// them as `binding-key-unavailable`; per-context without audience keys is a
+/// named configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_context_binding_is_configured_from_files() {
+    use elevate_core::ctxbind::{CTX_BIND_HEADER, KeyAgreementKey, audience_jwks};
+    let (d, _) = orders_domain().await;
+    let agreement = KeyAgreementKey::generate("test-worker-enc-1").unwrap();
+    std::fs::write(
+        d.path().join("test-worker-enc-1.pem"),
+        agreement.to_pkcs8_pem(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("audiences.json"),
+        audience_jwks(&[(wl("test-worker").as_str(), &agreement)]).to_string(),
+    )
+    .unwrap();
+    let per_context =
+        "\n[producer]\nbinding = \"per-context\"\naudience_keys = \"audiences.json\"\n";
+    let producer =
+        workload(&d.workload_config("orders-api", DESTINATION, ACTION, per_context)).await;
+    let plain = d.workload_config("test-worker", DESTINATION, ACTION, "");
+    let with_key = d.path().join("test-worker-enc.toml");
+    let text = std::fs::read_to_string(&plain).unwrap().replacen(
+        "reload_secs = 1\n",
+        "reload_secs = 1\nagreement_keys = [\"test-worker-enc-1.pem\"]\n",
+        1,
+    );
+    std::fs::write(&with_key, text).unwrap();
+    let consumer = workload(&with_key).await;
+
+    let (msg, _) = publish(&producer, &consumer, 1).await;
+    assert!(
+        msg.headers.get(CTX_BIND_HEADER).is_some(),
+        "a binding rides with the message"
+    );
+    assert_eq!(reason(&consumer.guard().decide(&msg, 1).await), None);
+    let keyless = workload(&plain).await;
+    let (msg, _) = publish(&producer, &keyless, 2).await;
+    assert_eq!(
+        reason(&keyless.guard().decide(&msg, 1).await),
+        Some(Reason::BindingKeyUnavailable)
+    );
+
+    let missing = d.workload_config(
+        "orders-api",
+        DESTINATION,
+        ACTION,
+        "\n[producer]\nbinding = \"per-context\"\n",
+    );
+    expect_error(
+        build(&missing).await,
+        ErrorKind::Missing,
+        "producer.audience_keys",
+    );
+    let unknown = d.workload_config(
+        "orders-api",
+        DESTINATION,
+        ACTION,
+        "\n[producer]\nbinding = \"per-hop\"\n",
+    );
+    expect_error(
+        build(&unknown).await,
+        ErrorKind::Invalid,
+        "producer.binding",
+    );
+}

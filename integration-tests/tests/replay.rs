@@ -5,15 +5,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use elevate_core::ctxbind::BindingMode;
 use elevate_core::deadletter::H_REASON;
 use elevate_core::memory::MemoryBroker;
 use elevate_core::settle::{Delivery, Outcome};
 use elevate_core::{Headers, OutboundMessage};
-use elevate_testing::env::{Recorder, TestEnv};
+use elevate_testing::env::{Recorder, TestEnv, with_binding};
 use elevate_testing::wait::redis_seen_set;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_seen_set() {
+    with_binding(BindingMode::PerMessage, shared_seen_set()).await;
+}
+
+/// Per context, the seen-set keys on the message binding's `jti`: a
+/// replayed binding (same MAC, same context reference) is quarantined, while
+/// the next message of the same context (same reference, new binding) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_seen_set_per_context() {
+    with_binding(BindingMode::PerContext, shared_seen_set()).await;
+}
+
+async fn shared_seen_set() {
     let env = TestEnv::start().await;
     let broker = MemoryBroker::new();
     let seen = redis_seen_set().await;
@@ -83,6 +96,30 @@ async fn two_instances_share_the_seen_set() {
         );
     }
     assert_eq!(rec.count(), 1, "handled exactly once");
+
+    // the next message of the same origin context is new, not a replay
+    let next = env
+        .producer
+        .prepare(
+            &env.publish_request(&subject, &audience, "q"),
+            OutboundMessage {
+                headers: Headers::new(),
+                payload: b"pay".to_vec(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next.headers.get(elevate_core::CTX_REF_HEADER)
+            == p.headers.get(elevate_core::CTX_REF_HEADER),
+        env.binding() == BindingMode::PerContext,
+        "per context, both messages carry the one context reference"
+    );
+    broker.publish("q", next.headers.clone(), next.payload.clone());
+    let d = broker.receive("q", Duration::from_secs(1)).await.unwrap();
+    let o = a.process(d).await.unwrap();
+    assert!(matches!(o, Outcome::Handled { .. }), "{o:?}");
+    assert_eq!(rec.count(), 2);
     let dl = broker.drain("q.dlq");
     assert_eq!(dl.len(), 2);
     assert!(

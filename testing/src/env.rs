@@ -529,6 +529,30 @@ impl TestEnv {
         };
         let a = seal("txn-hostile-a");
         let b = seal("txn-hostile-b");
+        // a context past its horizon, and one whose key is wrapped to a key
+        // the consumer does not hold (for another audience's key pair)
+        let expired = {
+            let mut claims = self.origin_claims(destination, body);
+            claims.txn = "txn-hostile-expired".into();
+            claims.iat = unix_now() - 3600;
+            claims.exp = unix_now() - 600;
+            binder
+                .seal(minter, &claims)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("the test consumer has a key-agreement key"))
+        };
+        let elsewhere = {
+            let stranger =
+                KeyAgreementKey::generate("someone-else-enc").unwrap_or_else(|e| panic!("{e}"));
+            let mut audiences = AudienceKeys::new();
+            audiences
+                .insert(CONSUMER, stranger.public_jwk())
+                .unwrap_or_else(|e| panic!("{e}"));
+            ContextBinder::new(audiences, Duration::from_secs(600))
+                .seal(minter, &self.origin_claims(destination, body))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("the stranger's key is an audience key"))
+        };
         let headers = |reference: &str, binding: &str| -> Headers {
             [
                 (CTX_REF_HEADER, reference.to_string()),
@@ -575,6 +599,16 @@ impl TestEnv {
             (
                 "missing-binding",
                 headers(&per_message, &a.binding),
+                body.to_vec(),
+            ),
+            (
+                "expired",
+                headers(&expired.reference.token, &expired.binding),
+                body.to_vec(),
+            ),
+            (
+                "binding-key-unavailable",
+                headers(&elsewhere.reference.token, &elsewhere.binding),
                 body.to_vec(),
             ),
         ]
