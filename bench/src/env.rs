@@ -234,7 +234,7 @@ impl BenchEnv {
             let payload = order_payload(seq, payload_bytes)?;
             let prepared = self
                 .test
-                .producer
+                .producer_in(sc.binding.mode())
                 .prepare(
                     &self.test.publish_request(&subject, &audience, destination),
                     OutboundMessage { headers, payload },

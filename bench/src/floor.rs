@@ -49,11 +49,12 @@ pub struct Floor {
 impl Floor {
     /// What a guarded message of `binding` cannot cost less than, in µs:
     /// per-message, one ES256 verification and one answer-cache hit (the
-    /// repeated context's Txn-Token comes from the token cache); per-context
-    /// will be one MAC and one cache hit.
+    /// repeated context's Txn-Token comes from the token cache); per
+    /// context, one MAC and one cache hit.
     pub fn bound_us(&self, binding: Binding) -> f64 {
         match binding {
             Binding::PerMessage => self.verify_es256_us + self.cache_hit_us,
+            Binding::PerContext => self.mac_us + self.cache_hit_us,
         }
     }
 

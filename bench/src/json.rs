@@ -15,8 +15,8 @@
 //! `scenario` is `repeated`, `distinct` or `baseline` (the remote PDP);
 //! `tts` is `in-process` or `http` — the fleet rows are `http` (the
 //! `txn-token-service` binary over HTTP) with `tts_replicas` their number
-//! of replicas (`null` on every other row); `binding` is `per-message`
-//! (later also `per-context`); `decision_log` is `file`, `spool-fsync` or
+//! of replicas (`null` on every other row); `binding` is `per-message` or
+//! `per-context`; `decision_log` is `file`, `spool-fsync` or
 //! `spool-no-fsync`. Numbers are JSON numbers; `null` only where a value
 //! cannot exist (a rate or latency of a row that failed before measuring
 //! it, the floor multiple without a floor).

@@ -401,7 +401,9 @@ const NOTES: &str = r#"## How to read it
   a Txn-Token verification: about four more signature operations), which
   the floor does not include, so its multiple is against the same
   verification floor and shows what the exchange adds. A per-context
-  binding will be bound by one MAC + one cache hit. 1.0× would be a guard
+  binding is bound by one MAC + one cache hit (its distinct-context row
+  also pays a context signature, a JWE wrap and unwrap and a context
+  verification per message). 1.0× would be a guard
   that does nothing but the unavoidable checks.
 - **Scaling**: the repeated-context row at other concurrencies (100-byte
   payloads) and payload sizes (concurrency 32; the payload digest grows

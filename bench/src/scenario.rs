@@ -60,16 +60,25 @@ pub enum LogMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binding {
     /// Every message carries its own signed context reference (ES256): one
-    /// signature verification per message. The only mode today.
+    /// signature verification per message.
     PerMessage,
+    /// One signed context reference per origin context (its binding key
+    /// JWE-wrapped to the consumer), a MAC per message
+    /// (`elevate_core::ctxbind`).
+    PerContext,
 }
 
 impl Binding {
-    /// The name in the JSON summary (`"per-message"`; a per-context
-    /// signature with a per-message MAC will be `"per-context"`).
+    /// The name in the JSON summary (`"per-message"`, `"per-context"`).
     pub fn as_str(self) -> &'static str {
+        self.mode().as_str()
+    }
+
+    /// The producer's mode for this binding.
+    pub fn mode(self) -> elevate_core::ctxbind::BindingMode {
         match self {
-            Binding::PerMessage => "per-message",
+            Binding::PerMessage => elevate_core::ctxbind::BindingMode::PerMessage,
+            Binding::PerContext => elevate_core::ctxbind::BindingMode::PerContext,
         }
     }
 }
@@ -107,18 +116,23 @@ impl Scenario {
             LogMode::Spool => ", spool (fsync) + HTTP shipping",
             LogMode::SpoolNoFsync => ", spool (no fsync) + HTTP shipping",
         };
+        let binding = match self.binding {
+            Binding::PerMessage => "",
+            Binding::PerContext => ", per-context binding",
+        };
         match self.pdp {
-            PdpMode::Local => format!("{ctx}, {tts}{log}"),
-            PdpMode::Remote => format!("baseline: remote PDP (HTTP), {ctx}, {tts}{log}"),
+            PdpMode::Local => format!("{ctx}, {tts}{log}{binding}"),
+            PdpMode::Remote => format!("baseline: remote PDP (HTTP), {ctx}, {tts}{log}{binding}"),
         }
     }
 }
 
-/// The rows of one broker: all nine in full mode (the first repeated
-/// with the decision spool, with and without fsync, instead of the file;
+/// The rows of one broker: all eleven in full mode (the first repeated
+/// per context, and with the decision spool, with and without fsync, instead of the file;
+/// distinct contexts per context too;
 /// distinct contexts with the TTS in process, over HTTP in this process, and
 /// as the `txn-token-service` binary on PostgreSQL, one replica and two); in
-/// quick mode two, and the remote-PDP baseline, the spool row and the
+/// quick mode three (repeated per message and per context, distinct over HTTP), and the remote-PDP baseline, the spool row and the
 /// two-replica row on the in-memory transport only.
 pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
     let s = |contexts, tts, pdp| Scenario {
@@ -136,11 +150,19 @@ pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
         log: LogMode::SpoolNoFsync,
         ..sc
     };
+    let per_context = |sc: Scenario| Scenario {
+        binding: Binding::PerContext,
+        ..sc
+    };
     use Contexts::*;
     use PdpMode::*;
     use TtsMode::*;
     if quick {
-        let mut v = vec![s(Repeated, InProcess, Local), s(Distinct, Http, Local)];
+        let mut v = vec![
+            s(Repeated, InProcess, Local),
+            per_context(s(Repeated, InProcess, Local)),
+            s(Distinct, Http, Local),
+        ];
         if broker == BrokerKind::Memory {
             v.push(spooled(s(Repeated, InProcess, Local)));
             v.push(s(Repeated, InProcess, Remote));
@@ -155,10 +177,12 @@ pub fn scenarios(quick: bool, broker: BrokerKind) -> Vec<Scenario> {
     } else {
         vec![
             s(Repeated, InProcess, Local),
+            per_context(s(Repeated, InProcess, Local)),
             spooled(s(Repeated, InProcess, Local)),
             unsynced(s(Repeated, InProcess, Local)),
             s(Repeated, Http, Local),
             s(Distinct, InProcess, Local),
+            per_context(s(Distinct, InProcess, Local)),
             s(Distinct, Http, Local),
             s(Distinct, Fleet { replicas: 1 }, Local),
             s(Distinct, Fleet { replicas: 2 }, Local),

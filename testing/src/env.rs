@@ -76,6 +76,8 @@ pub struct TestEnv {
     producer_keys: KeySet,
     agreement_key: KeyAgreementKey,
     binding: BindingMode,
+    /// The same producer in the other mode's form: per message and per context.
+    producers: [ProducerGuard; 2],
     sink: MemorySink,
 }
 
@@ -109,18 +111,24 @@ impl TestEnv {
                 .unwrap_or_else(|e| panic!("{e}"));
         let binding = BINDING.try_with(|m| *m).unwrap_or_default();
         let horizon = Duration::from_secs(600);
-        let mut producer = ProducerGuard::new(
+        let per_message = ProducerGuard::new(
             ContextRefMinter::new(PRODUCER, producer_key.clone(), horizon),
             pdp.clone(),
         );
-        if binding == BindingMode::PerContext {
-            let mut audiences = AudienceKeys::new();
-            audiences
-                .insert(CONSUMER, agreement_key.public_jwk())
-                .unwrap_or_else(|e| panic!("{e}"));
-            producer = producer.with_context_binding(ContextBinder::new(audiences, horizon));
-        }
+        let mut audiences = AudienceKeys::new();
+        audiences
+            .insert(CONSUMER, agreement_key.public_jwk())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let per_context = per_message
+            .clone()
+            .with_context_binding(ContextBinder::new(audiences, horizon));
+        let producers = [per_message, per_context];
+        let producer = match binding {
+            BindingMode::PerContext => producers[1].clone(),
+            _ => producers[0].clone(),
+        };
         TestEnv {
+            producers,
             producer,
             pdp,
             tts,
@@ -130,6 +138,15 @@ impl TestEnv {
             agreement_key,
             binding,
             sink: MemorySink::new(),
+        }
+    }
+
+    /// The test producer publishing in `mode`, whatever mode
+    /// [`TestEnv::producer`] has (the benchmark runs rows of both).
+    pub fn producer_in(&self, mode: BindingMode) -> &ProducerGuard {
+        match mode {
+            BindingMode::PerContext => &self.producers[1],
+            _ => &self.producers[0],
         }
     }
 
