@@ -522,7 +522,7 @@ fn context_binder(l: &Loaded, lifetime: Duration) -> Result<Option<ContextBinder
             ErrorKind::Jwks,
             "producer.audience_keys",
             format!("{}: {e}", path.display()),
-            "every key: a public P-256 JWK with kid, use \"enc\" and its workload in sub",
+            "every key: a public P-256 JWK with kid, use \"enc\" and its workload in elevate_owner",
         )
     })?;
     let binder = match p.context_renew_secs {

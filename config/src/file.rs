@@ -271,7 +271,7 @@ pub struct ProducerConfig {
     /// a MAC per message; needs `audience_keys`).
     pub binding: Option<String>,
     /// The audiences' public key-agreement keys, a JWKS whose keys name
-    /// their workload in `sub` (`elevate-config key public --alg
+    /// their workload in `elevate_owner` (`elevate-config key public --alg
     /// ECDH-ES+A256KW --workload ID`). An audience not in it gets
     /// per-message references.
     pub audience_keys: Option<PathBuf>,

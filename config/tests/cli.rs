@@ -166,7 +166,7 @@ fn key_new_and_public_make_a_key_agreement_key_and_the_audience_jwks_producers_r
     let jwks: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
     assert_eq!(jwks["keys"][0]["kid"], "test-worker-enc-1");
-    assert_eq!(jwks["keys"][0]["sub"], workload);
+    assert_eq!(jwks["keys"][0]["elevate_owner"], workload);
     assert_eq!(jwks["keys"][0]["use"], "enc");
     assert!(jwks["keys"][0].get("d").is_none());
     // what a producer reads, and what the consumer unwraps with

@@ -72,7 +72,7 @@ enum KeyCommand {
     /// Prints the public keys of these private key files as a JWKS (the
     /// TTS's `jwk_file` for the workload; write it atomically). With
     /// `--alg ECDH-ES+A256KW`, the consumer's key-agreement keys for
-    /// producers' `[producer] audience_keys` (each names `--workload` in `sub`).
+    /// producers' `[producer] audience_keys` (each names `--workload` in `elevate_owner`).
     Public {
         /// The private key files.
         #[arg(required = true)]

@@ -15,6 +15,8 @@ use josekit::jwk::Jwk;
 use josekit::jwk::KeyPair;
 use josekit::jwk::alg::ec::EcCurve;
 
+use crate::keys::directory::OWNER_MEMBER;
+
 /// The JWE `alg` the binding key is wrapped with.
 pub const KEY_WRAP_ALG: &str = "ECDH-ES+A256KW";
 /// The JWE `enc` of the wrapped binding key.
@@ -212,9 +214,10 @@ impl AudienceKeys {
         Ok(())
     }
 
-    /// Reads a JWKS document whose keys each name their workload in `sub`
+    /// Reads a JWKS document whose keys each name their workload in
+    /// `elevate_owner`, as the workload key directory does
     /// (`{"keys": [{"kty": "EC", "crv": "P-256", "x": …, "y": …, "kid": …,
-    /// "use": "enc", "alg": "ECDH-ES+A256KW", "sub": "spiffe://…"}]}`).
+    /// "use": "enc", "alg": "ECDH-ES+A256KW", "elevate_owner": "spiffe://…"}]}`).
     ///
     /// # Errors
     ///
@@ -229,10 +232,14 @@ impl AudienceKeys {
         let mut keys = AudienceKeys::new();
         for jwk in set.keys() {
             let owner = jwk
-                .parameter("sub")
+                .parameter(OWNER_MEMBER)
                 .and_then(|v| v.as_str())
+                .filter(|o| !o.is_empty())
                 .ok_or_else(|| {
-                    invalid(format!("key {:?} names no workload in sub", jwk.key_id()))
+                    invalid(format!(
+                        "key {:?} names no workload in {OWNER_MEMBER}",
+                        jwk.key_id()
+                    ))
                 })?;
             keys.insert(owner, jwk)?;
         }
@@ -256,7 +263,7 @@ impl AudienceKeys {
 }
 
 /// A JWKS document (`{"keys": […]}`) of consumers' public key-agreement
-/// keys, each naming its workload in `sub`: what
+/// keys, each naming its workload in `elevate_owner`: what
 /// [`AudienceKeys::from_jwks_json`] reads.
 pub fn audience_jwks(entries: &[(&str, &KeyAgreementKey)]) -> serde_json::Value {
     let keys: Vec<serde_json::Value> = entries
@@ -264,7 +271,7 @@ pub fn audience_jwks(entries: &[(&str, &KeyAgreementKey)]) -> serde_json::Value 
         .map(|(workload, key)| {
             let mut jwk = key.public_jwk().clone();
             // A JWK may carry members of its own (RFC 7517 §4).
-            let _ = jwk.set_parameter("sub", Some(serde_json::Value::from(*workload)));
+            let _ = jwk.set_parameter(OWNER_MEMBER, Some(serde_json::Value::from(*workload)));
             serde_json::Value::Object(jwk.as_ref().clone())
         })
         .collect();

@@ -59,9 +59,10 @@ pub(crate) struct Opened {
     key: hmac::Key,
     ref_hash: String,
     token_sha256: String,
-    /// The trusted key set it was verified against (by address): a context
-    /// opened under another set is verified again.
-    key_set: usize,
+    /// The trusted key set it was verified against (held, so that its
+    /// address cannot be reused): a context opened under another set is
+    /// verified again.
+    key_set: Arc<KeySet>,
 }
 
 /// A consumer's key-agreement keys and the contexts it has opened.
@@ -97,7 +98,7 @@ impl ContextOpener {
     pub(crate) fn cached(&self, token: &str, key_set: &Arc<KeySet>) -> Option<Arc<Opened>> {
         let id = context_id(token);
         let o = self.opened.get(&id)?;
-        if o.key_set == Arc::as_ptr(key_set) as usize {
+        if Arc::ptr_eq(&o.key_set, key_set) {
             Some(o)
         } else {
             self.opened.invalidate(&id);
@@ -154,7 +155,7 @@ impl ContextOpener {
             key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             ref_hash: sha256_b64url(token.as_bytes()),
             token_sha256: sha256_hex(token.as_bytes()),
-            key_set: Arc::as_ptr(key_set) as usize,
+            key_set: key_set.clone(),
         });
         self.opened.insert(context_id(token), opened.clone());
         Ok(opened)

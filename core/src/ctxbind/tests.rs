@@ -426,7 +426,10 @@ fn audience_key_sets_are_taken_whole_and_refuse_private_keys() {
     let keys = AudienceKeys::from_jwks_json(doc.to_string().as_bytes()).unwrap();
     assert_eq!(keys.len(), 1);
     let mut no_owner = doc.clone();
-    no_owner["keys"][0].as_object_mut().unwrap().remove("sub");
+    no_owner["keys"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("elevate_owner");
     assert!(AudienceKeys::from_jwks_json(no_owner.to_string().as_bytes()).is_err());
     let mut private = doc.clone();
     private["keys"][0]["d"] = serde_json::json!("AAAA");
