@@ -20,6 +20,9 @@ use std::time::Duration;
 
 use elevate_amqp::AmqpPublisher;
 use elevate_cedar::CedarPdp;
+use elevate_core::ctxbind::{
+    AudienceKeys, BindingMode, ContextBinder, ContextOpener, KeyAgreementKey,
+};
 use elevate_core::ctxref::{ContextRefClaims, ContextRefMinter, ContextRefVerifier, VerifyPolicy};
 use elevate_core::deadletter::H_REASON;
 use elevate_core::decision::{DecisionRecord, MemorySink};
@@ -67,6 +70,8 @@ struct Arrived {
     scope: String,
     txn: String,
     tctx: serde_json::Value,
+    /// The message arrived with a per-context binding (`ztauth-ctx-bind`).
+    bound: bool,
 }
 
 /// How the (possibly compromised) billing-worker treats one message, from its payload.
@@ -98,10 +103,18 @@ struct Pipeline {
     notifications: Endpoint,
     sinks: HashMap<&'static str, MemorySink>,
     arrived: Arc<Mutex<Vec<Arrived>>>,
+    /// How every hop publishes.
+    mode: BindingMode,
+    /// The workers' key-agreement keys (per-context producers wrap to them).
+    agreement: HashMap<&'static str, KeyAgreementKey>,
 }
 
 impl Pipeline {
     async fn start(tag: &str) -> Pipeline {
+        Self::start_in(tag, BindingMode::PerMessage).await
+    }
+
+    async fn start_in(tag: &str, mode: BindingMode) -> Pipeline {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -153,6 +166,15 @@ impl Pipeline {
                 .map(|w| (w, MemorySink::new()))
                 .collect(),
             arrived: Arc::new(Mutex::new(Vec::new())),
+            mode,
+            agreement: [ORDER_WORKER, BILLING_WORKER, NOTIFY_WORKER]
+                .into_iter()
+                .map(|w| {
+                    let k = KeyAgreementKey::generate(format!("{w}#enc-1"))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    (w, k)
+                })
+                .collect(),
         }
     }
 
@@ -168,7 +190,17 @@ impl Pipeline {
     }
 
     fn producer(&self, id: &str, max_depth: u32) -> ProducerGuard {
-        ProducerGuard::new(self.minter(id, max_depth), self.pdp.clone())
+        let producer = ProducerGuard::new(self.minter(id, max_depth), self.pdp.clone());
+        if self.mode != BindingMode::PerContext {
+            return producer;
+        }
+        let mut audiences = AudienceKeys::new();
+        for (w, k) in &self.agreement {
+            audiences
+                .insert(*w, k.public_jwk())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        producer.with_context_binding(ContextBinder::new(audiences, Duration::from_secs(600)))
     }
 
     fn processor(
@@ -180,7 +212,8 @@ impl Pipeline {
         let sink = self.sinks.get(workload).cloned().unwrap_or_default();
         let guard = Guard::new(
             workload,
-            ContextRefVerifier::new(self.keyset.clone(), VerifyPolicy::new(workload)),
+            ContextRefVerifier::new(self.keyset.clone(), VerifyPolicy::new(workload))
+                .with_context_opener(ContextOpener::new(self.agreement.get(workload).cloned())),
             self.tts.client(workload, self.key(workload)),
             self.pdp.clone(),
             Arc::new(sink),
@@ -301,6 +334,10 @@ impl Pipeline {
                     scope: auth.scope().to_string(),
                     txn: auth.txn().to_string(),
                     tctx: auth.txn_token().claims.tctx.clone().unwrap_or_default(),
+                    bound: msg
+                        .headers
+                        .get(elevate_core::ctxbind::CTX_BIND_HEADER)
+                        .is_some(),
                 });
                 Ok(())
             }
@@ -447,7 +484,18 @@ fn reasons(letters: &[RawMessage]) -> HashMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_brokers_carry_the_chain_and_deny_at_the_right_hop() {
-    let p = Pipeline::start("main").await;
+    carry_the_chain(Pipeline::start("main").await).await;
+}
+
+/// The same pipeline with every hop publishing per context: each hop's
+/// derived publish is a context of its own, signed by that hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_brokers_carry_the_chain_per_context() {
+    let p = Pipeline::start_in("ctx", BindingMode::PerContext).await;
+    carry_the_chain(p).await;
+}
+
+async fn carry_the_chain(p: Pipeline) {
     let order = p.start_order_worker().await;
     let billing = p.start_billing_worker().await;
     let notify = p.start_notify_worker().await;
@@ -591,6 +639,16 @@ async fn three_brokers_carry_the_chain_and_deny_at_the_right_hop() {
         .into_iter()
         .find(|r| r.reason == elevate_core::Reason::ScopeWidened);
     assert!(widened.is_some_and(|r| r.verdict == elevate_core::Verdict::Quarantine));
+    // the third hop's messages came in the pipeline's binding mode
+    let arrived = p.arrived.lock().clone();
+    assert!(!arrived.is_empty());
+    assert!(
+        arrived
+            .iter()
+            .all(|a| a.bound == (p.mode == BindingMode::PerContext)),
+        "{:?}: {arrived:?}",
+        p.mode
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
