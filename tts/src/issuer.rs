@@ -953,7 +953,9 @@ impl Issuer {
                 "txn": c.txn,
                 "sub_kind": c.sub_kind.as_str(),
                 "producer": c.iss,
-                "destination": c.dst,
+                // A context reference (per-context binding) serves many
+                // messages and names no destination: null, not "".
+                "destination": (!c.dst.is_empty()).then_some(&c.dst),
                 "chain": chain,
                 "hops": hops,
                 "depth": c.depth,

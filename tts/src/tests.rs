@@ -114,6 +114,47 @@ async fn happy_path_and_claims() {
     assert!(t.claims.exp - t.claims.iat == 60);
 }
 
+/// A context reference (per-context binding) is exchanged like a
+/// per-message one; the Txn-Token names no destination for it.
+#[tokio::test]
+async fn a_context_reference_is_exchanged_and_names_no_destination() {
+    use elevate_core::ctxbind::{AudienceKeys, ContextBinder, KeyAgreementKey};
+    let w = world();
+    let agreement = KeyAgreementKey::generate("billing-enc-1").unwrap();
+    let mut audiences = AudienceKeys::new();
+    audiences.insert(CONSUMER, agreement.public_jwk()).unwrap();
+    let claims = w.producer.origin_claims(&MintRequest {
+        subject: "alice",
+        sub_kind: SubjectKind::Human,
+        audience: &[CONSUMER.to_string()],
+        scope: &Scope::parse("orders.read"),
+        txn: "txn-ctx",
+        destination: "orders",
+        payload: b"{}",
+    });
+    let sealed = ContextBinder::new(audiences, Duration::from_secs(300))
+        .seal(&w.producer, &claims)
+        .unwrap()
+        .unwrap();
+    let r = VerifiedRef {
+        token_sha256: String::new(),
+        token: sealed.reference.token,
+        claims: sealed.reference.claims,
+    };
+    let t = consumer(&w)
+        .acquire(&TokenRequest {
+            reference: &r,
+            scope: &Scope::parse("orders.read"),
+            request_details: serde_json::json!({}).into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.claims.txn, "txn-ctx");
+    let tctx = t.claims.tctx.clone().unwrap();
+    assert!(tctx["destination"].is_null(), "{tctx}");
+    assert_eq!(tctx["producer"], PRODUCER);
+}
+
 #[tokio::test]
 async fn refusals_have_the_right_codes() {
     let w = world();
