@@ -532,6 +532,10 @@ fn context_binder(l: &Loaded, lifetime: Duration) -> Result<Option<ContextBinder
         ),
         None => ContextBinder::new(audiences, lifetime),
     };
+    let binder = match p.context_open_after {
+        Some(n) => binder.with_open_after(n),
+        None => binder,
+    };
     Ok(Some(binder))
 }
 

@@ -278,4 +278,8 @@ pub struct ProducerConfig {
     /// Seconds one context reference is used before a new one is signed
     /// (default: a tenth of `reference_lifetime_secs`).
     pub context_renew_secs: Option<u64>,
+    /// The message of an origin context on which its context reference is
+    /// signed (default 2: a context's first message is signed per message,
+    /// so a one-message context pays no key wrap; 1: every message bound).
+    pub context_open_after: Option<u32>,
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use keys::{AgreementKeyError, AudienceKeys, KeyAgreementKey, audience_jwks};
 pub use open::{BindingError, ContextOpener};
-pub use seal::{ContextBinder, DEFAULT_RENEW_AFTER_FRACTION, Sealed};
+pub use seal::{ContextBinder, DEFAULT_OPEN_AFTER, DEFAULT_RENEW_AFTER_FRACTION, Sealed};
 
 /// The header that carries a message's binding in the per-context mode.
 pub const CTX_BIND_HEADER: &str = "ztauth-ctx-bind";

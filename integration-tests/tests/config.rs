@@ -412,8 +412,8 @@ async fn per_context_binding_is_configured_from_files() {
         audience_jwks(&[(wl("test-worker").as_str(), &agreement)]).to_string(),
     )
     .unwrap();
-    let per_context =
-        "\n[producer]\nbinding = \"per-context\"\naudience_keys = \"audiences.json\"\n";
+    // context_open_after = 1: each message here is its own origin context
+    let per_context = "\n[producer]\nbinding = \"per-context\"\naudience_keys = \"audiences.json\"\ncontext_open_after = 1\n";
     let producer =
         workload(&d.workload_config("orders-api", DESTINATION, ACTION, per_context)).await;
     let plain = d.workload_config("test-worker", DESTINATION, ACTION, "");

@@ -200,7 +200,9 @@ impl Pipeline {
                 .insert(*w, k.public_jwk())
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        producer.with_context_binding(ContextBinder::new(audiences, Duration::from_secs(600)))
+        producer.with_context_binding(
+            ContextBinder::new(audiences, Duration::from_secs(600)).with_open_after(1),
+        )
     }
 
     fn processor(

@@ -26,6 +26,24 @@ async fn two_instances_share_the_seen_set_per_context() {
     with_binding(BindingMode::PerContext, shared_seen_set()).await;
 }
 
+/// One guarded message to `q` in `subject`'s origin transaction.
+async fn prepare(
+    env: &TestEnv,
+    subject: &elevate_core::producer::SubjectContext,
+    audience: &[String],
+) -> elevate_core::producer::PreparedMessage {
+    env.producer
+        .prepare(
+            &env.publish_request(subject, audience, "q"),
+            OutboundMessage {
+                headers: Headers::new(),
+                payload: b"pay".to_vec(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
 async fn shared_seen_set() {
     let env = TestEnv::start().await;
     let broker = MemoryBroker::new();
@@ -41,17 +59,7 @@ async fn shared_seen_set() {
 
     let subject = env.subject("alice");
     let audience = env.audience();
-    let p = env
-        .producer
-        .prepare(
-            &env.publish_request(&subject, &audience, "q"),
-            OutboundMessage {
-                headers: Headers::new(),
-                payload: b"pay".to_vec(),
-            },
-        )
-        .await
-        .unwrap();
+    let p = prepare(&env, &subject, &audience).await;
     broker.publish("q", p.headers.clone(), p.payload.clone());
 
     // instance A takes it and crashes before settling: the broker redelivers
@@ -98,17 +106,7 @@ async fn shared_seen_set() {
     assert_eq!(rec.count(), 1, "handled exactly once");
 
     // the next message of the same origin context is new, not a replay
-    let next = env
-        .producer
-        .prepare(
-            &env.publish_request(&subject, &audience, "q"),
-            OutboundMessage {
-                headers: Headers::new(),
-                payload: b"pay".to_vec(),
-            },
-        )
-        .await
-        .unwrap();
+    let next = prepare(&env, &subject, &audience).await;
     assert_eq!(
         next.headers.get(elevate_core::CTX_REF_HEADER)
             == p.headers.get(elevate_core::CTX_REF_HEADER),

@@ -121,12 +121,17 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{e}"));
         let per_context = per_message
             .clone()
-            .with_context_binding(ContextBinder::new(audiences, horizon));
-        let producers = [per_message, per_context];
+            .with_context_binding(ContextBinder::new(audiences.clone(), horizon));
+        // The scenarios' producer binds every message (a context is opened on
+        // its first one), so that each scenario exercises the binding; the
+        // benchmark's (`producer_in`) opens on the second, as by default.
         let producer = match binding {
-            BindingMode::PerContext => producers[1].clone(),
-            _ => producers[0].clone(),
+            BindingMode::PerContext => per_message
+                .clone()
+                .with_context_binding(ContextBinder::new(audiences, horizon).with_open_after(1)),
+            _ => per_message.clone(),
         };
+        let producers = [per_message, per_context];
         TestEnv {
             producers,
             producer,
@@ -142,7 +147,8 @@ impl TestEnv {
     }
 
     /// The test producer publishing in `mode`, whatever mode
-    /// [`TestEnv::producer`] has (the benchmark runs rows of both).
+    /// [`TestEnv::producer`] has (the benchmark runs rows of both); per
+    /// context, it opens a context on its second message, as by default.
     pub fn producer_in(&self, mode: BindingMode) -> &ProducerGuard {
         match mode {
             BindingMode::PerContext => &self.producers[1],
@@ -535,7 +541,7 @@ impl TestEnv {
         audiences
             .insert(CONSUMER, self.agreement_key.public_jwk())
             .unwrap_or_else(|e| panic!("{e}"));
-        let binder = ContextBinder::new(audiences, Duration::from_secs(600));
+        let binder = ContextBinder::new(audiences, Duration::from_secs(600)).with_open_after(1);
         let seal = |txn: &str| {
             let mut claims = self.origin_claims(destination, body);
             claims.txn = txn.to_string();
@@ -566,6 +572,7 @@ impl TestEnv {
                 .insert(CONSUMER, stranger.public_jwk())
                 .unwrap_or_else(|e| panic!("{e}"));
             ContextBinder::new(audiences, Duration::from_secs(600))
+                .with_open_after(1)
                 .seal(minter, &self.origin_claims(destination, body))
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|| panic!("the stranger's key is an audience key"))

@@ -133,6 +133,7 @@ async fn a_context_reference_is_exchanged_and_names_no_destination() {
         payload: b"{}",
     });
     let sealed = ContextBinder::new(audiences, Duration::from_secs(300))
+        .with_open_after(1)
         .seal(&w.producer, &claims)
         .unwrap()
         .unwrap();

@@ -50,14 +50,24 @@ pub struct Sealed {
 pub struct ContextBinder {
     audiences: Arc<ArcSwap<AudienceKeys>>,
     sessions: moka::sync::Cache<[u8; 32], Arc<Session>>,
+    /// Contexts seen fewer than `open_after` times, with their count.
+    pending: moka::sync::Cache<[u8; 32], u32>,
     renew_after: Duration,
+    open_after: u32,
 }
+
+/// A context is opened (signed, its key wrapped) on its second message by
+/// default: a context that only ever has one message (a distinct origin
+/// transaction per message) is signed per message and pays no key wrap or
+/// unwrap, which cost more than the signature they save (docs/BENCHMARKS.md).
+pub const DEFAULT_OPEN_AFTER: u32 = 2;
 
 impl std::fmt::Debug for ContextBinder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContextBinder")
             .field("audiences", &self.audiences.load())
             .field("renew_after", &self.renew_after)
+            .field("open_after", &self.open_after)
             .field("open_contexts", &self.sessions.entry_count())
             .finish()
     }
@@ -86,8 +96,27 @@ impl ContextBinder {
                 .max_capacity(MAX_SESSIONS)
                 .time_to_live(renew_after)
                 .build(),
+            pending: moka::sync::Cache::builder()
+                .max_capacity(MAX_SESSIONS)
+                .time_to_live(renew_after)
+                .build(),
             renew_after,
+            open_after: DEFAULT_OPEN_AFTER,
         }
+    }
+
+    /// Opens a context on its `n`-th message (within one renewal period);
+    /// the messages before it are signed per message. 1: on the first
+    /// message (every message of a per-context producer is bound).
+    #[must_use]
+    pub fn with_open_after(mut self, n: u32) -> Self {
+        self.open_after = n.max(1);
+        self
+    }
+
+    /// The message of a context on which it is opened.
+    pub fn open_after(&self) -> u32 {
+        self.open_after
     }
 
     /// The audience keys in force (swap to add or rotate one).
@@ -126,6 +155,7 @@ impl ContextBinder {
         let now = unix_now();
         let session = match self.sessions.get(&id) {
             Some(s) if s.claims.exp > now => s,
+            _ if !self.due(id) => return Ok(None),
             _ => {
                 let s = Arc::new(open_session(minter, claims, wrap_to)?);
                 self.sessions.insert(id, s.clone());
@@ -152,6 +182,24 @@ impl ContextBinder {
             },
             binding: token,
         }))
+    }
+}
+
+impl ContextBinder {
+    /// Counts one more message of a context that is not open; true when
+    /// this one should open it.
+    fn due(&self, id: [u8; 32]) -> bool {
+        if self.open_after <= 1 {
+            return true;
+        }
+        let seen = self.pending.get(&id).unwrap_or(0) + 1;
+        if seen >= self.open_after {
+            self.pending.invalidate(&id);
+            true
+        } else {
+            self.pending.insert(id, seen);
+            false
+        }
     }
 }
 

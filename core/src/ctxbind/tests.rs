@@ -49,7 +49,7 @@ fn world() -> World {
     World {
         minter: ContextRefMinter::new(PRODUCER, producer, ttl),
         relay: ContextRefMinter::new(RELAY, relay, ttl),
-        binder: ContextBinder::new(audiences, ttl),
+        binder: ContextBinder::new(audiences, ttl).with_open_after(1),
         consumer_key,
         other_key,
         keys,
@@ -117,12 +117,22 @@ fn rebind(binding: &str, key: &[u8], edit: impl FnOnce(&mut BindingClaims)) -> S
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
 }
 
-/// The binding key of a context, unwrapped with `key` (a stolen consumer key).
-fn unwrap_key(token: &str, key: &KeyAgreementKey) -> Vec<u8> {
-    let claims: ContextRefClaims = crate::jws::parse(token, crate::ctxref::CTX_REF_TYP)
+/// The claims a signed reference carries (read without verifying).
+fn signed_claims<T: serde::de::DeserializeOwned>(token: &str) -> T {
+    crate::jws::parse(token, crate::ctxref::CTX_REF_TYP)
         .unwrap()
         .claims()
-        .unwrap();
+        .unwrap()
+}
+
+/// What a binding's `ref` names for `token`.
+fn ref_hash(token: &str) -> String {
+    crate::keys::sha256_b64url(token.as_bytes())
+}
+
+/// The binding key of a context, unwrapped with `key` (a stolen consumer key).
+fn unwrap_key(token: &str, key: &KeyAgreementKey) -> Vec<u8> {
+    let claims: ContextRefClaims = signed_claims(token);
     let (plain, _) =
         josekit::jwe::deserialize_compact(&claims.cnf.unwrap().jwe, key.decrypter()).unwrap();
     let jwk: BindingKeyJwk = serde_json::from_slice(&plain).unwrap();
@@ -151,10 +161,7 @@ fn one_context_reference_serves_many_messages_each_with_its_own_id() {
     let (t3, _) = w.seal(CONSUMER, "txn-2", b"three");
     assert_ne!(t1, t3);
     // the context reference itself names no destination or payload
-    let ctx: serde_json::Value = crate::jws::parse(&t1, crate::ctxref::CTX_REF_TYP)
-        .unwrap()
-        .claims()
-        .unwrap();
+    let ctx: serde_json::Value = signed_claims(&t1);
     assert!(ctx.get("dst").is_none() && ctx.get("dig").is_none());
     assert!(ctx["cnf"]["jwe"].as_str().unwrap().split('.').count() == 5);
 }
@@ -208,9 +215,7 @@ fn a_reference_swapped_under_a_valid_mac_is_refused() {
     assert_eq!(reason(verify(&v, &t2, &b1, b"x")), Reason::BadBinding);
     // even by someone holding context 1's key, re-MACed for context 2's key they lack
     let k1 = unwrap_key(&t1, &w.consumer_key);
-    let swapped = rebind(&b1, &k1, |c| {
-        c.reference = crate::keys::sha256_b64url(t2.as_bytes())
-    });
+    let swapped = rebind(&b1, &k1, |c| c.reference = ref_hash(&t2));
     assert_eq!(reason(verify(&v, &t2, &swapped, b"x")), Reason::BadBinding);
 }
 
@@ -268,10 +273,7 @@ fn modes_do_not_mix() {
             .is_ok()
     );
     // a signed context reference that also names dst/dig is malformed
-    let mut claims: ContextRefClaims = crate::jws::parse(&t, crate::ctxref::CTX_REF_TYP)
-        .unwrap()
-        .claims()
-        .unwrap();
+    let mut claims: ContextRefClaims = signed_claims(&t);
     claims.dst = DST.into();
     let both = w.minter.sign(claims).unwrap().token;
     assert_eq!(reason(verify(&v, &both, &b, b"x")), Reason::BadBinding);
@@ -282,17 +284,12 @@ fn no_forgery_without_the_producers_key() {
     let w = world();
     let v = w.consumer();
     let (t, b) = w.seal(CONSUMER, "txn-1", b"x");
-    let mut claims: ContextRefClaims = crate::jws::parse(&t, crate::ctxref::CTX_REF_TYP)
-        .unwrap()
-        .claims()
-        .unwrap();
+    let mut claims: ContextRefClaims = signed_claims(&t);
     claims.sub = "mallory".into();
     let forger = SigningKey::generate(SigningAlg::ES256, "orders-1").unwrap();
     let forged = crate::jws::sign(&forger, crate::ctxref::CTX_REF_TYP, &claims).unwrap();
     let k = unwrap_key(&t, &w.consumer_key);
-    let b2 = rebind(&b, &k, |c| {
-        c.reference = crate::keys::sha256_b64url(forged.as_bytes())
-    });
+    let b2 = rebind(&b, &k, |c| c.reference = ref_hash(&forged));
     assert_eq!(reason(verify(&v, &forged, &b2, b"x")), Reason::BadSignature);
 }
 
@@ -452,4 +449,29 @@ fn bindings_are_recognised_structurally() {
     )
     .unwrap();
     assert!(!looks_like_binding(jwt.as_bytes()));
+}
+
+#[test]
+fn by_default_a_context_is_opened_on_its_second_message() {
+    let w = world();
+    let mut audiences = AudienceKeys::new();
+    audiences
+        .insert(CONSUMER, w.consumer_key.public_jwk())
+        .unwrap();
+    let binder = ContextBinder::new(audiences, Duration::from_secs(600));
+    assert_eq!(binder.open_after(), DEFAULT_OPEN_AFTER);
+    let seal = |txn: &str| {
+        binder
+            .seal(&w.minter, &w.claims(CONSUMER, txn, b"x"))
+            .unwrap()
+    };
+    // the first message of a context is signed per message
+    assert!(seal("txn-1").is_none());
+    // the second opens it, the third reuses it
+    let second = seal("txn-1").unwrap();
+    let third = seal("txn-1").unwrap();
+    assert_eq!(second.reference.token, third.reference.token);
+    // another context starts over
+    assert!(seal("txn-2").is_none());
+    assert!(verify(&w.consumer(), &third.reference.token, &third.binding, b"x").is_ok());
 }
