@@ -50,6 +50,7 @@ mod row;
 mod scaling;
 mod scenario;
 mod tally;
+mod targets;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -309,7 +310,11 @@ async fn run(args: Args) -> Result<bool, String> {
         seen_set: &seen_set,
     };
     println!("\n{}", table(&rows, Some(&floor)));
-    println!("{}", targets(&rows));
+    println!(
+        "Targets (issue 16)\n{}",
+        targets::targets(&rows, Some(&floor))
+    );
+    println!("Targets (issue 8, earlier)\n{}", targets(&rows));
     println!("{}", sections(&extras));
     if let Some(path) = &args.json {
         let doc = json::summary(&rows, Some(&floor));
