@@ -86,15 +86,7 @@ async fn main() -> Result<(), String> {
             assert!(v.is_ok(), "{v:?}");
         });
         for (sink_name, sink) in sinks()? {
-            let guard = env.guard_with(
-                Arc::new(CachingTokenSource::new(
-                    env.in_process_tokens(),
-                    10_000,
-                    Duration::from_secs(30),
-                )),
-                Arc::new(CachingPdp::new(env.pdp.clone(), 10_000)),
-                sink,
-            );
+            let guard = cached_guard(&env, sink);
             let what = format!("decide, record {sink_name}");
             row!(m, what, msgs, |msg| {
                 let d = guard.decide(msg, 1).await;
@@ -112,25 +104,13 @@ async fn main() -> Result<(), String> {
             "memory broker: publish, receive, ack (raw)",
             msgs,
             |msg| {
-                broker.publish("orders", msg.headers.clone(), msg.payload.clone());
-                let d = broker
-                    .receive("orders", Duration::from_secs(1))
-                    .await
-                    .ok_or("no delivery")?;
+                let d = deliver(&broker, msg).await?;
                 elevate_core::Delivery::ack(d)
                     .await
                     .map_err(|e| e.to_string())?;
             }
         );
-        let guard = env.guard_with(
-            Arc::new(CachingTokenSource::new(
-                env.in_process_tokens(),
-                10_000,
-                Duration::from_secs(30),
-            )),
-            Arc::new(CachingPdp::new(env.pdp.clone(), 10_000)),
-            Arc::new(file_sink()?),
-        );
+        let guard = cached_guard(&env, Arc::new(file_sink()?));
         let processor = env.processor_on(
             guard,
             Arc::new(elevate_core::handler_fn(|_, _| async { Ok(()) })),
@@ -140,11 +120,7 @@ async fn main() -> Result<(), String> {
             "memory broker: the same through Processor::process (guarded)",
             msgs,
             |msg| {
-                broker.publish("orders", msg.headers.clone(), msg.payload.clone());
-                let d = broker
-                    .receive("orders", Duration::from_secs(1))
-                    .await
-                    .ok_or("no delivery")?;
+                let d = deliver(&broker, msg).await?;
                 let o = processor.process(d).await.map_err(|e| e.to_string())?;
                 assert!(matches!(o, elevate_core::Outcome::Handled { .. }), "{o:?}");
             }
@@ -170,6 +146,32 @@ async fn main() -> Result<(), String> {
     let us = (tally::cpu_time() - t0).as_secs_f64() * 1e6 / one.len() as f64;
     println!("| either | FileSink::commit alone (write + flush) | {us:.1} |");
     Ok(())
+}
+
+/// The bench's repeated-row guard: the in-process TTS behind the token
+/// cache, Cedar behind the answer cache, decisions to `sink`.
+fn cached_guard(env: &TestEnv, sink: Arc<dyn DecisionSink>) -> elevate_core::Guard {
+    env.guard_with(
+        Arc::new(CachingTokenSource::new(
+            env.in_process_tokens(),
+            10_000,
+            Duration::from_secs(30),
+        )),
+        Arc::new(CachingPdp::new(env.pdp.clone(), 10_000)),
+        sink,
+    )
+}
+
+/// Publishes `msg` to the memory broker and receives it back as a delivery.
+async fn deliver(
+    broker: &elevate_core::memory::MemoryBroker,
+    msg: &InboundMessage,
+) -> Result<elevate_core::memory::MemoryDelivery, String> {
+    broker.publish("orders", msg.headers.clone(), msg.payload.clone());
+    broker
+        .receive("orders", Duration::from_secs(1))
+        .await
+        .ok_or_else(|| "no delivery".to_string())
 }
 
 /// A decision sink and how the table names it.
