@@ -9,7 +9,7 @@ use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use elevate_core::ctxbind::{BindingClaims, CTX_BIND_HEADER, ContextOpener, KeyAgreementKey};
+use elevate_core::ctxbind::{BindingParts, CTX_BIND_HEADER, ContextOpener, KeyAgreementKey};
 use elevate_core::ctxref::{
     CTX_REF_HEADER, CTX_REF_TYP, ContextRefClaims, ContextRefVerifier, VerifyPolicy, unix_now,
 };
@@ -404,14 +404,9 @@ fn decode_binding(binding: &str, token: &str) -> Result<BindingView, String> {
             "the {CTX_BIND_HEADER} value is not a message binding ({why}); pass the header's value"
         )
     };
-    let mut parts = binding.split('.');
-    let (Some(_), Some(p), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad("not three dot-separated segments".into()));
-    };
-    let bytes = URL_SAFE_NO_PAD.decode(p).map_err(|e| bad(e.to_string()))?;
-    let claims: BindingClaims = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let claims = BindingParts::split(binding)
+        .and_then(|p| p.claims_unverified())
+        .map_err(|e| bad(e.to_string()))?;
     Ok(BindingView {
         sha256: sha256_hex(binding.as_bytes()),
         ref_matches: claims.reference == sha256_b64url(token.as_bytes()),

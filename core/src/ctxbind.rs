@@ -23,6 +23,8 @@ pub mod keys;
 mod open;
 mod seal;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
 pub use keys::{AgreementKeyError, AudienceKeys, KeyAgreementKey, audience_jwks};
@@ -96,30 +98,75 @@ pub struct BindingClaims {
 /// is not checked). The credential scan and the dead letter treat anything
 /// else in that header as they would in any other header.
 pub fn looks_like_binding(value: &[u8]) -> bool {
-    let Ok(v) = std::str::from_utf8(value) else {
-        return false;
-    };
-    let v = v.trim();
-    let mut parts = v.split('.');
-    let (Some(h), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    if v.len() > MAX_BINDING_LEN {
-        return false;
+    std::str::from_utf8(value).is_ok_and(|v| BindingParts::split(v.trim()).is_ok())
+}
+
+/// A binding's three segments, its header checked: the one structural rule
+/// the scan, the dead letter, the verifier and the operator CLI share.
+pub struct BindingParts<'a> {
+    /// `header.claims`, what the MAC covers.
+    pub signing_input: &'a str,
+    /// The base64url claims segment.
+    pub claims: &'a str,
+    /// The base64url MAC segment.
+    pub mac: &'a str,
+}
+
+impl<'a> BindingParts<'a> {
+    /// Splits `binding` and checks its size and header.
+    ///
+    /// # Errors
+    ///
+    /// [`BindingError::Malformed`] if it is longer than [`MAX_BINDING_LEN`],
+    /// not three segments, or its header is not exactly `alg: HS256`,
+    /// `typ: ctx-bind+jwt`.
+    pub fn split(binding: &'a str) -> Result<Self, BindingError> {
+        let malformed = |why: &str| BindingError::Malformed(why.to_string());
+        if binding.len() > MAX_BINDING_LEN {
+            return Err(malformed("longer than the limit"));
+        }
+        let mut parts = binding.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed("not three dot-separated segments"));
+        };
+        // Producers write exactly BINDING_HEADER_JSON (compared without
+        // decoding); another serialization of the same two members is
+        // accepted, anything more or less is not.
+        if h != URL_SAFE_NO_PAD.encode(BINDING_HEADER_JSON) {
+            let header = URL_SAFE_NO_PAD
+                .decode(h)
+                .map_err(|_| malformed("header is not base64url"))?;
+            let header: serde_json::Value =
+                serde_json::from_slice(&header).map_err(|_| malformed("header is not JSON"))?;
+            let expected: serde_json::Value = serde_json::from_str(BINDING_HEADER_JSON)
+                .map_err(|_| malformed("internal: binding header"))?;
+            if header != expected {
+                return Err(malformed(&format!(
+                    "header must be {BINDING_HEADER_JSON} (typ {CTX_BIND_TYP})"
+                )));
+            }
+        }
+        Ok(BindingParts {
+            signing_input: &binding[..h.len() + 1 + p.len()],
+            claims: p,
+            mac: s,
+        })
     }
-    use base64::Engine;
-    let Ok(header) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h) else {
-        return false;
-    };
-    let (Ok(header), Ok(expected)) = (
-        serde_json::from_slice::<serde_json::Value>(&header),
-        serde_json::from_str::<serde_json::Value>(BINDING_HEADER_JSON),
-    ) else {
-        return false;
-    };
-    header == expected
+
+    /// The claims, decoded (not authenticated: check the MAC first to trust them).
+    ///
+    /// # Errors
+    ///
+    /// [`BindingError::Malformed`] if they are not base64url JSON binding claims.
+    pub fn claims_unverified(&self) -> Result<BindingClaims, BindingError> {
+        let payload = URL_SAFE_NO_PAD
+            .decode(self.claims)
+            .map_err(|_| BindingError::Malformed("claims are not base64url".into()))?;
+        serde_json::from_slice(&payload)
+            .map_err(|e| BindingError::Malformed(format!("claims: {e}")))
+    }
 }
 
 /// The JWK a binding key travels as inside `cnf.jwe`.

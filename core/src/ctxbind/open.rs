@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::keys::{CONTENT_ENC, KEY_WRAP_ALG, KeyAgreementKey};
-use super::{BINDING_HEADER_JSON, BindingClaims, BindingKeyJwk, CTX_BIND_TYP, MAX_BINDING_LEN};
+use super::{BindingClaims, BindingKeyJwk, BindingParts};
 use crate::ctxref::{ContextRefClaims, VerifiedRef};
 use crate::keys::{KeySet, sha256_b64url, sha256_hex};
 
@@ -225,42 +225,13 @@ fn jwe_header(jwe: &str) -> Result<Vec<u8>, BindingError> {
         .map_err(|_| unavailable("JWE header is not base64url"))
 }
 
-/// Parses and MAC-checks a binding; the header must be exactly the one
-/// producers write (`alg: HS256`, `typ: ctx-bind+jwt`, nothing else).
+/// Parses and MAC-checks a binding; the header must be the one producers
+/// write (`alg: HS256`, `typ: ctx-bind+jwt`, nothing else).
 fn read_binding(key: &hmac::Key, binding: &str) -> Result<BindingClaims, BindingError> {
-    let malformed = |why: &str| BindingError::Malformed(why.to_string());
-    if binding.len() > MAX_BINDING_LEN {
-        return Err(malformed("longer than the limit"));
-    }
-    let mut parts = binding.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(malformed("not three dot-separated segments"));
-    };
-    // Producers write exactly BINDING_HEADER_JSON; another serialization of
-    // the same two members is accepted, anything more or less is not.
-    if h != URL_SAFE_NO_PAD.encode(BINDING_HEADER_JSON) {
-        let header = URL_SAFE_NO_PAD
-            .decode(h)
-            .map_err(|_| malformed("header is not base64url"))?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&header).map_err(|_| malformed("header is not JSON"))?;
-        let expected: serde_json::Value = serde_json::from_str(BINDING_HEADER_JSON)
-            .map_err(|_| malformed("internal: binding header"))?;
-        if header != expected {
-            return Err(malformed(&format!(
-                "header must be {BINDING_HEADER_JSON} (typ {CTX_BIND_TYP})"
-            )));
-        }
-    }
+    let parts = BindingParts::split(binding)?;
     let tag = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| malformed("MAC is not base64url"))?;
-    let signing_input = &binding[..h.len() + 1 + p.len()];
-    hmac::verify(key, signing_input.as_bytes(), &tag).map_err(|_| BindingError::BadMac)?;
-    let payload = URL_SAFE_NO_PAD
-        .decode(p)
-        .map_err(|_| malformed("claims are not base64url"))?;
-    serde_json::from_slice(&payload).map_err(|e| malformed(&format!("claims: {e}")))
+        .decode(parts.mac)
+        .map_err(|_| BindingError::Malformed("MAC is not base64url".into()))?;
+    hmac::verify(key, parts.signing_input.as_bytes(), &tag).map_err(|_| BindingError::BadMac)?;
+    parts.claims_unverified()
 }
